@@ -289,7 +289,8 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
     for _ in range(max_new_tokens):
         if cache_ok and idx.shape[1] <= context_size:
             if kv_cache is None:  # prefill: the whole prompt once
-                kv_cache = model.new_kv_cache(idx.shape[0], context_size)
+                max_len = min(context_size, idx.shape[1] + max_new_tokens)
+                kv_cache = model.new_kv_cache(idx.shape[0], max_len)
                 hidden = model.hidden_states(idx, kv_cache, pad_mask)
             else:  # decode: only the newest token
                 hidden = model.hidden_states(idx[:, -1:], kv_cache, pad_mask)
