@@ -1,0 +1,156 @@
+"""OpenAI's weights in GPTModel give the logits of an independent NumPy GPT-2 forward pass.
+
+A tiny random checkpoint in OpenAI's layout goes through the real reader
+(`load_gpt2_params_from_tf_ckpt`) and `load_weights_into_gpt`; the reference below is
+written from GPT-2's definition, straight from the raw parameter arrays, in float64.
+"""
+
+import numpy as np
+import pytest
+import torch
+from gpt2_checkpoint import write_gpt2_checkpoint
+
+from gpt_download import load_gpt2
+from previous_chapters import GPTModel, assign, load_weights_into_gpt
+
+HPARAMS = {"n_vocab": 96, "n_ctx": 16, "n_embd": 16, "n_head": 4, "n_layer": 2}
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt2") / "124M"
+    write_gpt2_checkpoint(folder, **HPARAMS, seed=1)
+    settings, params = load_gpt2(folder)
+    assert settings == HPARAMS
+    return settings, params
+
+
+def model_config(settings, **overrides):
+    return {
+        "vocab_size": settings["n_vocab"],
+        "context_length": settings["n_ctx"],
+        "emb_dim": settings["n_embd"],
+        "n_heads": settings["n_head"],
+        "n_layers": settings["n_layer"],
+        "drop_rate": 0.0,
+        "qkv_bias": True,
+        **overrides,
+    }
+
+
+# ---- the reference: GPT-2 in NumPy, one sequence at a time ----
+
+
+def layer_norm(x, g, b, eps=1e-5):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # biased variance
+    return g * (x - mean) / np.sqrt(var + eps) + b
+
+
+def gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def causal_self_attention(x, attn, n_head):
+    n_tokens, n_embd = x.shape
+    head_dim = n_embd // n_head
+    qkv = x @ attn["c_attn"]["w"] + attn["c_attn"]["b"]  # (T, 3E): q, k, v side by side
+    q, k, v = np.split(qkv, 3, axis=-1)
+    q, k, v = (m.reshape(n_tokens, n_head, head_dim).transpose(1, 0, 2) for m in (q, k, v))
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(head_dim)  # (H, T, T)
+    future = np.triu(np.ones((n_tokens, n_tokens), dtype=bool), k=1)
+    scores = np.where(future, -np.inf, scores)
+    out = softmax(scores) @ v  # (H, T, D)
+    out = out.transpose(1, 0, 2).reshape(n_tokens, n_embd)
+    return out @ attn["c_proj"]["w"] + attn["c_proj"]["b"]
+
+
+def mlp(x, p):
+    return gelu(x @ p["c_fc"]["w"] + p["c_fc"]["b"]) @ p["c_proj"]["w"] + p["c_proj"]["b"]
+
+
+def numpy_gpt2_logits(token_ids, params, n_head):
+    params = _float64(params)
+    x = params["wte"][token_ids] + params["wpe"][np.arange(len(token_ids))]
+    for block in params["blocks"]:
+        x = x + causal_self_attention(
+            layer_norm(x, block["ln_1"]["g"], block["ln_1"]["b"]), block["attn"], n_head
+        )
+        x = x + mlp(layer_norm(x, block["ln_2"]["g"], block["ln_2"]["b"]), block["mlp"])
+    x = layer_norm(x, params["g"], params["b"])
+    return x @ params["wte"].T  # GPT-2 ties the output head to the token embedding
+
+
+def _float64(tree):
+    if isinstance(tree, dict):
+        return {key: _float64(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_float64(value) for value in tree]
+    return np.asarray(tree, dtype=np.float64)
+
+
+# ---- the tests ----
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_loaded_model_matches_the_numpy_forward_pass(gpt2, use_sdpa):
+    settings, params = gpt2
+    torch.manual_seed(0)
+    model = GPTModel(model_config(settings, use_sdpa=use_sdpa))
+    load_weights_into_gpt(model, params)
+    model.eval()
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, settings["n_vocab"], size=(3, settings["n_ctx"]))
+    with torch.no_grad():
+        logits = model(torch.tensor(batch)).numpy()
+        short = model(torch.tensor(batch[:1, :5])).numpy()
+    assert logits.shape == (3, settings["n_ctx"], settings["n_vocab"])
+    for row, ids in enumerate(batch):
+        expected = numpy_gpt2_logits(ids, params, settings["n_head"])
+        np.testing.assert_allclose(logits[row], expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        short[0], numpy_gpt2_logits(batch[0, :5], params, settings["n_head"]), rtol=0, atol=1e-5
+    )
+    assert np.abs(logits).max() > 0.1  # the comparison is not between near-zero numbers
+
+
+def test_every_parameter_is_overwritten(gpt2):
+    settings, params = gpt2
+    model = GPTModel(model_config(settings))
+    load_weights_into_gpt(model, params)
+    state = model.state_dict()
+    np.testing.assert_array_equal(state["tok_emb.weight"].numpy(), params["wte"])
+    np.testing.assert_array_equal(state["out_head.weight"].numpy(), params["wte"])
+    np.testing.assert_array_equal(state["pos_emb.weight"].numpy(), params["wpe"])
+    np.testing.assert_array_equal(state["final_norm.scale"].numpy(), params["g"])
+    w = params["blocks"][1]["attn"]["c_attn"]["w"]  # (in, 3 * out)
+    n_embd = settings["n_embd"]
+    np.testing.assert_array_equal(state["trf_blocks.1.att.W_key.weight"].numpy(), w[:, n_embd : 2 * n_embd].T)
+    np.testing.assert_array_equal(
+        state["trf_blocks.1.ff.layers.2.weight"].numpy(), params["blocks"][1]["mlp"]["c_proj"]["w"].T
+    )
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_assign_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(3, 2\)"):
+        assign(torch.zeros(2, 3), np.zeros((3, 2), dtype=np.float32))
+    assert tuple(assign(torch.zeros(2, 3), np.ones((2, 3))).shape) == (2, 3)
+
+
+def test_loading_into_a_model_of_the_wrong_size_names_the_parameter(gpt2):
+    settings, params = gpt2
+    wider = GPTModel(model_config(settings, emb_dim=2 * settings["n_embd"]))
+    with pytest.raises(ValueError, match="wpe") as excinfo:
+        load_weights_into_gpt(wider, params)
+    assert str((settings["n_ctx"], settings["n_embd"])) in str(excinfo.value)
+
+    deeper = GPTModel(model_config(settings, n_layers=settings["n_layer"] + 1))
+    with pytest.raises(ValueError, match="blocks"):
+        load_weights_into_gpt(deeper, params)
