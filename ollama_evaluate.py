@@ -1,0 +1,612 @@
+"""Score a finetuned model's answers with a larger model served by Ollama (section 7.8).
+
+A judge model (Llama 3 8B Instruct, ``llama3``, by default) reads each entry's instruction,
+the correct output and the finetuned model's response, and answers a score from 0 to 100.
+
+    ollama serve                      # in another terminal, or start the desktop app
+    ollama pull llama3
+    python ollama_evaluate.py --file_path instruction-data-with-response.json
+
+The scores are saved entry by entry, so a run that is cut off continues where it stopped
+when started again on the same input with the same judge. The server address comes from
+``--host``, else the ``OLLAMA_HOST`` environment variable, else http://localhost:11434.
+"""
+
+import argparse
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import psutil
+from tqdm import tqdm
+
+DEFAULT_HOST = "http://localhost:11434"
+DEFAULT_PORT = 11434
+DEFAULT_CHAT_URL = DEFAULT_HOST + "/api/chat"
+DEFAULT_TIMEOUT = (5.0, 300.0)  # seconds: to connect, then to wait for each piece of the answer
+SCORES_FORMAT = 1  # version of the scores file layout
+REQUIRED_KEYS = ("instruction", "input", "output")
+
+
+class OllamaError(RuntimeError):
+    """The Ollama server cannot be reached, lacks the model, or answered with an error."""
+
+
+class InputDataError(ValueError):
+    """The entries to score are missing, not JSON, or not shaped like the chapter's data."""
+
+
+# ---------------------------------------------------------------------------------------
+# Where the server is
+# ---------------------------------------------------------------------------------------
+
+
+def get_ollama_url(host=None):
+    """The server's base URL (no trailing slash) from `host`, else OLLAMA_HOST, else the default.
+
+    Follows Ollama's own clients: ``host:port`` with the scheme optional; without a scheme the
+    port defaults to 11434 (with an explicit ``http://``/``https://`` and no port: 80/443).
+    ``0.0.0.0`` and ``::`` (addresses a server listens on) mean "connect to this machine".
+    """
+    value = host if host is not None else os.environ.get("OLLAMA_HOST", "")
+    value = value.strip()
+    if not value:
+        return DEFAULT_HOST
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise OllamaError(f"Unsupported scheme in Ollama address {value!r}: use http or https")
+        default_port = 443 if scheme == "https" else 80
+    else:
+        scheme, rest, default_port = "http", value, DEFAULT_PORT
+    hostport, _, path = rest.partition("/")
+    try:
+        hostname, port = str(ipaddress.ip_address(hostport.strip("[]"))), None  # e.g. ::1
+    except ValueError:
+        try:
+            parts = urllib.parse.urlsplit(f"//{hostport}")
+            hostname, port = parts.hostname, parts.port
+        except ValueError as exc:
+            raise OllamaError(f"Invalid Ollama address {value!r}: {exc}") from None
+    if not hostname or hostname in ("0.0.0.0", "::"):
+        hostname = "localhost"
+    if ":" in hostname:
+        hostname = f"[{hostname}]"
+    path = f"/{path.strip('/')}" if path.strip("/") else ""
+    return f"{scheme}://{hostname}:{port or default_port}{path}"
+
+
+def _base_url(url=None):
+    """The server's base URL from a base URL or from any of its /api/... URLs."""
+    if url is None:
+        return get_ollama_url()
+    head, sep, _ = url.partition("/api/")
+    return (head if sep else url).rstrip("/")
+
+
+def _chat_url(url=None):
+    if url is None:
+        return get_ollama_url() + "/api/chat"
+    return url if "/api/" in url else url.rstrip("/") + "/api/chat"
+
+
+def check_if_running(process_name):
+    """True when a process whose name contains `process_name` runs on this machine (psutil).
+
+    Only a hint: a server in another container, on another machine or under another user can
+    be invisible here, and a live process is not necessarily serving. `ollama_is_reachable`
+    asks the server itself.
+    """
+    for proc in psutil.process_iter(["name"]):
+        name = proc.info.get("name") or ""
+        if process_name in name:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP with separate connect and read timeouts (urllib applies one number to both)
+# ---------------------------------------------------------------------------------------
+
+
+def _split_timeout(timeout):
+    if isinstance(timeout, tuple | list):
+        connect, read = timeout
+        return connect, read
+    return timeout, timeout
+
+
+class _ReadTimeoutMixin:
+    def __init__(self, *args, read_timeout=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._read_timeout = read_timeout
+
+    def connect(self):
+        super().connect()  # under the connect timeout (self.timeout)
+        self.sock.settimeout(self._read_timeout)
+
+
+class _HTTPConnection(_ReadTimeoutMixin, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_ReadTimeoutMixin, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, read_timeout):
+        super().__init__()
+        self._read_timeout = read_timeout
+
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req, read_timeout=self._read_timeout)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, read_timeout):
+        super().__init__()
+        self._read_timeout = read_timeout
+
+    def https_open(self, req):
+        return self.do_open(
+            _HTTPSConnection, req, context=self._context, read_timeout=self._read_timeout
+        )
+
+
+def _is_local(url):
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _open(url, data=None, timeout=DEFAULT_TIMEOUT):
+    """Open `url` (POST JSON when `data` is given); the caller closes the response."""
+    connect_timeout, read_timeout = _split_timeout(timeout)
+    handlers = [_HTTPHandler(read_timeout), _HTTPSHandler(read_timeout)]
+    if _is_local(url):
+        handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
+    opener = urllib.request.build_opener(*handlers)
+    headers = {"Accept": "application/json"}
+    body = None
+    if data is not None:
+        body = json.dumps(data).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=body, headers=headers)
+    return opener.open(request, timeout=connect_timeout)
+
+
+def _unreachable_message(base, reason):
+    return (
+        f"No Ollama server answered at {base} ({reason}).\n"
+        "Start one with `ollama serve` in another terminal (or open the Ollama desktop app), "
+        "or point to a server elsewhere with OLLAMA_HOST=host:port or --host."
+    )
+
+
+def _error_text(http_error):
+    """The {"error": ...} text of an HTTP error response, or None."""
+    try:
+        payload = json.loads(http_error.read().decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        return payload["error"]
+    return None
+
+
+def _get_json(url, timeout):
+    base = _base_url(url)
+    try:
+        with _open(url, timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        detail = _error_text(exc) or exc.reason
+        raise OllamaError(f"{url} answered HTTP {exc.code}: {detail}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise OllamaError(_unreachable_message(base, reason)) from None
+    except ValueError:
+        raise OllamaError(f"{url} did not answer JSON: is an Ollama server there?") from None
+
+
+def ollama_is_reachable(url=None, timeout=2.0):
+    """True when an Ollama server answers GET /api/version at `url` (base or any API URL)."""
+    try:
+        answer = _get_json(_base_url(url) + "/api/version", timeout)
+    except OllamaError:
+        return False
+    return isinstance(answer, dict) and "version" in answer
+
+
+def _full_model_name(name):
+    """'llama3' -> 'llama3:latest' (the tag part follows the last '/')."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def list_models(url=None, timeout=5.0):
+    """The names of the models pulled on the server (GET /api/tags)."""
+    answer = _get_json(_base_url(url) + "/api/tags", timeout)
+    models = answer.get("models") if isinstance(answer, dict) else None
+    if not isinstance(models, list):
+        raise OllamaError(f"{_base_url(url)}/api/tags did not list models: is this Ollama?")
+    return [m.get("name") or m.get("model") for m in models if isinstance(m, dict)]
+
+
+def ensure_ollama(url=None, model=None, timeout=5.0):
+    """Raise OllamaError unless a server answers at `url` and (when given) has `model` pulled.
+
+    Returns the names of the pulled models.
+    """
+    base = _base_url(url)
+    names = list_models(base, timeout=timeout)
+    if model is not None:
+        pulled = {_full_model_name(n) for n in names if n}
+        if _full_model_name(model) not in pulled:
+            listing = ", ".join(sorted(n for n in names if n)) or "none"
+            raise OllamaError(
+                f"The Ollama server at {base} does not have the model {model!r} "
+                f"(pulled: {listing}).\nDownload it with: ollama pull {model}"
+            )
+    return names
+
+
+# ---------------------------------------------------------------------------------------
+# Asking the judge
+# ---------------------------------------------------------------------------------------
+
+
+def query_model(prompt, model="llama3", url=None, seed=123, num_ctx=2048, timeout=DEFAULT_TIMEOUT):
+    """Send `prompt` to the model through POST /api/chat and return its whole answer.
+
+    `url` is the chat endpoint (a base URL such as http://host:11434 works too); None means
+    OLLAMA_HOST or http://localhost:11434. Greedy and seeded, so answers repeat. `timeout` is
+    seconds, or (connect, read) where read bounds the wait for each streamed piece.
+    """
+    url = _chat_url(url)
+    data = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "options": {"seed": seed, "temperature": 0, "num_ctx": num_ctx},
+    }
+    _, read_timeout = _split_timeout(timeout)
+    base = _base_url(url)
+    pieces = []
+    try:
+        with _open(url, data=data, timeout=timeout) as response:
+            for raw_line in response:  # newline-delimited JSON; one object when not streamed
+                line = raw_line.strip()
+                if not line:
+                    continue
+                try:
+                    chunk = json.loads(line)
+                except ValueError:
+                    raise OllamaError(f"{url} sent a line that is not JSON: {line[:200]!r}") from None
+                if not isinstance(chunk, dict):
+                    raise OllamaError(f"{url} sent an unexpected line: {line[:200]!r}")
+                if chunk.get("error"):
+                    raise OllamaError(f"Ollama reported an error: {chunk['error']}")
+                message = chunk.get("message") or {}
+                pieces.append(message.get("content") or "")
+                if chunk.get("done"):
+                    return "".join(pieces)
+    except urllib.error.HTTPError as exc:
+        detail = _error_text(exc)
+        if exc.code == 404 and detail and "not found" in detail:
+            raise OllamaError(
+                f"The Ollama server at {base} does not have the model {model!r} ({detail}).\n"
+                f"Download it with: ollama pull {model}"
+            ) from None
+        raise OllamaError(f"{url} answered HTTP {exc.code}: {detail or exc.reason}") from None
+    except TimeoutError:
+        raise OllamaError(
+            f"The Ollama server at {base} sent nothing for {read_timeout} seconds "
+            "(a large model on a slow machine may need a longer timeout)"
+        ) from None
+    except urllib.error.URLError as exc:
+        raise OllamaError(_unreachable_message(base, exc.reason)) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise OllamaError(f"The connection to {base} broke off: {exc!r}") from None
+    raise OllamaError(f"The answer from {url} ended before it was done (no \"done\": true)")
+
+
+_RANGE_PHRASE = re.compile(r"\b0\s*(?:-|–|to)\s*100\b", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])(-?)(\d+(?:\.\d+)?)(?![\d])")
+
+
+def parse_score(reply):
+    """The first whole number from 0 to 100 in the judge's reply, or None.
+
+    "85", " 85 \\n", "85.", "**85**", "Score: 85" and "85/100" all give 85. A "0-100"/"0 to 100"
+    range phrase is skipped, negative numbers are not scores, and 85.0 counts as 85.
+    """
+    if not isinstance(reply, str):
+        return None
+    text = _RANGE_PHRASE.sub(" ", reply)
+    for match in _NUMBER.finditer(text):
+        sign, digits = match.groups()
+        if sign:
+            continue
+        value = float(digits)
+        if value.is_integer() and 0 <= value <= 100:
+            return int(value)
+    return None
+
+
+def build_score_prompt(entry, json_key):
+    """The chapter's scoring prompt for one entry."""
+    # Imported here, on first use: the finetuning module loads PyTorch, which the checks of the
+    # input and the server do not need, so those fail fast.
+    from gpt_instruction_finetuning import format_input
+
+    return (
+        f"Given the input `{format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"score the model response `{entry[json_key]}`"
+        f" on a scale from 0 to 100, where 100 is the best score. "
+        f"Respond with the integer number only."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Input and the scores file
+# ---------------------------------------------------------------------------------------
+
+
+def validate_entries(data, json_key):
+    """Raise InputDataError unless `data` is a list of entries with text under all keys."""
+    if not isinstance(data, list):
+        raise InputDataError(f"expected a JSON list of entries, got {type(data).__name__}")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise InputDataError(f"entry {i} is not a JSON object (got {type(entry).__name__})")
+        for key in (*REQUIRED_KEYS, json_key):
+            if key not in entry:
+                raise InputDataError(
+                    f"entry {i} has no {key!r} key (its keys: {', '.join(entry) or 'none'})"
+                )
+            if not isinstance(entry[key], str):
+                raise InputDataError(
+                    f"entry {i}: {key!r} must be text, got {type(entry[key]).__name__}"
+                )
+
+
+def load_entries(file_path, json_key="model_response"):
+    """Load and check a JSON file of entries to score; raise InputDataError on problems."""
+    path = Path(file_path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise InputDataError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputDataError(f"input path is a directory, not a file: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise InputDataError(f"{path} is not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InputDataError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
+    try:
+        validate_entries(data, json_key)
+    except InputDataError as exc:
+        raise InputDataError(f"{path}: {exc}") from None
+    if not data:
+        raise InputDataError(f"{path} holds no entries")
+    return data
+
+
+def scores_fingerprint(json_data, json_key, model):
+    """sha256 over the judge, the key and every entry's prompt: same value, same scores."""
+    digest = hashlib.sha256()
+    header = {"format": SCORES_FORMAT, "model": model, "json_key": json_key, "n": len(json_data)}
+    digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
+    for entry in json_data:
+        digest.update(b"\0" + build_score_prompt(entry, json_key).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _write_json_atomically(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_previous(scores_path, fingerprint, n_entries):
+    """Results saved by an earlier run on the same input and judge, keyed by entry index."""
+    path = Path(scores_path)
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        tqdm.write(f"Could not read the scores file {path}; starting fresh.")
+        return {}
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        tqdm.write(
+            f"The scores in {path} were made for a different input or judge model; "
+            "starting fresh."
+        )
+        return {}
+    previous = {}
+    for result in saved.get("results", []):
+        index = result.get("index") if isinstance(result, dict) else None
+        if isinstance(index, int) and 0 <= index < n_entries and "reply" in result:
+            previous[index] = result
+    if previous:
+        tqdm.write(f"Resuming: {len(previous)} of {n_entries} entries already scored in {path}.")
+    return previous
+
+
+def generate_model_scores(json_data, json_key, model="llama3", url=None, scores_path=None,
+                          timeout=DEFAULT_TIMEOUT):
+    """Ask the judge to score every entry's `json_key` answer; return the int scores.
+
+    Replies without a number from 0 to 100 are printed and left out, so the list can be
+    shorter than `json_data`. With `scores_path`, every result is saved as it arrives and a
+    later call with the same input and judge only scores the entries still missing.
+    """
+    validate_entries(json_data, json_key)
+    results = {}
+    fingerprint = None
+    if scores_path is not None:
+        fingerprint = scores_fingerprint(json_data, json_key, model)
+        results = _load_previous(scores_path, fingerprint, len(json_data))
+
+    def save():
+        _write_json_atomically(scores_path, {
+            "format": SCORES_FORMAT,
+            "fingerprint": fingerprint,
+            "model": model,
+            "json_key": json_key,
+            "num_entries": len(json_data),
+            "results": [results[i] for i in sorted(results)],
+        })
+
+    todo = [i for i in range(len(json_data)) if i not in results]
+    for index in tqdm(todo, desc="Scoring entries", initial=len(results), total=len(json_data)):
+        prompt = build_score_prompt(json_data[index], json_key)
+        reply = query_model(prompt, model=model, url=url, timeout=timeout)
+        score = parse_score(reply)
+        if score is None:
+            tqdm.write(f"Could not convert the reply for entry {index} to a score: {reply!r}")
+        results[index] = {"index": index, "reply": reply, "score": score}
+        if scores_path is not None:
+            save()
+
+    scores = [results[i]["score"] for i in sorted(results)]
+    unparsed = sum(score is None for score in scores)
+    if unparsed:
+        print(f"Replies without a score: {unparsed} of {len(json_data)}")
+    return [score for score in scores if score is not None]
+
+
+def summary_lines(scores, num_entries):
+    """The two summary lines the chapter prints."""
+    average = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
+    return [f"Number of scores: {len(scores)} of {num_entries}", f"Average score: {average}"]
+
+
+def plot_scores(scores, path, title=None):
+    """Save a histogram of the scores (bins of 5 points) as an image; return the path."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state, works without a display
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.hist(scores, bins=range(0, 105, 5), edgecolor="black")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("Score")
+    ax.set_ylabel("Number of entries")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.savefig(path)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def _safe_name(model):
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Score model responses with a judge model served by Ollama (section 7.8)."
+    )
+    parser.add_argument("--file_path", "--file-path", required=True,
+                        help="JSON list of entries with instruction, input, output and responses")
+    parser.add_argument("--model", default="llama3", help="judge model on the Ollama server")
+    parser.add_argument("--json_key", "--json-key", default="model_response",
+                        help="key of the responses to score")
+    parser.add_argument("--host", default=None,
+                        help="Ollama address, host:port or a URL (default: OLLAMA_HOST, "
+                             "else http://localhost:11434)")
+    parser.add_argument("--scores-out", "--scores_out", default=None,
+                        help="per-entry scores JSON, also used to resume "
+                             "(default: <input stem>-<model>-scores.json beside the input)")
+    parser.add_argument("--plot", default=None,
+                        help="histogram image (default: <input stem>-<model>-scores.png)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the command line; return the exit code (1: server or model, 2: input problems)."""
+    try:
+        args = _parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+
+    file_path = Path(args.file_path)
+    stem = f"{file_path.stem}-{_safe_name(args.model)}-scores"
+    scores_path = Path(args.scores_out) if args.scores_out else file_path.with_name(stem + ".json")
+    plot_path = Path(args.plot) if args.plot else file_path.with_name(stem + ".png")
+
+    try:
+        data = load_entries(file_path, args.json_key)
+    except InputDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    scores = []
+    try:
+        base = get_ollama_url(args.host)
+        ensure_ollama(base, args.model)
+        print(f"Scoring {len(data)} entries of {file_path} with {args.model} at {base}")
+        scores = generate_model_scores(
+            data, args.json_key, model=args.model, url=base + "/api/chat", scores_path=scores_path
+        )
+    except OllamaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if scores_path.exists():
+            print(f"Results so far are in {scores_path}; run again to resume.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Results so far are in {scores_path}; run again to resume.",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    for line in summary_lines(scores, len(data)):
+        print(line)
+    print(f"Scores saved to {scores_path}")
+    if scores:
+        average = sum(scores) / len(scores)
+        title = f"{file_path.name}, judged by {args.model}\n{len(scores)} scores, mean {average:.2f}"
+        try:
+            plot_scores(scores, plot_path, title=title)
+        except (OSError, ValueError) as exc:
+            print(f"error: could not save the histogram: {exc}", file=sys.stderr)
+            return 1
+        print(f"Histogram saved to {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

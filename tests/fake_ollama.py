@@ -1,0 +1,356 @@
+"""A stand-in Ollama server on 127.0.0.1: the part of the REST API that section 7.8 uses.
+
+Ollama and its models cannot be installed on the test machines, so the client code talks to
+this real HTTP server instead. It answers
+
+- ``GET /api/version`` with ``{"version": ...}`` and ``GET /api/tags`` with the pulled models;
+- ``POST /api/chat``: streamed newline-delimited JSON (the reply split over several chunks,
+  then a last object with ``"done": true``), or one object when the body says
+  ``"stream": false``; HTTP 404 with Ollama's error body for a model that is not pulled.
+
+Replies are scripted: one string, a list used in turn (round-robin), or a function
+``f(prompt, body) -> reply``. A reply can also be ``Fail(...)``, ``StreamError(...)`` or
+``Hangup(...)`` to act out a broken server. Every request is recorded.
+
+In a test::
+
+    with FakeOllama(replies=["85", "Score: 90"]) as server:
+        monkeypatch.setenv("OLLAMA_HOST", server.host)   # "127.0.0.1:PORT"
+        ...
+        server.chat_requests   # the JSON bodies of POST /api/chat, in order
+        server.prompts         # the last user message of each
+
+As a process (the notebook tests start it this way)::
+
+    python tests/fake_ollama.py --port 0 --port-file PORT.txt --replies 85 "Score: 90"
+
+prints ``Fake Ollama listening on http://127.0.0.1:PORT`` and serves until it is terminated.
+"""
+
+import argparse
+import contextlib
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class Fail:
+    """Answer with HTTP `status` and Ollama's error body ``{"error": error}``."""
+
+    def __init__(self, status=500, error="simulated server failure"):
+        self.status = status
+        self.error = error
+
+
+class StreamError:
+    """Stream `after` chunks of `text`, then an ``{"error": ...}`` line (as Ollama does)."""
+
+    def __init__(self, error="simulated error mid-stream", text="85", after=1):
+        self.error = error
+        self.text = text
+        self.after = after
+
+
+class Hangup:
+    """Stream `after` chunks of `text`, then close the connection without finishing."""
+
+    def __init__(self, text="85", after=1):
+        self.text = text
+        self.after = after
+
+
+def full_model_name(name):
+    """'llama3' -> 'llama3:latest', as Ollama lists pulled models."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def unused_port():
+    """A loopback port with nothing listening on it (for "server down" tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _now():
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # chunked streaming, as the real server sends
+    server_version = "FakeOllama"
+
+    def log_message(self, format, *args):  # keep test output quiet
+        pass
+
+    @property
+    def fake(self):
+        return self.server.fake
+
+    def _send_json(self, status, obj, content_type="application/json; charset=utf-8"):
+        body = json.dumps(obj).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_text(self, status, text):
+        body = text.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.fake._record("GET", self.path, None)
+        if self.path == "/api/version":
+            self._send_json(200, {"version": self.fake.version})
+        elif self.path == "/api/tags":
+            self._send_json(200, {"models": self.fake.tags()})
+        else:
+            self._send_text(404, "404 page not found")
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            body = None
+        self.fake._record("POST", self.path, body)
+        if self.path != "/api/chat":
+            self._send_text(404, "404 page not found")
+            return
+        if not isinstance(body, dict):
+            self._send_json(400, {"error": "invalid request body"})
+            return
+        model = body.get("model")
+        if not model:
+            self._send_json(400, {"error": "model is required"})
+            return
+        if full_model_name(model) not in self.fake.pulled():
+            self._send_json(404, {"error": f'model "{model}" not found, try pulling it first'})
+            return
+        reply = self.fake._next_reply(body)
+        if isinstance(reply, Fail):
+            self._send_json(reply.status, {"error": reply.error})
+            return
+        if body.get("stream", True) is False:
+            if isinstance(reply, StreamError | Hangup):
+                self._send_json(500, {"error": getattr(reply, "error", "simulated hangup")})
+                return
+            self._send_json(200, self._message(model, str(reply), done=True))
+            self.fake._answered()
+            return
+        self._stream(model, reply)
+
+    def _message(self, model, content, done):
+        obj = {
+            "model": model,
+            "created_at": _now(),
+            "message": {"role": "assistant", "content": content},
+            "done": done,
+        }
+        if done:
+            obj.update(done_reason="stop", total_duration=1000, eval_count=max(1, len(content)))
+        return obj
+
+    def _write_chunk(self, obj):
+        data = (json.dumps(obj) + "\n").encode("utf-8")
+        self.wfile.write(f"{len(data):x}\r\n".encode("ascii") + data + b"\r\n")
+        self.wfile.flush()
+
+    def _stream(self, model, reply):
+        text = reply.text if isinstance(reply, StreamError | Hangup) else str(reply)
+        pieces = self.fake.split(text)
+        if isinstance(reply, StreamError | Hangup):
+            pieces = pieces[: reply.after]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for piece in pieces:
+            if self.fake.delay:
+                time.sleep(self.fake.delay)
+            self._write_chunk(self._message(model, piece, done=False))
+        if isinstance(reply, Hangup):
+            self.close_connection = True  # no final object, no terminating chunk
+            return
+        if isinstance(reply, StreamError):
+            self._write_chunk({"error": reply.error})
+        else:
+            self._write_chunk(self._message(model, "", done=True))
+            self.fake._answered()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client gave up (a timeout test): nothing to report
+        super().handle_error(request, client_address)
+
+
+class FakeOllama:
+    """A threaded loopback HTTP server that acts as Ollama; use it as a context manager."""
+
+    def __init__(self, replies="85", models=("llama3",), port=0, chunk_size=2, delay=0.0,
+                 version="0.6.5", fail_after=None):
+        self.replies = replies
+        self.models = list(models)
+        self.chunk_size = chunk_size
+        self.delay = delay  # seconds before each streamed chunk
+        self.version = version
+        self.fail_after = fail_after  # chat requests after this many answers get HTTP 500
+        self.requests = []
+        self.answered = 0
+        self._reply_count = 0
+        self._lock = threading.Lock()
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
+        self._httpd.fake = self
+        self._thread = None
+
+    # addresses -------------------------------------------------------------------------
+    @property
+    def port(self):
+        return self._httpd.server_address[1]
+
+    @property
+    def host(self):
+        """The OLLAMA_HOST form, ``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def chat_url(self):
+        return self.url + "/api/chat"
+
+    # what it received ------------------------------------------------------------------
+    @property
+    def chat_requests(self):
+        with self._lock:
+            return [r["body"] for r in self.requests if r["path"] == "/api/chat"]
+
+    @property
+    def prompts(self):
+        prompts = []
+        for body in self.chat_requests:
+            messages = body.get("messages") if isinstance(body, dict) else None
+            prompts.append(messages[-1].get("content") if messages else None)
+        return prompts
+
+    def _record(self, method, path, body):
+        with self._lock:
+            self.requests.append({"method": method, "path": path, "body": body})
+
+    def _answered(self):
+        with self._lock:
+            self.answered += 1
+
+    # what it answers -------------------------------------------------------------------
+    def pulled(self):
+        return {full_model_name(m) for m in self.models}
+
+    def tags(self):
+        return [
+            {
+                "name": full_model_name(m),
+                "model": full_model_name(m),
+                "modified_at": "2024-05-01T12:00:00Z",
+                "size": 4661224676,
+                "digest": "0" * 64,
+                "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B"},
+            }
+            for m in self.models
+        ]
+
+    def split(self, text):
+        """The reply in several pieces, as a model streams it token by token."""
+        size = max(1, self.chunk_size)
+        return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+    def _next_reply(self, body):
+        with self._lock:
+            if self.fail_after is not None and self.answered >= self.fail_after:
+                return Fail(500, "simulated failure: the server stopped answering")
+            count = self._reply_count
+            self._reply_count += 1
+        replies = self.replies
+        if callable(replies):
+            messages = body.get("messages") or [{}]
+            return replies(messages[-1].get("content"), body)
+        if isinstance(replies, str | Fail | StreamError | Hangup):
+            return replies
+        return replies[count % len(replies)]
+
+    # running ---------------------------------------------------------------------------
+    def start(self):
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+
+    def serve_forever(self):
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Serve a fake Ollama API on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--port-file", help="write the port number to this file when ready")
+    parser.add_argument("--replies", nargs="+", default=["85"],
+                        help="replies to /api/chat, used in turn (round-robin)")
+    parser.add_argument("--replies-json", help="a JSON file with a list of replies (overrides)")
+    parser.add_argument("--models", nargs="+", default=["llama3"], help="the pulled models")
+    parser.add_argument("--chunk-size", type=int, default=2, help="characters per chunk")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each chunk")
+    parser.add_argument("--fail-after", type=int, default=None,
+                        help="answer HTTP 500 to chat requests after this many answers")
+    args = parser.parse_args(argv)
+
+    replies = args.replies
+    if args.replies_json:
+        replies = [str(r) for r in json.loads(Path(args.replies_json).read_text("utf-8"))]
+    fake = FakeOllama(replies=replies, models=args.models, port=args.port,
+                      chunk_size=args.chunk_size, delay=args.delay, fail_after=args.fail_after)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(fake.port), encoding="utf-8")
+        tmp.replace(args.port_file)
+    print(f"Fake Ollama listening on {fake.url}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        fake.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
