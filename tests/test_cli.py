@@ -1,0 +1,182 @@
+"""The chapter as one command: `main(test_mode=True)` and `python gpt_instruction_finetuning.py`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TOKENIZER_DIR
+
+import gpt_instruction_finetuning as gif
+from previous_chapters import GPTModel
+
+SCRIPT = ROOT / "gpt_instruction_finetuning.py"
+
+
+def run_cli(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=os.environ.copy())
+
+
+def write_data(path, data):
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def small_data(tmp_path, instruction_data):
+    """40 real entries: 34 train / 4 test / 2 validation."""
+    return write_data(tmp_path / "data.json", instruction_data[:40])
+
+
+def test_main_test_mode_end_to_end(tmp_path, shared_data, capsys):
+    result = gif.main(test_mode=True, data=shared_data / "instruction-data.json",
+                      output_dir=tmp_path, max_new_tokens=8)
+    out = capsys.readouterr().out
+
+    assert "Training set length: 10" in out and "Test set length: 10" in out
+    assert "Device: cpu" in out
+    assert "Ep 1 (Step 000000): Train loss" in out
+    assert len(result["train_losses"]) == len(result["val_losses"]) == len(result["tokens_seen"]) > 0
+    assert result["train_losses"][-1] < result["initial_losses"][0]  # it learned something
+
+    paths = result["paths"]
+    assert paths["model"].name == "gpt2-medium355M-sft-test.pth"
+    assert paths["responses"].name == "instruction-data-with-response-test.json"
+    assert paths["plot"].read_bytes().startswith(b"%PDF")
+    saved = json.loads(paths["responses"].read_text())
+    assert len(saved) == 10 and all(isinstance(e["model_response"], str) for e in saved)
+    assert [e["instruction"] for e in saved] == [e["instruction"] for e in result["responses"]]
+
+    state = torch.load(paths["model"], map_location="cpu", weights_only=True)
+    model = GPTModel(gif.TEST_MODE_CONFIG)
+    model.load_state_dict(state)  # strict: a whole, loadable checkpoint
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_command_line_test_mode(tmp_path, shared_data):
+    proc = run_cli("--test_mode", "--data", str(shared_data / "instruction-data.json"),
+                   "--output-dir", str(tmp_path / "out"), "--tokenizer-dir", str(TOKENIZER_DIR),
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for line in ("torch version:", "Training set length: 10", "Initial training loss:",
+                 "Training completed in", "Model response:", "Model saved as"):
+        assert line in proc.stdout
+    assert "Generating responses" in proc.stderr  # the progress bar
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpt2-medium355M-sft-test.pth", "instruction-data-with-response-test.json",
+        "loss-plot-test.pdf"]
+
+
+def test_local_tokenizer_matches_tiktoken(instruction_data, tokenizer):
+    local = gif.get_tokenizer(TOKENIZER_DIR)
+    for entry in instruction_data[::50]:
+        text = gif.format_input(entry) + "\n\n### Response:\n" + entry["output"]
+        assert local.encode(text) == tokenizer.encode(text)
+    assert local.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
+
+
+def test_local_tokenizer_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="encoder.json, vocab.bpe"):
+        gif.get_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"instruction": "x"}, "expected a JSON list of entries, got dict"),
+        ([], "the list of entries is empty"),
+        ([{"instruction": "a", "input": "", "output": "b"}, "text"], "entry 1 is a str"),
+        ([{"instruction": "a", "input": "", "output": "b"}] * 3
+         + [{"instruction": "a", "output": "b"}], "entry 3 has no 'input' key"),
+        ([{"instruction": "a", "input": None, "output": "b"}], "entry 0: 'input' must be a string"),
+    ],
+)
+def test_bad_dataset_exits_2_with_message(tmp_path, data, message):
+    path = write_data(tmp_path / "bad.json", data)
+    proc = run_cli("--test_mode", "--data", str(path), "--output-dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("*.pth"))
+
+
+def test_not_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{not json", encoding="utf-8")
+    proc = run_cli("--test_mode", "--data", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2 and "is not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = run_cli("--test_mode", "--data", str(tmp_path / "nope.json"), cwd=tmp_path)
+    assert proc.returncode == 2 and "nope.json does not exist" in proc.stderr
+
+
+def test_too_few_entries_for_a_split(tmp_path, instruction_data):
+    path = write_data(tmp_path / "few.json", instruction_data[:5])
+    proc = run_cli("--test_mode", "--data", str(path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "split is empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_model_and_unavailable_device(tmp_path, small_data):
+    proc = run_cli("--model", "gpt2-huge", cwd=tmp_path)
+    assert proc.returncode == 2 and "invalid choice: 'gpt2-huge'" in proc.stderr
+    with pytest.raises(ValueError, match="choose one of gpt2-small, gpt2-medium"):
+        gif.resolve_model_name("gpt2-huge")
+    assert gif.resolve_model_name("355M") == "gpt2-medium (355M)"
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_cli("--test_mode", "--data", str(small_data), "--device", "cuda", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "CUDA was requested but is not available" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_long_entries_are_truncated_with_a_warning(tmp_path, small_data, capsys):
+    data = json.loads(small_data.read_text())
+    data[0]["output"] = "word " * 400  # ~400 tokens, more than test mode's 256 context
+    data[1]["input"] = "word " * 300
+    path = write_data(tmp_path / "long.json", data)
+    result = gif.main(test_mode=True, data=path, output_dir=tmp_path, max_new_tokens=4)
+    assert "Warning: 2 entries are longer than 256 tokens and were truncated." in capsys.readouterr().out
+    assert result["paths"]["model"].exists()
+
+
+def test_ctrl_c_during_training_saves_nothing(tmp_path, small_data):
+    out_dir = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(SCRIPT), "--test_mode", "--data", str(small_data),
+         "--epochs", "10000", "--output-dir", str(out_dir)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait until training has started
+            if line.startswith("Ep 1 (Step"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Training interrupted: nothing was saved." in stderr
+    assert "Traceback" not in stderr
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_write_atomically_keeps_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "model.pth"
+    target.write_bytes(b"old")
+
+    def failing_write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gif.write_atomically(target, failing_write)
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]

@@ -1,0 +1,40 @@
+"""Repository hygiene: CI runs the README's test command, and runtime requirements are complete."""
+
+import ast
+import re
+import sys
+
+from conftest import ROOT
+
+TEST_COMMAND = "pip install -r requirements.txt -r requirements-dev.txt && ruff check . && python -m pytest"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert TEST_COMMAND in readme
+    assert ci_lines[-1] == TEST_COMMAND
+
+
+def test_requirements_cover_the_modules_imports():
+    """Every third-party package the flat modules import is in requirements.txt."""
+    stdlib = set(sys.stdlib_module_names)
+    local = {p.stem for p in ROOT.glob("*.py")}
+    pip_names = {"torch", "tiktoken", "tensorflow", "numpy", "matplotlib", "tqdm", "psutil",
+                 "tiktoken_ext"}
+    required = {re.split(r"[<>=\s]", line, maxsplit=1)[0].lower()
+                for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    for module in ROOT.glob("*.py"):
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module.split(".")[0]]
+            for name in names:
+                if name in stdlib or name in local or name == "__future__":
+                    continue
+                assert name in pip_names, f"{module.name} imports {name}: add it to requirements.txt"
+                assert name.replace("tiktoken_ext", "tiktoken") in required, name
