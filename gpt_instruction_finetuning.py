@@ -61,16 +61,20 @@ def write_json(path, obj):
     write_atomically(path, write)
 
 
-def validate_entries(data, source="dataset"):
-    """Raise DatasetError naming the first bad entry; return the data unchanged."""
+def validate_entries(data, source="dataset", keys=REQUIRED_KEYS):
+    """Raise DatasetError naming the first bad entry; return the data unchanged.
+
+    Each entry must be an object with a string under every one of `keys`.
+    """
     if not isinstance(data, list):
         raise DatasetError(f"{source}: expected a JSON list of entries, got {type(data).__name__}")
     if not data:
         raise DatasetError(f"{source}: the list of entries is empty")
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
-            raise DatasetError(f"{source}: entry {i} is a {type(entry).__name__}, not an object")
-        for key in REQUIRED_KEYS:
+            raise DatasetError(
+                f"{source}: entry {i} is not a JSON object (got {type(entry).__name__})")
+        for key in keys:
             if key not in entry:
                 raise DatasetError(f"{source}: entry {i} has no '{key}' key")
             if not isinstance(entry[key], str):

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,20 +28,22 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
+from gpt_instruction_finetuning import REQUIRED_KEYS, DatasetError, format_input, write_json
+from gpt_instruction_finetuning import validate_entries as validate_instruction_entries
+
 DEFAULT_HOST = "http://localhost:11434"
 DEFAULT_PORT = 11434
 DEFAULT_CHAT_URL = DEFAULT_HOST + "/api/chat"
 DEFAULT_TIMEOUT = (5.0, 300.0)  # seconds: to connect, then to wait for each piece of the answer
 SCORES_FORMAT = 1  # version of the scores file layout
-REQUIRED_KEYS = ("instruction", "input", "output")
 
 
 class OllamaError(RuntimeError):
     """The Ollama server cannot be reached, lacks the model, or answered with an error."""
 
 
-class InputDataError(ValueError):
-    """The entries to score are missing, not JSON, or not shaped like the chapter's data."""
+# Bad input files are reported like bad training data: the same checks, the same error.
+InputDataError = DatasetError
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,10 +350,6 @@ def parse_score(reply):
 
 def build_score_prompt(entry, json_key):
     """The chapter's scoring prompt for one entry."""
-    # Imported here, on first use: the finetuning module loads PyTorch, which the checks of the
-    # input and the server do not need, so those fail fast.
-    from gpt_instruction_finetuning import format_input
-
     return (
         f"Given the input `{format_input(entry)}` "
         f"and correct output `{entry['output']}`, "
@@ -367,22 +364,9 @@ def build_score_prompt(entry, json_key):
 # ---------------------------------------------------------------------------------------
 
 
-def validate_entries(data, json_key):
+def validate_entries(data, json_key, source="input"):
     """Raise InputDataError unless `data` is a list of entries with text under all keys."""
-    if not isinstance(data, list):
-        raise InputDataError(f"expected a JSON list of entries, got {type(data).__name__}")
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise InputDataError(f"entry {i} is not a JSON object (got {type(entry).__name__})")
-        for key in (*REQUIRED_KEYS, json_key):
-            if key not in entry:
-                raise InputDataError(
-                    f"entry {i} has no {key!r} key (its keys: {', '.join(entry) or 'none'})"
-                )
-            if not isinstance(entry[key], str):
-                raise InputDataError(
-                    f"entry {i}: {key!r} must be text, got {type(entry[key]).__name__}"
-                )
+    validate_instruction_entries(data, source, keys=(*REQUIRED_KEYS, json_key))
 
 
 def load_entries(file_path, json_key="model_response"):
@@ -401,12 +385,7 @@ def load_entries(file_path, json_key="model_response"):
         raise InputDataError(
             f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
-    try:
-        validate_entries(data, json_key)
-    except InputDataError as exc:
-        raise InputDataError(f"{path}: {exc}") from None
-    if not data:
-        raise InputDataError(f"{path} holds no entries")
+    validate_entries(data, json_key, source=str(path))
     return data
 
 
@@ -418,20 +397,6 @@ def scores_fingerprint(json_data, json_key, model):
     for entry in json_data:
         digest.update(b"\0" + build_score_prompt(entry, json_key).encode("utf-8"))
     return digest.hexdigest()
-
-
-def _write_json_atomically(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_previous(scores_path, fingerprint, n_entries):
@@ -476,7 +441,7 @@ def generate_model_scores(json_data, json_key, model="llama3", url=None, scores_
         results = _load_previous(scores_path, fingerprint, len(json_data))
 
     def save():
-        _write_json_atomically(scores_path, {
+        write_json(scores_path, {
             "format": SCORES_FORMAT,
             "fingerprint": fingerprint,
             "model": model,

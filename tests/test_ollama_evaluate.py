@@ -282,14 +282,14 @@ def test_bad_entries_are_rejected_before_any_request():
     (None, "input file not found"),
     ("{not json", "not valid JSON \\(line 1"),
     ('{"a": 1}', "expected a JSON list of entries, got dict"),
-    ("[]", "holds no entries"),
+    ("[]", "the list of entries is empty"),
     ('[{"instruction": "i", "input": "", "output": "o", "model_response": "r"}, 3]',
      "entry 1 is not a JSON object"),
     ('[{"instruction": "i", "input": "", "output": "o", "model_response": "r"},'
      ' {"instruction": "i", "output": "o", "model_response": "r"}]',
      "entry 1 has no 'input' key"),
     ('[{"instruction": "i", "input": "", "output": "o", "model_response": null}]',
-     "entry 0: 'model_response' must be text"),
+     "entry 0: 'model_response' must be a string"),
 ])
 def test_load_entries_errors(tmp_path, content, match):
     path = tmp_path / "data.json"
