@@ -89,7 +89,8 @@ def test_local_tokenizer_missing_files(tmp_path):
     [
         ({"instruction": "x"}, "expected a JSON list of entries, got dict"),
         ([], "the list of entries is empty"),
-        ([{"instruction": "a", "input": "", "output": "b"}, "text"], "entry 1 is not a JSON object (got str)"),
+        ([{"instruction": "a", "input": "", "output": "b"}, "text"],
+         "entry 1 is not a JSON object (got str)"),
         ([{"instruction": "a", "input": "", "output": "b"}] * 3
          + [{"instruction": "a", "output": "b"}], "entry 3 has no 'input' key"),
         ([{"instruction": "a", "input": None, "output": "b"}], "entry 0: 'input' must be a string"),
