@@ -216,7 +216,7 @@ def split_data(data, train_frac=0.85, test_frac=0.1):
     for name, split in (("training", train_data), ("test", test_data), ("validation", val_data)):
         if not split:
             raise DatasetError(f"The {name} split is empty: {len(data)} entries are too few "
-                               f"(need at least 20 for an 85/10/5 split).")
+                               f"(an 85/10/5 split needs at least 10).")
     return train_data, test_data, val_data
 
 

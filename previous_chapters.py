@@ -224,7 +224,7 @@ class GPTModel(nn.Module):
         att = self.trf_blocks[0].att
         return KVCache(len(self.trf_blocks), batch_size, att.num_heads,
                        max_len or self.cfg["context_length"], att.head_dim,
-                       self.out_head.weight.device, self.out_head.weight.dtype)
+                       self.tok_emb.weight.device, self.tok_emb.weight.dtype)
 
 
 def _causal_mask(start, seq_len, device):
