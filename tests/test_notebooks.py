@@ -1,0 +1,197 @@
+"""The notebooks: stored clean, and run top to bottom as a reader would (in smoke mode).
+
+The executed runs use a clean copy of the repository (`notebook_runner.smoke_workdir`) with
+the dataset and tiny GPT-2 stand-in checkpoints already in place, so the notebooks' own
+download code finds them and never reaches the network. Section 7.8 talks to a fake Ollama
+server on the loopback interface.
+"""
+
+import json
+import re
+import shutil
+from types import SimpleNamespace
+
+import nbformat
+import pytest
+import torch
+from conftest import ROOT
+from fake_ollama import FakeOllama, unused_port
+from nbclient.exceptions import CellExecutionError
+from nbformat.v4 import new_notebook
+from notebook_runner import cell_outputs, repo_files, run_notebook, smoke_workdir
+
+from gpt_instruction_finetuning import TEST_MODE_CONFIG
+from previous_chapters import GPTModel
+
+NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))
+CHAPTER = "ch07_instruction_finetuning.ipynb"
+LOAD = "load-finetuned-model.ipynb"
+SMOKE_LINE = 'SMOKE_TEST = os.environ.get("SMOKE_TEST") == "1"'
+SMOKE_SIZES = {"train": 16, "val": 8, "test": 4}  # the chapter's smoke-mode split sizes
+
+
+def read(path):
+    return nbformat.read(path, as_version=4)
+
+
+def code_cells(nb):
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+# ---------------------------------------------------------------------------------------
+# Stored form
+# ---------------------------------------------------------------------------------------
+
+
+def test_the_notebooks_are_there():
+    assert {CHAPTER, LOAD} <= {path.name for path in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_without_outputs(path):
+    nb = read(path)
+    nbformat.validate(nb)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.execution_count is None, f"cell {index} has an execution count"
+            assert cell.outputs == [], f"cell {index} has stored outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_smoke_switch_is_the_first_code_cell_and_the_only_one(path):
+    cells = code_cells(read(path))
+    assert SMOKE_LINE in cells[0].source
+    assigned = [i for i, cell in enumerate(cells) if re.search(r"^SMOKE_TEST\s*=", cell.source, re.M)]
+    assert assigned == [0], "SMOKE_TEST must be set in the first code cell only"
+
+
+# ---------------------------------------------------------------------------------------
+# Executed, in smoke mode
+# ---------------------------------------------------------------------------------------
+
+
+def judge(prompt, body):
+    """The fake judge: a bare number when asked for one, else a sentence with a score."""
+    if "Respond with the integer number only" in prompt:
+        return "72"
+    return "The response is close to the correct output. Score: 80"
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """The chapter, then the load notebook, run in one work folder against a fake Ollama."""
+    workdir = smoke_workdir(tmp_path_factory.mktemp("notebooks"))
+    with FakeOllama(replies=judge) as server:
+        chapter = run_notebook(CHAPTER, workdir, env={"OLLAMA_HOST": server.host})
+        load = run_notebook(LOAD, workdir)
+        prompts = server.prompts
+    return SimpleNamespace(workdir=workdir, chapter=cell_outputs(chapter), load=cell_outputs(load),
+                           prompts=prompts)
+
+
+def code_only_workdir(dest):
+    """The repository's files alone: no dataset, no weights, no finetuned model."""
+    for rel in repo_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+@pytest.mark.slow
+def test_chapter_prints_the_lesson_values(executed):
+    out = executed.chapter
+    for line in ("Number of entries: 1100", "Training set length: 935",
+                 "Validation set length: 55", "Test set length: 110", "[50256]", "Device: cpu"):
+        assert line in out
+    # The collate drafts on the toy batch; the final version masks all but the first pad.
+    assert "[    6, 50256,  -100,  -100,  -100]" in out
+    assert "[    8,     9, 50256,  -100,  -100]" in out
+    # Cross-entropy ignores -100: the third loss equals the first.
+    assert out.count("tensor(1.1269)") == 2 and "tensor(0.7936)" in out
+    assert "loss_1 == loss_3: tensor(True)" in out
+    assert f"Number of training batches: {SMOKE_SIZES['train'] // 8}" in out
+    assert "Ep 1 (Step 000000): Train loss" in out and "Training completed in" in out
+
+
+@pytest.mark.slow
+def test_chapter_scores_with_the_judge(executed):
+    out = executed.chapter
+    n = SMOKE_SIZES["test"]
+    assert f"Number of scores: {n} of {n}" in out
+    assert "Average score: 72.00" in out
+    # One question, three free-form scores, then one integer score per test entry.
+    integer_prompts = [p for p in executed.prompts if "Respond with the integer number only" in p]
+    assert len(executed.prompts) == 1 + 3 + n and len(integer_prompts) == n
+    assert all("### Instruction:" in p for p in executed.prompts[1:])
+
+
+@pytest.mark.slow
+def test_chapter_saves_responses_model_and_plot(executed):
+    responses = json.loads((executed.workdir / "instruction-data-with-response.json").read_text())
+    assert len(responses) == SMOKE_SIZES["test"]
+    assert all(isinstance(entry["model_response"], str) for entry in responses)
+    assert responses[0]["instruction"] == "Rewrite the sentence using a simile."
+
+    state = torch.load(executed.workdir / "gpt2-medium355M-sft.pth", weights_only=True)
+    GPTModel(TEST_MODE_CONFIG).load_state_dict(state)  # strict: the whole model
+    assert (executed.workdir / "loss-plot.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.slow
+def test_load_notebook_answers_with_the_saved_model(executed):
+    out = executed.load
+    assert "Loaded gpt2-medium355M-sft.pth" in out
+    match = re.search(r"Model response:\n>> (.*)\n", out)
+    assert match, out
+    # Greedy answers from the same weights: what the chapter's model said to this instruction.
+    assert f"Model response:\n>> {match.group(1)}\n" in executed.chapter
+
+
+def only_cells(nb, marker):
+    """A notebook of `nb`'s first code cell (the smoke switch) and the code cell holding `marker`."""
+    cells = code_cells(nb)
+    chosen = [cell for cell in cells[1:] if marker in cell.source]
+    assert len(chosen) == 1, f"expected one code cell with {marker!r}"
+    return new_notebook(cells=[cells[0], chosen[0]], metadata=nb.metadata)
+
+
+@pytest.fixture
+def ollama_check(tmp_path):
+    """The chapter's Ollama check cell, alone in a notebook in a folder with the modules."""
+    workdir = code_only_workdir(tmp_path)
+    nb = only_cells(read(ROOT / CHAPTER), "ollama_is_reachable(")
+    nbformat.write(nb, workdir / "ollama-check.ipynb")
+    return workdir
+
+
+@pytest.mark.slow
+def test_chapter_stops_when_no_ollama_answers(ollama_check):
+    port = unused_port()
+    with pytest.raises(CellExecutionError) as error:
+        run_notebook("ollama-check.ipynb", ollama_check, env={"OLLAMA_HOST": f"127.0.0.1:{port}"},
+                     timeout=120)
+    assert error.value.ename == "RuntimeError"
+    message = error.value.evalue
+    assert f"127.0.0.1:{port}" in message
+    for hint in ("ollama serve", "ollama pull llama3", "OLLAMA_HOST"):
+        assert hint in message
+
+
+@pytest.mark.slow
+def test_chapter_stops_when_the_judge_is_not_pulled(ollama_check):
+    with FakeOllama(models=("phi3",)) as server, pytest.raises(CellExecutionError) as error:
+        run_notebook("ollama-check.ipynb", ollama_check, env={"OLLAMA_HOST": server.host},
+                     timeout=120)
+    assert error.value.ename == "OllamaError"
+    assert "ollama pull llama3" in error.value.evalue
+
+
+@pytest.mark.slow
+def test_load_notebook_stops_without_a_finetuned_model(tmp_path):
+    workdir = code_only_workdir(tmp_path)
+    with pytest.raises(CellExecutionError) as error:
+        run_notebook(LOAD, workdir, timeout=120)
+    assert error.value.ename == "FileNotFoundError"
+    message = error.value.evalue
+    assert "gpt2-medium355M-sft.pth does not exist" in message
+    assert CHAPTER in message and "python gpt_instruction_finetuning.py" in message
