@@ -345,9 +345,14 @@ def resolve_model_name(model):
     raise ValueError(f"Unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
-def output_suffix(style="alpaca", mask_instructions=False, lora_rank=None, test_mode=False):
-    """Variants get their own file names, so runs never overwrite each other."""
-    suffix = "" if style == "alpaca" else f"-{style}"
+def output_suffix(style="alpaca", mask_instructions=False, lora_rank=None, test_mode=False,
+                  data_name=None):
+    """Variants get their own file names, so runs never overwrite each other.
+
+    `data_name`: the stem of a dataset other than the chapter's (e.g. "alpaca_data").
+    """
+    suffix = f"-{data_name}" if data_name else ""
+    suffix += "" if style == "alpaca" else f"-{style}"
     suffix += "-mask" if mask_instructions else ""
     suffix += f"-lora{lora_rank}" if lora_rank else ""
     return suffix + ("-test" if test_mode else "")
@@ -525,7 +530,8 @@ def main(model="gpt2-medium", data=None, data_url=None, epochs=2, batch_size=8, 
     minutes = (time.time() - start_time) / 60
     print(f"Training completed in {minutes:.2f} minutes.")
 
-    suffix = output_suffix(style, mask_instructions, lora_rank, test_mode)
+    data_name = None if data_path.name == "instruction-data.json" else data_path.stem
+    suffix = output_suffix(style, mask_instructions, lora_rank, test_mode, data_name)
     paths = {}
     if train_losses:
         epochs_tensor = torch.linspace(0, epochs, len(train_losses))
@@ -609,6 +615,8 @@ def merge_lora(model):
     """Fold every LinearWithLoRA into a plain nn.Linear (W + alpha * (A @ B)^T), in place.
 
     The merged model has the plain GPTModel's state-dict keys, so it loads without LoRA code.
+    Parameters keep their `requires_grad` (frozen, after LoRA training): unfreeze with
+    `model.requires_grad_(True)` to train the merged model further.
     """
     from previous_chapters import LinearWithLoRA
 
@@ -617,9 +625,6 @@ def merge_lora(model):
             linear, lora = module.linear, module.lora
             with torch.no_grad():
                 linear.weight += (lora.alpha * (lora.A @ lora.B)).T.to(linear.weight.dtype)
-            linear.weight.requires_grad_(True)
-            if linear.bias is not None:
-                linear.bias.requires_grad_(True)
             setattr(model, name, linear)
         else:
             merge_lora(module)

@@ -145,7 +145,9 @@ def test_long_entries_are_truncated_with_a_warning(tmp_path, small_data, capsys)
     path = write_data(tmp_path / "long.json", data)
     result = gif.main(test_mode=True, data=path, output_dir=tmp_path, max_new_tokens=4)
     assert "Warning: 2 entries are longer than 256 tokens and were truncated." in capsys.readouterr().out
-    assert result["paths"]["model"].exists()
+    # Another dataset than the chapter's: its name goes into the outputs' names.
+    assert result["paths"]["model"].name == "gpt2-medium355M-sft-long-test.pth"
+    assert result["paths"]["responses"].name == "instruction-data-with-response-long-test.json"
 
 
 def test_ctrl_c_during_training_saves_nothing(tmp_path, small_data):
