@@ -1,0 +1,778 @@
+"""Benchmark: the book's simple code path against the fast path, side by side in one process.
+
+    python benchmarks/bench.py [--device cpu|cuda] [--models gpt2-small,gpt2-medium] [--tiny]
+
+For each model (random weights of the right shape: no GPT-2 download is needed) both paths run
+on the same inputs:
+
+- simple: the book's computation. Config `use_sdpa=False` (explicit attention), the default
+  `torch.optim.AdamW`, `train_model_simple(fast=False)` (`calc_loss_batch`: logits at every
+  position), `generate(..., use_cache=False)` one prompt at a time.
+- fast: `F.scaled_dot_product_attention`, `torch.optim.AdamW(fused=True)` where PyTorch has it,
+  `train_model_simple(fast=True)` (`calc_loss_batch_fast`; bfloat16 autocast and TF32 on CUDA),
+  `generate` with the KV cache, the test prompts in batches sorted by length (as
+  `generate_responses` does).
+
+It prints absolute figures and ratios: training tokens/s on real instruction batches,
+generation tokens/s at batch 1, the wall time for all 110 test prompts, peak memory and model
+FLOP utilisation against a matmul peak measured here, and it checks that both paths agree
+(the same greedy tokens, the same losses). Where a run would take too long (the uncached
+loop on a CPU takes hours) it times a subset and scales, and says so. `--tiny` runs a tiny
+model in a few seconds (CI). The exit status is 1 when a check of agreement fails.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import hashlib
+import io
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
+
+from gpt_instruction_finetuning import (  # noqa: E402
+    InstructionDataset,
+    custom_collate_fn,
+    download_and_load_file,
+    format_input,
+    generate_responses,
+    split_data,
+)
+from previous_chapters import (  # noqa: E402
+    GPTModel,
+    calc_loss_batch_fast,
+    evaluate_model,
+    generate,
+    generate_batch,
+    gpt2_config,
+    train_model_simple,
+)
+
+SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies (tests, CI)
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+MODELS = {"gpt2-small": "gpt2-small (124M)", "gpt2-medium": "gpt2-medium (355M)",
+          "gpt2-large": "gpt2-large (774M)", "gpt2-xl": "gpt2-xl (1558M)"}
+TINY_CONFIG = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 64, "n_heads": 4,
+               "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
+# The issue's targets, for gpt2-small on a CPU: (metric, minimum ratio fast/simple).
+TARGETS = {"training tokens/s": 1.3, "generation tokens/s, batch 1": 5.0,
+           "all test prompts, wall time": 15.0}
+LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}  # relative; bf16 autocast rounds every matmul
+EOS_ID = 50256
+CPU_PROMPTS_LARGER_MODELS = 24  # test prompts the fast path runs for models above gpt2-small on a CPU
+BATCH_SIZE = 8  # training batches, as in the chapter
+LR, WEIGHT_DECAY = 0.00005, 0.1
+EVAL_FREQ, EVAL_ITER = 5, 5
+
+
+def log(line=""):
+    print(line, flush=True)
+
+
+#####################################
+# Setup: tokenizer, data, devices
+#####################################
+
+def seed_tiktoken_cache():
+    """Point tiktoken at the offline copy of its GPT-2 files when there is one (no network)."""
+    folder = SHARED_DATA / "gpt2-tokenizer"
+    if "TIKTOKEN_CACHE_DIR" in os.environ or not folder.is_dir():
+        return
+    cache = Path(tempfile.mkdtemp(prefix="tiktoken-cache-"))
+    for name in ("encoder.json", "vocab.bpe"):
+        key = hashlib.sha1((TIKTOKEN_URL + name).encode()).hexdigest()
+        shutil.copyfile(folder / name, cache / key)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+
+
+def load_data(path):
+    if path is not None:
+        return download_and_load_file(path), Path(path)
+    for candidate in (ROOT / "instruction-data.json", SHARED_DATA / "instruction-data.json"):
+        if candidate.exists():
+            return download_and_load_file(candidate), candidate
+    return download_and_load_file(ROOT / "instruction-data.json"), ROOT / "instruction-data.json"
+
+
+def cpu_name():
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(fn(), seconds), with the device synchronised on both sides."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def fused_adamw_supported(device):
+    """Whether this PyTorch has the fused AdamW kernel for `device`."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def matmul_peak(device, dtype, n, repeats):
+    """FLOP/s of the best of `repeats` n x n matmuls in `dtype` (TF32 off for float32)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        _, seconds = timed(lambda: a @ b, device)
+        best = min(best, seconds)
+    return 2 * n ** 3 / best
+
+
+class PeakMemory:
+    """Peak memory of the process during a `with` block, and its growth over the start.
+
+    CPU: resident set size. On Linux the kernel's own high-water mark (VmHWM), reset at the
+    start through /proc/self/clear_refs; elsewhere psutil's RSS sampled by a thread (a thread
+    that wakes often would slow down PyTorch's worker threads on a small machine).
+    CUDA: the allocator's torch.cuda.max_memory_allocated.
+    """
+
+    STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+            return self
+        with contextlib.suppress(OSError, AttributeError):  # give freed heap back (glibc)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        import psutil
+
+        self._process = psutil.Process()
+        self.start = self.peak = self._process.memory_info().rss
+        self._thread = None
+        try:
+            self.CLEAR_REFS.write_text("5")  # VmHWM := the current RSS
+            self._high_water_mark()
+        except (OSError, TypeError):
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _high_water_mark(self):
+        for line in self.STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise OSError("no VmHWM in /proc/self/status")
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            self.peak = max(self.peak, self._high_water_mark())
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth(self):
+        return self.peak - self.start
+
+    def describe(self):
+        what = "peak allocated" if self.device.type == "cuda" else "peak RSS"
+        return f"{what} {self.peak / 2**20:,.0f} MiB (+{self.growth / 2**20:,.0f} MiB in this phase)"
+
+
+@contextlib.contextmanager
+def tf32(enabled):
+    """TF32 for float32 matmuls on CUDA inside the block (the fast path), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+#####################################
+# Models
+#####################################
+
+def build_model(cfg, state, use_sdpa, device, share_weights):
+    """GPTModel with the weights in `state`; shares their storage when `share_weights`."""
+    with torch.device("meta"):
+        model = GPTModel({**cfg, "use_sdpa": use_sdpa})
+    if not share_weights:
+        state = {name: tensor.clone() for name, tensor in state.items()}
+    model.load_state_dict(state, assign=True)
+    return model.to(device)
+
+
+def matmul_params(model):
+    """N for the FLOP counts: every weight except the two embedding tables (lookups)."""
+    lookups = {"tok_emb.weight", "pos_emb.weight"}
+    return sum(p.numel() for name, p in model.named_parameters() if name not in lookups)
+
+
+#####################################
+# Training
+#####################################
+
+def training_batches(train_data, val_data, tokenizer, device, n_steps):
+    """The chapter's loaders (batch 8, train shuffled with seed 123): the first batches of each."""
+    from torch.utils.data import DataLoader
+
+    collate = partial(custom_collate_fn, device=device, allowed_max_length=1024)
+    torch.manual_seed(123)
+    train_loader = DataLoader(InstructionDataset(train_data, tokenizer), batch_size=BATCH_SIZE,
+                              collate_fn=collate, shuffle=True, drop_last=True, num_workers=0)
+    val_loader = DataLoader(InstructionDataset(val_data, tokenizer), batch_size=BATCH_SIZE,
+                            collate_fn=collate, shuffle=False, drop_last=False, num_workers=0)
+    train = [batch for _, batch in zip(range(n_steps), train_loader, strict=False)]
+    val = [batch for _, batch in zip(range(EVAL_ITER), val_loader, strict=False)]
+    return train, val
+
+
+def useful_tokens(batch):
+    """Input positions up to each row's last counted target (the rest is padding)."""
+    _, targets = batch
+    counted = targets != -100
+    positions = torch.arange(1, targets.shape[1] + 1, device=targets.device)
+    return int(torch.where(counted, positions, 0).amax(dim=1).sum())
+
+
+def compile_warm_up(model, state, batches, val_batches, device):
+    """Compile the blocks before the timing (training and evaluation graphs), then restore."""
+    use_bf16 = device.type == "cuda"
+    for x, y in batches[:3]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = calc_loss_batch_fast(x, y, model, device)
+        loss.backward()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        evaluate_model(model, batches, val_batches, device, EVAL_ITER, calc_loss_batch_fast)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.load_state_dict(state)
+
+
+def run_training(cfg, state, batches, val_batches, device, fast, compile_blocks):
+    """One path's train_model_simple run over `batches`; returns a dict of figures."""
+    model = build_model(cfg, state, use_sdpa=fast, device=device, share_weights=False)
+    model.train()
+    if compile_blocks:
+        model.compile()  # GPTModel.compile: every transformer block, in place
+        with tf32(device.type == "cuda"):
+            compile_warm_up(model, state, batches, val_batches, device)
+    fused = fast and fused_adamw_supported(device)
+    kwargs = {"fused": True} if fused else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **kwargs)
+    printed = io.StringIO()
+    with PeakMemory(device) as memory, tf32(fast and device.type == "cuda"), \
+            contextlib.redirect_stdout(printed):
+        (train_losses, val_losses, _), seconds = timed(lambda: train_model_simple(
+            model, batches, val_batches, optimizer, device, num_epochs=1, eval_freq=EVAL_FREQ,
+            eval_iter=EVAL_ITER, start_context=None, tokenizer=None, fast=fast), device)
+    n_evals = len(train_losses)
+    evaluated = batches[:EVAL_ITER] + val_batches[:EVAL_ITER]
+    return {"seconds": seconds, "evals": n_evals, "losses": train_losses + val_losses,
+            "tokens": sum(x.numel() for x, _ in batches),  # the book's tokens_seen
+            "useful": sum(map(useful_tokens, batches)),
+            "useful_eval": n_evals * sum(map(useful_tokens, evaluated)),
+            "memory": memory, "printed": printed.getvalue().splitlines(), "fused": fused,
+            "n": matmul_params(model)}
+
+
+def bench_training(label, cfg, state, data, tokenizer, device, args, peaks):
+    train_data, _, val_data = data
+    batches, val_batches = training_batches(train_data, val_data, tokenizer, device, args.train_steps)
+    shapes = ", ".join(str(list(x.shape)) for x, _ in batches)
+    padding = sum((y == -100).sum().item() for _, y in batches) / sum(y.numel() for _, y in batches)
+    evals = math.ceil(len(batches) / EVAL_FREQ)
+    log(f"-- training: {len(batches)} steps of train_model_simple on the chapter's first "
+        f"{len(batches)} training batches ({shapes}; {padding:.0%} of target positions are "
+        f"padding, -100), evaluating every {EVAL_FREQ} steps on {EVAL_ITER} train + "
+        f"{len(val_batches)} validation batches ({evals * 2 * EVAL_ITER / len(batches):.1f} "
+        f"evaluation forward passes per step; the chapter's 2-epoch run has 2.0); "
+        f"per-epoch sample skipped (start_context=None). tokens/s counts every input "
+        f"position (the book's tokens_seen); MFU counts the non-padding ones --")
+    if args.compile:
+        log("  fast: model.compile() (every transformer block), compiled before the timing (untimed)")
+    results = {}
+    for path in ("simple", "fast"):
+        fast = path == "fast"
+        r = run_training(cfg, state, batches, val_batches, device, fast, args.compile and fast)
+        results[path] = r
+        flops = 6 * r["n"] * r["useful"] + 2 * r["n"] * r["useful_eval"]
+        peak = peaks["bf16" if fast and device.type == "cuda" else "fp32"]
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["mfu"] = flops / r["seconds"] / peak
+        optimizer = "AdamW(fused=True)" if r["fused"] else "AdamW"
+        log(f"  {path:6s} ({optimizer}): {r['tokens']:,} tokens in {r['seconds']:.1f} s "
+            f"({r['evals']} evaluations included) -> {r['tokens_per_s']:,.0f} tokens/s, "
+            f"MFU {r['mfu']:.1%}, {r['memory'].describe()}")
+        for line in r["printed"]:
+            log(f"           {line}")
+    simple, fast = results["simple"]["losses"], results["fast"]["losses"]
+    worst = max(abs(a - b) / abs(a) for a, b in zip(simple, fast, strict=True))
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    tolerance = LOSS_TOLERANCE[precision]
+    ok = worst <= tolerance and len(simple) == len(fast) > 0
+    log(f"CHECK {label} training losses (train and validation at every evaluation): fast vs "
+        f"simple max relative difference {worst:.1e} (tolerance {tolerance:.0e}, {precision}): "
+        f"{'OK' if ok else 'FAILED'}")
+    return results, ok
+
+
+#####################################
+# Generation
+#####################################
+
+def fit_step_time(samples):
+    """t(L) = a + b L + c L^2, least squares over (context length, seconds) samples."""
+    lengths = np.array([length for length, _ in samples], dtype=float)
+    seconds = np.array([s for _, s in samples], dtype=float)
+    degree = min(2, len(set(lengths.tolist())) - 1)
+    coefficients = np.polyfit(lengths, seconds, degree)
+    floor = seconds.min() * 0.5
+
+    def step_time(length):
+        return max(float(np.polyval(coefficients, length)), floor)
+
+    return step_time
+
+
+def uncached_step(model, context, context_size, device):
+    """One step of the book's loop: generate(..., use_cache=False) for one new token."""
+    ids = torch.tensor([context], device=device)
+    out, seconds = timed(lambda: generate(model, ids, 1, context_size, eos_id=EOS_ID,
+                                          use_cache=False), device)
+    return out[0, -1].item() if out.shape[1] > len(context) else EOS_ID, seconds
+
+
+def teacher_forced_mismatches(model, prompt, answer, device):
+    """Positions where the uncached model's greedy choice differs from `answer`.
+
+    One forward pass over prompt + answer: the logits at each position are what the uncached
+    loop computes at that step (attention is causal), so this checks every step at once.
+    """
+    ids = torch.tensor([prompt + answer], device=device)
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:len(prompt) - 1 + len(answer)]
+    chosen = logits.argmax(-1).tolist()
+    mismatches = []
+    for i, (a, b) in enumerate(zip(answer, chosen, strict=True)):
+        if a != b:
+            top2 = torch.topk(logits[i].float(), 2).values
+            mismatches.append((i, a, b, (top2[0] - top2[1]).item()))
+    return mismatches
+
+
+def describe_mismatches(mismatches):
+    if not mismatches:
+        return ""
+    i, expected, got, margin = mismatches[0]
+    return (f" (first at new token {i}: {expected} vs {got}, top-2 logit margin {margin:.1e})")
+
+
+def batched_answers(model, prompts, batch_size, max_new_tokens, context_size):
+    """generate_responses' method: prompts sorted by length, KV-cached batches of `batch_size`."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, context_size,
+                             eos_id=EOS_ID)
+        for i, answer in zip(rows, out, strict=True):
+            answers[i] = answer
+    return answers
+
+
+def spread(items, n):
+    """n items evenly spread over `items` (all of them when n >= len(items))."""
+    if n >= len(items):
+        return list(items)
+    return [items[round(k * (len(items) - 1) / max(n - 1, 1))] for k in range(n)]
+
+
+def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
+    _, test_data, val_data = data
+    simple = build_model(cfg, state, use_sdpa=False, device=device, share_weights=True).eval()
+    fast = build_model(cfg, state, use_sdpa=True, device=device, share_weights=True).eval()
+    n = matmul_params(fast)
+    context_size = cfg["context_length"]
+    max_new = args.max_new_tokens
+    checks_ok = True
+    samples = []  # (context length, seconds) of single uncached steps
+    uncached_full = args.uncached == "full"
+
+    # ---- batch 1 ----
+    prompt = tokenizer.encode(format_input(val_data[0]))
+    log(f"-- generation at batch 1: {max_new} new tokens (greedy, no eos_id, so all are "
+        f"generated) after the chapter's first validation prompt ({len(prompt)} tokens) --")
+    ids = torch.tensor([prompt], device=device)
+    with PeakMemory(device) as fast_mem:
+        out, fast_s = timed(lambda: generate(fast, ids, max_new, context_size), device)
+    tokens = out[0, len(prompt):].tolist()
+    with PeakMemory(device) as simple_mem:
+        if uncached_full:
+            out, simple_s = timed(lambda: generate(simple, ids, max_new, context_size,
+                                                   use_cache=False), device)
+            uncached_tokens = out[0, len(prompt):].tolist()
+            same = sum(a == b for a, b in zip(tokens, uncached_tokens, strict=True))
+            ok = same == len(tokens) == max_new
+            how = "the full uncached run"
+        else:
+            steps = spread(list(range(max_new)), args.samples)
+            same = 0
+            for i in steps:
+                token, seconds = uncached_step(simple, prompt + tokens[:i], context_size, device)
+                samples.append((len(prompt) + i, seconds))
+                same += token == tokens[i]
+            step_time = fit_step_time(samples)
+            simple_s = sum(step_time(len(prompt) + i) for i in range(max_new))
+            mismatches = teacher_forced_mismatches(simple, prompt, tokens, device)
+            ok = same == len(steps) and not mismatches and len(tokens) == max_new
+            how = (f"checked by one uncached forward over all {len(tokens)} tokens"
+                   f"{describe_mismatches(mismatches)}; the {len(steps)} timed uncached steps: "
+                   f"{same}/{len(steps)} tokens equal")
+            same = len(tokens) - len(mismatches)
+    batch1 = {"simple": {"seconds": simple_s, "memory": simple_mem},
+              "fast": {"seconds": fast_s, "memory": fast_mem}}
+    for r in batch1.values():
+        r["tokens_per_s"] = max_new / r["seconds"]
+        r["mfu"] = 2 * n * max_new / r["seconds"] / peaks["fp32"]
+    if not uncached_full:
+        log(f"  simple (no cache): ESTIMATED, not run in full: {max_new} steps would take "
+            f"{simple_s:.1f} s, from {len(steps)} timed steps of the uncached loop at contexts "
+            f"{len(prompt) + steps[0]}..{len(prompt) + steps[-1]} tokens, fitted as "
+            f"t(L) = a + bL + cL^2 and summed over the {max_new} steps")
+    for path in ("simple", "fast"):
+        r = batch1[path]
+        log(f"  {path:6s}: {max_new} tokens in {r['seconds']:.2f} s -> {r['tokens_per_s']:,.1f} "
+            f"tokens/s, MFU {r['mfu']:.1%}, {r['memory'].describe()}")
+    checks_ok &= ok
+    log(f"CHECK {label} batch-1 greedy tokens, fast (KV cache, SDPA) vs simple (uncached, "
+        f"explicit attention): {same}/{len(tokens)} identical ({how}): {'OK' if ok else 'FAILED'}")
+
+    # ---- all test prompts ----
+    prompts = [tokenizer.encode(format_input(entry))[-context_size:] for entry in test_data]
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    n_prompts = args.prompts
+    if n_prompts is None and device.type == "cpu" and label not in ("tiny", "gpt2-small"):
+        n_prompts = CPU_PROMPTS_LARGER_MODELS  # keeps the full CPU run under 15 minutes
+    subset = sorted(spread(by_length, n_prompts)) if n_prompts else list(range(len(prompts)))
+    bs = args.gen_batch_size
+    batches_all, batches_run = math.ceil(len(prompts) / bs), math.ceil(len(subset) / bs)
+    log(f"-- all {len(prompts)} test prompts ({min(map(len, prompts))}..{max(map(len, prompts))} "
+        f"tokens), up to {max_new} new tokens each, stopping at <|endoftext|> --")
+
+    def run_cached():
+        answers = batched_answers(fast, [prompts[i] for i in subset], bs, max_new, context_size)
+        texts = [tokenizer.decode(a).replace("### Response:", "").strip() for a in answers]
+        return answers, texts
+
+    with PeakMemory(device) as fast_mem:
+        (answers, texts), fast_s = timed(run_cached, device)
+    answers = dict(zip(subset, answers, strict=True))
+    generated = sum(len(a) for a in answers.values())
+    fast_total = fast_s * batches_all / batches_run
+    if len(subset) < len(prompts):
+        log(f"  fast: SCALED: ran {len(subset)} of the {len(prompts)} prompts (spread over the "
+            f"lengths) in {batches_run} batches of up to {bs} in {fast_s:.1f} s; "
+            f"x {batches_all}/{batches_run} batches -> {fast_total:.1f} s for all")
+    never_stopped = sum(len(a) == max_new for a in answers.values())
+    log(f"  {never_stopped} of {len(answers)} answers ran to {max_new} tokens (random weights "
+        f"never produce <|endoftext|>)")
+
+    with PeakMemory(device) as simple_mem:
+        if uncached_full:
+            same_rows, simple_total = 0, 0.0
+            for i in subset:
+                ids = torch.tensor([prompts[i]], device=device)
+                out, seconds = timed(lambda ids=ids: generate(
+                    simple, ids, max_new, context_size, eos_id=EOS_ID, use_cache=False), device)
+                simple_total += seconds
+                same_rows += out[0, len(prompts[i]):].tolist() == answers[i]
+            simple_total *= len(prompts) / len(subset)
+            how = f"{same_rows}/{len(subset)} answers identical (the full uncached loop)"
+            ok = same_rows == len(subset)
+        else:
+            lo = min(len(prompts[i]) for i in subset)
+            hi = max(len(prompts[i]) + len(answers[i]) - 1 for i in subset)
+            lengths = spread(list(range(lo, hi + 1)), args.samples)
+            same, used = 0, []
+            for k, length in enumerate(lengths):
+                fits = [i for i in subset if len(prompts[i]) <= length < len(prompts[i]) + len(answers[i])]
+                if not fits:  # no answer is that long
+                    continue
+                i = fits[k % len(fits)]
+                step = length - len(prompts[i])
+                token, seconds = uncached_step(simple, prompts[i] + answers[i][:step], context_size,
+                                               device)
+                samples.append((length, seconds))
+                same += token == answers[i][step]
+                used.append(i)
+            lengths = [length for length, _ in samples[-len(used):]]
+            step_time = fit_step_time(samples)
+            # the loop's steps: each answer's tokens, plus the step that yields eos if it stopped
+            simple_total = sum(step_time(len(prompts[i]) + step) for i in subset
+                               for step in range(min(len(answers[i]) + 1, max_new)))
+            simple_total *= len(prompts) / len(subset)
+            forced = list(dict.fromkeys(used))[:args.forced_checks]
+            bad = {i: teacher_forced_mismatches(simple, prompts[i], answers[i], device) for i in forced}
+            wrong = [m for m in bad.values() if m]
+            checked = sum(len(answers[i]) for i in forced)
+            how = (f"{same}/{len(lengths)} sampled uncached steps equal, and one uncached forward "
+                   f"over each of {len(forced)} whole answers: "
+                   f"{checked - sum(len(m) for m in bad.values())}/{checked} tokens equal"
+                   f"{describe_mismatches(wrong[0]) if wrong else ''}")
+            ok = same == len(lengths) and not wrong
+            log(f"  simple (uncached one-by-one loop): ESTIMATED, not run in full (hours on a "
+                f"CPU): {len(lengths)} single steps timed at contexts {lengths[0]}..{lengths[-1]} "
+                f"tokens, plus the {len(samples) - len(lengths)} batch-1 steps above, fitted as "
+                f"t(L) = a + bL + cL^2 and summed over every step of every prompt")
+    if len(subset) < len(prompts):
+        log(f"  simple: SCALED from the same {len(subset)} prompts by {len(prompts)}/{len(subset)}")
+    checks_ok &= ok
+    prompts_result = {"simple": {"seconds": simple_total, "memory": simple_mem},
+                      "fast": {"seconds": fast_total, "memory": fast_mem}}
+    scale = len(prompts) / len(subset)
+    for r in prompts_result.values():
+        r["mfu"] = 2 * n * generated * scale / r["seconds"] / peaks["fp32"]
+        r["tokens_per_s"] = generated * scale / r["seconds"]
+    for path in ("simple", "fast"):
+        r = prompts_result[path]
+        log(f"  {path:6s}: {r['seconds']:,.1f} s for all {len(prompts)} prompts "
+            f"({r['tokens_per_s']:,.1f} generated tokens/s), MFU {r['mfu']:.1%}, "
+            f"{r['memory'].describe()}")
+    log(f"CHECK {label} test-prompt answers, fast (batched, KV cache) vs simple (uncached, one by "
+        f"one): {how}: {'OK' if ok else 'FAILED'}")
+
+    if args.check_generate_responses:
+        # The chapter's own function must give what the batched path above gives.
+        entries = [test_data[i] for i in subset]
+        responses = generate_responses(fast, entries, tokenizer, device, max_new,
+                                       batch_size=bs, progress=False)
+        ok = responses == texts
+        checks_ok &= ok
+        log(f"CHECK {label} generate_responses texts equal the batched path's: "
+            f"{sum(a == b for a, b in zip(responses, texts, strict=True))}/{len(texts)}: "
+            f"{'OK' if ok else 'FAILED'}")
+    return batch1, prompts_result, checks_ok
+
+
+#####################################
+# The run
+#####################################
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--models", default="gpt2-small,gpt2-medium",
+                        help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny model, 16 prompts, 24 new tokens: a few seconds (CI)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="training steps per path (default 5 on CPU, 20 on CUDA)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="time the fast path on this many test prompts and scale (default: "
+                             f"all; on a CPU {CPU_PROMPTS_LARGER_MODELS} for models above gpt2-small)")
+    parser.add_argument("--gen-batch-size", type=int, default=8,
+                        help="prompts per batch for the fast path (default 8, a conservative "
+                             "figure: generate_responses uses 16)")
+    parser.add_argument("--uncached", choices=["full", "sampled"], default=None,
+                        help="run the uncached loop in full, or time sampled steps and sum a fit "
+                             "(default: sampled on CPU, full on CUDA and with --tiny)")
+    parser.add_argument("--samples", type=int, default=8,
+                        help="timed uncached steps per estimate (batch 1; test prompts)")
+    parser.add_argument("--forced-checks", type=int, default=3,
+                        help="whole answers checked against one uncached forward each")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the fast path's model for training (GPTModel.compile)")
+    parser.add_argument("--data", default=None, help="instruction-data.json (default: found or "
+                        "downloaded as the chapter does)")
+    parser.add_argument("--seed", type=int, default=123, help="random weights")
+    parser.add_argument("--output", default=None, help="also write everything printed to this file")
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cpu = args.device == "cpu"
+    if args.tiny:
+        args.models = "tiny"
+        defaults = {"train_steps": 5, "max_new_tokens": 24, "prompts": 16, "uncached": "full"}
+        args.check_generate_responses = True
+    else:
+        defaults = {"train_steps": 5 if cpu else 20, "max_new_tokens": 256, "prompts": None,
+                    "uncached": "sampled" if cpu else "full"}
+        args.check_generate_responses = False
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("CUDA was requested but is not available")
+    seed_tiktoken_cache()
+    import tiktoken
+
+    tokenizer = tiktoken.get_encoding("gpt2")
+    data_list, data_path = load_data(args.data)
+    data = split_data(data_list)  # train, test, validation
+    names = ["tiny"] if args.tiny else [MODELS.get(m.strip(), m.strip()) for m in args.models.split(",")]
+
+    started = time.perf_counter()
+    log("== Setup ==")
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = f"{cpu_name()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads"
+    log(f"device: {device} ({hardware}); torch {torch.__version__}; python {platform.python_version()}")
+    if hasattr(os, "getloadavg"):
+        log(f"load average at start: {os.getloadavg()[0]:.2f} (other processes share this machine "
+            f"when it is above 0)")
+    log(f"command: python benchmarks/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    log(f"data: {os.path.relpath(data_path, ROOT)} ({len(data_list)} entries: {len(data[0])} "
+        f"train, {len(data[1])} test, {len(data[2])} validation)")
+    log("simple path: use_sdpa=False (the book's explicit attention), torch.optim.AdamW (not "
+        "fused), train_model_simple(fast=False) (calc_loss_batch: logits at every position), "
+        "generate(use_cache=False) one prompt at a time")
+    log(f"fast path:   use_sdpa=True (F.scaled_dot_product_attention), "
+        f"torch.optim.AdamW(fused=True) where supported, train_model_simple(fast=True) "
+        f"(calc_loss_batch_fast: no compute for padding or ignored targets"
+        f"{'; bf16 autocast, TF32' if device.type == 'cuda' else ''}"
+        f"{'; compiled blocks' if args.compile else ''}), generate with the KV cache, "
+        f"test prompts sorted by length in batches of {args.gen_batch_size} (generate_batch)")
+    log(f"weights: random (seed {args.seed}), float32; random weights never produce "
+        f"<|endoftext|>, so every prompt generates all {args.max_new_tokens} new tokens")
+    n_peak = 1024 if args.tiny else (8192 if device.type == "cuda" else 3072)
+    peaks = {"fp32": matmul_peak(device, torch.float32, n_peak, 3)}
+    log(f"matmul peak (measured): {n_peak}x{n_peak} float32 matmul: {peaks['fp32'] / 1e9:,.1f} "
+        f"GFLOP/s (best of 3)")
+    if device.type == "cuda":
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16, n_peak, 3)
+        log(f"matmul peak (measured): {n_peak}x{n_peak} bfloat16 matmul: "
+            f"{peaks['bf16'] / 1e9:,.1f} GFLOP/s (the fast path's training MFU uses this one)")
+    log("MFU: model FLOPs / time / peak, with N = weights except the embedding tables; "
+        "training 6N per trained token + 2N per evaluated token (padding not counted), "
+        "generation 2N per new token")
+
+    all_ok, table = True, []
+    for name in names:
+        cfg = TINY_CONFIG if name == "tiny" else gpt2_config(name)
+        label = name.split(" ")[0]
+        log()
+        log(f"== {name} ==")
+        torch.manual_seed(args.seed)
+        state = {k: v.to(device) for k, v in GPTModel(cfg).state_dict().items()}
+        n_params = sum(v.numel() for k, v in state.items() if not k.endswith(".mask"))
+        log(f"parameters: {n_params:,} (output head separate from the token embedding)")
+        model_start = time.perf_counter()
+        training, ok = bench_training(label, cfg, state, data, tokenizer, device, args, peaks)
+        all_ok &= ok
+        gc.collect()
+        batch1, prompts, ok = bench_generation(label, cfg, state, data, tokenizer, device, args, peaks)
+        all_ok &= ok
+        del state
+        gc.collect()
+        log(f"-- {label}: ratios (fast over simple; {time.perf_counter() - model_start:.0f} s "
+            f"for this model) --")
+        phases = (("training", training), ("generation, batch 1", batch1),
+                  ("all test prompts", prompts))
+        speed = (("training tokens/s", training, "tokens_per_s", "tokens/s", False),
+                 ("generation tokens/s, batch 1", batch1, "tokens_per_s", "tokens/s", False),
+                 ("all test prompts, wall time", prompts, "seconds", "s", True))
+        for metric, result, key, unit, lower_is_better in speed:
+            simple, fast = result["simple"][key], result["fast"][key]
+            ratio = simple / fast if lower_is_better else fast / simple
+            target = TARGETS[metric] if label == "gpt2-small" and device.type == "cpu" else None
+            verdict = "" if target is None else \
+                f" (target >= {target:g}x: {'MET' if ratio >= target else 'MISSED'})"
+            log(f"RATIO {label} {metric}: {ratio:.2f}x{verdict}")
+            table.append((label, metric, simple, fast, unit, ratio, target))
+        for metric, result in phases:
+            simple, fast = (result[p]["memory"].growth / 2**20 for p in ("simple", "fast"))
+            log(f"RATIO {label} peak memory growth, {metric}: simple {simple:,.0f} MiB, "
+                f"fast {fast:,.0f} MiB: {simple / max(fast, 1):.2f}x")
+            table.append((label, f"peak memory growth, {metric}", simple, fast, "MiB",
+                          simple / max(fast, 1), None))
+        for metric, result in phases:
+            simple, fast = (100 * result[p]["mfu"] for p in ("simple", "fast"))
+            log(f"MFU {label} {metric}: simple {simple:.1f}%, fast {fast:.1f}%")
+            table.append((label, f"MFU, {metric}", simple, fast, "%", fast / simple, None))
+
+    log()
+    log("== Summary ==")
+    log("ratio: how many times faster (or less memory, or higher MFU) the fast path is")
+    log(f"{'model':12s} {'metric':40s} {'simple':>18s} {'fast':>18s} {'ratio':>9s}  target")
+    for label, metric, simple, fast, unit, ratio, target in table:
+        verdict = "" if target is None else f">= {target:g}x {'MET' if ratio >= target else 'MISSED'}"
+        log(f"{label:12s} {metric:40s} {simple:>9,.1f} {unit:8s} {fast:>9,.1f} {unit:8s} "
+            f"{ratio:>8.2f}x  {verdict}".rstrip())
+    log(f"checks of agreement: {'all OK' if all_ok else 'SOME FAILED'}")
+    if hasattr(os, "getloadavg"):
+        log(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    log(f"total time: {time.perf_counter() - started:.0f} s")
+    return 0 if all_ok else 1
+
+
+class Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+if __name__ == "__main__":
+    output = parse_args().output
+    if output is None:
+        sys.exit(main())
+    with open(output, "w", encoding="utf-8") as f, contextlib.redirect_stdout(Tee(sys.stdout, f)):
+        status = main()
+    sys.exit(status)

@@ -1,0 +1,94 @@
+"""benchmarks/bench.py --tiny: runs to the end, prints every section, and both paths agree."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+BENCH = ROOT / "benchmarks" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shared_data, tmp_path_factory):
+    """One --tiny run (a few seconds on a quiet machine), shared by the tests below."""
+    output = tmp_path_factory.mktemp("bench") / "results.txt"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--device", "cpu",
+         "--data", str(shared_data / "instruction-data.json"), "--output", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return result, output
+
+
+def test_tiny_run_exits_cleanly(tiny_run):
+    result, _ = tiny_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_tiny_run_prints_every_section(tiny_run):
+    out = tiny_run[0].stdout
+    for heading in ("== Setup ==", "== tiny ==", "-- training:", "-- generation at batch 1:",
+                    "-- all 110 test prompts", "== Summary =="):
+        assert heading in out, heading
+    assert re.search(r"matmul peak \(measured\): .* ([\d,.]+) GFLOP/s", out)
+    assert "simple path: use_sdpa=False" in out and "fast path:   use_sdpa=True" in out
+    assert "never produce <|endoftext|>" in out
+
+
+def test_tiny_run_prints_ratio_lines(tiny_run):
+    out = tiny_run[0].stdout
+    for metric in ("training tokens/s", "generation tokens/s, batch 1", "all test prompts, wall time"):
+        match = re.search(rf"^RATIO tiny {re.escape(metric)}: (\d+\.\d+)x$", out, re.MULTILINE)
+        assert match and float(match[1]) > 0, metric
+    for phase in ("training", "generation, batch 1", "all test prompts"):
+        assert re.search(rf"^RATIO tiny peak memory growth, {phase}: simple [\d,]+ MiB, "
+                         rf"fast [\d,]+ MiB: [\d.]+x$", out, re.MULTILINE), phase
+        assert re.search(rf"^MFU tiny {phase}: simple [\d.]+%, fast [\d.]+%$", out, re.MULTILINE)
+
+
+def test_tiny_run_reports_absolute_figures(tiny_run):
+    out = tiny_run[0].stdout
+    assert re.search(r"simple \(AdamW\): [\d,]+ tokens in [\d.]+ s .* tokens/s, MFU", out)
+    assert re.search(r"fast +\(AdamW\(fused=True\)\): [\d,]+ tokens in [\d.]+ s", out)
+    assert re.search(r"fast  : 24 tokens in [\d.]+ s -> [\d,.]+ tokens/s", out)
+    assert re.search(r"fast  : [\d,.]+ s for all 110 prompts", out)
+    assert "peak RSS" in out
+    # a subset was timed: the run says so
+    assert "SCALED" in out
+    summary = out[out.index("== Summary =="):]
+    for metric, unit in (("training tokens/s", "tokens/s"), ("generation tokens/s, batch 1", "tokens/s"),
+                         ("all test prompts, wall time", "s"), ("peak memory growth, training", "MiB"),
+                         ("MFU, all test prompts", "%")):
+        assert re.search(rf"^tiny +{re.escape(metric)} +[\d,.]+ {re.escape(unit)} +[\d,.]+ "
+                         rf"{re.escape(unit)} +[\d.]+x", summary, re.MULTILINE), metric
+
+
+def test_tiny_run_checks_agreement(tiny_run):
+    out = tiny_run[0].stdout
+    checks = re.findall(r"^CHECK tiny (.*): (OK|FAILED)$", out, re.MULTILINE)
+    names = " | ".join(name for name, _ in checks)
+    assert len(checks) == 4, names
+    assert all(status == "OK" for _, status in checks), checks
+    assert "training losses" in names and "batch-1 greedy tokens" in names
+    assert "test-prompt answers" in names and "generate_responses" in names
+    assert "checks of agreement: all OK" in out
+
+
+def test_output_file_holds_what_was_printed(tiny_run):
+    result, output = tiny_run
+    assert output.read_text(encoding="utf-8") == result.stdout
+
+
+def test_sampled_estimate_runs(shared_data):
+    """The CPU default for real models: time sampled uncached steps and sum a fit."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--device", "cpu", "--uncached", "sampled",
+         "--samples", "4", "--train-steps", "1", "--prompts", "8",
+         "--data", str(shared_data / "instruction-data.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert out.count("ESTIMATED, not run in full") == 2
+    assert re.search(r"CHECK tiny batch-1 greedy tokens.*24/24 identical.*: OK", out)
+    assert re.search(r"CHECK tiny test-prompt answers.*4/4 sampled uncached steps equal.*: OK", out)
