@@ -70,3 +70,15 @@ def tiny_cfg():
         "drop_rate": 0.0,
         "qkv_bias": True,
     }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning makes
+    them many times slower: one thread for a test module, restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,14 +21,8 @@ from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 VOCAB = 1024  # the generation and model tests need no real token ids: a small vocabulary is faster
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning makes
-    them many times slower: one thread here, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one torch thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
