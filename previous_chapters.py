@@ -362,10 +362,14 @@ def _generate(model, idx, max_new_tokens, context_size, temperature, top_k, eos_
             logits = _last_position_logits(model.out_head, hidden)  # (batch, vocab_size)
         else:  # past the context length positions shift every step: recompute the window
             idx_cond = idx[:, -context_size:]
-            if pad_mask is None:
+            mask_cond = None if pad_mask is None else pad_mask[:, -context_size:]
+            if cache_ok:  # New: the output head only where the next token is predicted
+                hidden = model.hidden_states(idx_cond, pad_mask=mask_cond)
+                logits = _last_position_logits(model.out_head, hidden)
+            elif mask_cond is None:  # the book's loop
                 logits = model(idx_cond)[:, -1, :]
             else:
-                logits = model(idx_cond, pad_mask=pad_mask[:, -context_size:])[:, -1, :]
+                logits = model(idx_cond, pad_mask=mask_cond)[:, -1, :]
 
         idx_next = sample_next_token(logits, temperature, top_k)  # (batch, 1)
         if eos_id is not None:
