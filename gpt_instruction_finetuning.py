@@ -376,8 +376,8 @@ def make_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def describe_expected_cost(model, model_name, device, num_epochs):
-    """Print the book's runtime for this model and device, and an estimate of memory."""
+def describe_expected_cost(model, model_name, device, num_epochs, test_mode=False):
+    """Print the estimated memory, and the book's runtime for this model and device."""
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # float32 weights, plus gradients and two AdamW moments for every trainable parameter
@@ -385,10 +385,12 @@ def describe_expected_cost(model, model_name, device, num_epochs):
     print(f"Parameters: {n_params:,} ({n_trainable:,} trainable); weights, gradients and "
           f"optimizer state need about {gigabytes:.1f} GB, plus activations.")
     book = BOOK_MINUTES.get(model_name, {}).get(torch.device(device).type)
-    if book is not None:
+    if test_mode:
+        print("Test mode: training and answering take seconds.")
+    elif book is not None:
         minutes, where = book
-        print(f"The book's {num_epochs if num_epochs == 2 else 2}-epoch run of {model_name} took "
-              f"{minutes} min ({where}); expect the same order of magnitude.")
+        print(f"Expect about {minutes * num_epochs / 2:.1f} min of training: the book's 2 epochs "
+              f"of {model_name} took {minutes} min ({where}).")
 
 
 def build_loaders(train_data, val_data, test_data, tokenizer, device, batch_size,
@@ -499,7 +501,7 @@ def main(model="gpt2-medium", data=None, data_url=None, epochs=2, batch_size=8, 
         gpt.requires_grad_(False)
         replace_linear_with_lora(gpt, rank=lora_rank, alpha=lora_alpha or lora_rank)
     gpt.to(device)
-    describe_expected_cost(gpt, model_name, device, epochs)
+    describe_expected_cost(gpt, model_name, device, epochs, test_mode)
 
     #######################################
     # Finetuning

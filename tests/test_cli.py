@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, TOKENIZER_DIR
 
 import gpt_instruction_finetuning as gif
-from previous_chapters import GPTModel
+from previous_chapters import GPTModel, gpt2_config
 
 SCRIPT = ROOT / "gpt_instruction_finetuning.py"
 
@@ -39,6 +39,7 @@ def test_main_test_mode_end_to_end(tmp_path, shared_data, capsys):
 
     assert "Training set length: 10" in out and "Test set length: 10" in out
     assert "Device: cpu" in out
+    assert "Test mode: training and answering take seconds." in out
     assert "Ep 1 (Step 000000): Train loss" in out
     assert len(result["train_losses"]) == len(result["val_losses"]) == len(result["tokens_seen"]) > 0
     assert result["train_losses"][-1] < result["initial_losses"][0]  # it learned something
@@ -183,3 +184,17 @@ def test_write_atomically_keeps_old_file_when_writing_fails(tmp_path):
         gif.write_atomically(target, failing_write)
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_expected_cost_quotes_the_book_for_the_model_and_device(capsys):
+    with torch.device("meta"):
+        model = GPTModel(gpt2_config("gpt2-medium (355M)"))
+    gif.describe_expected_cost(model, "gpt2-medium (355M)", "cpu", num_epochs=2)
+    out = capsys.readouterr().out
+    assert "Parameters: 406,286,336 (406,286,336 trainable)" in out
+    assert "about 6.5 GB" in out  # 4 bytes of weights + 12 of gradient and AdamW state each
+    assert ("Expect about 15.8 min of training: the book's 2 epochs of gpt2-medium (355M) "
+            "took 15.78 min") in out
+
+    gif.describe_expected_cost(model, "gpt2-medium (355M)", "cuda", num_epochs=4)
+    assert "Expect about 1.7 min" in capsys.readouterr().out
