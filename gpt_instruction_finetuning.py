@@ -252,28 +252,38 @@ def generate_responses(model, entries, tokenizer, device, max_new_tokens=256, ba
     """New: greedy answers for many entries, generated in batches with a progress bar.
 
     Each answer equals what one-at-a-time generation with `generate(..., eos_id=50256)`
-    gives. Prompts are sorted by length so a batch holds similar lengths (less padding).
+    gives, with the response tag removed.
     """
-    from tqdm import tqdm
-
     fmt = prompt_style(style)
     context_size = model.pos_emb.weight.shape[0]
     eos_id = tokenizer.encode("<|endoftext|>", allowed_special={"<|endoftext|>"})[0]
     prompts = [tokenizer.encode(fmt["format_input"](entry))[-context_size:] for entry in entries]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    responses = [None] * len(prompts)
-
     model.eval()
+    answers = generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id,
+                                  batch_size, use_cache, progress)
+    return [tokenizer.decode(ids).replace(fmt["response_tag"], "").strip() for ids in answers]
+
+
+def generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id, batch_size=16,
+                        use_cache=True, progress=False):
+    """New: `generate_batch` over many token-id prompts, `batch_size` at a time.
+
+    Prompts are sorted by length so a batch holds similar lengths (less padding); the
+    answers (new token ids, up to the first `eos_id`) come back in the prompts' order.
+    """
+    from tqdm import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [None] * len(prompts)
     with tqdm(total=len(prompts), disable=not progress, desc="Generating responses") as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            answers = generate_batch(model, [prompts[i] for i in rows], max_new_tokens,
-                                     context_size, eos_id=eos_id, use_cache=use_cache)
-            for i, answer in zip(rows, answers, strict=True):
-                text = tokenizer.decode(answer)
-                responses[i] = text.replace(fmt["response_tag"], "").strip()
+            batch = generate_batch(model, [prompts[i] for i in rows], max_new_tokens,
+                                   context_size, eos_id=eos_id, use_cache=use_cache)
+            for i, answer in zip(rows, batch, strict=True):
+                answers[i] = answer
             bar.update(len(rows))
-    return responses
+    return answers
 
 
 #####################################

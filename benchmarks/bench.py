@@ -8,7 +8,7 @@ on the same inputs:
 - simple: the book's computation. Config `use_sdpa=False` (explicit attention), the default
   `torch.optim.AdamW`, `train_model_simple(fast=False)` (`calc_loss_batch`: logits at every
   position), `generate(..., use_cache=False)` one prompt at a time.
-- fast: `F.scaled_dot_product_attention`, `torch.optim.AdamW(fused=True)` where PyTorch has it,
+- fast: `F.scaled_dot_product_attention`, `torch.optim.AdamW(fused=True)` (make_optimizer, as in the CLI),
   `train_model_simple(fast=True)` (`calc_loss_batch_fast`; bfloat16 autocast and TF32 on CUDA),
   `generate` with the KV cache, the test prompts in batches sorted by length (as
   `generate_responses` does).
@@ -25,17 +25,13 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import hashlib
 import io
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +41,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
 
 from gpt_instruction_finetuning import (  # noqa: E402
-    InstructionDataset,
-    custom_collate_fn,
+    MODEL_NAMES,
+    TEST_MODE_CONFIG,
+    build_loaders,
     download_and_load_file,
     format_input,
+    generate_answer_ids,
     generate_responses,
+    get_tokenizer,
+    make_optimizer,
     split_data,
 )
 from previous_chapters import (  # noqa: E402
@@ -57,17 +57,13 @@ from previous_chapters import (  # noqa: E402
     calc_loss_batch_fast,
     evaluate_model,
     generate,
-    generate_batch,
     gpt2_config,
     train_model_simple,
 )
 
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies (tests, CI)
-TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-MODELS = {"gpt2-small": "gpt2-small (124M)", "gpt2-medium": "gpt2-medium (355M)",
-          "gpt2-large": "gpt2-large (774M)", "gpt2-xl": "gpt2-xl (1558M)"}
-TINY_CONFIG = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 64, "n_heads": 4,
-               "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
+# --tiny: the CLI's test-mode model, with the real context so prompts + 256 tokens fit
+TINY_CONFIG = dict(TEST_MODE_CONFIG, context_length=1024)
 # The issue's targets, for gpt2-small on a CPU: (metric, minimum ratio fast/simple).
 TARGETS = {"training tokens/s": 1.3, "generation tokens/s, batch 1": 5.0,
            "all test prompts, wall time": 15.0}
@@ -86,18 +82,6 @@ def log(line=""):
 #####################################
 # Setup: tokenizer, data, devices
 #####################################
-
-def seed_tiktoken_cache():
-    """Point tiktoken at the offline copy of its GPT-2 files when there is one (no network)."""
-    folder = SHARED_DATA / "gpt2-tokenizer"
-    if "TIKTOKEN_CACHE_DIR" in os.environ or not folder.is_dir():
-        return
-    cache = Path(tempfile.mkdtemp(prefix="tiktoken-cache-"))
-    for name in ("encoder.json", "vocab.bpe"):
-        key = hashlib.sha1((TIKTOKEN_URL + name).encode()).hexdigest()
-        shutil.copyfile(folder / name, cache / key)
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-
 
 def load_data(path):
     if path is not None:
@@ -128,15 +112,6 @@ def timed(fn, device):
     result = fn()
     sync(device)
     return result, time.perf_counter() - start
-
-
-def fused_adamw_supported(device):
-    """Whether this PyTorch has the fused AdamW kernel for `device`."""
-    try:
-        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return False
-    return True
 
 
 def matmul_peak(device, dtype, n, repeats):
@@ -254,14 +229,8 @@ def matmul_params(model):
 
 def training_batches(train_data, val_data, tokenizer, device, n_steps):
     """The chapter's loaders (batch 8, train shuffled with seed 123): the first batches of each."""
-    from torch.utils.data import DataLoader
-
-    collate = partial(custom_collate_fn, device=device, allowed_max_length=1024)
-    torch.manual_seed(123)
-    train_loader = DataLoader(InstructionDataset(train_data, tokenizer), batch_size=BATCH_SIZE,
-                              collate_fn=collate, shuffle=True, drop_last=True, num_workers=0)
-    val_loader = DataLoader(InstructionDataset(val_data, tokenizer), batch_size=BATCH_SIZE,
-                            collate_fn=collate, shuffle=False, drop_last=False, num_workers=0)
+    train_loader, val_loader, _ = build_loaders(train_data, val_data, [], tokenizer, device,
+                                                BATCH_SIZE, allowed_max_length=1024)
     train = [batch for _, batch in zip(range(n_steps), train_loader, strict=False)]
     val = [batch for _, batch in zip(range(EVAL_ITER), val_loader, strict=False)]
     return train, val
@@ -297,9 +266,11 @@ def run_training(cfg, state, batches, val_batches, device, fast, compile_blocks)
         model.compile()  # GPTModel.compile: every transformer block, in place
         with tf32(device.type == "cuda"):
             compile_warm_up(model, state, batches, val_batches, device)
-    fused = fast and fused_adamw_supported(device)
-    kwargs = {"fused": True} if fused else {}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **kwargs)
+    fused = fast  # the fast path's optimizer is the CLI's: AdamW(fused=True)
+    if fast:
+        optimizer = make_optimizer(model, LR, WEIGHT_DECAY)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     printed = io.StringIO()
     with PeakMemory(device) as memory, tf32(fast and device.type == "cuda"), \
             contextlib.redirect_stdout(printed):
@@ -408,19 +379,6 @@ def describe_mismatches(mismatches):
     return (f" (first at new token {i}: {expected} vs {got}, top-2 logit margin {margin:.1e})")
 
 
-def batched_answers(model, prompts, batch_size, max_new_tokens, context_size):
-    """generate_responses' method: prompts sorted by length, KV-cached batches of `batch_size`."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        out = generate_batch(model, [prompts[i] for i in rows], max_new_tokens, context_size,
-                             eos_id=EOS_ID)
-        for i, answer in zip(rows, out, strict=True):
-            answers[i] = answer
-    return answers
-
-
 def spread(items, n):
     """n items evenly spread over `items` (all of them when n >= len(items))."""
     if n >= len(items):
@@ -501,7 +459,8 @@ def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
         f"tokens), up to {max_new} new tokens each, stopping at <|endoftext|> --")
 
     def run_cached():
-        answers = batched_answers(fast, [prompts[i] for i in subset], bs, max_new, context_size)
+        answers = generate_answer_ids(fast, [prompts[i] for i in subset], max_new, context_size,
+                                      EOS_ID, batch_size=bs)
         texts = [tokenizer.decode(a).replace("### Response:", "").strip() for a in answers]
         return answers, texts
 
@@ -604,7 +563,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--models", default="gpt2-small,gpt2-medium",
-                        help=f"comma-separated, from {', '.join(MODELS)}")
+                        help=f"comma-separated, from {', '.join(MODEL_NAMES)}")
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny model, 16 prompts, 24 new tokens: a few seconds (CI)")
     parser.add_argument("--train-steps", type=int, default=None,
@@ -652,13 +611,11 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("CUDA was requested but is not available")
-    seed_tiktoken_cache()
-    import tiktoken
-
-    tokenizer = tiktoken.get_encoding("gpt2")
+    offline_tokenizer = SHARED_DATA / "gpt2-tokenizer"  # no download where a local copy exists
+    tokenizer = get_tokenizer(offline_tokenizer if offline_tokenizer.is_dir() else None)
     data_list, data_path = load_data(args.data)
     data = split_data(data_list)  # train, test, validation
-    names = ["tiny"] if args.tiny else [MODELS.get(m.strip(), m.strip()) for m in args.models.split(",")]
+    names = ["tiny"] if args.tiny else [MODEL_NAMES.get(m.strip(), m.strip()) for m in args.models.split(",")]
 
     started = time.perf_counter()
     log("== Setup ==")
@@ -677,7 +634,7 @@ def main(argv=None):
         "fused), train_model_simple(fast=False) (calc_loss_batch: logits at every position), "
         "generate(use_cache=False) one prompt at a time")
     log(f"fast path:   use_sdpa=True (F.scaled_dot_product_attention), "
-        f"torch.optim.AdamW(fused=True) where supported, train_model_simple(fast=True) "
+        f"torch.optim.AdamW(fused=True), train_model_simple(fast=True) "
         f"(calc_loss_batch_fast: no compute for padding or ignored targets"
         f"{'; bf16 autocast, TF32' if device.type == 'cuda' else ''}"
         f"{'; compiled blocks' if args.compile else ''}), generate with the KV cache, "
