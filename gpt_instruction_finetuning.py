@@ -6,10 +6,8 @@ whole chapter: `python gpt_instruction_finetuning.py --help`.
 """
 
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,71 +16,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from instruction_data import DatasetError, split_data, validate_entries
 from previous_chapters import generate_batch
+from safe_files import save_state_dict, write_atomically, write_json
 
 HERE = Path(__file__).resolve().parent
 DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
     "01_main-chapter-code/instruction-data.json"
 )
-REQUIRED_KEYS = ("instruction", "input", "output")
-
-
-class DatasetError(ValueError):
-    """The instruction data is not a JSON list of {instruction, input, output} strings."""
 
 
 class DeviceError(RuntimeError):
     """The requested device is not available."""
-
-
-def write_atomically(path, write):
-    """Call `write(tmp_path)`, then rename the temporary file to `path`.
-
-    A crash or Ctrl-C halfway leaves the old file (or none), never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4)
-
-    write_atomically(path, write)
-
-
-def validate_entries(data, source="dataset", keys=REQUIRED_KEYS):
-    """Raise DatasetError naming the first bad entry; return the data unchanged.
-
-    Each entry must be an object with a string under every one of `keys`.
-    """
-    if not isinstance(data, list):
-        raise DatasetError(f"{source}: expected a JSON list of entries, got {type(data).__name__}")
-    if not data:
-        raise DatasetError(f"{source}: the list of entries is empty")
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise DatasetError(
-                f"{source}: entry {i} is not a JSON object (got {type(entry).__name__})")
-        for key in keys:
-            if key not in entry:
-                raise DatasetError(f"{source}: entry {i} has no '{key}' key")
-            if not isinstance(entry[key], str):
-                raise DatasetError(
-                    f"{source}: entry {i}: '{key}' must be a string, "
-                    f"got {type(entry[key]).__name__}"
-                )
-    return data
 
 
 def download_and_load_file(file_path, url=DATA_URL):
@@ -204,20 +150,6 @@ def custom_collate_fn(batch, pad_token_id=50256, ignore_index=-100, allowed_max_
     inputs_tensor = torch.stack(inputs_lst).to(device)
     targets_tensor = torch.stack(targets_lst).to(device)
     return inputs_tensor, targets_tensor
-
-
-def split_data(data, train_frac=0.85, test_frac=0.1):
-    """The chapter's split, in order: the first 85% train, the next 10% test, the rest validation."""
-    train_portion = int(len(data) * train_frac)
-    test_portion = int(len(data) * test_frac)
-    train_data = data[:train_portion]
-    test_data = data[train_portion:train_portion + test_portion]
-    val_data = data[train_portion + test_portion:]
-    for name, split in (("training", train_data), ("test", test_data), ("validation", val_data)):
-        if not split:
-            raise DatasetError(f"The {name} split is empty: {len(data)} entries are too few "
-                               f"(an 85/10/5 split needs at least 10).")
-    return train_data, test_data, val_data
 
 
 def get_device(preferred=None):
@@ -582,11 +514,6 @@ def main(model="gpt2-medium", data=None, data_url=None, epochs=2, batch_size=8, 
     return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
             "initial_losses": (train_loss, val_loss), "responses": results, "paths": paths,
             "minutes": minutes}
-
-
-def save_state_dict(state_dict, path):
-    """torch.save through a temporary file: the final name only ever holds a whole file."""
-    write_atomically(path, lambda tmp: torch.save(state_dict, tmp))
 
 
 def lora_state_dict(model):

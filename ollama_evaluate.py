@@ -28,8 +28,10 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from gpt_instruction_finetuning import REQUIRED_KEYS, DatasetError, format_input, write_json
-from gpt_instruction_finetuning import validate_entries as validate_instruction_entries
+from gpt_instruction_finetuning import format_input
+from instruction_data import REQUIRED_KEYS, DatasetError
+from instruction_data import validate_entries as validate_instruction_entries
+from safe_files import write_json
 
 DEFAULT_HOST = "http://localhost:11434"
 DEFAULT_PORT = 11434
