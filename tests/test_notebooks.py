@@ -20,7 +20,7 @@ from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_notebook
 from notebook_runner import cell_outputs, repo_files, run_notebook, smoke_workdir
 
-from gpt_instruction_finetuning import TEST_MODE_CONFIG
+from gpt2_sizes import TEST_MODE_CONFIG
 from previous_chapters import GPTModel
 
 NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))
