@@ -64,12 +64,12 @@ class SingleProcess:
         """This process's part of the global batch. DDP: batch_indices[rank::world_size]."""
         return batch_indices
 
-    def backward_loss(self, loss, n_counted):
-        """The loss to backpropagate, from this process's mean loss over its `n_counted`
-        targets. One process: the mean itself. DDP, which averages gradients over ranks:
-        loss * n_counted * world_size / (all-reduced sum of n_counted), so the update is that
-        of the global batch's token mean."""
-        return loss
+    def backward_loss(self, loss_sum, n_counted):
+        """The loss to backpropagate from this process's (sum of token losses, number of
+        counted targets). One process: their mean, calc_loss_batch's loss. DDP, which averages
+        gradients over ranks: loss_sum * world_size / (n_counted all-reduced over ranks), so
+        the update is that of the global batch's mean over its tokens."""
+        return loss_sum / n_counted
 
     def count(self, n):
         """An int summed over processes (tokens seen). One process: n."""
@@ -230,14 +230,14 @@ class TrainingRun:
         return list(range(n_items))
 
     def _train_step(self, batch_indices):
-        from previous_chapters import calc_loss_batch_fast
+        from fast_gpt import loss_sum_and_count
 
         dataset, collate = self.train_loader.dataset, self.train_loader.collate_fn
         input_batch, target_batch = collate([dataset[i] for i in self.distributed.share(batch_indices)])
         self.optimizer.zero_grad()
         with self.precision.autocast():
-            loss = calc_loss_batch_fast(input_batch, target_batch, self.model, self.device)
-        loss = self.distributed.backward_loss(loss, (target_batch != -100).sum())
+            loss = self.distributed.backward_loss(
+                *loss_sum_and_count(input_batch, target_batch, self.model, self.device))
         if self.scaler is None:
             loss.backward()
             self.optimizer.step()
@@ -248,11 +248,15 @@ class TrainingRun:
         self.state.tokens_seen += self.distributed.count(input_batch.numel())
 
     def _evaluate(self, eval_iter):
-        from previous_chapters import calc_loss_batch_fast, evaluate_model
+        """evaluate_model's (train loss, val loss), in this run's precision."""
+        from fast_gpt import calc_loss_loader_fast
 
+        self.model.eval()
         with torch.inference_mode(), self.precision.autocast():
-            return evaluate_model(self.model, self.train_loader, self.val_loader, self.device,
-                                  eval_iter, calc_loss_batch_fast)
+            losses = tuple(calc_loss_loader_fast(loader, self.model, self.device, eval_iter)
+                           for loader in (self.train_loader, self.val_loader))
+        self.model.train()
+        return losses
 
     def _record(self, row, write):
         self.state.metrics.append(row)
@@ -271,7 +275,7 @@ class TrainingRun:
         """
         from tqdm import tqdm
 
-        from previous_chapters import generate_and_print_sample
+        from fast_gpt import print_sample
 
         state, plan = self.state, self.checkpoints
         n_batches, batch_size = len(self.train_loader), self.train_loader.batch_size
@@ -313,7 +317,7 @@ class TrainingRun:
                             self.save()
                     if start_context is not None and self.is_main:
                         with tqdm.external_write_mode():
-                            generate_and_print_sample(self.model, tokenizer, self.device, start_context)
+                            print_sample(self.model, tokenizer, self.device, start_context)
                     state.epoch += 1
                     state.position = 0
             except KeyboardInterrupt as e:

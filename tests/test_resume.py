@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from checkpoints import CheckpointError, list_checkpoints, load_checkpoint
+from fast_gpt import train_model_fast
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 from previous_chapters import GPTModel, train_model_simple
 from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun, epoch_order
@@ -213,13 +214,13 @@ def test_mismatched_checkpoint_is_refused_naming_the_difference(baseline, instru
     assert run.state.step == 0  # nothing was loaded
 
 
-def test_same_losses_and_printed_lines_as_train_model_simple(instruction_data, tokenizer):
+def test_same_losses_and_printed_lines_as_train_model_fast(instruction_data, tokenizer):
     """With an unshuffled loader both loops see the same batches: the same numbers and text."""
     model, optimizer, train_loader, val_loader = build(instruction_data, tokenizer, shuffle=False)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        expected = train_model_simple(model, train_loader, val_loader, optimizer, "cpu", 1,
-                                      EVAL_FREQ, EVAL_ITER, "Give me", tokenizer)
+        expected = train_model_fast(model, train_loader, val_loader, optimizer, "cpu", 1,
+                                    EVAL_FREQ, EVAL_ITER, "Give me", tokenizer)
 
     model2, optimizer2, train_loader2, val_loader2 = build(instruction_data, tokenizer, shuffle=False)
     run = TrainingRun(model2, optimizer2, train_loader2, val_loader2, "cpu", seed=SEED, progress=False)
@@ -229,3 +230,15 @@ def test_same_losses_and_printed_lines_as_train_model_simple(instruction_data, t
     assert losses == expected
     assert out2.getvalue() == out.getvalue()
     assert_same_weights(model2, weights(model))
+
+
+def test_losses_equal_the_books_train_model_simple_within_float_rounding(instruction_data, tokenizer):
+    model, optimizer, train_loader, val_loader = build(instruction_data, tokenizer, shuffle=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = train_model_simple(model, train_loader, val_loader, optimizer, "cpu", 1,
+                                      EVAL_FREQ, EVAL_ITER, None, None)
+    model2, optimizer2, train_loader2, val_loader2 = build(instruction_data, tokenizer, shuffle=False)
+    run = TrainingRun(model2, optimizer2, train_loader2, val_loader2, "cpu", seed=SEED, progress=False)
+    losses, _ = train(run)  # two epochs: the first equals the book's one epoch
+    for mine, books in zip(losses, expected, strict=True):
+        assert mine[:len(books)] == pytest.approx(books, rel=1e-5)
