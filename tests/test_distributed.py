@@ -1,0 +1,150 @@
+"""distributed.py: two real processes under torchrun (gloo, CPU) give one process's numbers.
+
+tests/ddp_script.py trains a tiny GPT for 3 steps on rows of lengths 2 to 24, so the two
+processes' token counts differ in every batch, then evaluates and generates. It runs once
+under `torchrun --nproc_per_node=2` and once under plain python (no torchrun: the single
+process path), side by side, and the tests compare what they wrote.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import DistributedError, ProcessGroup, SingleProcess, init_processes, torchrun_env
+
+SCRIPT = Path(__file__).resolve().parent / "ddp_script.py"
+STRATEGIES = ("ddp", "fsdp")
+
+
+def script_command(out_dir, *args, nproc=None):
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                                          "--standalone"]
+    return [sys.executable, *launcher, str(SCRIPT), str(out_dir), *args]
+
+
+def start(command):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=240):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{1: results of one process, 2: results of two}, both with DDP and FSDP."""
+    dirs = {n: tmp_path_factory.mktemp(f"nproc{n}") for n in (1, 2)}
+    args = ("--strategies", ",".join(STRATEGIES))
+    processes = {1: start(script_command(dirs[1], *args)),
+                 2: start(script_command(dirs[2], *args, nproc=2))}
+    for process in processes.values():
+        finish(process)
+    return {n: {"dir": dirs[n], **json.loads((dirs[n] / "result.json").read_text())} for n in dirs}
+
+
+@pytest.mark.slow
+def test_two_processes_ran(runs):
+    assert runs[1]["world_size"] == 1
+    assert runs[2]["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_losses_per_step_equal_one_process(runs, strategy):
+    one, two = runs[1][strategy]["losses"], runs[2][strategy]["losses"]
+    assert len(one) == len(two) == 3
+    assert two == pytest.approx(one, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_token_weighting_is_what_makes_them_equal(runs):
+    """The mean of the two processes' own mean losses (what plain averaging optimises) is not
+    the global batch's loss here: the rows' token counts differ between the processes."""
+    one, two = runs[1]["ddp"], runs[2]["ddp"]
+    assert one["naive_losses"] == one["losses"]  # one process: one mean
+    for naive, weighted in zip(two["naive_losses"], two["losses"], strict=True):
+        assert abs(naive - weighted) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_final_weights_equal_one_process(runs, strategy):
+    one = torch.load(runs[1]["dir"] / f"{strategy}.pth", weights_only=True)
+    two = torch.load(runs[2]["dir"] / f"{strategy}.pth", weights_only=True)
+    assert one.keys() == two.keys()
+    initial_distance = 0.0
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+        initial_distance += float((one[name].float() - one[name].float().mean()).abs().sum())
+    assert initial_distance > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_evaluation_losses_equal_one_process(runs, strategy):
+    """Batches of 3, 3 and 1 rows over 2 processes: shares of 2 and 1 rows, and one empty."""
+    assert runs[2][strategy]["eval_losses"] == pytest.approx(runs[1][strategy]["eval_losses"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_answers_gathered_in_order(runs, strategy):
+    answers = runs[2][strategy]["answers"]
+    assert answers == runs[1][strategy]["answers"]
+    assert len(answers) == 5 and len({tuple(a) for a in answers}) > 1  # not all alike
+
+
+@pytest.mark.slow
+def test_one_process_failing_stops_the_job_with_its_error(tmp_path):
+    """Process 1 raises before step 1's backward while process 0 waits for it in the loss's
+    all-reduce (whose timeout is 10 minutes): torchrun ends both, at once, with the error."""
+    began = time.monotonic()
+    process = start(script_command(tmp_path, "--fail-rank", "1", "--fail-at-step", "1", nproc=2))
+    output, _ = process.communicate(timeout=180)
+    elapsed = time.monotonic() - began
+    assert process.returncode != 0
+    assert "error (process 1 of 2): process 1 failed on purpose at step 1" in output
+    assert elapsed < 90, f"took {elapsed:.0f} s"
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_batch_that_does_not_divide_is_refused():
+    group = ProcessGroup(rank=1, local_rank=1, world_size=4, device="cpu")
+    group.check_batch_size(8)
+    with pytest.raises(DistributedError, match=r"--batch-size 6 is the global batch, shared by 4 "
+                                               r"processes, and does not divide by 4: use a multiple "
+                                               r"of 4 \(e.g. 4\)"):
+        group.check_batch_size(6)
+    SingleProcess().check_batch_size(7)
+
+
+def test_share_takes_every_world_size_th_row():
+    group = ProcessGroup(rank=1, local_rank=0, world_size=3, device="cpu")
+    assert group.share([10, 11, 12, 13, 14, 15, 16]) == [11, 14]
+    assert group.share(torch.arange(7)).tolist() == [1, 4]
+    assert not group.is_main and ProcessGroup(0, 0, 3, "cpu").is_main
+
+
+def test_torchrun_environment():
+    assert torchrun_env({}) is None
+    assert torchrun_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == (3, 1, 4)
+    with pytest.raises(DistributedError, match="start several processes with torchrun"):
+        torchrun_env({"WORLD_SIZE": "4", "RANK": "x", "LOCAL_RANK": "0"})
+
+
+def test_without_torchrun_nothing_changes():
+    group = init_processes(device="cpu", environ={})
+    assert type(group) is SingleProcess and group.world_size == 1 and group.is_main
+    loss_sum, count = torch.tensor(6.0, requires_grad=True), torch.tensor(4)
+    assert group.backward_loss(loss_sum, count).item() == 1.5
+    assert group.count(7) == 7 and group.any(True) and not group.any(False)
+    assert group.map_in_order(lambda items: [x * 2 for x in items], [1, 2, 3]) == [2, 4, 6]
