@@ -99,8 +99,8 @@ class SingleProcess:
     def loss_sum_and_count(self, input_batch, target_batch, model, device):
         """(sum of this process's token losses, their count), through DDP's forward when
         training under DDP (that forward prepares the gradient all-reduce)."""
-        forward = self._train_forward if model is self.model and model.training else _TokenLoss(model)
-        return forward(input_batch, target_batch, device)
+        training = torch.is_grad_enabled() and self._train_forward is not None and model is self.model
+        return (self._train_forward if training else _TokenLoss(model))(input_batch, target_batch, device)
 
     def backward_loss(self, loss_sum, n_counted):
         """The loss to backpropagate: calc_loss_batch's mean over the counted tokens."""
@@ -111,9 +111,10 @@ class SingleProcess:
         """float64 sums over the processes of scalars (tensors or numbers), in one all-reduce."""
         return tuple(torch.tensor([float(v) for v in values], dtype=torch.float64))
 
-    def count(self, n):
-        """An int summed over processes (tokens seen)."""
-        return n
+    def padded_tokens(self, input_batch):
+        """input_batch.numel() of the global batch (the book's "tokens seen"): this process's
+        rows, padded to the longest row of all processes."""
+        return input_batch.numel()
 
     def any(self, flag):
         """True when `flag` is true on any process (e.g. Ctrl-C seen by one of them)."""
@@ -190,6 +191,12 @@ class ProcessGroup(SingleProcess):
             self._train_forward = _TokenLoss(model, through_modules=True)
         return model
 
+    def loss_sum_and_count(self, input_batch, target_batch, model, device):
+        if torch.is_grad_enabled() and model is not self.model:
+            raise DistributedError("Training under torchrun needs prepare_model(model) first: "
+                                   "without it the processes' gradients are never averaged.")
+        return super().loss_sum_and_count(input_batch, target_batch, model, device)
+
     def backward_loss(self, loss_sum, n_counted):
         """loss_sum * world_size / (the count summed over processes): after DDP averages the
         gradients over the processes, the update is that of the global batch's mean loss."""
@@ -205,8 +212,12 @@ class ProcessGroup(SingleProcess):
         dist.all_reduce(totals)
         return tuple(totals.cpu())
 
-    def count(self, n):
-        return int(self.sum_over_processes(n)[0])
+    def padded_tokens(self, input_batch):
+        import torch.distributed as dist
+
+        longest = torch.tensor(input_batch.shape[1], device=self.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        return input_batch.shape[0] * self.world_size * int(longest)
 
     def any(self, flag):
         return bool(self.sum_over_processes(bool(flag))[0])

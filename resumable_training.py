@@ -43,6 +43,7 @@ from checkpoints import (
     restore,
     save_checkpoint,
 )
+from distributed import SingleProcess
 from precision import resolve_precision
 from run_record import MetricsLog
 
@@ -52,28 +53,6 @@ def epoch_order(n_items, seed, epoch):
     seed + epoch (as torch's DistributedSampler does), the same on every run and process."""
     generator = torch.Generator().manual_seed(seed + epoch)
     return torch.randperm(n_items, generator=generator).tolist()
-
-
-class SingleProcess:
-    """How the loop runs in one process. DistributedDataParallel (issue 15) passes an object
-    with the same attributes and methods instead; nothing else in the loop changes."""
-
-    rank, world_size, is_main = 0, 1, True
-
-    def share(self, batch_indices):
-        """This process's part of the global batch. DDP: batch_indices[rank::world_size]."""
-        return batch_indices
-
-    def backward_loss(self, loss_sum, n_counted):
-        """The loss to backpropagate from this process's (sum of token losses, number of
-        counted targets). One process: their mean, calc_loss_batch's loss. DDP, which averages
-        gradients over ranks: loss_sum * world_size / (n_counted all-reduced over ranks), so
-        the update is that of the global batch's mean over its tokens."""
-        return loss_sum / n_counted
-
-    def count(self, n):
-        """An int summed over processes (tokens seen). One process: n."""
-        return n
 
 
 @dataclass
@@ -194,6 +173,7 @@ class TrainingRun:
             save_checkpoint(path, self.model, self.optimizer, self.state.progress(),
                             self.state.metrics, plan.identity, self.scaler)
             prune_checkpoints(plan.folder, plan.stem, plan.keep)
+        self.distributed.barrier()  # the file is whole before any process goes on
         self.last_checkpoint = path
         return path
 
@@ -230,14 +210,12 @@ class TrainingRun:
         return list(range(n_items))
 
     def _train_step(self, batch_indices):
-        from fast_gpt import loss_sum_and_count
-
         dataset, collate = self.train_loader.dataset, self.train_loader.collate_fn
         input_batch, target_batch = collate([dataset[i] for i in self.distributed.share(batch_indices)])
         self.optimizer.zero_grad()
         with self.precision.autocast():
-            loss = self.distributed.backward_loss(
-                *loss_sum_and_count(input_batch, target_batch, self.model, self.device))
+            loss = self.distributed.backward_loss(*self.distributed.loss_sum_and_count(
+                input_batch, target_batch, self.model, self.device))
         if self.scaler is None:
             loss.backward()
             self.optimizer.step()
@@ -245,15 +223,13 @@ class TrainingRun:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.state.tokens_seen += self.distributed.count(input_batch.numel())
+        self.state.tokens_seen += self.distributed.padded_tokens(input_batch)
 
     def _evaluate(self, eval_iter):
         """evaluate_model's (train loss, val loss), in this run's precision."""
-        from fast_gpt import calc_loss_loader_fast
-
         self.model.eval()
         with torch.inference_mode(), self.precision.autocast():
-            losses = tuple(calc_loss_loader_fast(loader, self.model, self.device, eval_iter)
+            losses = tuple(self.distributed.calc_loss_loader(loader, self.model, self.device, eval_iter)
                            for loader in (self.train_loader, self.val_loader))
         self.model.train()
         return losses
@@ -292,10 +268,12 @@ class TrainingRun:
                     order = self._epoch_order(state.epoch)
                     self.model.train()
                     while state.position < n_batches:
-                        if ctrl_c.requested or (max_steps is not None and state.step >= max_steps):
+                        # Under torchrun, every process stops at the same step.
+                        interrupted = self.distributed.any(ctrl_c.requested)
+                        if interrupted or (max_steps is not None and state.step >= max_steps):
                             state.wall_seconds = time.perf_counter() - clock
                             saved = self.save() if plan is not None else None
-                            if ctrl_c.requested:
+                            if interrupted:
                                 raise TrainingInterrupted(state.step, saved)
                             return state.losses()
                         start = state.position * batch_size
@@ -315,9 +293,10 @@ class TrainingRun:
                         if plan is not None and plan.save_every and state.step % plan.save_every == 0:
                             state.wall_seconds = time.perf_counter() - clock
                             self.save()
-                    if start_context is not None and self.is_main:
-                        with tqdm.external_write_mode():
-                            print_sample(self.model, tokenizer, self.device, start_context)
+                    if start_context is not None:
+                        with self.distributed.full_weights(self.model), tqdm.external_write_mode():
+                            if self.is_main:
+                                print_sample(self.model, tokenizer, self.device, start_context)
                     state.epoch += 1
                     state.position = 0
             except KeyboardInterrupt as e:

@@ -2,13 +2,16 @@
 under `torchrun --nproc_per_node=2` (real processes, gloo) and under plain python (one process).
 
     python tests/ddp_script.py OUT_DIR [--strategies ddp,fsdp] [--batch-size 4]
+                               [--trainer full,stop,resume --checkpoints DIR]
                                [--fail-rank R --fail-at-step K]
 
 Rows have very different lengths, so the processes' token counts differ in every batch. Rank 0
 writes OUT_DIR/result.json: per strategy, the global batch loss of each step (`losses`), the
 mean of the processes' own mean losses (`naive_losses`, what plain DDP averaging would
 optimise), the evaluation losses, the generated answers (in order) and OUT_DIR/<strategy>.pth,
-the final weights. `--fail-rank` makes that process raise before step K's backward.
+the final weights. `--trainer` runs resumable_training.TrainingRun the same way: to the end
+("full"), stopped after 2 steps with a checkpoint ("stop"), or resumed from it ("resume").
+`--fail-rank` makes that process raise before step K's backward.
 """
 
 import argparse
@@ -43,12 +46,11 @@ def train(group, strategy, batch_size, fail_rank, fail_at_step):
     from torch.utils.data import DataLoader
 
     from fast_gpt import generate_answer_ids
-    from gpt_instruction_finetuning import custom_collate_fn
     from previous_chapters import GPTModel
     from resumable_training import epoch_order
 
     device = group.device or torch.device("cpu")
-    collate = partial(custom_collate_fn, pad_token_id=PAD, device=device)
+    collate = partial(custom_collate_fn(), pad_token_id=PAD, device=device)
     rows = make_rows()
     torch.manual_seed(SEED)
     model = GPTModel(CFG).to(device)
@@ -84,10 +86,47 @@ def train(group, strategy, batch_size, fail_rank, fail_at_step):
             "answers": answers}, state
 
 
+def train_with_trainer(group, out_dir, checkpoints, scenario):
+    """resumable_training.TrainingRun for 2 epochs of 3 steps: "full", "stop" (after 2 steps,
+    with a checkpoint in `checkpoints`) or "resume" (the newest checkpoint there, to the end)."""
+    from torch.utils.data import DataLoader
+
+    from previous_chapters import GPTModel
+    from resumable_training import CheckpointPlan, TrainingRun
+
+    device = group.device or torch.device("cpu")
+    collate = partial(custom_collate_fn(), pad_token_id=PAD, device=device)
+    rows = make_rows()
+    torch.manual_seed(SEED)
+    model = GPTModel(CFG).to(device)
+    group.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train_loader = DataLoader(rows, batch_size=4, shuffle=True, drop_last=True, collate_fn=collate)
+    val_loader = DataLoader(rows[:7], batch_size=3, collate_fn=collate)
+    run = TrainingRun(model, optimizer, train_loader, val_loader, device, seed=SEED,
+                      checkpoints=CheckpointPlan(checkpoints, "tiny", {"model_config": CFG}),
+                      distributed=group, progress=False)
+    if scenario == "resume":
+        run.resume()
+    train_losses, val_losses, tokens_seen = run.train(num_epochs=2, eval_freq=2, eval_iter=2,
+                                                      start_context=None, tokenizer=None,
+                                                      max_steps=2 if scenario == "stop" else None)
+    return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
+            "steps": run.state.step}, group.full_state_dict(model)
+
+
+def custom_collate_fn():
+    from gpt_instruction_finetuning import custom_collate_fn
+
+    return custom_collate_fn
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--strategies", default="ddp")
+    parser.add_argument("--strategies", default="", help="e.g. ddp,fsdp: train() with each")
+    parser.add_argument("--trainer", default="", help="e.g. full,stop: train_with_trainer() runs")
+    parser.add_argument("--checkpoints", type=Path, help="the trainer's checkpoint folder")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-at-step", type=int, default=0)
@@ -97,11 +136,15 @@ def main(argv=None):
         try:
             group.check_batch_size(args.batch_size)
             results = {"world_size": group.world_size}
-            for strategy in args.strategies.split(","):
-                results[strategy], state = train(group, strategy, args.batch_size, args.fail_rank,
-                                                 args.fail_at_step)
+            runs = [(name, partial(train, group, name, args.batch_size, args.fail_rank,
+                                   args.fail_at_step)) for name in args.strategies.split(",") if name]
+            runs += [(f"trainer_{name}", partial(train_with_trainer, group, args.out_dir,
+                                                  args.checkpoints, name))
+                     for name in args.trainer.split(",") if name]
+            for name, run in runs:
+                results[name], state = run()
                 if group.is_main:
-                    torch.save(state, args.out_dir / f"{strategy}.pth")
+                    torch.save(state, args.out_dir / f"{name}.pth")
         except (DistributedError, RuntimeError) as e:
             report_error(group, e)
             return 2 if isinstance(e, DistributedError) else 1

@@ -8,6 +8,7 @@ process path), side by side, and the tests compare what they wrote.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,16 +40,44 @@ def finish(process, timeout=240):
     return output
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{1: results of one process, 2: results of two}, both with DDP and FSDP."""
-    dirs = {n: tmp_path_factory.mktemp(f"nproc{n}") for n in (1, 2)}
-    args = ("--strategies", ",".join(STRATEGIES))
-    processes = {1: start(script_command(dirs[1], *args)),
-                 2: start(script_command(dirs[2], *args, nproc=2))}
+def run_side_by_side(commands):
+    """Run {key: (out_dir, command)} at the same time; {key: result.json's dict, with "dir"}."""
+    processes = {key: start(command) for key, (_, command) in commands.items()}
     for process in processes.values():
         finish(process)
-    return {n: {"dir": dirs[n], **json.loads((dirs[n] / "result.json").read_text())} for n in dirs}
+    return {key: {"dir": out_dir, **json.loads((out_dir / "result.json").read_text())}
+            for key, (out_dir, _) in commands.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{1: results of one process, 2: results of two}: DDP, FSDP, and TrainingRun to the end;
+    the two processes also stop a TrainingRun after 2 steps with a checkpoint."""
+    dirs = {n: tmp_path_factory.mktemp(f"nproc{n}") for n in (1, 2)}
+    args = ("--strategies", ",".join(STRATEGIES))
+    return run_side_by_side({
+        1: (dirs[1], script_command(dirs[1], *args, "--trainer", "full")),
+        2: (dirs[2], script_command(dirs[2], *args, "--trainer", "full,stop", "--checkpoints",
+                                    dirs[2] / "checkpoints", nproc=2))})
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, tmp_path_factory):
+    """The checkpoint the two processes stopped with, resumed by 1 and by 2 processes."""
+    commands = {}
+    for n in (1, 2):
+        out_dir = tmp_path_factory.mktemp(f"resumed{n}")
+        shutil.copytree(runs[2]["dir"] / "checkpoints", out_dir / "checkpoints")
+        commands[n] = (out_dir, script_command(out_dir, "--trainer", "resume", "--checkpoints",
+                                               out_dir / "checkpoints", nproc=2 if n == 2 else None))
+    return run_side_by_side(commands)
+
+
+def assert_same_weights(path, reference):
+    weights, expected = torch.load(path, weights_only=True), torch.load(reference, weights_only=True)
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -78,14 +107,7 @@ def test_token_weighting_is_what_makes_them_equal(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_final_weights_equal_one_process(runs, strategy):
-    one = torch.load(runs[1]["dir"] / f"{strategy}.pth", weights_only=True)
-    two = torch.load(runs[2]["dir"] / f"{strategy}.pth", weights_only=True)
-    assert one.keys() == two.keys()
-    initial_distance = 0.0
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
-        initial_distance += float((one[name].float() - one[name].float().mean()).abs().sum())
-    assert initial_distance > 0
+    assert_same_weights(runs[2]["dir"] / f"{strategy}.pth", runs[1]["dir"] / f"{strategy}.pth")
 
 
 @pytest.mark.slow
@@ -104,11 +126,36 @@ def test_answers_gathered_in_order(runs, strategy):
 
 
 @pytest.mark.slow
+def test_training_run_equals_one_process(runs):
+    """resumable_training.TrainingRun under torchrun: the printed losses, tokens seen (the
+    global batch's padded size) and final weights of one process."""
+    one, two = runs[1]["trainer_full"], runs[2]["trainer_full"]
+    assert one["steps"] == two["steps"] == 6
+    assert two["tokens_seen"] == one["tokens_seen"]
+    for key in ("train_losses", "val_losses"):
+        assert len(one[key]) == 3 and two[key] == pytest.approx(one[key], rel=1e-6)
+    assert_same_weights(runs[2]["dir"] / "trainer_full.pth", runs[1]["dir"] / "trainer_full.pth")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_stopped_under_two_processes_resumes_under(resumed, runs, nproc):
+    assert runs[2]["trainer_stop"]["steps"] == 2
+    full, result = runs[1]["trainer_full"], resumed[nproc]["trainer_resume"]
+    assert result["steps"] == 6 and result["tokens_seen"] == full["tokens_seen"]
+    for key in ("train_losses", "val_losses"):
+        assert result[key] == pytest.approx(full[key], rel=1e-6)
+    assert_same_weights(resumed[nproc]["dir"] / "trainer_resume.pth",
+                        runs[1]["dir"] / "trainer_full.pth")
+
+
+@pytest.mark.slow
 def test_one_process_failing_stops_the_job_with_its_error(tmp_path):
     """Process 1 raises before step 1's backward while process 0 waits for it in the loss's
     all-reduce (whose timeout is 10 minutes): torchrun ends both, at once, with the error."""
     began = time.monotonic()
-    process = start(script_command(tmp_path, "--fail-rank", "1", "--fail-at-step", "1", nproc=2))
+    process = start(script_command(tmp_path, "--strategies", "ddp", "--fail-rank", "1",
+                                   "--fail-at-step", "1", nproc=2))
     output, _ = process.communicate(timeout=180)
     elapsed = time.monotonic() - began
     assert process.returncode != 0
@@ -146,5 +193,5 @@ def test_without_torchrun_nothing_changes():
     assert type(group) is SingleProcess and group.world_size == 1 and group.is_main
     loss_sum, count = torch.tensor(6.0, requires_grad=True), torch.tensor(4)
     assert group.backward_loss(loss_sum, count).item() == 1.5
-    assert group.count(7) == 7 and group.any(True) and not group.any(False)
+    assert group.padded_tokens(torch.zeros(3, 5)) == 15 and group.any(True) and not group.any(False)
     assert group.map_in_order(lambda items: [x * 2 for x in items], [1, 2, 3]) == [2, 4, 6]
