@@ -141,6 +141,13 @@ class SingleProcess:
         """The model's whole state dict on the main process (None elsewhere, under FSDP)."""
         return model.state_dict()
 
+    def checkpoint_view(self, model, optimizer, gather=True):
+        """(model, optimizer) as checkpoints.py saves and restores them: themselves here. Under
+        FSDP, stand-ins over whole state dicts in the plain layout (gathered from the shards
+        when `gather`, a collective), so a checkpoint resumes with any strategy and number
+        of processes."""
+        return model, optimizer
+
     def barrier(self):
         """Wait until every process gets here."""
 
@@ -274,6 +281,36 @@ class ProcessGroup(SingleProcess):
                                                                       cpu_offload=True))
         return state if self.is_main else None
 
+    def checkpoint_view(self, model, optimizer, gather=True):
+        if self.strategy != "fsdp" or model is not self.model:
+            return model, optimizer
+        from torch.distributed.checkpoint import state_dict as dcp
+
+        options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        names = _parameter_names(model, optimizer)  # the plain optimizer's ids are their indices
+        index = {name: i for i, name in enumerate(names)}
+
+        def load_model(state):
+            dcp.set_model_state_dict(model, state, options=dcp.StateDictOptions(full_state_dict=True))
+
+        def load_optimizer(state):
+            by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+                       "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                        for group in state["param_groups"]]}
+            dcp.set_optimizer_state_dict(model, optimizer, by_name,
+                                         options=dcp.StateDictOptions(full_state_dict=True))
+
+        model_state = optimizer_state = None
+        if gather:
+            model_state = dcp.get_model_state_dict(model, options=options)
+            by_name = dcp.get_optimizer_state_dict(model, optimizer, options=options)
+            if self.is_main:
+                optimizer_state = {
+                    "state": {index[name]: value for name, value in by_name["state"].items()},
+                    "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                                     for group in by_name["param_groups"]]}
+        return _WholeState(model_state, load_model), _WholeState(optimizer_state, load_optimizer)
+
     def barrier(self):
         import torch.distributed as dist
 
@@ -284,6 +321,25 @@ class ProcessGroup(SingleProcess):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _parameter_names(model, optimizer):
+    """The names of the optimizer's parameters, in the order its state dict numbers them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+class _WholeState:
+    """The two methods checkpoints.py calls on a model or optimizer, over a whole state dict."""
+
+    def __init__(self, state, load):
+        self.state, self.load = state, load
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.load(state)
 
 
 class _TokenLoss(nn.Module):

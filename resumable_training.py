@@ -169,8 +169,9 @@ class TrainingRun:
         if plan is None:
             raise CheckpointError("This run has no CheckpointPlan: nowhere to save.")
         path = checkpoint_path(plan.folder, plan.stem, self.state.step)
+        model, optimizer = self.distributed.checkpoint_view(self.model, self.optimizer)
         if self.is_main:
-            save_checkpoint(path, self.model, self.optimizer, self.state.progress(),
+            save_checkpoint(path, model, optimizer, self.state.progress(),
                             self.state.metrics, plan.identity, self.scaler)
             prune_checkpoints(plan.folder, plan.stem, plan.keep)
         self.distributed.barrier()  # the file is whole before any process goes on
@@ -186,7 +187,8 @@ class TrainingRun:
         path = newest_checkpoint(plan.folder, plan.stem) if path is None else Path(path)
         checkpoint = load_checkpoint(path)
         check_identity(checkpoint, plan.identity, path)
-        restore(checkpoint, self.model, self.optimizer, self.scaler)
+        restore(checkpoint, *self.distributed.checkpoint_view(self.model, self.optimizer, gather=False),
+                self.scaler)
         self.state = TrainState(**checkpoint["progress"], metrics=checkpoint["metrics"])
         self.resumed_from = self.last_checkpoint = path
         if self.is_main:

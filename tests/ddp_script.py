@@ -88,7 +88,10 @@ def train(group, strategy, batch_size, fail_rank, fail_at_step):
 
 def train_with_trainer(group, out_dir, checkpoints, scenario):
     """resumable_training.TrainingRun for 2 epochs of 3 steps: "full", "stop" (after 2 steps,
-    with a checkpoint in `checkpoints`) or "resume" (the newest checkpoint there, to the end)."""
+    with a checkpoint in checkpoints/ddp) or "resume" (the newest checkpoint there, to the
+    end); "fsdp-full", "fsdp-stop" and "fsdp-resume" the same with FSDP (checkpoints/fsdp)."""
+    strategy, _, scenario = scenario.rpartition("-")
+    strategy = strategy or "ddp"
     from torch.utils.data import DataLoader
 
     from previous_chapters import GPTModel
@@ -99,12 +102,12 @@ def train_with_trainer(group, out_dir, checkpoints, scenario):
     rows = make_rows()
     torch.manual_seed(SEED)
     model = GPTModel(CFG).to(device)
-    group.prepare_model(model)
+    group.prepare_model(model, strategy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     train_loader = DataLoader(rows, batch_size=4, shuffle=True, drop_last=True, collate_fn=collate)
     val_loader = DataLoader(rows[:7], batch_size=3, collate_fn=collate)
     run = TrainingRun(model, optimizer, train_loader, val_loader, device, seed=SEED,
-                      checkpoints=CheckpointPlan(checkpoints, "tiny", {"model_config": CFG}),
+                      checkpoints=CheckpointPlan(checkpoints / strategy, "tiny", {"model_config": CFG}),
                       distributed=group, progress=False)
     if scenario == "resume":
         run.resume()
@@ -126,11 +129,13 @@ def main(argv=None):
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--strategies", default="", help="e.g. ddp,fsdp: train() with each")
     parser.add_argument("--trainer", default="", help="e.g. full,stop: train_with_trainer() runs")
-    parser.add_argument("--checkpoints", type=Path, help="the trainer's checkpoint folder")
+    parser.add_argument("--checkpoints", type=Path, help="the trainer's checkpoint folder "
+                                                         "(default: OUT_DIR/checkpoints)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--fail-at-step", type=int, default=0)
     args = parser.parse_args(argv)
+    args.checkpoints = args.checkpoints or args.out_dir / "checkpoints"
     torch.set_num_threads(1)
     with processes(device="cpu") as group:
         try:
@@ -138,8 +143,8 @@ def main(argv=None):
             results = {"world_size": group.world_size}
             runs = [(name, partial(train, group, name, args.batch_size, args.fail_rank,
                                    args.fail_at_step)) for name in args.strategies.split(",") if name]
-            runs += [(f"trainer_{name}", partial(train_with_trainer, group, args.out_dir,
-                                                  args.checkpoints, name))
+            runs += [("trainer_" + name.replace("-", "_"),
+                      partial(train_with_trainer, group, args.out_dir, args.checkpoints, name))
                      for name in args.trainer.split(",") if name]
             for name, run in runs:
                 results[name], state = run()

@@ -57,8 +57,8 @@ def runs(tmp_path_factory):
     args = ("--strategies", ",".join(STRATEGIES))
     return run_side_by_side({
         1: (dirs[1], script_command(dirs[1], *args, "--trainer", "full")),
-        2: (dirs[2], script_command(dirs[2], *args, "--trainer", "full,stop", "--checkpoints",
-                                    dirs[2] / "checkpoints", nproc=2))})
+        2: (dirs[2], script_command(dirs[2], *args, "--trainer", "full,stop,fsdp-full,fsdp-stop",
+                                    nproc=2))})
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def resumed(runs, tmp_path_factory):
     for n in (1, 2):
         out_dir = tmp_path_factory.mktemp(f"resumed{n}")
         shutil.copytree(runs[2]["dir"] / "checkpoints", out_dir / "checkpoints")
-        commands[n] = (out_dir, script_command(out_dir, "--trainer", "resume", "--checkpoints",
-                                               out_dir / "checkpoints", nproc=2 if n == 2 else None))
+        commands[n] = (out_dir, script_command(out_dir, "--trainer", "resume,fsdp-resume",
+                                               nproc=2 if n == 2 else None))
     return run_side_by_side(commands)
 
 
@@ -126,27 +126,32 @@ def test_answers_gathered_in_order(runs, strategy):
 
 
 @pytest.mark.slow
-def test_training_run_equals_one_process(runs):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_training_run_equals_one_process(runs, strategy):
     """resumable_training.TrainingRun under torchrun: the printed losses, tokens seen (the
     global batch's padded size) and final weights of one process."""
-    one, two = runs[1]["trainer_full"], runs[2]["trainer_full"]
+    name = "trainer_full" if strategy == "ddp" else "trainer_fsdp_full"
+    one, two = runs[1]["trainer_full"], runs[2][name]
     assert one["steps"] == two["steps"] == 6
     assert two["tokens_seen"] == one["tokens_seen"]
     for key in ("train_losses", "val_losses"):
         assert len(one[key]) == 3 and two[key] == pytest.approx(one[key], rel=1e-6)
-    assert_same_weights(runs[2]["dir"] / "trainer_full.pth", runs[1]["dir"] / "trainer_full.pth")
+    assert_same_weights(runs[2]["dir"] / f"{name}.pth", runs[1]["dir"] / "trainer_full.pth")
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_stopped_under_two_processes_resumes_under(resumed, runs, nproc):
-    assert runs[2]["trainer_stop"]["steps"] == 2
-    full, result = runs[1]["trainer_full"], resumed[nproc]["trainer_resume"]
+def test_stopped_under_two_processes_resumes_under(resumed, runs, nproc, strategy):
+    """Stopped after 2 of 6 steps by 2 processes (FSDP: a checkpoint gathered from the
+    shards), resumed by 1 or 2: the uninterrupted run's losses and weights."""
+    name = "trainer_resume" if strategy == "ddp" else "trainer_fsdp_resume"
+    assert runs[2][name.replace("resume", "stop")]["steps"] == 2
+    full, result = runs[1]["trainer_full"], resumed[nproc][name]
     assert result["steps"] == 6 and result["tokens_seen"] == full["tokens_seen"]
     for key in ("train_losses", "val_losses"):
         assert result[key] == pytest.approx(full[key], rel=1e-6)
-    assert_same_weights(resumed[nproc]["dir"] / "trainer_resume.pth",
-                        runs[1]["dir"] / "trainer_full.pth")
+    assert_same_weights(resumed[nproc]["dir"] / f"{name}.pth", runs[1]["dir"] / "trainer_full.pth")
 
 
 @pytest.mark.slow
