@@ -272,6 +272,7 @@ class TrainingRun:
 
         Ctrl-C stops after the current step, saves a checkpoint and raises TrainingInterrupted.
         `max_steps` stops the same way without an exception (a checkpoint is saved when planned).
+        With `save_every`, the finished run is checkpointed too.
         """
         from tqdm import tqdm
 
@@ -328,4 +329,6 @@ class TrainingRun:
                 raise
         state.wall_seconds = time.perf_counter() - clock
         self.finished = True
+        if plan is not None and plan.save_every and state.step % plan.save_every:
+            self.save()  # the trained state, for a Ctrl-C in what follows (e.g. the answers)
         return state.losses()
