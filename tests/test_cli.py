@@ -3,7 +3,6 @@ and `python gpt_instruction_finetuning.py` in a subprocess."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -157,30 +156,6 @@ def test_long_entries_are_truncated_with_a_warning(tmp_path, small_data, capsys)
     # Another dataset than the chapter's: its name goes into the outputs' names.
     assert result["paths"]["model"].name == "gpt2-medium355M-sft-long-test.pth"
     assert result["paths"]["responses"].name == "instruction-data-with-response-long-test.json"
-
-
-def test_ctrl_c_during_training_saves_a_checkpoint_and_says_how_to_resume(tmp_path, small_data):
-    out_dir = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-u", str(SCRIPT), "--test_mode", "--data", str(small_data),
-         "--epochs", "10000", "--output-dir", str(out_dir)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:  # wait until training has started
-            if line.startswith("Ep 1 (Step"):
-                break
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130
-    assert "stopping after this step to save a checkpoint" in stderr
-    checkpoints = list((out_dir / "checkpoints").iterdir())
-    assert len(checkpoints) == 1 and checkpoints[0].name.startswith("gpt2-medium355M-sft-data-test-step")
-    assert f"--resume {checkpoints[0]}" in stderr and "run the same command with --resume" in stderr
-    assert "Traceback" not in stderr
-    assert sorted(p.name for p in out_dir.iterdir()) == [  # no model: training did not finish
-        "checkpoints", "gpt2-medium355M-sft-data-test.metrics.jsonl"]
 
 
 def test_write_atomically_keeps_old_file_when_writing_fails(tmp_path):

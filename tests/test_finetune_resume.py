@@ -143,10 +143,14 @@ def test_real_sigint_to_the_command_then_resume_equals_the_uninterrupted_run(uni
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
+    assert "stopping after this step to save a checkpoint" in stderr
     (checkpoint,) = (tmp_path / "checkpoints").iterdir()
-    assert f"--resume {checkpoint}" in stderr and "Traceback" not in stderr
+    assert f"--resume {checkpoint}" in stderr and "run the same command with --resume" in stderr
+    assert "Traceback" not in stderr
     step = int(checkpoint.stem.rsplit("step", 1)[1])
     assert 3 <= step < 15  # stopped after a whole step, before the end
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no model: training did not finish
+        "checkpoints", f"{STEM}.metrics.jsonl"]
 
     proc = subprocess.run(command(data_file, tmp_path, "--resume"), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=one_thread_env())
