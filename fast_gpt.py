@@ -416,29 +416,30 @@ def train_model_fast(model, train_loader, val_loader, optimizer, device, num_epo
     Returns train_losses, val_losses, tokens_seen. `start_context=None` skips the per-epoch
     sample. Pass it `make_optimizer(...)` for a fused AdamW where PyTorch has one.
     """
-    train_losses, val_losses, track_tokens_seen = [], [], []
+    history = ([], [], [])  # train losses, validation losses, tokens seen
     tokens_seen, global_step = 0, -1
-
     for epoch in range(num_epochs):
         model.train()
         for input_batch, target_batch in train_loader:
             train_step(model, optimizer, input_batch, target_batch, device)
             tokens_seen += input_batch.numel()
             global_step += 1
-
             if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model_fast(
-                    model, train_loader, val_loader, device, eval_iter)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(tokens_seen)
-                print(f"Ep {epoch+1} (Step {global_step:06d}): "
-                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-
+                losses = evaluate_and_report(model, train_loader, val_loader, device, eval_iter,
+                                             epoch, global_step)
+                for values, value in zip(history, (*losses, tokens_seen), strict=True):
+                    values.append(value)
         if start_context is not None:
             print_sample(model, tokenizer, device, start_context)
+    return history
 
-    return train_losses, val_losses, track_tokens_seen
+
+def evaluate_and_report(model, train_loader, val_loader, device, eval_iter, epoch, global_step):
+    """evaluate_model_fast, printed as train_model_simple prints it; returns both losses."""
+    train_loss, val_loss = evaluate_model_fast(model, train_loader, val_loader, device, eval_iter)
+    print(f"Ep {epoch+1} (Step {global_step:06d}): "
+          f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+    return train_loss, val_loss
 
 
 def make_optimizer(model, lr, weight_decay):

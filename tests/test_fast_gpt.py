@@ -16,13 +16,13 @@ from contextlib import redirect_stdout
 import book_reference as book
 import pytest
 import torch
+from test_previous_chapters import VOCAB, first_steps, random_prompts
 from torch.utils.data import DataLoader
 
 import fast_gpt as fg
 import previous_chapters as pc
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 
-VOCAB = 1024  # no real token ids needed for the model tests: a small vocabulary is faster
 CONTEXT = 64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,19 +56,6 @@ def book_model(cfg, seed):
 
 MODELS = {"project": project_model, "lora": lora_model, "book_reference": book_model}
 model_kinds = pytest.mark.parametrize("kind", list(MODELS))
-
-
-def random_prompts(n_rows, n_tokens, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (n_rows, n_tokens), generator=gen)
-
-
-def first_steps(tokens):
-    """{token: the first step at which it appears}."""
-    steps = {}
-    for step, tok in enumerate(tokens):
-        steps.setdefault(tok, step)
-    return steps
 
 
 def padded_batch(seed):
