@@ -66,14 +66,25 @@ class SingleProcess:
 
     def backward_loss(self, loss_sum, n_counted):
         """The loss to backpropagate from this process's (sum of token losses, number of
-        counted targets). One process: their mean, calc_loss_batch's loss. DDP, which averages
-        gradients over ranks: loss_sum * world_size / (n_counted all-reduced over ranks), so
-        the update is that of the global batch's mean over its tokens."""
+        counted targets). One process: their mean, calc_loss_batch's loss. Several:
+        loss_sum / (n_counted all-reduced over the ranks); `sync_gradients` then sums the
+        ranks' gradients, so the update is that of the global batch's mean over its tokens,
+        however unevenly the tokens fall on the ranks."""
         return loss_sum / n_counted
+
+    def sync_gradients(self, model):
+        """Between backward and the optimizer step. Several processes: all-reduce (sum) the
+        gradients. The loop runs fast_gpt's forward on the plain model, with no DDP wrapper,
+        so the checkpoint's keys do not depend on the process count."""
 
     def count(self, n):
         """An int summed over processes (tokens seen). One process: n."""
         return n
+
+    def any(self, flag):
+        """True on every process when it is True on any (a Ctrl-C that reached only some
+        ranks must stop all of them after the same step). DDP: an all-reduce MAX."""
+        return flag
 
 
 @dataclass
@@ -240,9 +251,11 @@ class TrainingRun:
                 *loss_sum_and_count(input_batch, target_batch, self.model, self.device))
         if self.scaler is None:
             loss.backward()
+            self.distributed.sync_gradients(self.model)
             self.optimizer.step()
         else:
             self.scaler.scale(loss).backward()
+            self.distributed.sync_gradients(self.model)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.state.tokens_seen += self.distributed.count(input_batch.numel())
@@ -293,10 +306,11 @@ class TrainingRun:
                     order = self._epoch_order(state.epoch)
                     self.model.train()
                     while state.position < n_batches:
-                        if ctrl_c.requested or (max_steps is not None and state.step >= max_steps):
+                        stop = self.distributed.any(ctrl_c.requested)
+                        if stop or (max_steps is not None and state.step >= max_steps):
                             state.wall_seconds = time.perf_counter() - clock
                             saved = self.save() if plan is not None else None
-                            if ctrl_c.requested:
+                            if stop:
                                 raise TrainingInterrupted(state.step, saved)
                             return state.losses()
                         start = state.position * batch_size
