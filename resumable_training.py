@@ -250,6 +250,7 @@ class TrainingRun:
 
         Ctrl-C stops after the current step, saves a checkpoint and raises TrainingInterrupted.
         `max_steps` stops the same way without an exception (a checkpoint is saved when planned).
+        With `save_every`, the finished run is checkpointed too.
         """
         from tqdm import tqdm
 
@@ -270,12 +271,11 @@ class TrainingRun:
                     order = self._epoch_order(state.epoch)
                     self.model.train()
                     while state.position < n_batches:
-                        # Under torchrun, every process stops at the same step.
-                        interrupted = self.distributed.any(ctrl_c.requested)
-                        if interrupted or (max_steps is not None and state.step >= max_steps):
+                        stop = self.distributed.any(ctrl_c.requested)
+                        if stop or (max_steps is not None and state.step >= max_steps):
                             state.wall_seconds = time.perf_counter() - clock
                             saved = self.save() if plan is not None else None
-                            if interrupted:
+                            if stop:
                                 raise TrainingInterrupted(state.step, saved)
                             return state.losses()
                         start = state.position * batch_size
@@ -309,4 +309,6 @@ class TrainingRun:
                 raise
         state.wall_seconds = time.perf_counter() - clock
         self.finished = True
+        if plan is not None and plan.save_every and state.step % plan.save_every:
+            self.save()  # the trained state, for a Ctrl-C in what follows (e.g. the answers)
         return state.losses()

@@ -496,7 +496,7 @@ def test_exercise_notebook_runs_in_smoke_mode(tmp_path):
     for line in (
         "Training / test / validation: 935 / 110 / 55",
         "The Phi-3 style processes 26% fewer tokens per epoch.",
-        "Responses saved as instruction-data-with-response-phi3-test.json",
+        "instruction-data-with-response-phi3-test.json",
         "Row 0: 47 prompt targets are -100",
         "Number of entries: 200",  # exercise 7.3: the stand-in for Alpaca's 52,002
         "Training / test / validation: 170 / 20 / 10",
@@ -513,9 +513,9 @@ def test_exercise_notebook_runs_in_smoke_mode(tmp_path):
     for name in ("instruction-data-with-response-phi3-test.json",
                  "instruction-data-with-response-mask-test.json",
                  "instruction-data-with-response-lora16-test.json",
-                 "alpaca-data-with-response-test.json"):
+                 "instruction-data-with-response-alpaca_data-test.json"):
         saved = json.loads((workdir / name).read_text(encoding="utf-8"))
-        assert len(saved) == 4 and all(isinstance(e["model_response"], str) for e in saved)
+        assert len(saved) == 10 and all(isinstance(e["model_response"], str) for e in saved)
     adapters = torch.load(workdir / "gpt2-medium355M-sft-lora16-test-adapters.pth", weights_only=True)
     assert adapters["lora_alpha"].item() == 16.0
     merged = torch.load(workdir / "gpt2-medium355M-sft-lora16-test.pth", weights_only=True)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from checkpoints import CheckpointError, list_checkpoints, load_checkpoint
 from fast_gpt import train_model_fast
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
+from precision import Precision
 from previous_chapters import GPTModel, train_model_simple
 from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun, epoch_order
 from run_record import read_metrics
@@ -46,13 +47,13 @@ def build(instruction_data, tokenizer, shuffle=True, optimizer_class=torch.optim
 
 
 def make_run(instruction_data, tokenizer, folder, save_every=None, keep=3, identity=IDENTITY,
-             optimizer_class=torch.optim.AdamW):
+             optimizer_class=torch.optim.AdamW, precision=None):
     model, optimizer, train_loader, val_loader = build(instruction_data, tokenizer,
                                                        optimizer_class=optimizer_class)
     plan = CheckpointPlan(folder, "tiny-sft", identity, save_every=save_every, keep=keep)
     return TrainingRun(model, optimizer, train_loader, val_loader, "cpu", seed=SEED,
-                       checkpoints=plan, metrics_path=folder / "tiny-sft.metrics.jsonl",
-                       progress=False)
+                       precision=precision, checkpoints=plan,
+                       metrics_path=folder / "tiny-sft.metrics.jsonl", progress=False)
 
 
 def train(run, max_steps=None):
@@ -242,3 +243,27 @@ def test_losses_equal_the_books_train_model_simple_within_float_rounding(instruc
     losses, _ = train(run)  # two epochs: the first equals the book's one epoch
     for mine, books in zip(losses, expected, strict=True):
         assert mine[:len(books)] == pytest.approx(books, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_half_precision_runs_resume_exactly_too(instruction_data, tokenizer, tmp_path, name):
+    """Autocast, and for fp16 the gradient scaler, whose state the checkpoint carries. On the
+    CPU, where torch has both (--precision refuses fp16 there as slow); a GPU runs the same
+    code with the device type "cuda"."""
+    precision = Precision(name, "cpu", "test")
+    full = make_run(instruction_data, tokenizer, tmp_path / "full", precision=precision)
+    expected, _ = train(full)
+    first = make_run(instruction_data, tokenizer, tmp_path / "part", precision=precision)
+    train(first, max_steps=5)
+    second = make_run(instruction_data, tokenizer, tmp_path / "part", precision=precision)
+    checkpoint = load_checkpoint(second.resume())
+    losses, _ = train(second)
+
+    assert losses == expected
+    assert_same_weights(second.model, weights(full.model))
+    if name == "fp16":
+        assert checkpoint["scaler"] == first.scaler.state_dict()
+        assert checkpoint["scaler"]["_growth_tracker"] == 5  # steps since the scale last changed
+        assert second.scaler.state_dict() == full.scaler.state_dict()
+    else:
+        assert checkpoint["scaler"] is None and second.scaler is None
