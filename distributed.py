@@ -156,12 +156,14 @@ class SingleProcess:
 
     @contextlib.contextmanager
     def main_prints_only(self):
-        """Inside the block, print() on processes other than rank 0 goes nowhere (errors and
-        warnings still go to stderr, from every process)."""
+        """Inside the block, what processes other than rank 0 print (stdout and stderr: lines,
+        warnings, notices) goes nowhere. An error raised out of the block is reported after
+        it, by every process that has it."""
         if self.is_main:
             yield
             return
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                contextlib.redirect_stderr(devnull):
             yield
 
 
@@ -408,6 +410,12 @@ def processes(device=None, timeout_s=DEFAULT_TIMEOUT_S):
     group = init_processes(device, timeout_s)
     yield group
     group.close()
+
+
+def is_main_process(environ=None):
+    """True without torchrun, and in torchrun's process of rank 0."""
+    env = torchrun_env(environ)
+    return env is None or env[0] == 0
 
 
 def report_error(group, error, file=None):

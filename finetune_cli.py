@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import CheckpointError, list_checkpoints
+from distributed import DistributedError, SingleProcess, init_processes, is_main_process
 from exercise_variants import (
     ALPACA,
     PROMPT_STYLES,
@@ -123,6 +124,8 @@ class FinetuneConfig:
     resume: str | None = option(None, "continue from a checkpoint: PATH, or without PATH the "
                                       "newest of this run in OUTPUT_DIR/checkpoints",
                                 nargs="?", const=RESUME_NEWEST, metavar="PATH")
+    fsdp: bool = option(False, "under torchrun: shard the weights, gradients and optimizer state "
+                               "over the processes (FSDP) instead of a whole copy on each (DDP)")
     max_steps: int | None = option(None, "stop after this many training steps in all, with a "
                                          "checkpoint (continue with --resume)", metavar="N")
     test_mode: bool = option(False, "a tiny random GPT and ~10 entries per split on the CPU: "
@@ -174,6 +177,8 @@ class PreparedData:
     data_name: str | None  # the stem of a dataset other than the chapter's, for file names
     dataset: dict | None = None  # run_record.dataset_fingerprint: path, sha256, bytes
     precision: object = None  # a precision.Precision for training on `device`
+    # Not in the book: the processes torchrun started (distributed.py), or this one alone
+    processes: object = field(default_factory=SingleProcess)
 
 
 def load_entries(data_path, data_url):
@@ -222,8 +227,18 @@ def model_config(config):
     return TEST_MODE_CONFIG if config.test_mode else gpt2_config(config.model)
 
 
-def prepare_data(config):
-    """Load (or download) the entries, split them 85/10/5, and build the training loaders."""
+def prepare_data(config, processes=None):
+    """Load (or download) the entries, split them 85/10/5, and build the training loaders.
+
+    `processes`: distributed.init_processes()'s, made here when not given (torchrun's
+    processes, or this one alone on the chosen device).
+    """
+    processes = processes or init_processes(choose_device(config.device, config.test_mode))
+    batch_size = min(config.batch_size, 2) if config.test_mode else config.batch_size
+    processes.check_batch_size(batch_size)  # before any work
+    if config.fsdp and config.lora_rank:
+        raise DistributedError("--fsdp with --lora-rank is not supported: LoRA trains few weights, "
+                               "so DDP (the default under torchrun) fits wherever the model does.")
     data_path = Path(config.data) if config.data is not None else HERE / "instruction-data.json"
     if config.data is not None and config.data_url is None and not data_path.exists():
         raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
@@ -237,14 +252,16 @@ def prepare_data(config):
     print(f"Validation set length: {len(val_data)}")
     print(f"Test set length: {len(test_data)}")
 
-    device = choose_device(config.device, config.test_mode)
+    device = processes.device
     print(f"Device: {device}")
+    if processes.world_size > 1:
+        print(f"Processes: {processes.world_size} ({'FSDP' if config.fsdp else 'DDP'}), "
+              f"{batch_size // processes.world_size} of each batch of {batch_size} on each")
     precision = resolve_precision(config.precision, device)
     print(precision.describe())
     tokenizer = get_tokenizer(config.tokenizer_dir)
     style = prompt_style(config.prompt_style)
     allowed_max_length = min(config.max_length, model_config(config)["context_length"])
-    batch_size = min(config.batch_size, 2) if config.test_mode else config.batch_size
     train_loader, val_loader = build_loaders(
         train_data, val_data, tokenizer, device, batch_size, allowed_max_length, style,
         config.mask_instructions, config.seed)
@@ -257,7 +274,7 @@ def prepare_data(config):
     data_name = None if data_path.name == "instruction-data.json" else data_path.stem
     return PreparedData(train_data, val_data, test_data, train_loader, val_loader, tokenizer,
                         device, style, data_name, dataset_fingerprint(data_path.resolve()),
-                        precision)
+                        precision, processes)
 
 
 def make_dataset(data, tokenizer, style=ALPACA, mask_instructions=False):
@@ -440,7 +457,7 @@ def finetune(model, data, config):
     `max_steps` stops early with one. Returns the losses, the tokens seen, the minutes taken
     and where the run stands ("finished", "steps", "checkpoint", ...).
     """
-    from fast_gpt import calc_loss_loader_fast, compile_blocks, make_optimizer
+    from fast_gpt import compile_blocks, make_optimizer
 
     device = data.device
     if config.keep < 1 or (config.save_every is not None and config.save_every < 1):
@@ -452,8 +469,8 @@ def finetune(model, data, config):
     initial_losses = None
     if config.resume is None:
         with torch.no_grad():
-            initial_losses = (calc_loss_loader_fast(data.train_loader, model, device, num_batches=5),
-                              calc_loss_loader_fast(data.val_loader, model, device, num_batches=5))
+            initial_losses = (data.processes.calc_loss_loader(data.train_loader, model, device, 5),
+                              data.processes.calc_loss_loader(data.val_loader, model, device, 5))
         print(f"Initial training loss: {initial_losses[0]:.3f}")
         print(f"Initial validation loss: {initial_losses[1]:.3f}")
         if list_checkpoints(plan.folder, plan.stem):
@@ -462,11 +479,13 @@ def finetune(model, data, config):
 
     if config.compile:
         compile_blocks(model, dynamic=True)  # batch lengths vary from batch to batch
+    data.processes.prepare_model(model, "fsdp" if config.fsdp else "ddp")  # before the optimizer
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     output_dir, _, stem = output_names(config, data.data_name)
     torch.manual_seed(config.seed)
     run = TrainingRun(model, optimizer, data.train_loader, data.val_loader, device, config.seed,
-                      data.precision, plan, metrics_path(output_dir / f"{stem}.pth"))
+                      data.precision, plan, metrics_path(output_dir / f"{stem}.pth"),
+                      distributed=data.processes)
     if config.resume is not None:
         run.resume(None if config.resume == RESUME_NEWEST else config.resume)
     start_time = time.time()
@@ -484,7 +503,7 @@ def finetune(model, data, config):
             "initial_losses": initial_losses, "minutes": minutes, "finished": run.finished,
             "steps": run.state.step, "wall_seconds": run.state.wall_seconds,
             "checkpoint": run.last_checkpoint, "resumed_from": run.resumed_from,
-            "metrics_path": run.metrics.path, "precision": run.precision.name}
+            "metrics_path": metrics_path(output_dir / f"{stem}.pth"), "precision": run.precision.name}
 
 
 #####################################
@@ -504,8 +523,12 @@ def answer_test_set(model, data, config, n_shown=3):
               f"(--max-test-answers {config.max_test_answers}).")
     if not entries:
         return []
-    responses = generate_responses_with_style(model, entries, data.tokenizer, data.style,
-                                              config.max_new_tokens, progress=True)
+    processes = data.processes  # under torchrun, each answers its share of the entries
+    with processes.full_weights(model):
+        responses = processes.map_in_order(
+            lambda shard: generate_responses_with_style(model, shard, data.tokenizer, data.style,
+                                                        config.max_new_tokens, progress=processes.is_main),
+            entries)
     results = [dict(entry, model_response=response)
                for entry, response in zip(entries, responses, strict=True)]
     for entry in results[:n_shown]:
@@ -530,6 +553,9 @@ def save_outputs(model, run, results, data, config):
     `<stem>.run.json`. Returns {"plot", "responses", "model", "metrics", "run_record" (and
     "adapters")} paths; no "responses" when no test entry was answered.
     """
+    weights = data.processes.full_state_dict(model)  # FSDP gathers its shards on every process
+    if not data.processes.is_main:  # under torchrun, process 0 writes the files
+        return {}
     output_dir, suffix, file_stem = output_names(config, data.data_name)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -548,8 +574,9 @@ def save_outputs(model, run, results, data, config):
         save_state_dict(lora_state_dict(model), paths["adapters"])
         print(f"LoRA adapters saved as {paths['adapters']}")
         merge_lora(model)
+        weights = model.state_dict()
     paths["model"] = output_dir / f"{file_stem}.pth"
-    save_state_dict(model.state_dict(), paths["model"])
+    save_state_dict(weights, paths["model"])
     print(f"Model saved as {paths['model']}")
     paths["metrics"] = Path(run["metrics_path"])
     paths["run_record"] = write_run_record(paths["model"], run_record(run, paths, data, config))
@@ -567,7 +594,8 @@ def run_record(run, paths, data, config):
     return {
         "config": {**settings, "model": short_model_name(config.model)},
         "model_config": model_config(config), "versions": package_versions(),
-        "device": str(data.device), "precision": run["precision"], "dataset": data.dataset,
+        "device": str(data.device), "processes": data.processes.world_size,
+        "precision": run["precision"], "dataset": data.dataset,
         "seed": config.seed, "wall_seconds": run["wall_seconds"], "final_losses": final,
         "steps": run["steps"], "tokens_seen": run["tokens_seen"][-1] if run["tokens_seen"] else 0,
         "resumed_from": str(run["resumed_from"]) if run["resumed_from"] else None,
@@ -597,16 +625,21 @@ def main(config=None):
     Returns a dict with the losses, the responses, the paths written and the config.
     """
     config = FinetuneConfig() if config is None else config
-    for name, value in package_versions().items():
-        print(f"{name} version: {value}")
-    data = prepare_data(config)
-    model = build_model(config, data.device)
-    run = finetune(model, data, config)
-    if not run["finished"]:  # --max-steps: the checkpoint is the output
-        return {**run, "responses": None, "paths": {"checkpoint": run["checkpoint"]},
-                "config": asdict(config)}
-    results = answer_test_set(model, data, config)
-    paths = save_outputs(model, run, results, data, config)
+    # Not in the book: under torchrun, one of several processes (distributed.py); only the
+    # first prints and writes files.
+    processes = init_processes(choose_device(config.device, config.test_mode))
+    with processes.main_prints_only():
+        for name, value in package_versions().items():
+            print(f"{name} version: {value}")
+        data = prepare_data(config, processes)
+        model = build_model(config, data.device)
+        run = finetune(model, data, config)
+        if run["finished"]:
+            results = answer_test_set(model, data, config)
+            paths = save_outputs(model, run, results, data, config)
+        else:  # --max-steps: the checkpoint is the output
+            results, paths = None, {"checkpoint": run["checkpoint"]}
+    processes.close()
     return {**run, "responses": results, "paths": paths, "config": asdict(config)}
 
 
@@ -621,11 +654,13 @@ def cli(argv=None):
     try:
         main(config)
     except TrainingInterrupted as e:
-        print(f"\n{e}\nTo continue, run the same command with --resume (it takes the newest "
-              f"checkpoint in {e.checkpoint.parent}) or with --resume {e.checkpoint}.",
-              file=sys.stderr)
+        if is_main_process():  # the same message in every process
+            print(f"\n{e}\nTo continue, run the same command with --resume (it takes the newest "
+                  f"checkpoint in {e.checkpoint.parent}) or with --resume {e.checkpoint}.",
+                  file=sys.stderr)
         return 130
-    except (DatasetError, DeviceError, FileNotFoundError, CheckpointError, PrecisionError) as e:
+    except (DatasetError, DeviceError, FileNotFoundError, CheckpointError, PrecisionError,
+            DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (DownloadError, RuntimeError) as e:
