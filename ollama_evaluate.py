@@ -583,6 +583,32 @@ def add_server_arguments(parser, what):
                              "(default: %(default)s)")
 
 
+def run_server_job(args, job, results_path):
+    """Check the server and model named by the command-line `args`, then run `job`.
+
+    Returns (0, job(base_url, model=..., timeout=..., num_ctx=...)). A server or model problem,
+    an OS error or Ctrl-C is printed instead, saying where the results so far are (a new run
+    resumes from `results_path`), and gives (1, None) or (130, None).
+    """
+    try:
+        base = get_ollama_url(args.host)
+        ensure_ollama(base, args.model)
+        timeout = (DEFAULT_CONNECT_TIMEOUT, args.timeout)
+        return 0, job(base, model=args.model, timeout=timeout, num_ctx=args.num_ctx)
+    except OllamaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if Path(results_path).exists():
+            print(f"Results so far are in {results_path}; run again to resume.", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Results so far are in {results_path}; run again to resume.",
+              file=sys.stderr)
+        return 130, None
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1, None
+
+
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Score model responses with a judge model served by Ollama (section 7.8)."
@@ -618,27 +644,14 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    scores = []
-    try:
-        base = get_ollama_url(args.host)
-        ensure_ollama(base, args.model)
+    def score(base, **options):
         print(f"Scoring {len(data)} entries of {file_path} with {args.model} at {base}")
-        scores = generate_model_scores(
-            data, args.json_key, model=args.model, url=base, scores_path=scores_path,
-            timeout=(DEFAULT_CONNECT_TIMEOUT, args.timeout), num_ctx=args.num_ctx,
-        )
-    except OllamaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if scores_path.exists():
-            print(f"Results so far are in {scores_path}; run again to resume.", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. Results so far are in {scores_path}; run again to resume.",
-              file=sys.stderr)
-        return 130
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return generate_model_scores(data, args.json_key, url=base, scores_path=scores_path,
+                                     **options)
+
+    code, scores = run_server_job(args, score, scores_path)
+    if code:
+        return code
 
     for line in summary_lines(scores, len(data)):
         print(line)

@@ -12,7 +12,7 @@ import urllib.request
 import psutil
 import pytest
 from conftest import ROOT
-from fake_ollama import FakeOllama, Hangup, StreamError, unused_port
+from fake_ollama import FakeOllama, Hangup, StreamError, fake_ollama_process, unused_port
 from test_one_source import top_level_definitions, without_docstrings
 
 import ollama_evaluate as oe
@@ -496,20 +496,8 @@ def test_cli_as_a_subprocess_without_torch(tmp_path):
 
 
 def test_fake_server_runs_as_a_script(tmp_path):
-    port_file = tmp_path / "port.txt"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_ollama.py"), "--port", "0",
-         "--port-file", str(port_file), "--replies", "Score: 85", "70", "--models", "llama3"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 20
-        while not port_file.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port_file.read_text()}"
+    args = ["--replies", "Score: 85", "70", "--models", "llama3"]
+    with fake_ollama_process(tmp_path, *args) as (process, url):
         assert oe.ollama_is_reachable(url)
         assert [oe.query_model("x", url=url) for _ in range(3)] == ["Score: 85", "70", "Score: 85"]
-    finally:
-        process.terminate()
-        out, _ = process.communicate(timeout=10)
-    assert "Fake Ollama listening on http://127.0.0.1:" in out
+    assert "Fake Ollama listening on http://127.0.0.1:" in process.output
