@@ -12,8 +12,9 @@ when started again on the same input with the same judge. The server address com
 ``--host``, else the ``OLLAMA_HOST`` environment variable, else http://127.0.0.1:11434.
 An entry whose response is empty scores 0 without asking the judge, as in the book.
 
-Scoring needs no PyTorch: this module imports only the standard library, tqdm, psutil and
-(for the histogram) matplotlib.
+Scoring needs no PyTorch: this module imports only the standard library, tqdm, psutil,
+matplotlib (for the histogram) and the project's torch-free instruction_data and safe_files.
+make_preference_data.py reuses its server, resume and command-line parts.
 """
 
 import argparse

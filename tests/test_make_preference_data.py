@@ -3,8 +3,10 @@ answer, against the loopback fake Ollama server, with resume and bad replies."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -259,3 +261,24 @@ def test_cli_subprocess_resumes_after_the_server_process_dies(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "Resuming: 2 of 5 entries already rewritten" in second.stdout
     assert json.loads(out.read_text("utf-8")) == [expected_pair(e) for e in data]
+
+
+def test_cli_ctrl_c_keeps_the_finished_pairs(tmp_path):
+    data = entries(4)
+    path = write_json(tmp_path / "data.json", data)
+    out, progress = tmp_path / "pairs.json", tmp_path / "pairs-progress.json"
+    with FakeOllama(replies=rewrite_reply, delay=0.02) as server:  # about 1 s per reply
+        process = subprocess.Popen(
+            [sys.executable, "make_preference_data.py", "--file_path", str(path), "--host",
+             server.host, "--output", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not progress.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert f"Interrupted. Results so far are in {progress}; run again to resume." in err
+    assert "Traceback" not in err and not out.exists()
+    done = [r["index"] for r in json.loads(progress.read_text("utf-8"))["results"]]
+    assert done and done == list(range(len(done))) and len(done) < 4
