@@ -121,6 +121,12 @@ def no_mirror_env(monkeypatch):
     monkeypatch.delenv("GPT2_MIRROR_URL", raising=False)
 
 
+def fetch(models_dir, **kwargs):
+    """OpenAI's source, checking sizes only against what the server announces (the known sizes
+    are those of the real files; `test_known_sizes_*` below pass the tiny files' sizes)."""
+    return download_and_load_gpt2(SIZE, models_dir, source="openai", expected_sizes={}, **kwargs)
+
+
 def closed_port_url():
     """A loopback URL nothing listens on: connecting is refused at once."""
     with socket.socket() as sock:
@@ -163,7 +169,7 @@ def assert_params_equal(settings, params, arrays):
 
 def test_downloads_all_seven_files_and_loads_them(server, checkpoint, tmp_path):
     files, arrays = checkpoint
-    settings, params = download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary", "backup"))
+    settings, params = fetch(tmp_path, base_urls=sources(server, "primary", "backup"))
     assert_files_identical(tmp_path / SIZE, files)
     assert_params_equal(settings, params, arrays)
     assert server.paths() == [f"/primary/{SIZE}/{name}" for name in FILENAMES]
@@ -175,13 +181,13 @@ def test_resumes_a_cut_download_with_a_range_request(server, checkpoint, tmp_pat
     path = f"/primary/{SIZE}/{DATA}"
     server.fail(path, ("cut", 3000))
     with pytest.raises(DownloadError, match=DATA):
-        download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+        fetch(tmp_path, base_urls=sources(server, "primary"))
     model_dir = tmp_path / SIZE
     assert not (model_dir / DATA).exists()  # a short file never gets the final name
     assert (model_dir / (DATA + ".part")).read_bytes() == files[DATA][:3000]
 
     server.requests.clear()
-    settings, _ = download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+    settings, _ = fetch(tmp_path, base_urls=sources(server, "primary"))
     assert settings == HPARAMS
     assert server.requests[0] == (path, "bytes=3000-")  # then the three files after it
     assert server.paths() == [path] + [f"/primary/{SIZE}/{name}" for name in FILENAMES[4:]]
@@ -191,7 +197,7 @@ def test_resumes_a_cut_download_with_a_range_request(server, checkpoint, tmp_pat
 def test_cut_on_the_primary_is_resumed_from_the_backup(server, checkpoint, tmp_path):
     files, arrays = checkpoint
     server.fail(f"/primary/{SIZE}/{DATA}", ("cut", 1234))
-    settings, params = download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary", "backup"))
+    settings, params = fetch(tmp_path, base_urls=sources(server, "primary", "backup"))
     assert (f"/backup/{SIZE}/{DATA}", "bytes=1234-") in server.requests
     assert server.paths("/backup") == [f"/backup/{SIZE}/{DATA}"]
     assert_files_identical(tmp_path / SIZE, files)
@@ -207,14 +213,13 @@ def test_fails_over_from_primary_to_backup(server, checkpoint, tmp_path, primary
         primary = f"{server.url}/primary"
         for name in FILENAMES:
             server.fail(f"/primary/{SIZE}/{name}", ("status", int(primary_down[-3:])))
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=[primary, f"{server.url}/backup"])
+    fetch(tmp_path, base_urls=[primary, f"{server.url}/backup"])
     assert server.paths("/backup") == [f"/backup/{SIZE}/{name}" for name in FILENAMES]
     assert_files_identical(tmp_path / SIZE, files)
 
 
 def test_mirror_argument_is_tried_first(server, checkpoint, tmp_path):
-    download_and_load_gpt2(
-        SIZE,
+    fetch(
         tmp_path,
         mirror_url=f"{server.url}/mirror/",  # a trailing slash is fine
         base_urls=sources(server, "primary", "backup"),
@@ -225,12 +230,11 @@ def test_mirror_argument_is_tried_first(server, checkpoint, tmp_path):
 
 def test_mirror_from_the_environment_and_the_argument_wins(server, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_MIRROR_URL", f"{server.url}/mirror")
-    download_and_load_gpt2(SIZE, tmp_path / "a", base_urls=sources(server, "primary"))
+    fetch(tmp_path / "a", base_urls=sources(server, "primary"))
     assert server.paths() == [f"/mirror/{SIZE}/{name}" for name in FILENAMES]
 
     server.requests.clear()
-    download_and_load_gpt2(
-        SIZE,
+    fetch(
         tmp_path / "b",
         mirror_url=f"{server.url}/backup",
         base_urls=sources(server, "primary"),
@@ -240,9 +244,7 @@ def test_mirror_from_the_environment_and_the_argument_wins(server, tmp_path, mon
 
 def test_a_failing_mirror_falls_back_to_the_primary(server, tmp_path):
     server.fail(f"/mirror/{SIZE}/encoder.json", ("status", 403))
-    download_and_load_gpt2(
-        SIZE, tmp_path, mirror_url=f"{server.url}/mirror", base_urls=sources(server, "primary")
-    )
+    fetch(tmp_path, mirror_url=f"{server.url}/mirror", base_urls=sources(server, "primary"))
     assert server.paths("/primary") == [f"/primary/{SIZE}/encoder.json"]
 
 
@@ -252,8 +254,7 @@ def test_every_source_failing_raises_a_helpful_error(server, tmp_path):
         server.fail(f"/mirror/{SIZE}/{name}", ("status", 500))
         server.fail(f"/primary/{SIZE}/{name}", ("status", 404))
     with pytest.raises(DownloadError) as excinfo:
-        download_and_load_gpt2(
-            SIZE,
+        fetch(
             tmp_path,
             mirror_url=f"{server.url}/mirror",
             base_urls=[f"{server.url}/primary", refused],
@@ -272,24 +273,24 @@ def test_every_source_failing_raises_a_helpful_error(server, tmp_path):
 def test_complete_files_are_reused_without_any_network(server, checkpoint, tmp_path, monkeypatch):
     files, arrays = checkpoint
     base_urls = sources(server, "primary")
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=base_urls)
+    fetch(tmp_path, base_urls=base_urls)
     server.shutdown()
     server.server_close()  # nothing listens any more: any connection would fail
     monkeypatch.setenv("GPT2_MIRROR_URL", closed_port_url())
 
-    settings, params = download_and_load_gpt2(SIZE, tmp_path, base_urls=base_urls)
+    settings, params = fetch(tmp_path, base_urls=base_urls)
     assert_params_equal(settings, params, arrays)
-    settings, _ = download_and_load_gpt2(SIZE, tmp_path)  # not even the real URLs are tried
+    settings, _ = download_and_load_gpt2(SIZE, tmp_path)  # "auto": complete on disk, no network
     assert settings == HPARAMS
     assert_files_identical(tmp_path / SIZE, files)
 
 
 def test_only_missing_files_are_downloaded(server, checkpoint, tmp_path):
     base_urls = sources(server, "primary")
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=base_urls)
+    fetch(tmp_path, base_urls=base_urls)
     (tmp_path / SIZE / "vocab.bpe").unlink()
     server.requests.clear()
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=base_urls)
+    fetch(tmp_path, base_urls=base_urls)
     assert server.paths() == [f"/primary/{SIZE}/vocab.bpe"]
     assert_files_identical(tmp_path / SIZE, checkpoint[0])
 
@@ -300,7 +301,7 @@ def test_partial_file_is_restarted_when_the_server_ignores_range(server, checkpo
     model_dir.mkdir()
     (model_dir / (DATA + ".part")).write_bytes(b"garbage from an older attempt")
     server.fail(f"/primary/{SIZE}/{DATA}", ("ignore_range",))
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+    fetch(tmp_path, base_urls=sources(server, "primary"))
     assert (f"/primary/{SIZE}/{DATA}", "bytes=29-") in server.requests
     assert_files_identical(model_dir, files)
 
@@ -312,7 +313,7 @@ def test_a_206_from_the_wrong_offset_restarts_from_zero(server, checkpoint, tmp_
     (model_dir / (DATA + ".part")).write_bytes(files[DATA][:100])
     path = f"/primary/{SIZE}/{DATA}"
     server.fail(path, ("range_from_zero",))
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+    fetch(tmp_path, base_urls=sources(server, "primary"))
     assert [r for r in server.requests if r[0] == path] == [(path, "bytes=100-"), (path, None)]
     assert_files_identical(model_dir, files)
 
@@ -323,7 +324,7 @@ def test_partial_file_longer_than_the_file_is_restarted(server, checkpoint, tmp_
     model_dir.mkdir()
     too_long = b"x" * (len(files["encoder.json"]) + 10)
     (model_dir / "encoder.json.part").write_bytes(too_long)
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+    fetch(tmp_path, base_urls=sources(server, "primary"))
     requests = [r for r in server.requests if r[0].endswith("/encoder.json")]
     assert requests == [
         (f"/primary/{SIZE}/encoder.json", f"bytes={len(too_long)}-"),  # answered 416
@@ -352,7 +353,7 @@ def test_corrupt_file_from_a_server_gives_a_clear_error(server, tmp_path):
     # downloading; reading the checkpoint then fails with advice, not a TensorFlow traceback.
     server.fail(f"/primary/{SIZE}/{DATA}", ("short", 500))
     with pytest.raises(CheckpointError) as excinfo:
-        download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+        fetch(tmp_path, base_urls=sources(server, "primary"))
     message = str(excinfo.value)
     assert str(tmp_path / SIZE) in message and "delete" in message
     assert excinfo.value.__cause__ is None and excinfo.value.__suppress_context__
@@ -368,7 +369,7 @@ def test_truncated_checkpoint_on_disk_gives_a_clear_error(checkpoint, tmp_path, 
     body = files[name]
     (model_dir / name).write_bytes(body[: int(len(body) * keep)])
     with pytest.raises(CheckpointError, match="delete") as excinfo:
-        download_and_load_gpt2(SIZE, tmp_path, base_urls=[closed_port_url()])
+        fetch(tmp_path, base_urls=[closed_port_url()])
     assert str(model_dir) in str(excinfo.value)
 
 
