@@ -532,11 +532,10 @@ def gpt2_bpe_ranks(encoder_path, merges_path):
         return bytes(char_to_byte[c] for c in text)
 
     ranks = {bytes([b]): rank for rank, b in enumerate(byte_order)}
-    lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-    for line in lines:
-        if line.strip() and not line.startswith("#"):  # '#version: 0.2' heads both files
-            first, second = line.split()
-            ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
+    lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+    merges = [line.split() for line in lines if line.strip() and not line.startswith("#version")]
+    for rank, (first, second) in enumerate(merges, start=len(ranks)):
+        ranks[to_bytes(first) + to_bytes(second)] = rank
     vocab = json.loads(Path(encoder_path).read_text(encoding="utf-8"))
     ids = {to_bytes(token): i for token, i in vocab.items() if token not in ("<|endoftext|>",)}
     if ids != ranks:
@@ -567,7 +566,9 @@ def _import_tensorflow():
         import tensorflow as tf
     except ImportError as err:
         raise ImportError(
-            "Reading OpenAI's GPT-2 checkpoint needs TensorFlow: pip install tensorflow (or tensorflow-cpu)"
+            "Reading OpenAI's TensorFlow checkpoint (weights source 'openai') needs TensorFlow: "
+            "pip install -r requirements-tf.txt (Python 3.10-3.13). Or choose a source that needs "
+            "no TensorFlow: source='hub-openai' or 'hub-book' (command line: --weights-source hub-openai)."
         ) from err
     return tf
 
