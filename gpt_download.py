@@ -218,7 +218,7 @@ def _download_first(urls, destination, advice, expected_size=None):
         try:
             return download_file(url, destination, expected_size=expected_size)
         except (OSError, http.client.HTTPException, DownloadError) as err:
-            failures.append((url, _reason(err)))
+            failures.append((url, describe_failure(err)))
     raise DownloadError(_failure_message(destination, failures, advice))
 
 
@@ -587,7 +587,8 @@ def _parse_content_range(value):
     return int(match.group(1)), None if total == "*" else int(total)
 
 
-def _reason(err):
+def describe_failure(err):
+    """One line on why a download failed, for a list of the sources tried."""
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"
     if isinstance(err, urllib.error.URLError):
