@@ -145,7 +145,7 @@ def download_gpt2_files(model_size, models_dir, mirror_url=None, *, base_urls=No
               f"serving <mirror>/<model size>/<file>, or choose a hub source (source='hub-openai')")
     for name in missing:
         urls = [f"{base.rstrip('/')}/{model_size}/{name}" for base in sources]
-        _download_first(urls, model_dir / name, advice, expected_sizes.get(name))
+        download_first(urls, model_dir / name, expected_size=expected_sizes.get(name), advice=advice)
     return model_dir
 
 
@@ -167,7 +167,7 @@ def download_hub_files(model_size, models_dir, source, hub_endpoint=None):
         for name in names:  # alternatives, in order of preference
             urls = [f"{endpoint}/{_hub_repo(source, model_size, name)}/resolve/main/{name}"]
             try:
-                _download_first(urls, model_dir / name, advice)
+                download_first(urls, model_dir / name, advice=advice)
                 break
             except DownloadError as err:
                 failures.append(str(err))
@@ -211,12 +211,16 @@ def _check_model_size(model_size):
         raise ValueError(f"model_size must be one of {', '.join(MODEL_SIZES)}; got {model_size!r}")
 
 
-def _download_first(urls, destination, advice, expected_size=None):
-    """Download `destination` from the first of `urls` that delivers it whole."""
+def download_first(urls, destination, *, expected_size=None, sha256=None, advice=None):
+    """Download `destination` from the first of `urls` that delivers it whole (and verified).
+
+    A cut download resumes from the next URL; a file of the wrong size or sha256 is dropped
+    and the next URL tried. Raises DownloadError listing every URL and why it failed.
+    """
     failures = []
     for url in urls:
         try:
-            return download_file(url, destination, expected_size=expected_size)
+            return download_file(url, destination, expected_size=expected_size, sha256=sha256)
         except (OSError, http.client.HTTPException, DownloadError) as err:
             failures.append((url, describe_failure(err)))
     raise DownloadError(_failure_message(destination, failures, advice))
@@ -603,5 +607,5 @@ def _failure_message(destination, failures, advice):
     return (
         f"could not download {destination.name!r} from any source. Tried:\n{tried}\n"
         "Check your internet connection and run it again (a partial download resumes), "
-        f"{advice}, or place the file by hand in {destination.parent}."
+        f"{advice + ', ' if advice else ''}or place the file by hand in {destination.parent}."
     )
