@@ -170,6 +170,8 @@ def download_hub_files(model_size, models_dir, source, hub_endpoint=None):
                 download_first(urls, model_dir / name, advice=advice)
                 break
             except DownloadError as err:
+                if not err.not_found:  # a cut or failing download: resume it, not another file
+                    raise
                 failures.append(str(err))
         else:
             raise DownloadError("\n".join(failures))
@@ -217,13 +219,16 @@ def download_first(urls, destination, *, expected_size=None, sha256=None, advice
     A cut download resumes from the next URL; a file of the wrong size or sha256 is dropped
     and the next URL tried. Raises DownloadError listing every URL and why it failed.
     """
-    failures = []
+    failures, not_found = [], True
     for url in urls:
         try:
             return download_file(url, destination, expected_size=expected_size, sha256=sha256)
         except (OSError, http.client.HTTPException, DownloadError) as err:
             failures.append((url, describe_failure(err)))
-    raise DownloadError(_failure_message(destination, failures, advice))
+            not_found &= isinstance(err, urllib.error.HTTPError) and err.code == 404
+    error = DownloadError(_failure_message(destination, failures, advice))
+    error.not_found = not_found  # every source answered 404: the file does not exist there
+    raise error
 
 
 def download_file(url, destination, *, expected_size=None, sha256=None, timeout=TIMEOUT_S,

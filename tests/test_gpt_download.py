@@ -622,6 +622,17 @@ def test_hub_download_resumes_a_cut_file(hub_checkpoints, tmp_path):
     assert (tmp_path / SIZE / "model.safetensors").read_bytes() == files[path]
 
 
+def test_a_cut_safetensors_download_is_not_replaced_by_the_pth(hub_checkpoints, tmp_path):
+    files = {**hub_files(hub_checkpoints, "hub-book"), **hub_files(hub_checkpoints, "hub-book-pth")}
+    path = f"/{BOOK_REPO}/resolve/main/{BOOK_STEM}.safetensors"
+    with serving(files) as httpd:
+        httpd.fail(path, ("cut", 100))
+        with pytest.raises(DownloadError, match="incomplete download: 100 of"):
+            download_and_load_gpt2(SIZE, tmp_path, source="hub-book", hub_endpoint=httpd.url)
+    assert httpd.paths() == [path]  # the .pth is asked for only when the hub has no .safetensors
+    assert sorted(p.name for p in (tmp_path / SIZE).iterdir()) == [f"{BOOK_STEM}.safetensors.part"]
+
+
 def test_hub_source_missing_everywhere_names_every_file_tried(hub_checkpoints, tmp_path):
     with serving({}) as httpd, pytest.raises(DownloadError) as excinfo:
         download_and_load_gpt2(SIZE, tmp_path, source="hub-book", hub_endpoint=httpd.url)
