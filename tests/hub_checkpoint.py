@@ -7,7 +7,9 @@ array}), so all three layouts hold the very same numbers:
   real files carry;
 - `write_book_state_dict`: the book's GPTModel state dict (`rasbt/gpt2-from-scratch-pytorch`),
   nn.Linear weights (out, in), q/k/v split, the mask buffers and the tied output head.
-Also `write_hub_tokenizer_files`, the hub's `vocab.json` + `merges.txt` from OpenAI's files.
+Also `write_hub_tokenizer_files`, the hub's `vocab.json` + `merges.txt` from OpenAI's files,
+and `write_hub_model_folder`, a whole "hub-openai" model folder made without TensorFlow (for
+runs of the chapter where TensorFlow is not installed).
 """
 
 import json
@@ -89,3 +91,15 @@ def write_hub_tokenizer_files(openai_folder, folder):
                                        encoding="utf-8")
     merges = (openai_folder / "vocab.bpe").read_text(encoding="utf-8").rstrip("\n")
     (folder / "merges.txt").write_text(merges, encoding="utf-8")  # no newline at the end
+
+
+def write_hub_model_folder(folder, tokenizer_dir, n_vocab=50257, n_ctx=256, n_embd=64, n_layer=2, seed=123):
+    """A random GPT-2 in the "hub-openai" layout in `folder` (model.safetensors, vocab.json,
+    merges.txt from OpenAI's files in `tokenizer_dir`), as `download_and_load_gpt2` leaves it.
+    No TensorFlow needed; the head count read back is n_embd // 64. Returns the arrays."""
+    from gpt2_checkpoint import random_gpt2_arrays
+
+    arrays = random_gpt2_arrays(n_vocab, n_ctx, n_embd, n_layer, seed)
+    save_weights(hub_openai_arrays(arrays, n_layer), Path(folder) / "model.safetensors")
+    write_hub_tokenizer_files(tokenizer_dir, folder)
+    return arrays

@@ -16,6 +16,7 @@ from hub_checkpoint import (
     book_state_dict_arrays,
     hub_openai_arrays,
     save_weights,
+    write_hub_model_folder,
     write_hub_tokenizer_files,
 )
 from loopback_server import closed_port_url, serving
@@ -657,6 +658,16 @@ def test_foreign_weights_file_is_named(tmp_path):
     path = save_weights({"encoder.layer.0.weight": np.zeros(3, np.float32)}, tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="neither the book's GPTModel weights nor"):
         load_hub_weights(path)
+
+
+def test_a_hub_model_folder_made_without_tensorflow_loads_offline(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
+    arrays = write_hub_model_folder(tmp_path / SIZE, shared_data / "gpt2-tokenizer", n_vocab=50257,
+                                    n_ctx=8, n_embd=64, n_layer=1)
+    settings, params = download_and_load_gpt2(SIZE, tmp_path, hub_endpoint=closed_port_url())
+    assert settings == {"n_vocab": 50257, "n_ctx": 8, "n_embd": 64, "n_head": 1, "n_layer": 1}
+    np.testing.assert_array_equal(params["blocks"][0]["mlp"]["c_fc"]["w"], arrays["model/h0/mlp/c_fc/w"][0])
+    assert tokenizer_from_folder(tmp_path / SIZE).encode("Hello, world") == [15496, 11, 995]
 
 
 # ---- the tokenizer from the files beside the weights ----
