@@ -384,13 +384,18 @@ def load_hub_weights(path):
     path = Path(path)
     arrays = _read_weights_file(path)
     keys = {key.removeprefix("transformer.") for key in arrays}
-    if "tok_emb.weight" in keys:
-        params = _params_from_book_state_dict(arrays)
-    elif "wte.weight" in keys:
-        params = _params_from_hub_gpt2(arrays)
-    else:
-        raise CheckpointError(f"{path} holds neither the book's GPTModel weights nor GPT-2's hub "
-                              f"layout (first keys: {', '.join(sorted(arrays)[:3])})")
+    try:
+        if "tok_emb.weight" in keys:
+            params = _params_from_book_state_dict(arrays)
+        elif "wte.weight" in keys:
+            params = _params_from_hub_gpt2(arrays)
+        else:
+            raise CheckpointError(f"{path} holds neither the book's GPTModel weights nor GPT-2's hub "
+                                  f"layout (first keys: {', '.join(sorted(arrays)[:3])})")
+        _check_complete(params)
+    except KeyError as err:
+        raise CheckpointError(f"{path} lacks the weight {err.args[0]}: delete it and run the download "
+                              "again") from None
     n_vocab, n_embd = params["wte"].shape
     settings = {"n_vocab": n_vocab, "n_ctx": params["wpe"].shape[0], "n_embd": n_embd,
                 "n_head": max(n_embd // GPT2_HEAD_DIM, 1), "n_layer": len(params["blocks"])}
@@ -460,6 +465,21 @@ def _params_from_book_state_dict(arrays):
             "ln_2": {"g": get("norm2.scale"), "b": get("norm2.shift")},
         })
     return params
+
+
+def _check_complete(params):
+    """Raise KeyError naming the first weight missing from an OpenAI-layout params dict."""
+    for key, name in (("wte", "wte"), ("wpe", "wpe"), ("g", "ln_f/g"), ("b", "ln_f/b")):
+        if key not in params:
+            raise KeyError(name)  # OpenAI's name for it
+    for i, block in enumerate(params["blocks"]):
+        for path in ("attn/c_attn/w", "attn/c_attn/b", "attn/c_proj/w", "attn/c_proj/b", "mlp/c_fc/w",
+                     "mlp/c_fc/b", "mlp/c_proj/w", "mlp/c_proj/b", "ln_1/g", "ln_1/b", "ln_2/g", "ln_2/b"):
+            entry = block
+            for part in path.split("/"):
+                if part not in entry:
+                    raise KeyError(f"h{i}/{path}")
+                entry = entry[part]
 
 
 def _block(params, index):

@@ -654,10 +654,21 @@ def test_corrupt_hub_weights_on_disk_give_a_clear_error(hub_checkpoints, tmp_pat
     assert excinfo.value.__cause__ is None
 
 
-def test_foreign_weights_file_is_named(tmp_path):
+def test_foreign_or_incomplete_weights_files_are_named(hub_checkpoints, tmp_path):
     path = save_weights({"encoder.layer.0.weight": np.zeros(3, np.float32)}, tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="neither the book's GPTModel weights nor"):
         load_hub_weights(path)
+    from safetensors.numpy import load, save
+
+    cases = [("hub-openai", "h.1.mlp.c_fc.bias", "h1/mlp/c_fc/b"), ("hub-openai", "ln_f.weight", "ln_f/g"),
+             ("hub-book", "trf_blocks.0.att.W_key.bias", "trf_blocks.0.att.W_key.bias")]
+    for layout, dropped, named in cases:
+        arrays = load(hub_checkpoints[1][layout])
+        del arrays[dropped]
+        path = tmp_path / "y.safetensors"
+        path.write_bytes(save(arrays))
+        with pytest.raises(CheckpointError, match=f"lacks the weight .*{named}"):
+            load_hub_weights(path)
 
 
 def test_a_hub_model_folder_made_without_tensorflow_loads_offline(shared_data, tmp_path, monkeypatch):
