@@ -123,10 +123,10 @@ def interactive(chat, args):
 
 def main(argv=None):
     args = build_arg_parser().parse_args(argv)
-    from gpt_instruction_finetuning import DeviceError, get_device, get_tokenizer
+    from finetune_cli import DeviceError, choose_device, get_tokenizer
 
     try:
-        device = get_device(args.device)
+        device = choose_device(args.device)
         chat, info = load_chat_model(args.model, device, adapters=args.adapters,
                                      tokenizer=get_tokenizer(args.tokenizer_dir))
     except (ModelFileError, DeviceError, FileNotFoundError, RuntimeError) as e:

@@ -129,8 +129,8 @@ def split_lora_model(state):
     return base, adapters
 
 
-def load_weights(model, state, path):
-    """Load `state` into `model` strictly, with a message naming what does not fit."""
+def load_weights(model, cfg, state, path):
+    """Load `state` into `model` (built from `cfg`) strictly, with a message naming what does not fit."""
     expected = model.state_dict()
     # The causal-mask buffers are no weights: files saved without them load too.
     missing = [k for k in expected if k not in state and not k.endswith(".att.mask")]
@@ -141,8 +141,8 @@ def load_weights(model, state, path):
         problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                     for label, keys in (("missing", missing), ("unexpected", unexpected),
                                         ("wrong shape", wrong)) if keys]
-        raise ModelFileError(f"{path} does not fit a GPTModel with emb_dim {model.cfg['emb_dim']}, "
-                             f"{model.cfg['n_layers']} layers, context {model.cfg['context_length']}"
+        raise ModelFileError(f"{path} does not fit a GPTModel with emb_dim {cfg['emb_dim']}, "
+                             f"{cfg['n_layers']} layers, context {cfg['context_length']}"
                              f": {'; '.join(problems)}. Is its run record from another model?")
     model.load_state_dict(state, strict=False)
 
@@ -209,7 +209,7 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
     if record is not None and "model_config" in record:
         cfg, source = dict(record["model_config"]), f"from {run_record_path(path).name}"
     model = GPTModel(cfg)
-    load_weights(model, state, path)
+    load_weights(model, cfg, state, path)
     if inline_adapters is not None:
         add_adapters(model, inline_adapters, path, path)
     if adapters is not None:
@@ -343,7 +343,7 @@ class ChatModel:
 
 def load_chat_model(path, device="cpu", adapters=None, base=None, tokenizer=None):
     """load_finetuned_model wrapped as a ChatModel; returns (ChatModel, info)."""
-    from gpt_instruction_finetuning import get_tokenizer
+    from finetune_cli import get_tokenizer
 
     model, style, info = load_finetuned_model(path, device, adapters=adapters, base=base)
     label = Path(adapters).name if adapters is not None else Path(path).name

@@ -36,7 +36,7 @@ def save_model(folder, stem, model, style="alpaca", record=True):
     if record:
         write_json(path.with_suffix(".run.json"), {
             "config": {"model": None, "prompt_style": style, "lora_rank": None, "lora_alpha": None},
-            "model_config": model.cfg})
+            "model_config": TEST_MODE_CONFIG})
     return path
 
 
