@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from finetuned_model import ModelFileError, describe, load_chat_model
+from finetuned_model import ModelFileError, add_model_arguments, describe, load_chat_model
 
 EXIT_BAD_INPUT = 2
 
@@ -31,17 +31,14 @@ class InputError(ValueError):
 def build_arg_parser():
     parser = argparse.ArgumentParser(
         description="Talk to a finetuned GPT-2: one instruction, many from stdin, or a prompt.")
-    parser.add_argument("model", help="the finetuned model's .pth (or the base model's, with --adapters)")
+    add_model_arguments(parser)
     parser.add_argument("instruction", nargs="?", help="answer this one instruction and exit")
     parser.add_argument("--input", default="", help="the optional input (### Input:) for the instruction")
-    parser.add_argument("--adapters", help="LoRA adapter file (<stem>-adapters.pth) to load on MODEL")
-    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, per answer")
     parser.add_argument("--batch-size", type=int, default=16, help="stdin: prompts per batch")
-    parser.add_argument("--tokenizer-dir", help="folder with GPT-2's encoder.json and vocab.bpe (offline)")
     return parser
 
 

@@ -350,6 +350,15 @@ def load_chat_model(path, device="cpu", adapters=None, base=None, tokenizer=None
     return ChatModel(model, tokenizer or get_tokenizer(), style, label), info
 
 
+def add_model_arguments(parser):
+    """The command-line arguments that pick a model, shared by chat.py and chat_app.py."""
+    parser.add_argument("model", help="the finetuned model's .pth (or its base model's, with --adapters)")
+    parser.add_argument("--adapters", help="LoRA adapter file (<stem>-adapters.pth) to load on MODEL")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--tokenizer-dir",
+                        help="folder with GPT-2's encoder.json and vocab.bpe (offline use)")
+
+
 def describe(info):
     """One line about a loaded model, for the terminal and the app's header."""
     adapters = f" + LoRA adapters {Path(info['adapters']).name}" if info["adapters"] else ""
