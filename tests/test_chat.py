@@ -246,3 +246,50 @@ def test_visible_answer_hides_the_response_tag_while_it_forms(tiny_model, tokeni
     steps = ["\n\n", "\n\n###", "\n\n### Response", "\n\n### Response:", "\n\n### Response:\n",
              "\n\n### Response:\nThe", "\n\n### Response:\nThe car"]
     assert [chat.visible_answer("P", s) for s in steps] == ["", "", "", "", "", "The", "The car"]
+
+
+def test_sampling_follows_temperature_top_k_and_seed(model_file, capsys, monkeypatch, one_thread):
+    args = (model_file, "Name a primary color.", "--max-new-tokens", MAX_NEW)
+    greedy = chat_main(capsys, monkeypatch, *args)[1]
+    sampled = [chat_main(capsys, monkeypatch, *args, "--temperature", 1.5, "--top-k", 50,
+                         "--seed", seed)[1] for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # the same seed, the same answer
+    assert len({greedy, sampled[0], sampled[2]}) == 3
+
+
+def test_a_model_saved_with_its_lora_layers(tmp_path, tiny_model, tokenizer, one_thread):
+    lora_model = GPTModel(TEST_MODE_CONFIG).eval()
+    lora_model.load_state_dict(tiny_model.state_dict())
+    replace_linear_with_lora(lora_model, rank=2, alpha=16)
+    with torch.no_grad():
+        for name, param in lora_model.named_parameters():
+            if name.endswith(".lora.B"):
+                param.normal_(0, 0.05)
+    path = tmp_path / "tiny-lora2.pth"
+    save_state_dict(lora_model.state_dict(), path)
+    with pytest.raises(ModelFileError, match="LoRA layers but no lora_alpha"):
+        load_finetuned_model(path)
+    write_json(path.with_suffix(".run.json"), {"config": {"lora_rank": 2, "lora_alpha": 16},
+                                               "model_config": TEST_MODE_CONFIG})
+    model, _, _ = load_finetuned_model(path)
+    assert book_answer(model, tokenizer, ENTRIES[0]) == book_answer(lora_model, tokenizer, ENTRIES[0])
+
+
+def test_interactive_prompt_on_a_terminal(model_file, tiny_model, tokenizer):
+    """No instruction and a terminal on stdin (a real pseudo-terminal): the chat prompt."""
+    import os
+    import pty
+
+    expected = book_answer(tiny_model, tokenizer, ENTRIES[0])
+    main_fd, terminal_fd = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), str(model_file),
+                                "--max-new-tokens", str(MAX_NEW)], stdin=terminal_fd,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    os.close(terminal_fd)
+    # Typed ahead: an empty line, an instruction and its input, then Ctrl-D to leave.
+    os.write(main_fd, f"\n{ENTRIES[0]['instruction']}\n{ENTRIES[0]['input']}\n\x04".encode())
+    out, err = process.communicate(timeout=120)
+    os.close(main_fd)
+    assert process.returncode == 0, err
+    assert f"Instruction> Input> {expected}\n" in out.decode()
+    assert "(empty: type an instruction)" in err.decode()
