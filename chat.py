@@ -4,7 +4,8 @@
     python chat.py MODEL.pth < instructions.txt      # one instruction a line, answered in batches
     python chat.py MODEL.pth < entries.jsonl         # {"instruction": ..., "input": ...} a line
     python chat.py MODEL.pth                         # an interactive prompt (Ctrl-D to leave)
-    python chat.py BASE.pth --adapters MODEL-adapters.pth "..."   # LoRA adapters on their base
+    python chat.py MODEL-adapters.pth "..."   # a LoRA run's adapters on the pretrained GPT-2
+    python chat.py BASE.pth --adapters MODEL-adapters.pth "..."   # ... or on a base .pth
 
 Not in the book. Any GPT-2 size: the config comes from the run record beside the weights, or
 from the weights' shapes (finetuned_model.py). Answers stream token by token through the KV

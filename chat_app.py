@@ -3,7 +3,7 @@
     pip install -r requirements-app.txt
     python chat_app.py gpt2-medium355M-sft.pth --compare-pretrained   # vs. GPT-2 before finetuning
     python chat_app.py MODEL.pth --compare OTHER.pth --port 7861
-    python chat_app.py BASE.pth --adapters MODEL-adapters.pth          # LoRA adapters on their base
+    python chat_app.py MODEL-adapters.pth      # a LoRA run's adapters on the pretrained GPT-2
 
 or, inline in a notebook cell: `from chat_app import launch; demo, url = launch("MODEL.pth")`.
 

@@ -3,7 +3,8 @@
 Not in the book: the book's chat app and load-finetuned-model.ipynb hard-code gpt2-medium.
 Here the model's config comes from the run record saved next to the weights
 (`<stem>.run.json`, written by the command line), or else from the shapes in the state dict
-itself; LoRA adapters (`<stem>-adapters.pth`) load on top of their base model. Whatever is
+itself; LoRA adapters (`<stem>-adapters.pth`) load on top of their base model: the pretrained
+GPT-2 their run record names, or a given .pth. Whatever is
 wrong with a file (missing, not a state dict, another size, adapters of another model)
 becomes a `ModelFileError` whose message names the file and the problem; the commands
 (chat.py, chat_app.py) print it and exit with code 2.
@@ -175,70 +176,105 @@ def record_style(*records):
 def load_finetuned_model(path, device="cpu", adapters=None, base=None):
     """Build the GPTModel of any size that `path` holds and load its weights.
 
-    path: a model's .pth (finetuned, merged or pretrained), or an adapter-only file when
-        `base` names its base model's .pth.
-    adapters: an adapter file (`<stem>-adapters.pth`) to load on top of `path`.
+    path: a model's .pth (finetuned, merged or pretrained), or a LoRA run's adapter file
+        (`<stem>-adapters.pth`): that goes on `base` (a .pth) when given, else on OpenAI's
+        pretrained GPT-2 that its run record names, as the LoRA run trained it.
+    adapters: an adapter file to load on top of the model `path`.
     Returns (model in eval mode on `device`, prompt style name, info dict).
     """
-    from previous_chapters import GPTModel
-
     path = Path(path)
     state = read_state_dict(path)
     if is_adapter_file(state):
-        if base is None:
-            raise ModelFileError(f"{path} holds only LoRA adapters. Load them on their base "
-                                 f"model: python chat.py BASE.pth --adapters {path}")
         if adapters is not None:
             raise ModelFileError(f"{path} holds adapters, and {adapters} too: pass one of them")
+        if base is None:
+            return load_adapters_on_pretrained(path, state, device)
         path, adapters = Path(base), path
         state = read_state_dict(path, "base model file")
     record = read_run_record(path)
-    adapter_record = read_run_record(adapters) if adapters is not None else None
+    config = (record or {}).get("config", {})
+    if adapters is not None and config.get("lora_rank"):
+        raise ModelFileError(f"{path} is a LoRA run's model with its adapters merged in "
+                             f"already: use it alone, or put the adapters on the pretrained "
+                             f"GPT-2 they were trained on: python chat.py {adapters}")
 
     inline_adapters = None
     if any(".lora." in k for k in state):  # saved with its LoRA layers in place
         state, inline_adapters = split_lora_model(state)
-        alpha = (record or {}).get("config", {}).get("lora_alpha")
-        if alpha is None:
+        if config.get("lora_alpha") is None:
             raise ModelFileError(f"{path} holds a model with LoRA layers but no lora_alpha: put "
                                  f"its run record beside it, or merge the adapters first")
-        inline_adapters["lora_alpha"] = torch.tensor(float(alpha))
+        inline_adapters["lora_alpha"] = torch.tensor(float(config["lora_alpha"]))
 
     source = "inferred from the weights"
     cfg = infer_model_config(state, path)
     if record is not None and "model_config" in record:
         cfg, source = dict(record["model_config"]), f"from {run_record_path(path).name}"
-    model = GPTModel(cfg)
+    model = new_model(cfg)
     load_weights(model, cfg, state, path)
     if inline_adapters is not None:
         add_adapters(model, inline_adapters, path, path)
+    adapter_record = None
     if adapters is not None:
         add_adapters(model, read_state_dict(adapters, "adapter file"), adapters, path)
+        adapter_record = read_run_record(adapters)
 
     style = record_style((adapters, adapter_record), (path, record))
-    model.to(device).eval()
     name = ((adapter_record or record or {}).get("config", {}).get("model")
             or model_name_for(cfg) or f"GPT (emb_dim {cfg['emb_dim']})")
+    return finish(model, device, style, path, adapters, name, cfg, source)
+
+
+def load_adapters_on_pretrained(path, adapters, device="cpu"):
+    """A LoRA run's adapters on the pretrained GPT-2 its run record names (and models_dir)."""
+    record = read_run_record(path)
+    config = (record or {}).get("config", {})
+    if config.get("model") is None:
+        raise ModelFileError(f"{path} holds only LoRA adapters, and no run record beside it "
+                             f"names their base model. Load them on it: python chat.py "
+                             f"BASE.pth --adapters {path}")
+    if config.get("test_mode"):
+        raise ModelFileError(f"{path} comes from a test-mode run, trained on a tiny random GPT "
+                             f"that no file holds: use that run's merged model instead")
+    models_dir = Path(config.get("models_dir") or HERE / "gpt2")
+    model, info = load_pretrained_model(config["model"], "cpu", models_dir,
+                                        record.get("model_config"))
+    add_adapters(model, adapters, path, info["path"])
+    return finish(model, device, record_style((path, record)), info["path"], path,
+                  config["model"], info["model_config"], f"from {run_record_path(path).name}")
+
+
+def new_model(cfg):
+    from previous_chapters import GPTModel
+
+    return GPTModel(cfg)
+
+
+def finish(model, device, style, path, adapters, name, cfg, source):
+    """The model on `device` in eval mode, its style, and the info dict that describes it."""
+    model.to(device).eval()
     info = {"path": str(path), "adapters": None if adapters is None else str(adapters),
             "model": name, "model_config": cfg, "config_source": source, "prompt_style": style,
             "parameters": sum(p.numel() for p in model.parameters())}
     return model, style, info
 
 
-def load_pretrained_model(model_name, device="cpu", models_dir=HERE / "gpt2"):
-    """OpenAI's GPT-2 of a size (downloaded once into `models_dir`), for a side-by-side chat."""
+def load_pretrained_model(model_name, device="cpu", models_dir=HERE / "gpt2", cfg=None):
+    """OpenAI's GPT-2 of a size (downloaded once into `models_dir`): a side-by-side chat's
+    second model, or the base of LoRA adapters. `cfg`: the GPTModel config, if not the size's."""
     from gpt_download import download_and_load_gpt2
-    from previous_chapters import GPTModel, load_weights_into_gpt
+    from previous_chapters import load_weights_into_gpt
 
-    cfg = gpt2_config(model_name)
+    cfg = dict(cfg or gpt2_config(model_name))
     _, params = download_and_load_gpt2(model_folder(model_name), models_dir)
-    model = GPTModel(cfg)
-    load_weights_into_gpt(model, params)
-    model.to(device).eval()
-    info = {"path": str(Path(models_dir) / model_folder(model_name)), "adapters": None,
-            "model": f"{model_name} (pretrained)", "model_config": cfg,
-            "config_source": "GPT-2 sizes", "prompt_style": None,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    model = new_model(cfg)
+    try:
+        load_weights_into_gpt(model, params)
+    except ValueError as e:
+        raise ModelFileError(f"The GPT-2 checkpoint in {Path(models_dir) / model_folder(model_name)} "
+                             f"does not fit {model_name}: {e}") from None
+    _, _, info = finish(model, device, None, Path(models_dir) / model_folder(model_name), None,
+                        f"{model_name} (pretrained)", cfg, "GPT-2 sizes")
     return model, info
 
 

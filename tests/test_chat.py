@@ -293,3 +293,53 @@ def test_interactive_prompt_on_a_terminal(model_file, tiny_model, tokenizer):
     assert process.returncode == 0, err
     assert f"Instruction> Input> {expected}\n" in out.decode()
     assert "(empty: type an instruction)" in err.decode()
+
+
+@pytest.mark.slow  # TensorFlow writes and reads a GPT-2 checkpoint
+def test_adapters_alone_go_on_the_pretrained_gpt2_of_their_run(tmp_path, tokenizer, capsys,
+                                                              monkeypatch, one_thread):
+    """A LoRA run's `<stem>-adapters.pth` with its run record: the base is OpenAI's GPT-2
+    (here a tiny random checkpoint in OpenAI's layout, in the folder of the recorded size)."""
+    pytest.importorskip("tensorflow", reason="reading GPT-2 checkpoints needs TensorFlow")
+    from gpt2_checkpoint import write_gpt2_checkpoint
+
+    from exercise_variants import lora_state_dict
+    from gpt_download import load_gpt2
+    from previous_chapters import load_weights_into_gpt
+
+    cfg = TEST_MODE_CONFIG
+    write_gpt2_checkpoint(tmp_path / "gpt2" / "124M", n_vocab=cfg["vocab_size"], n_embd=cfg["emb_dim"],
+                          n_ctx=cfg["context_length"], n_head=cfg["n_heads"], n_layer=cfg["n_layers"])
+    reference = GPTModel(cfg).eval()
+    load_weights_into_gpt(reference, load_gpt2(tmp_path / "gpt2" / "124M")[1])
+    reference.requires_grad_(False)
+    replace_linear_with_lora(reference, rank=4, alpha=8)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name.endswith(".lora.B"):
+                param.normal_(0, 0.05)
+    adapters_path = tmp_path / "gpt2-small124M-sft-lora4-adapters.pth"
+    save_state_dict(lora_state_dict(reference), adapters_path)
+    record = {"config": {"model": "gpt2-small", "prompt_style": "alpaca", "lora_rank": 4,
+                         "lora_alpha": 8, "test_mode": False, "models_dir": str(tmp_path / "gpt2")},
+              "model_config": cfg}
+    write_json(tmp_path / "gpt2-small124M-sft-lora4.run.json", record)
+    expected = book_answer(reference, tokenizer, ENTRIES[2])
+
+    code, out, err = chat_main(capsys, monkeypatch, adapters_path, ENTRIES[2]["instruction"],
+                               "--max-new-tokens", MAX_NEW)
+    assert code == 0, err
+    assert out == expected + "\n"
+    assert "124M + LoRA adapters gpt2-small124M-sft-lora4-adapters.pth: gpt2-small" in err
+
+    # The LoRA run's merged model is no base for its adapters (they would count twice).
+    merged = save_model(tmp_path, "gpt2-small124M-sft-lora4", GPTModel(cfg))
+    write_json(merged.with_suffix(".run.json"), record)
+    code, _, err = chat_main(capsys, monkeypatch, merged, "Hi", "--adapters", adapters_path)
+    assert code == 2 and "with its adapters merged in already" in err
+
+    write_json(tmp_path / "gpt2-small124M-sft-lora4.run.json",
+               {**record, "config": {**record["config"], "test_mode": True}})
+    code, _, err = chat_main(capsys, monkeypatch, adapters_path, "Hi")
+    assert code == 2 and "comes from a test-mode run" in err
