@@ -14,6 +14,14 @@ Training and answering use the fast paths of `fast_gpt.py` (same results as the 
 `train_model_simple` and `generate`, within float rounding). The exercises' switches
 (`--prompt-style phi3`, `--mask-instructions`, `--lora-rank`, `--data`) compose the classes
 of `exercise_variants.py`.
+
+Long runs survive (not in the book): training runs in `resumable_training.TrainingRun`, which
+checkpoints to OUTPUT_DIR/checkpoints every `--save-every` steps and on Ctrl-C (`--resume`
+continues exactly, `--keep` prunes), appends each evaluation to `<stem>.metrics.jsonl` and
+shows a progress bar; `--precision` picks the autocast (precision.py); beside the model goes
+`<stem>.run.json` (run_record.py). Data may be JSON or JSON Lines, split by
+`--val-fraction`/`--test-fraction` (`--shuffle-split SEED`), answered up to
+`--max-test-answers`.
 """
 
 import json
@@ -185,8 +193,8 @@ def load_entries(data_path, data_url):
     """The entries of a JSON list (downloaded from `data_url` when missing) or of a JSON Lines
     file (.jsonl, one entry a line); an entry without "input" has an empty input.
 
-    Not in the book. Minimal: instruction_data.load_instruction_file (issue 11's robust
-    loading) does this and more, and replaces this function once it is merged.
+    Not in the book. Minimal: instruction_data.load_instruction_file (robust dataset loading,
+    on its way from another branch) does this and more, and replaces this function then.
     """
     if not data_path.exists():
         return download_and_load_file(data_path, data_url)
