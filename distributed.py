@@ -148,6 +148,16 @@ class SingleProcess:
         of processes."""
         return model, optimizer
 
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """The block runs first in each machine's process of LOCAL_RANK 0, then in the others
+        (which wait at a barrier): a download into a folder the machine's processes share."""
+        if self.local_rank != 0:
+            self.barrier()
+        yield
+        if self.local_rank == 0:
+            self.barrier()
+
     def barrier(self):
         """Wait until every process gets here."""
 

@@ -250,7 +250,8 @@ def prepare_data(config, processes=None):
     data_path = Path(config.data) if config.data is not None else HERE / "instruction-data.json"
     if config.data is not None and config.data_url is None and not data_path.exists():
         raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
-    entries = load_entries(data_path, config.data_url or DATA_URL)
+    with processes.local_main_first():  # one download per machine
+        entries = load_entries(data_path, config.data_url or DATA_URL)
     print(f"Number of entries: {len(entries)}")
     train_data, test_data, val_data = split_entries(entries, config)
     if config.test_mode:
@@ -640,7 +641,8 @@ def main(config=None):
         for name, value in package_versions().items():
             print(f"{name} version: {value}")
         data = prepare_data(config, processes)
-        model = build_model(config, data.device)
+        with processes.local_main_first():  # one GPT-2 download per machine
+            model = build_model(config, data.device)
         run = finetune(model, data, config)
         if run["finished"]:
             results = answer_test_set(model, data, config)

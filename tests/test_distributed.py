@@ -238,15 +238,17 @@ def cli_outputs(out_dir, output):
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """One process; two; two stopped by --max-steps 7 (of 10), then resumed by one and by two."""
+    """One process; two (DDP, and FSDP); two stopped by --max-steps 7 (of 10), then resumed by
+    one and by two."""
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
-    dirs = {key: tmp_path_factory.mktemp(f"cli-{key}") for key in ("one", "two", "stopped")}
+    dirs = {key: tmp_path_factory.mktemp(f"cli-{key}") for key in ("one", "two", "fsdp", "stopped")}
     processes = {"one": start(cli_command(dirs["one"])),
                  "two": start(cli_command(dirs["two"], nproc=2)),
+                 "fsdp": start(cli_command(dirs["fsdp"], "--fsdp", nproc=2)),
                  "stopped": start(cli_command(dirs["stopped"], "--max-steps", "7", nproc=2))}
     outputs = {key: finish(process) for key, process in processes.items()}
-    runs = {key: cli_outputs(dirs[key], outputs[key]) for key in ("one", "two")}
+    runs = {key: cli_outputs(dirs[key], outputs[key]) for key in ("one", "two", "fsdp")}
     runs["stopped"] = {"dir": dirs["stopped"], "output": outputs["stopped"]}
     resumed = {}
     for nproc in (1, 2):
@@ -259,7 +261,7 @@ def cli_runs(tmp_path_factory):
     return runs
 
 
-def assert_same_run(run, reference):
+def assert_same_run(run, reference, strategy="ddp"):
     """Per-step losses, tokens seen and final weights within float rounding, answers equal.
 
     The attention's key bias is compared more loosely: its true gradient is zero (softmax
@@ -275,7 +277,7 @@ def assert_same_run(run, reference):
     expected = torch.load(reference["dir"] / f"{STEM}.pth", weights_only=True)
     assert weights.keys() == expected.keys()
     for name in expected:
-        atol = 1e-5 if name.endswith("att.W_key.bias") else 1e-6
+        atol = 1e-5 if name.endswith("att.W_key.bias") else ATOL[strategy]
         torch.testing.assert_close(weights[name], expected[name], rtol=1e-5, atol=atol)
     assert run["responses"] == reference["responses"]
 
@@ -290,6 +292,12 @@ def test_cli_under_torchrun_equals_one_process(cli_runs):
     assert "Processes: 2 (DDP), 1 of each batch of 2 on each" in two["output"]
     for line in ("Training set length: 10", "Ep 2 (Step 000009)", "Model saved as"):
         assert two["output"].count(line) == 1, line  # printed by process 0 only
+
+
+@pytest.mark.slow
+def test_cli_with_fsdp_equals_one_process(cli_runs):
+    assert "Processes: 2 (FSDP), 1 of each batch of 2 on each" in cli_runs["fsdp"]["output"]
+    assert_same_run(cli_runs["fsdp"], cli_runs["one"], "fsdp")
 
 
 @pytest.mark.slow
