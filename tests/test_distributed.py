@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -161,6 +162,27 @@ def test_stopped_under_two_processes_resumes_under(resumed, runs, nproc, strateg
         assert result[key] == pytest.approx(full[key], rel=1e-6)
     assert_same_weights(resumed[nproc]["dir"] / f"{name}.pth", runs[1]["dir"] / "trainer_full.pth",
                         strategy)
+
+
+@pytest.mark.slow
+def test_two_machines_through_the_c10d_rendezvous(runs, tmp_path):
+    """`--nnodes 2 --rdzv-backend c10d`, as on two machines: here two torchrun agents of one
+    process each, meeting at a rendezvous on 127.0.0.1 (each thinks it is its machine's
+    LOCAL_RANK 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test"]
+    agents = [start([sys.executable, *launcher, str(SCRIPT), str(tmp_path), "--strategies", "ddp"])
+              for _ in range(2)]
+    for agent in agents:
+        finish(agent)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2
+    assert result["ddp"]["losses"] == pytest.approx(runs[1]["ddp"]["losses"], rel=1e-6)
+    assert result["ddp"]["answers"] == runs[1]["ddp"]["answers"]
+    assert_same_weights(tmp_path / "ddp.pth", runs[1]["dir"] / "ddp.pth")
 
 
 @pytest.mark.slow
