@@ -28,7 +28,14 @@ the CPU) with a timeout, so a dead peer ends the run instead of hanging it, and 
 - `map_in_order(fn, items)`: e.g. the test answers, generated in shards and gathered back in
   the items' order;
 - `any(flag)`: a flag raised on any process (Ctrl-C), so all stop at the same step;
+- `full_weights(model)`, `full_state_dict(model)`, `checkpoint_view(model, optimizer)`: under
+  FSDP, the whole weights for fast_gpt's evaluation and generation, the saved model, and
+  checkpoints in the plain layout (any strategy and process count resumes them);
+- `local_main_first()`: a download done once per machine;
 - `is_main` (rank 0): only it prints (`main_prints_only()`), writes files and shows bars.
+
+resumable_training.TrainingRun and finetune_cli's stages call these methods; the methods of
+`SingleProcess` are the plain loop's steps, so one process computes what it always did.
 
 One process failing: its error is printed, it exits non-zero, and torchrun's agent stops the
 others; collectives time out after `timeout_s` in any case.
