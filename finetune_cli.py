@@ -19,12 +19,14 @@ Long runs survive (not in the book): training runs in `resumable_training.Traini
 checkpoints to OUTPUT_DIR/checkpoints every `--save-every` steps and on Ctrl-C (`--resume`
 continues exactly, `--keep` prunes), appends each evaluation to `<stem>.metrics.jsonl` and
 shows a progress bar; `--precision` picks the autocast (precision.py); beside the model goes
-`<stem>.run.json` (run_record.py). Data may be JSON or JSON Lines, split by
+`<stem>.run.json` (run_record.py). `--weights-source` picks where GPT-2 comes from
+(gpt_download.py; the hub sources need no TensorFlow), and the tokenizer is built from the
+vocabulary files downloaded with the weights. The chapter's dataset is tried from its
+sources in order and checked against its sha256. Data may be JSON or JSON Lines, split by
 `--val-fraction`/`--test-fraction` (`--shuffle-split SEED`), answered up to
 `--max-test-answers`.
 """
 
-import json
 import random
 import re
 import sys
@@ -57,14 +59,9 @@ from gpt2_sizes import (
     model_folder,
     short_model_name,
 )
-from gpt_instruction_finetuning import (
-    DATA_URL,
-    InstructionDataset,
-    custom_collate_fn,
-    download_and_load_file,
-    get_device,
-)
-from instruction_data import DatasetError, split_data, validate_entries
+from gpt_download import WEIGHT_SOURCES
+from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, get_device
+from instruction_data import CHAPTER_DATASET, DatasetError, load_instruction_file, split_data
 from precision import PRECISIONS, PrecisionError, resolve_precision
 from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
 from run_record import dataset_fingerprint, metrics_path, plot_metrics, write_run_record
@@ -112,8 +109,14 @@ class FinetuneConfig:
                                           "(default: gpt2/ next to this file)")
     output_dir: str | None = option(None, "where responses, model and plot go "
                                           "(default: next to this file)")
-    tokenizer_dir: str | None = option(None, "a folder with GPT-2's encoder.json and vocab.bpe "
-                                             "(offline use)")
+    weights_source: str = option("auto", "where GPT-2's weights come from: openai (TensorFlow "
+                                         "checkpoint, needs tensorflow), hub-book or hub-openai "
+                                         "(Hugging Face hub; HF_ENDPOINT names a mirror); auto: "
+                                         "what is complete on disk, else hub-openai",
+                                 choices=list(WEIGHT_SOURCES))
+    tokenizer_dir: str | None = option(None, "a folder with GPT-2's encoder.json and vocab.bpe, "
+                                             "or vocab.json and merges.txt (default: those beside "
+                                             "the weights, else tiktoken's download)")
     prompt_style: str = option("alpaca", "exercise 7.1: the prompt style",
                                choices=list(PROMPT_STYLES))
     mask_instructions: bool = option(False, "exercise 7.2: compute the loss on the response "
@@ -189,30 +192,19 @@ class PreparedData:
     processes: object = field(default_factory=SingleProcess)
 
 
-def load_entries(data_path, data_url):
-    """The entries of a JSON list (downloaded from `data_url` when missing) or of a JSON Lines
-    file (.jsonl, one entry a line); an entry without "input" has an empty input.
+def load_entries(data_path, config):
+    """The entries of `data_path` (JSON list or JSON Lines, instruction_data.load_instruction_file).
 
-    Not in the book. Minimal: instruction_data.load_instruction_file (robust dataset loading,
-    on its way from another branch) does this and more, and replaces this function then.
+    The chapter's dataset (no --data) is downloaded when missing from its sources in order
+    (GitHub, then a CDN mirror; --data-url replaces them) and must match its known sha256.
+    A file of one's own is downloaded from --data-url only, unchecked.
     """
-    if not data_path.exists():
-        return download_and_load_file(data_path, data_url)
-    text = data_path.read_text(encoding="utf-8")
-    try:
-        if data_path.suffix == ".jsonl":
-            entries = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                where = f"{data_path}, line {number},"
-                entries += [json.loads(line)] if line.strip() else []
-        else:
-            where = data_path
-            entries = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{where} is not valid JSON: {e}") from None
-    if isinstance(entries, list):
-        entries = [{"input": "", **entry} if isinstance(entry, dict) else entry for entry in entries]
-    return validate_entries(entries, source=str(data_path))
+    if config.data is None:
+        sources = (config.data_url,) if config.data_url else CHAPTER_DATASET.urls
+        return load_instruction_file(data_path, sources, CHAPTER_DATASET.sha256)
+    if config.data_url is None and not data_path.exists():
+        raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
+    return load_instruction_file(data_path, [config.data_url] if config.data_url else None)
 
 
 def split_entries(entries, config):
@@ -247,11 +239,9 @@ def prepare_data(config, processes=None):
     if config.fsdp and config.lora_rank:
         raise DistributedError("--fsdp with --lora-rank is not supported: LoRA trains few weights, "
                                "so DDP (the default under torchrun) fits wherever the model does.")
-    data_path = Path(config.data) if config.data is not None else HERE / "instruction-data.json"
-    if config.data is not None and config.data_url is None and not data_path.exists():
-        raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
+    data_path = Path(config.data) if config.data is not None else HERE / CHAPTER_DATASET.file_name
     with processes.local_main_first():  # one download per machine
-        entries = load_entries(data_path, config.data_url or DATA_URL)
+        entries = load_entries(data_path, config)
     print(f"Number of entries: {len(entries)}")
     train_data, test_data, val_data = split_entries(entries, config)
     if config.test_mode:
@@ -268,7 +258,10 @@ def prepare_data(config, processes=None):
               f"{batch_size // processes.world_size} of each batch of {batch_size} on each")
     precision = resolve_precision(config.precision, device)
     print(precision.describe())
-    tokenizer = get_tokenizer(config.tokenizer_dir)
+    # Not in the book: the tokenizer comes after the weights, from the vocabulary files that
+    # their download brings (no tiktoken download needed)
+    with processes.local_main_first():  # one download per machine (tiktoken's too)
+        tokenizer = get_tokenizer(config.tokenizer_dir or download_weights(config))
     style = prompt_style(config.prompt_style)
     allowed_max_length = min(config.max_length, model_config(config)["context_length"])
     train_loader, val_loader = build_loaders(
@@ -280,7 +273,7 @@ def prepare_data(config, processes=None):
     if truncated:
         print(f"Warning: {truncated} entries are longer than {allowed_max_length} tokens "
               f"and were truncated.")
-    data_name = None if data_path.name == "instruction-data.json" else data_path.stem
+    data_name = None if data_path.name == CHAPTER_DATASET.file_name else data_path.stem
     return PreparedData(train_data, val_data, test_data, train_loader, val_loader, tokenizer,
                         device, style, data_name, dataset_fingerprint(data_path.resolve()),
                         precision, processes)
@@ -339,35 +332,43 @@ def choose_device(name=None, test_mode=False):
     return torch.device(name)
 
 
-# GPT-2's pre-tokenizer pattern (the same as tiktoken's "gpt2" encoding uses).
-GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s"""
-
-
 def get_tokenizer(tokenizer_dir=None):
-    """tiktoken's GPT-2 tokenizer; from `tokenizer_dir` (encoder.json + vocab.bpe) when given.
+    """tiktoken's GPT-2 tokenizer; from `tokenizer_dir` when given (OpenAI's encoder.json +
+    vocab.bpe, or the hub's vocab.json + merges.txt: gpt2_tokenizer.tokenizer_from_folder).
 
-    The GPT-2 download puts those two files in e.g. gpt2/355M/, so a machine that has the
-    weights can build the tokenizer offline too.
+    Every weights download puts those files in e.g. gpt2/355M/, so a machine that has the
+    weights builds the tokenizer offline too.
     """
+    if tokenizer_dir is not None:
+        from gpt2_tokenizer import tokenizer_from_folder
+
+        return tokenizer_from_folder(tokenizer_dir)
     import tiktoken
 
-    if tokenizer_dir is None:
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except OSError as e:  # tiktoken downloads its vocabulary on first use
-            raise RuntimeError(
-                f"tiktoken could not download GPT-2's vocabulary ({e}). Connect to the internet "
-                "once, or pass a folder holding encoder.json and vocab.bpe (--tokenizer-dir)."
-            ) from None
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # tiktoken downloads its vocabulary on first use
+        raise RuntimeError(
+            f"tiktoken could not download GPT-2's vocabulary ({e}). Connect to the internet "
+            "once, or pass a folder holding encoder.json and vocab.bpe (--tokenizer-dir)."
+        ) from None
 
-    folder = Path(tokenizer_dir)
-    missing = [n for n in ("encoder.json", "vocab.bpe") if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} (GPT-2's tokenizer files)")
-    ranks = data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256})
+
+def download_weights(config):
+    """Download GPT-2's files for the run (reusing complete ones) and return their folder, if
+    it holds the tokenizer's files; None in test mode, which needs no weights."""
+    if config.test_mode:
+        return None
+    from gpt2_tokenizer import tokenizer_files
+    from gpt_download import download_gpt2
+
+    folder = models_dir(config) / model_folder(config.model)
+    download_gpt2(model_folder(config.model), models_dir(config), config.weights_source)
+    return folder if tokenizer_files(folder) else None
+
+
+def models_dir(config):
+    return Path(config.models_dir) if config.models_dir is not None else HERE / "gpt2"
 
 
 #####################################
@@ -393,9 +394,9 @@ def build_model(config, device):
     else:
         from gpt_download import download_and_load_gpt2
 
-        models_dir = Path(config.models_dir) if config.models_dir is not None else HERE / "gpt2"
         settings, params = download_and_load_gpt2(model_size=model_folder(config.model),
-                                                  models_dir=models_dir)
+                                                  models_dir=models_dir(config),
+                                                  source=config.weights_source)
         model = GPTModel(model_config(config))
         load_weights_into_gpt(model, params)
         del settings, params
@@ -641,8 +642,7 @@ def main(config=None):
         for name, value in package_versions().items():
             print(f"{name} version: {value}")
         data = prepare_data(config, processes)
-        with processes.local_main_first():  # one GPT-2 download per machine
-            model = build_model(config, data.device)
+        model = build_model(config, data.device)
         run = finetune(model, data, config)
         if run["finished"]:
             results = answer_test_set(model, data, config)

@@ -217,7 +217,7 @@ def test_jsonl_and_missing_input(instruction_data, tmp_path):
     assert prepared(json_path, tmp_path).train_data == data.train_data
 
     path.write_text(json.dumps(entries[0]) + "\n{oops\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match=r"mine.jsonl, line 2, is not valid JSON"):
+    with pytest.raises(DatasetError, match=r"mine.jsonl: line 2 is not valid JSON Lines"):
         prepared(path, tmp_path)
     path.write_text(json.dumps(entries[0]) + "\n" + json.dumps({"instruction": "x"}) + "\n")
     with pytest.raises(DatasetError, match=r"mine.jsonl: entry 1 has no 'output' key"):
