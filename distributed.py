@@ -250,18 +250,22 @@ class ProcessGroup(SingleProcess):
 
     def calc_loss_loader(self, data_loader, model, device, num_batches=None):
         """Each batch's rows shared out over the processes and its (sum, count) reduced, so
-        every process gets the number one process computes."""
+        every process gets the number one process computes.
+
+        Under FSDP through the model's own forward, one block's whole weights at a time (not
+        all of them at once), run by every process, even one with no rows of a short batch,
+        since each block's forward gathers its weights from all of them."""
         if len(data_loader) == 0:
             return float("nan")
         num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+        fsdp = self.strategy == "fsdp" and model is self.model
+        loss = _TokenLoss(model, through_modules=fsdp)
         total = 0.0
-        with self.full_weights(model):
-            for input_batch, target_batch in itertools.islice(data_loader, num_batches):
-                rows_in, rows_target = self.share(input_batch), self.share(target_batch)
-                loss_sum, count = (_TokenLoss(model)(rows_in, rows_target, device) if len(rows_in)
-                                   else (0.0, 0))
-                global_sum, global_count = self.sum_over_processes(loss_sum, count)
-                total += (global_sum / global_count).item()
+        for input_batch, target_batch in itertools.islice(data_loader, num_batches):
+            rows_in, rows_target = self.share(input_batch), self.share(target_batch)
+            loss_sum, count = loss(rows_in, rows_target, device) if len(rows_in) or fsdp else (0.0, 0)
+            global_sum, global_count = self.sum_over_processes(loss_sum, count)
+            total += (global_sum / global_count).item()
         return total / num_batches
 
     def map_in_order(self, fn, items):
