@@ -29,7 +29,7 @@ the CPU) with a timeout, so a dead peer ends the run instead of hanging it, and 
   the items' order;
 - `any(flag)`: a flag raised on any process (Ctrl-C), so all stop at the same step;
 - `full_weights(model)`, `full_state_dict(model)`, `checkpoint_view(model, optimizer)`: under
-  FSDP, the whole weights for fast_gpt's evaluation and generation, the saved model, and
+  FSDP, the whole weights for fast_gpt's generation, the saved model, and
   checkpoints in the plain layout (any strategy and process count resumes them);
 - `local_main_first()`: a download done once per machine;
 - `is_main` (rank 0): only it prints (`main_prints_only()`), writes files and shows bars.
@@ -141,7 +141,7 @@ class SingleProcess:
     @contextlib.contextmanager
     def full_weights(self, model):
         """The model with whole parameters inside the block (FSDP gathers its shards), for
-        code that reads the weights directly: fast_gpt's evaluation and generation."""
+        code that reads the weights directly: fast_gpt's generation (the KV cache)."""
         yield model
 
     def full_state_dict(self, model):
