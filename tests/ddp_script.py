@@ -42,20 +42,27 @@ def make_rows():
     return [torch.randint(1, CFG["vocab_size"], (n,), generator=generator).tolist() for n in lengths]
 
 
-def train(group, strategy, batch_size, fail_rank, fail_at_step):
-    from torch.utils.data import DataLoader
-
-    from fast_gpt import generate_answer_ids
+def setup(group, strategy):
+    """(device, collate function, rows, model prepared for `strategy`, its AdamW)."""
+    from gpt_instruction_finetuning import custom_collate_fn
     from previous_chapters import GPTModel
-    from resumable_training import epoch_order
 
     device = group.device or torch.device("cpu")
-    collate = partial(custom_collate_fn(), pad_token_id=PAD, device=device)
-    rows = make_rows()
+    collate = partial(custom_collate_fn, pad_token_id=PAD, device=device)
     torch.manual_seed(SEED)
     model = GPTModel(CFG).to(device)
     group.prepare_model(model, strategy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return device, collate, make_rows(), model, optimizer
+
+
+def train(group, strategy, batch_size, fail_rank, fail_at_step):
+    from torch.utils.data import DataLoader
+
+    from fast_gpt import generate_answer_ids
+    from resumable_training import epoch_order
+
+    device, collate, rows, model, optimizer = setup(group, strategy)
 
     losses, naive_losses = [], []
     order = epoch_order(len(rows), SEED, 0)
@@ -90,20 +97,13 @@ def train_with_trainer(group, out_dir, checkpoints, scenario):
     """resumable_training.TrainingRun for 2 epochs of 3 steps: "full", "stop" (after 2 steps,
     with a checkpoint in checkpoints/ddp) or "resume" (the newest checkpoint there, to the
     end); "fsdp-full", "fsdp-stop" and "fsdp-resume" the same with FSDP (checkpoints/fsdp)."""
-    strategy, _, scenario = scenario.rpartition("-")
-    strategy = strategy or "ddp"
     from torch.utils.data import DataLoader
 
-    from previous_chapters import GPTModel
     from resumable_training import CheckpointPlan, TrainingRun
 
-    device = group.device or torch.device("cpu")
-    collate = partial(custom_collate_fn(), pad_token_id=PAD, device=device)
-    rows = make_rows()
-    torch.manual_seed(SEED)
-    model = GPTModel(CFG).to(device)
-    group.prepare_model(model, strategy)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    strategy, _, scenario = scenario.rpartition("-")
+    strategy = strategy or "ddp"
+    device, collate, rows, model, optimizer = setup(group, strategy)
     train_loader = DataLoader(rows, batch_size=4, shuffle=True, drop_last=True, collate_fn=collate)
     val_loader = DataLoader(rows[:7], batch_size=3, collate_fn=collate)
     run = TrainingRun(model, optimizer, train_loader, val_loader, device, seed=SEED,
@@ -116,12 +116,6 @@ def train_with_trainer(group, out_dir, checkpoints, scenario):
                                                       max_steps=2 if scenario == "stop" else None)
     return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
             "steps": run.state.step}, group.full_state_dict(model)
-
-
-def custom_collate_fn():
-    from gpt_instruction_finetuning import custom_collate_fn
-
-    return custom_collate_fn
 
 
 def main(argv=None):
