@@ -299,7 +299,7 @@ def plot_dpo_metrics(tracking, num_epochs, save_path=None, show=True):
     return fig
 
 
-def compare_responses(entries, models, tokenizer, device, max_new_tokens=256):
+def compare_responses(entries, models, tokenizer, max_new_tokens=256):
     """Each entry with one greedy answer per model: `models` maps a name to a model.
 
     Returns copies of the entries with a "<name>_response" key per model, e.g.
@@ -309,8 +309,8 @@ def compare_responses(entries, models, tokenizer, device, max_new_tokens=256):
 
     answered = [dict(entry) for entry in entries]
     for name, model in models.items():
-        responses = generate_responses(model, entries, tokenizer, device,
-                                       max_new_tokens=max_new_tokens)
+        responses = generate_responses(model, entries, tokenizer, max_new_tokens=max_new_tokens,
+                                       progress=False)
         for entry, response in zip(answered, responses, strict=True):
             entry[f"{name}_response"] = response
     return answered

@@ -6,18 +6,17 @@ log-softmax over the whole vocabulary at every position, padding and prompt incl
 to keep the response tokens. Here:
 
 - `packed_logprobs`: each row is cut after its last response token and the rows are packed
-  into one sequence, so the padding costs nothing in the linear layers; the output head and
-  the log-softmax run only where a response token is predicted. Chosen and rejected go
-  through the model in one call.
+  into one sequence (fast_gpt's PackedRows and fused forward pass), so the padding costs
+  nothing in the linear layers; the output head and the log-softmax run only where a
+  response token is predicted. Chosen and rejected go through the model in one call.
 - `reference_logprobs`: the frozen reference model runs under `torch.inference_mode`
   (no autograd bookkeeping at all), or not at all when the batch carries log-probabilities
   cached for the whole dataset by `cache_reference_logprobs` (two numbers per entry: the
   reference never changes, so each entry needs it once, not at every step and evaluation).
 
 `compute_dpo_loss_batch_fast` has the signature of `dpo.compute_dpo_loss_batch`; pass it
-as `loss_fn` to `dpo.train_model_dpo_simple`. The functions work on any model with the
-book's module layout (tok_emb, pos_emb, drop_emb, trf_blocks[i].{norm1, att, ff, norm2,
-drop_shortcut}, final_norm, out_head), reading its modules; they never subclass it.
+as `loss_fn` to `dpo.train_model_dpo_simple`. Like fast_gpt, it works on any model with the
+book's module layout, reading its modules; it never subclasses it.
 """
 
 from functools import partial
@@ -26,57 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo import compute_dpo_loss, preference_collate_fn
-
-
-class PackedRows:
-    """The rows of a batch cut to different lengths and packed into one sequence.
-
-    `keep` (batch, n_tokens) bool is True on a prefix of every row. Layers that work
-    position by position run on the (1, kept) packed sequence; attention unpacks to
-    (batch, n_tokens) with zeros where rows were cut, and stays causal, so every kept
-    position sees exactly the tokens it sees in the full batch.
-    """
-
-    def __init__(self, keep):
-        self.batch_size, self.n_tokens = keep.shape
-        self.index = keep.flatten().nonzero().squeeze(1)  # kept positions, row after row
-        self.positions = self.index % self.n_tokens  # each kept token's position in its row
-
-    def pack(self, x):
-        """(batch, n_tokens, ...) -> (1, kept, ...)."""
-        return x.flatten(0, 1).index_select(0, self.index).unsqueeze(0)
-
-    def unpack(self, x):
-        """(1, kept, dim) -> (batch, n_tokens, dim), zeros at the cut-off positions."""
-        full = x.new_zeros(self.batch_size * self.n_tokens, x.shape[-1])
-        return full.index_copy(0, self.index, x[0]).view(self.batch_size, self.n_tokens, -1)
-
-
-def _packed_attention(att, x, packed):
-    """The book's MultiHeadAttention `att` on packed rows x (1, kept, d_in) -> (1, kept, d_out)."""
-    queries, keys, values = (packed.unpack(w(x)) for w in (att.W_query, att.W_key, att.W_value))
-    b, n_tokens, d_out = queries.shape
-
-    def heads(t):  # (b, n_tokens, d_out) -> (b, num_heads, n_tokens, head_dim)
-        return t.view(b, n_tokens, att.num_heads, att.head_dim).transpose(1, 2)
-
-    context = F.scaled_dot_product_attention(
-        heads(queries), heads(keys), heads(values), is_causal=True,
-        dropout_p=att.dropout.p if att.training else 0.0)
-    context = context.transpose(1, 2).reshape(b, n_tokens, d_out)
-    return att.out_proj(packed.pack(context))
-
-
-def packed_hidden_states(model, input_ids, keep):
-    """The final-norm outputs at the kept positions: (kept, emb_dim), row after row."""
-    packed = PackedRows(keep)
-    x = model.drop_emb(model.tok_emb(packed.pack(input_ids)) + model.pos_emb(packed.positions))
-    for block in model.trf_blocks:  # the book's TransformerBlock.forward, on packed rows
-        shortcut = x
-        x = block.drop_shortcut(_packed_attention(block.att, block.norm1(x), packed)) + shortcut
-        shortcut = x
-        x = block.drop_shortcut(block.ff(block.norm2(x))) + shortcut
-    return model.final_norm(x)[0]
+from fast_gpt import PackedRows, autocast, transform
 
 
 def packed_logprobs(model, input_ids, selection_mask):
@@ -94,8 +43,10 @@ def packed_logprobs(model, input_ids, selection_mask):
     predicts, input_ids = predicts[:, :longest], input_ids[:, :longest + 1]
     keep = torch.arange(longest, device=predicts.device) < ends[:, None]  # (batch, longest)
 
-    hidden = packed_hidden_states(model, input_ids[:, :longest], keep)  # (kept, emb_dim)
-    logits = model.out_head(hidden[predicts[keep]]).float()  # (n_predicting, vocab_size)
+    # fast_gpt's forward pass on the packed rows: (1, kept, emb_dim)
+    packed = PackedRows(keep)
+    hidden = transform(model, packed.pack(input_ids[:, :longest]), packed.positions, packed)
+    logits = model.out_head(hidden[0][predicts[keep]]).float()  # (n_predicting, vocab_size)
     labels = input_ids[:, 1:][predicts]  # the selected tokens, in the same (row-major) order
     token_logprobs = torch.gather(F.log_softmax(logits, dim=-1), -1, labels[:, None]).squeeze(1)
 
@@ -124,9 +75,14 @@ def reference_logprobs(reference_model, batch):
 
 
 def compute_dpo_loss_batch_fast(batch, policy_model, reference_model, beta):
-    """Same as dpo.compute_dpo_loss_batch (within float tolerance), with less work."""
-    policy_chosen, policy_rejected = dpo_logprobs(policy_model, batch)
-    ref_chosen, ref_rejected = reference_logprobs(reference_model, batch)
+    """Same as dpo.compute_dpo_loss_batch (within float tolerance), with less work.
+
+    On a CUDA GPU with bfloat16 the model runs under bfloat16 autocast (weights stay float32;
+    the log-softmax is computed in float32).
+    """
+    with autocast(batch["chosen"].device):
+        policy_chosen, policy_rejected = dpo_logprobs(policy_model, batch)
+        ref_chosen, ref_rejected = reference_logprobs(reference_model, batch)
     return compute_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
 
 
