@@ -216,14 +216,13 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
     Every `eval_freq` steps it prints the loss and the reward margin (chosen minus rejected
     reward) on `eval_iter` batches of each loader; after each epoch, a sample continuation of
     `start_context` (None skips it). The batches are already on the device (the collate puts
-    them there). Not in the book: `loss_fn`, the batch loss, which fast_dpo replaces.
+    them there). Not in the book: `loss_fn`, the batch loss, which fast_dpo replaces; the
+    logging is in `log_dpo_evaluation`, shared with the resumable loop of dpo_cli.py.
     Returns a dict of lists: train/val losses, chosen and rejected rewards, tokens seen.
     """
     from previous_chapters import generate_and_print_sample
 
-    tracking = {"train_losses": [], "train_chosen_rewards": [], "train_rejected_rewards": [],
-                "val_losses": [], "val_chosen_rewards": [], "val_rejected_rewards": [],
-                "tokens_seen": []}
+    tracking = new_tracking()
     tokens_seen, global_step = 0, -1
 
     for epoch in range(num_epochs):
@@ -239,23 +238,34 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
             if global_step % eval_freq == 0:
                 res = evaluate_dpo_loss_loader(policy_model, reference_model, train_loader,
                                                val_loader, beta, eval_iter, loss_fn)
-                for split in ("train", "val"):
-                    tracking[f"{split}_losses"].append(res[f"{split}_loss"])
-                    tracking[f"{split}_chosen_rewards"].append(res[f"{split}_chosen_reward"])
-                    tracking[f"{split}_rejected_rewards"].append(res[f"{split}_rejected_reward"])
-                tracking["tokens_seen"].append(tokens_seen)
-                train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
-                val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
-                print(f"Ep {epoch+1} (Step {global_step:06d}): "
-                      f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
-                      f"Train reward margins {train_margin:.3f}, "
-                      f"Val reward margins {val_margin:.3f}")
+                log_dpo_evaluation(tracking, res, tokens_seen, epoch, global_step)
 
         if start_context is not None:
             device = next(policy_model.parameters()).device
             generate_and_print_sample(policy_model, tokenizer, device, start_context)
 
     return tracking
+
+
+def new_tracking():
+    """The lists train_model_dpo_simple fills, one value per evaluation."""
+    return {"train_losses": [], "train_chosen_rewards": [], "train_rejected_rewards": [],
+            "val_losses": [], "val_chosen_rewards": [], "val_rejected_rewards": [],
+            "tokens_seen": []}
+
+
+def log_dpo_evaluation(tracking, res, tokens_seen, epoch, global_step):
+    """Append one evaluation (from evaluate_dpo_loss_loader) to `tracking` and print it."""
+    for split in ("train", "val"):
+        tracking[f"{split}_losses"].append(res[f"{split}_loss"])
+        tracking[f"{split}_chosen_rewards"].append(res[f"{split}_chosen_reward"])
+        tracking[f"{split}_rejected_rewards"].append(res[f"{split}_rejected_reward"])
+    tracking["tokens_seen"].append(tokens_seen)
+    train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
+    val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
+    print(f"Ep {epoch+1} (Step {global_step:06d}): "
+          f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
+          f"Train reward margins {train_margin:.3f}, Val reward margins {val_margin:.3f}")
 
 
 def reward_margins(tracking, split):

@@ -1,15 +1,24 @@
 """DPO from scratch (dpo.py): the loss by hand, the masks, the frozen reference, learning."""
 
+import json
 import math
+import os
+import re
+import subprocess
+import sys
 from functools import partial
 
 import pytest
 import torch
+from conftest import ROOT
 from torch.utils.data import DataLoader
 
 import dpo
+import dpo_cli
 import fast_dpo
+from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
 from previous_chapters import GPTModel
+from safe_files import write_json
 
 BETA = 0.1
 
@@ -255,3 +264,123 @@ def test_cached_reference_logprobs_give_the_same_loss(moved):
     got = fast_dpo.compute_dpo_loss_batch_fast(cached_batch, policy, None, BETA)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------
+
+
+def test_model_config_from_the_state_dict_shapes():
+    cfg = gpt2_config("gpt2-medium")
+    model = GPTModel({**cfg, "n_layers": 1})
+    state = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
+    for layer in range(1, 24):  # the other 23 blocks, by name: shapes are all that is read
+        state.update({k.replace("trf_blocks.0.", f"trf_blocks.{layer}."): v
+                      for k, v in state.items() if k.startswith("trf_blocks.0.")})
+    assert dpo_cli.infer_model_config(state) == cfg
+    state["tok_emb.weight"] = torch.empty(50257, 64, device="meta")
+    with pytest.raises(dpo_cli.SetupError, match="emb_dim 64 is none of GPT-2's sizes"):
+        dpo_cli.infer_model_config(state)
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch():
+    first = dpo_cli.epoch_batches(10, 4, seed=123, epoch=0)
+    assert first == dpo_cli.epoch_batches(10, 4, seed=123, epoch=0)
+    assert first != dpo_cli.epoch_batches(10, 4, seed=123, epoch=1)
+    assert len(first) == 2 and all(len(b) == 4 for b in first)  # the last partial batch dropped
+    assert len(set(first[0] + first[1])) == 8
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    """A tiny 'finetuned' model saved as the chapter saves it, with a run record beside it."""
+    path = tmp_path / "tiny-sft.pth"
+    torch.save(tiny_model(TEST_MODE_CONFIG).state_dict(), path)
+    write_json(tmp_path / "tiny-sft.run.json", {"model_config": TEST_MODE_CONFIG})
+    return path
+
+
+def cli_args(sft_file, shared_data, *extra):
+    return ["--test-mode", "--sft-model", str(sft_file), "--tokenizer-dir",
+            str(shared_data / "gpt2-tokenizer"), "--data",
+            str(shared_data / "instruction-data-with-preference.json"), "--lr", "1e-3",
+            "--batch-size", "4", "--eval-freq", "1", "--eval-iter", "1", "--max-new-tokens", "4",
+            *extra]
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(sft_file, shared_data, tmp_path):
+    out_dir = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "dpo_cli.py"),
+                             *cli_args(sft_file, shared_data, "--output-dir", str(out_dir))],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^Ep 1 \(Step 000000\): Train loss 0\.6\d\d, Val loss 0\.693, "
+                     r"Train reward margins 0\.\d\d\d, Val reward margins", result.stdout, re.M)
+    assert "Preference data: 10 train, 10 validation, 10 test entries" in result.stdout
+
+    sft = torch.load(sft_file, weights_only=True)
+    tuned = torch.load(out_dir / "tiny-sft-dpo.pth", weights_only=True)
+    GPTModel(TEST_MODE_CONFIG).load_state_dict(tuned)  # strict: the whole model
+    assert not torch.equal(sft["out_head.weight"], tuned["out_head.weight"])
+
+    metrics = json.loads((out_dir / "tiny-sft-dpo.metrics.json").read_text())
+    assert len(metrics["train_losses"]) == len(metrics["val_rejected_rewards"]) == 2  # 2 steps
+    record = json.loads((out_dir / "tiny-sft-dpo.run.json").read_text())
+    assert record["model_config"] == TEST_MODE_CONFIG and record["config"]["beta"] == 0.1
+    assert record["dataset"]["sha256"] == \
+        "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
+    assert record["final_losses"]["val_reward_margin"] == pytest.approx(
+        metrics["val_chosen_rewards"][-1] - metrics["val_rejected_rewards"][-1])
+    answers = json.loads((out_dir / "tiny-sft-dpo-responses.json").read_text())
+    assert len(answers) == 10 and {"sft_response", "dpo_response"} <= set(answers[0])
+    assert (out_dir / "tiny-sft-dpo-plot.pdf").read_bytes().startswith(b"%PDF")
+    assert not (out_dir / "tiny-sft-dpo.checkpoint.pth").exists()
+    assert not list(out_dir.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_cli_resumes_with_the_same_result(one_thread, sft_file, shared_data, tmp_path, capsys):
+    def run(out, *extra):
+        args = dpo_cli.build_arg_parser().parse_args(
+            cli_args(sft_file, shared_data, "--epochs", "2", "--output-dir", str(out), *extra))
+        return dpo_cli.main(dpo_cli.DPOConfig(**vars(args)))
+
+    whole = run(tmp_path / "whole")
+    assert run(tmp_path / "parts", "--max-steps", "3")["tracking"] is None
+    assert (tmp_path / "parts" / "tiny-sft-dpo.checkpoint.pth").exists()
+    assert "Stopped after 3 steps" in capsys.readouterr().out
+    parts = run(tmp_path / "parts")
+    assert "Resuming from" in capsys.readouterr().out
+    assert parts["tracking"] == whole["tracking"]  # 4 steps, 2 per epoch: the same numbers
+    a = torch.load(whole["paths"]["model"], weights_only=True)
+    b = torch.load(parts["paths"]["model"], weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_bad_inputs_exit_2_without_a_traceback(sft_file, shared_data, tmp_path, capsys):
+    missing = subprocess.run([sys.executable, str(ROOT / "dpo_cli.py"), "--sft-model",
+                              str(tmp_path / "nope.pth")], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "nope.pth does not exist" in missing.stderr
+    assert "gpt_instruction_finetuning.py" in missing.stderr
+
+    run_record = sft_file.with_name("tiny-sft.run.json")
+    write_json(run_record, {"model_config": {**TEST_MODE_CONFIG, "n_layers": 3}})
+    assert dpo_cli.cli(cli_args(sft_file, shared_data)) == 2
+    err = capsys.readouterr().err
+    assert "tiny-sft.pth does not fit a GPT with 3 layers and emb_dim 64: 17 missing keys " \
+           "(first: trf_blocks.2.att.mask)" in err and "--model" in err
+    write_json(run_record, {"model_config": {**TEST_MODE_CONFIG, "emb_dim": 128}})
+    assert dpo_cli.cli(cli_args(sft_file, shared_data)) == 2
+    assert "tok_emb.weight is (50257, 64), not (50257, 128)" in capsys.readouterr().err
+
+    write_json(run_record, {"model_config": TEST_MODE_CONFIG})
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b", "chosen": "c"}]))
+    assert dpo_cli.cli(cli_args(sft_file, shared_data, "--data", str(bad))) == 2
+    assert "entry 0 has no 'rejected' key" in capsys.readouterr().err
