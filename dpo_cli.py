@@ -231,8 +231,10 @@ def train(policy, reference, config, datasets, collate, paths, identity):
     """
     from torch.utils.data import DataLoader
 
+    from fast_gpt import make_optimizer
+
     loss_fn = dpo.compute_dpo_loss_batch if config.plain else fast_dpo.compute_dpo_loss_batch_fast
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(policy, config.lr, config.weight_decay)  # fused AdamW where available
     train_set, val_set = datasets
     # Evaluation batches: the first eval_iter batches of each split, in order.
     train_eval = DataLoader(train_set, batch_size=config.batch_size, collate_fn=collate)

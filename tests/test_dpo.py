@@ -384,3 +384,25 @@ def test_cli_bad_inputs_exit_2_without_a_traceback(sft_file, shared_data, tmp_pa
     bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b", "chosen": "c"}]))
     assert dpo_cli.cli(cli_args(sft_file, shared_data, "--data", str(bad))) == 2
     assert "entry 0 has no 'rejected' key" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_run_agrees_and_prints_ratios(shared_data):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--tiny", "--device", "cpu",
+         "--data", str(shared_data / "instruction-data-with-preference.json"),
+         "--tokenizer-dir", str(shared_data / "gpt2-tokenizer")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert out.count(": OK") == 2 and "FAILED" not in out
+    assert re.search(r"^reference cache: 8 entries in [\d.]+ s", out, re.M)
+    for variant in ("fast", "cached"):
+        for metric in ("training step", "evaluation batch", "book loop"):
+            match = re.search(rf"^RATIO tiny {variant} {metric}: (\d+\.\d\d)x", out, re.M)
+            assert match and float(match[1]) > 0, (variant, metric)
