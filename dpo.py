@@ -7,7 +7,9 @@ answers people prefer. Each training entry holds an instruction, a `chosen` resp
 one, measured against a frozen copy of the SFT model (the reference model), so the tuned
 model (the policy) does not drift far from what it already knows.
 
-The plain code, in the order of the lesson:
+The data, `instruction-data-with-preference.json`, is `instruction_data.PREFERENCE_DATASET`
+(downloaded and checked by `instruction_data.load_known_dataset`). The plain code, in the
+order of the lesson:
     PreferenceDataset, preference_collate_fn   the data: prompt + chosen, prompt + rejected
     compute_logprobs                            mean log-probability of the response tokens
     compute_dpo_loss                            the DPO loss, and the implicit rewards
@@ -19,7 +21,6 @@ Faster paths with the same numbers are in `fast_dpo.py`; the command line is `dp
 """
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -27,24 +28,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from gpt_instruction_finetuning import format_input
-from instruction_data import DatasetError, validate_entries
 
 # What the chapter's Alpaca prompt puts between the instruction and the response.
 RESPONSE_PREFIX = "\n\n### Response:\n"
-PREFERENCE_KEYS = ("instruction", "input", "output", "chosen", "rejected")
-
-
-def load_preference_file(path):
-    """The preference entries from a local JSON file, checked: every entry has the five keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass the preference data "
-                                f"(instruction-data-with-preference.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON: {e}") from None
-    return validate_entries(data, source=str(path), keys=PREFERENCE_KEYS)
 
 
 class PreferenceDataset(Dataset):

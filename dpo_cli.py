@@ -3,10 +3,10 @@
 Not in the book. After `python gpt_instruction_finetuning.py` has saved
 `gpt2-medium355M-sft.pth`:
 
-    python dpo_cli.py --sft-model gpt2-medium355M-sft.pth \\
-        --data instruction-data-with-preference.json
+    python dpo_cli.py --sft-model gpt2-medium355M-sft.pth
 
-trains one epoch of DPO (dpo.py, through fast_dpo's faster batch loss) and writes, next to
+downloads the book's preference data (instruction-data-with-preference.json) if it is not
+there, trains one epoch of DPO (dpo.py, through fast_dpo's faster batch loss) and writes, next to
 the SFT model (or in --output-dir):
 
     gpt2-medium355M-sft-dpo.pth             the DPO-tuned weights (same layout as the SFT file)
@@ -38,13 +38,17 @@ import torch
 import dpo
 import fast_dpo
 from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
-from instruction_data import DatasetError, split_data
+from instruction_data import (
+    PREFERENCE_DATASET,
+    PREFERENCE_KEYS,
+    DatasetError,
+    load_instruction_file,
+    load_known_dataset,
+    split_data,
+)
 from safe_files import save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
-DATA_FILE = "instruction-data-with-preference.json"
-DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
-            "04_preference-tuning-with-dpo/instruction-data-with-preference.json")
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
 CHECKPOINT_FORMAT = "ch07-dpo-checkpoint"
 
@@ -150,12 +154,16 @@ def load_sft_model(path, model=None, model_config=None, device="cpu"):
 #####################################
 
 def load_data(config):
-    """The preference entries, split 85/10/5 like the chapter (10 per split in test mode)."""
-    path = Path(config.data) if config.data is not None else HERE / DATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: download the preference data from "
-                                f"{DATA_URL} and pass it with --data")
-    data = dpo.load_preference_file(path)
+    """The preference entries, split 85/10/5 like the chapter (10 per split in test mode).
+
+    Without --data: the book's file next to this one, downloaded (and checked) if missing.
+    """
+    if config.data is None:
+        path = HERE / PREFERENCE_DATASET.file_name
+        data = load_known_dataset(PREFERENCE_DATASET, HERE)
+    else:
+        path = Path(config.data)
+        data = load_instruction_file(path, keys=PREFERENCE_KEYS)
     train_data, test_data, val_data = split_data(data)
     if config.test_mode:
         n = TEST_MODE_ENTRIES
@@ -358,7 +366,8 @@ def build_arg_parser():
     add = parser.add_argument
     add("--sft-model", help="the finetuned model, e.g. gpt2-medium355M-sft.pth")
     add("--data", help=f"preference JSON with instruction, input, output, chosen, rejected "
-                       f"(default: {DATA_FILE} next to this file)")
+                       f"(default: the book's {PREFERENCE_DATASET.file_name} next to this "
+                       f"file, downloaded when missing)")
     add("--model", choices=list(GPT2_SIZES),
         help="GPT-2 size of the SFT model (default: from its run record or its shapes)")
     for name, kind, text in (("epochs", int, "training epochs"),

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
 import dpo  # noqa: E402
 import fast_dpo  # noqa: E402
 from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config  # noqa: E402
-from instruction_data import split_data  # noqa: E402
+from instruction_data import PREFERENCE_KEYS, load_instruction_file, split_data  # noqa: E402
 from previous_chapters import GPTModel  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies (tests, CI)
@@ -55,7 +55,7 @@ def sync(device):
 
 def build_batches(data_path, tokenizer, n_batches, allowed_max_length, device):
     """The first `n_batches` training batches (list of item lists) and the collate kwargs."""
-    train_data, _, _ = split_data(dpo.load_preference_file(data_path))
+    train_data, _, _ = split_data(load_instruction_file(data_path, keys=PREFERENCE_KEYS))
     dataset = dpo.PreferenceDataset(train_data[:n_batches * BATCH_SIZE], tokenizer)
     items = [[dataset[i] for i in range(b * BATCH_SIZE, (b + 1) * BATCH_SIZE)]
              for b in range(n_batches)]

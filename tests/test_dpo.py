@@ -17,6 +17,8 @@ import dpo
 import dpo_cli
 import fast_dpo
 from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from gpt_instruction_finetuning import format_input
+from instruction_data import PREFERENCE_KEYS, load_instruction_file
 from previous_chapters import GPTModel
 from safe_files import write_json
 
@@ -25,7 +27,8 @@ BETA = 0.1
 
 @pytest.fixture(scope="module")
 def preference_data(shared_data):
-    return dpo.load_preference_file(shared_data / "instruction-data-with-preference.json")
+    return load_instruction_file(shared_data / "instruction-data-with-preference.json",
+                                 keys=PREFERENCE_KEYS)
 
 
 def tiny_model(cfg, seed=123):
@@ -97,7 +100,7 @@ def test_response_masks_cover_exactly_the_response_tokens(preference_data, token
                 assert (ids[n_real:] == 50256).all()
             prompt = batch["prompt"][row]
             assert tokenizer.decode(prompt[:len(dataset[start + row]["prompt"])].tolist()) \
-                == dpo.format_input(entry)
+                == format_input(entry)
 
 
 def test_without_prompt_masking_the_mask_hides_only_the_padding(preference_data, tokenizer):
@@ -109,15 +112,6 @@ def test_without_prompt_masking_the_mask_hides_only_the_padding(preference_data,
         for key in ("chosen", "rejected"):
             n_real = min(len(dataset[row][key]), 50)
             assert batch[f"{key}_mask"][row].tolist() == [True] * n_real + [False] * (50 - n_real)
-
-
-def test_the_preference_file_is_checked(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        dpo.load_preference_file(tmp_path / "missing.json")
-    bad = tmp_path / "bad.json"
-    bad.write_text('[{"instruction": "a", "input": "", "output": "b", "chosen": "c"}]')
-    with pytest.raises(dpo.DatasetError, match="entry 0 has no 'rejected' key"):
-        dpo.load_preference_file(bad)
 
 
 # ---------------------------------------------------------------------------------------
