@@ -17,7 +17,7 @@ For each it times training steps (loss, backward, AdamW step) and evaluation bat
 loss without gradients), and the book's loop, which evaluates 5 training and 5 validation
 batches every 5 steps: one step plus two evaluation batches per step. It checks that the
 three agree (losses after the same steps, rewards) and prints RATIO lines. `--tiny` runs the
-test-mode model in seconds (used by the tests). Exit status 1 when a check fails.
+test-mode model on one batch of 2 pairs, in seconds (used by the tests). Exit status 1 when a check fails.
 """
 
 import argparse
@@ -53,11 +53,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def build_batches(data_path, tokenizer, n_batches, allowed_max_length, device):
+def build_batches(data_path, tokenizer, n_batches, batch_size, allowed_max_length, device):
     """The first `n_batches` training batches (list of item lists) and the collate kwargs."""
     train_data, _, _ = split_data(load_instruction_file(data_path, keys=PREFERENCE_KEYS))
-    dataset = dpo.PreferenceDataset(train_data[:n_batches * BATCH_SIZE], tokenizer)
-    items = [[dataset[i] for i in range(b * BATCH_SIZE, (b + 1) * BATCH_SIZE)]
+    dataset = dpo.PreferenceDataset(train_data[:n_batches * batch_size], tokenizer)
+    items = [[dataset[i] for i in range(b * batch_size, (b + 1) * batch_size)]
              for b in range(n_batches)]
     return dataset, items, {"allowed_max_length": allowed_max_length, "device": device}
 
@@ -117,6 +117,7 @@ def main(argv=None):
     label = "tiny" if args.tiny else args.model
     cfg = dict(TEST_MODE_CONFIG) if args.tiny else gpt2_config(args.model)
     steps = 1 if args.tiny else args.steps
+    batch_size = 2 if args.tiny else BATCH_SIZE
     data_path = Path(args.data) if args.data else SHARED_DATA / "instruction-data-with-preference.json"
 
     log("== Setup ==")
@@ -129,21 +130,21 @@ def main(argv=None):
     policy = GPTModel(cfg).to(device)
     reference = dpo.make_reference_model(policy)
     tokenizer = get_tokenizer(args.tokenizer_dir)
-    dataset, items, collate_kwargs = build_batches(data_path, tokenizer, steps,
+    dataset, items, collate_kwargs = build_batches(data_path, tokenizer, steps, batch_size,
                                                     cfg["context_length"], device)
     batches = [dpo.preference_collate_fn(b, **collate_kwargs) for b in items]
     masks = torch.cat([torch.cat([b["chosen_mask"], b["rejected_mask"]]).flatten() for b in batches])
     shapes = ", ".join(str(list(b["chosen"].shape)) for b in batches)
     log(f"model: {label}, random weights (seed {args.seed}), float32, "
         f"{sum(p.numel() for p in policy.parameters()):,} parameters")
-    log(f"batches: the first {steps} training batches of {BATCH_SIZE} pairs, chosen/rejected "
+    log(f"batches: the first {steps} training batches of {batch_size} pairs, chosen/rejected "
         f"shapes {shapes}; {masks.float().mean().item():.0%} of positions are response tokens")
 
     start = time.perf_counter()
-    cached_items = fast_dpo.cache_reference_logprobs(reference, dataset, BATCH_SIZE, **collate_kwargs)
+    cached_items = fast_dpo.cache_reference_logprobs(reference, dataset, batch_size, **collate_kwargs)
     sync(device)
     cache_seconds = time.perf_counter() - start
-    cached_batches = [fast_dpo.collate_with_reference(cached_items[i * BATCH_SIZE:(i + 1) * BATCH_SIZE],
+    cached_batches = [fast_dpo.collate_with_reference(cached_items[i * batch_size:(i + 1) * batch_size],
                                                       **collate_kwargs) for i in range(steps)]
     log(f"reference cache: {len(cached_items)} entries in {cache_seconds:.2f} s "
         f"({cache_seconds / steps:.2f} s per batch, once per run)")
