@@ -14,8 +14,18 @@ Training and answering use the fast paths of `fast_gpt.py` (same results as the 
 `train_model_simple` and `generate`, within float rounding). The exercises' switches
 (`--prompt-style phi3`, `--mask-instructions`, `--lora-rank`, `--data`) compose the classes
 of `exercise_variants.py`.
+
+Long runs survive (not in the book): training runs in `resumable_training.TrainingRun`, which
+checkpoints to OUTPUT_DIR/checkpoints every `--save-every` steps and on Ctrl-C (`--resume`
+continues exactly, `--keep` prunes), appends each evaluation to `<stem>.metrics.jsonl` and
+shows a progress bar; `--precision` picks the autocast (precision.py); beside the model goes
+`<stem>.run.json` (run_record.py). Data may be JSON or JSON Lines, split by
+`--val-fraction`/`--test-fraction` (`--shuffle-split SEED`), answered up to
+`--max-test-answers`.
 """
 
+import json
+import random
 import re
 import sys
 import time
@@ -25,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import CheckpointError, list_checkpoints
 from exercise_variants import (
     ALPACA,
     PROMPT_STYLES,
@@ -52,11 +63,15 @@ from gpt_instruction_finetuning import (
     download_and_load_file,
     get_device,
 )
-from instruction_data import DatasetError, split_data
+from instruction_data import DatasetError, split_data, validate_entries
+from precision import PRECISIONS, PrecisionError, resolve_precision
+from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
+from run_record import dataset_fingerprint, metrics_path, plot_metrics, write_run_record
 from safe_files import save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
+RESUME_NEWEST = "newest"  # --resume without a path
 
 
 def option(default, help, **argparse_kwargs):
@@ -74,6 +89,15 @@ class FinetuneConfig:
                                     "(default: the chapter's dataset, downloaded on first run)")
     data_url: str | None = option(None, "download --data from this URL when the file is missing "
                                         "(default: the chapter's dataset URL without --data)")
+    val_fraction: float = option(0.05, "share of the entries for validation: the last ones, as "
+                                       "in the chapter's 85/10/5 split")
+    test_fraction: float = option(0.1, "share of the entries for the test split, which follows "
+                                       "the training split")
+    shuffle_split: int | None = option(None, "shuffle the entries with this seed before splitting "
+                                             "(default: the file's order, as in the chapter)",
+                                       metavar="SEED")
+    max_test_answers: int | None = option(None, "answer only the first N test entries, 0 for "
+                                                "none (default: all)", metavar="N")
     epochs: int = option(2, "training epochs")
     batch_size: int = option(8, "entries per training batch")
     lr: float = option(5e-5, "AdamW learning rate")
@@ -98,6 +122,17 @@ class FinetuneConfig:
     lora_alpha: float | None = option(None, "LoRA scaling (default: equal to the rank)")
     max_new_tokens: int = option(256, "the longest answer generated for a test entry")
     compile: bool = option(False, "torch.compile the transformer blocks (worth it on a GPU)")
+    precision: str = option("auto", "auto: bf16 autocast on GPUs with bf16 hardware, fp16 with a "
+                                    "gradient scaler on older CUDA GPUs, fp32 on the CPU and MPS",
+                            choices=list(PRECISIONS))
+    save_every: int | None = option(None, "write a checkpoint every N training steps (Ctrl-C "
+                                          "always writes one)", metavar="N")
+    keep: int = option(3, "checkpoints kept (the newest) in OUTPUT_DIR/checkpoints")
+    resume: str | None = option(None, "continue from a checkpoint: PATH, or without PATH the "
+                                      "newest of this run in OUTPUT_DIR/checkpoints",
+                                nargs="?", const=RESUME_NEWEST, metavar="PATH")
+    max_steps: int | None = option(None, "stop after this many training steps in all, with a "
+                                         "checkpoint (continue with --resume)", metavar="N")
     test_mode: bool = option(False, "a tiny random GPT and ~10 entries per split on the CPU: "
                                     "the whole pipeline in seconds, for checking the setup",
                              aliases=["--test-mode"], flag="--test_mode")
@@ -145,6 +180,54 @@ class PreparedData:
     device: torch.device
     style: object  # an exercise_variants.PromptStyle
     data_name: str | None  # the stem of a dataset other than the chapter's, for file names
+    dataset: dict | None = None  # run_record.dataset_fingerprint: path, sha256, bytes
+    precision: object = None  # a precision.Precision for training on `device`
+
+
+def load_entries(data_path, data_url):
+    """The entries of a JSON list (downloaded from `data_url` when missing) or of a JSON Lines
+    file (.jsonl, one entry a line); an entry without "input" has an empty input.
+
+    Not in the book. Minimal: instruction_data.load_instruction_file (robust dataset loading,
+    on its way from another branch) does this and more, and replaces this function then.
+    """
+    if not data_path.exists():
+        return download_and_load_file(data_path, data_url)
+    text = data_path.read_text(encoding="utf-8")
+    try:
+        if data_path.suffix == ".jsonl":
+            entries = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                where = f"{data_path}, line {number},"
+                entries += [json.loads(line)] if line.strip() else []
+        else:
+            where = data_path
+            entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where} is not valid JSON: {e}") from None
+    if isinstance(entries, list):
+        entries = [{"input": "", **entry} if isinstance(entry, dict) else entry for entry in entries]
+    return validate_entries(entries, source=str(data_path))
+
+
+def split_entries(entries, config):
+    """(train, test, validation): the chapter's split in order, with the config's fractions,
+    after a seeded shuffle when `shuffle_split` is set."""
+    val, test = config.val_fraction, config.test_fraction
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise DatasetError(f"--val-fraction {val} and --test-fraction {test} must each be above 0 "
+                           f"and add up to less than 1 (the rest is for training).")
+    if config.shuffle_split is not None:
+        entries = list(entries)
+        random.Random(config.shuffle_split).shuffle(entries)
+    # rounded, so that 1 - 0.05 - 0.1 is the chapter's 0.85 and no fraction loses an entry to
+    # floating point
+    return split_data(entries, train_frac=round(1 - val - test, 12), test_frac=test)
+
+
+def model_config(config):
+    """The GPTModel config of this run: the tiny test-mode GPT, or the GPT-2 size's."""
+    return TEST_MODE_CONFIG if config.test_mode else gpt2_config(config.model)
 
 
 def prepare_data(config):
@@ -152,9 +235,9 @@ def prepare_data(config):
     data_path = Path(config.data) if config.data is not None else HERE / "instruction-data.json"
     if config.data is not None and config.data_url is None and not data_path.exists():
         raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
-    entries = download_and_load_file(data_path, config.data_url or DATA_URL)
+    entries = load_entries(data_path, config.data_url or DATA_URL)
     print(f"Number of entries: {len(entries)}")
-    train_data, test_data, val_data = split_data(entries)
+    train_data, test_data, val_data = split_entries(entries, config)
     if config.test_mode:
         n = TEST_MODE_ENTRIES
         train_data, test_data, val_data = train_data[:n], test_data[:n], val_data[:n]
@@ -164,11 +247,11 @@ def prepare_data(config):
 
     device = choose_device(config.device, config.test_mode)
     print(f"Device: {device}")
+    precision = resolve_precision(config.precision, device)
+    print(precision.describe())
     tokenizer = get_tokenizer(config.tokenizer_dir)
     style = prompt_style(config.prompt_style)
-    context_length = (TEST_MODE_CONFIG if config.test_mode else gpt2_config(config.model))[
-        "context_length"]
-    allowed_max_length = min(config.max_length, context_length)
+    allowed_max_length = min(config.max_length, model_config(config)["context_length"])
     batch_size = min(config.batch_size, 2) if config.test_mode else config.batch_size
     train_loader, val_loader = build_loaders(
         train_data, val_data, tokenizer, device, batch_size, allowed_max_length, style,
@@ -181,7 +264,8 @@ def prepare_data(config):
               f"and were truncated.")
     data_name = None if data_path.name == "instruction-data.json" else data_path.stem
     return PreparedData(train_data, val_data, test_data, train_loader, val_loader, tokenizer,
-                        device, style, data_name)
+                        device, style, data_name, dataset_fingerprint(data_path.resolve()),
+                        precision)
 
 
 def make_dataset(data, tokenizer, style=ALPACA, mask_instructions=False):
@@ -286,7 +370,7 @@ def build_model(config, device):
 
     if config.test_mode:
         torch.manual_seed(config.seed)
-        model = GPTModel(TEST_MODE_CONFIG)
+        model = GPTModel(model_config(config))
         print("Test mode: a tiny random GPT, no weights downloaded.")
     else:
         from gpt_download import download_and_load_gpt2
@@ -294,7 +378,7 @@ def build_model(config, device):
         models_dir = Path(config.models_dir) if config.models_dir is not None else HERE / "gpt2"
         settings, params = download_and_load_gpt2(model_size=model_folder(config.model),
                                                   models_dir=models_dir)
-        model = GPTModel(gpt2_config(config.model))
+        model = GPTModel(model_config(config))
         load_weights_into_gpt(model, params)
         del settings, params
     model.eval()
@@ -329,40 +413,86 @@ def describe_expected_cost(model, model_name, device, num_epochs, test_mode=Fals
 # Stage 3: finetuning (section 7.6)
 #####################################
 
-def finetune(model, data, config):
-    """The losses before training, then `config.epochs` epochs of AdamW (fast_gpt's trainer).
+# The settings that change what training computes: a checkpoint saved under others is
+# refused. Left out on purpose: epochs (a run may be extended), eval_freq and eval_iter
+# (the dropout-free GPT-2 trains the same whatever is evaluated), the device and precision
+# (a run may move to other hardware), and the paths.
+IDENTITY_FIELDS = ("model", "batch_size", "lr", "weight_decay", "max_length", "seed",
+                   "prompt_style", "mask_instructions", "lora_rank", "lora_alpha",
+                   "val_fraction", "test_fraction", "shuffle_split", "test_mode")
 
-    Returns the losses, the tokens seen and the minutes taken. Ctrl-C stops with a message.
+
+def output_names(config, data_name):
+    """(output folder, file-name suffix, model file stem) of a run, e.g. 'gpt2-medium355M-sft'."""
+    output_dir = Path(config.output_dir) if config.output_dir is not None else HERE
+    suffix = output_suffix(config.prompt_style, config.mask_instructions, config.lora_rank,
+                           config.test_mode, data_name)
+    return output_dir, suffix, re.sub(r"[ ()]", "", book_model_name(config.model)) + "-sft" + suffix
+
+
+def checkpoint_plan(config, data):
+    """Checkpoints in OUTPUT_DIR/checkpoints, named after the model file; what they must match."""
+    output_dir, _, stem = output_names(config, data.data_name)
+    identity = {"model_config": model_config(config), "dataset_sha256": data.dataset["sha256"],
+                "config": {name: getattr(config, name) for name in IDENTITY_FIELDS}}
+    identity["config"]["model"] = short_model_name(config.model)
+    return CheckpointPlan(output_dir / "checkpoints", stem, identity, config.save_every, config.keep)
+
+
+def finetune(model, data, config):
+    """The losses before training, then `config.epochs` epochs of AdamW (the chapter's loop in
+    resumable_training.TrainingRun, on fast_gpt's packed loss).
+
+    Writes the metrics file as it goes and checkpoints every `save_every` steps and on
+    Ctrl-C (which then raises TrainingInterrupted); `resume` continues a checkpoint and
+    `max_steps` stops early with one. Returns the losses, the tokens seen, the minutes taken
+    and where the run stands ("finished", "steps", "checkpoint", ...).
     """
-    from fast_gpt import calc_loss_loader_fast, compile_blocks, make_optimizer, train_model_fast
+    from fast_gpt import calc_loss_loader_fast, compile_blocks, make_optimizer
 
     device = data.device
+    if config.keep < 1 or (config.save_every is not None and config.save_every < 1):
+        raise CheckpointError("--keep and --save-every must be at least 1.")
     if device.type == "cuda":  # Not in the book: TensorFloat-32 matrix products on the GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    with torch.no_grad():
-        train_loss = calc_loss_loader_fast(data.train_loader, model, device, num_batches=5)
-        val_loss = calc_loss_loader_fast(data.val_loader, model, device, num_batches=5)
-    print(f"Initial training loss: {train_loss:.3f}")
-    print(f"Initial validation loss: {val_loss:.3f}")
+    plan = checkpoint_plan(config, data)
+    initial_losses = None
+    if config.resume is None:
+        with torch.no_grad():
+            initial_losses = (calc_loss_loader_fast(data.train_loader, model, device, num_batches=5),
+                              calc_loss_loader_fast(data.val_loader, model, device, num_batches=5))
+        print(f"Initial training loss: {initial_losses[0]:.3f}")
+        print(f"Initial validation loss: {initial_losses[1]:.3f}")
+        if list_checkpoints(plan.folder, plan.stem):
+            print(f"Note: {plan.folder} holds checkpoints of an earlier run of {plan.stem}; this "
+                  f"run starts afresh (pass --resume to continue that one).")
 
     if config.compile:
         compile_blocks(model, dynamic=True)  # batch lengths vary from batch to batch
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    start_time = time.time()
+    output_dir, _, stem = output_names(config, data.data_name)
     torch.manual_seed(config.seed)
-    try:
-        train_losses, val_losses, tokens_seen = train_model_fast(
-            model, data.train_loader, data.val_loader, optimizer, device,
-            num_epochs=config.epochs, eval_freq=config.eval_freq, eval_iter=config.eval_iter,
-            start_context=data.style.format_input(data.val_data[0]), tokenizer=data.tokenizer)
-    except KeyboardInterrupt:
-        print("\nTraining interrupted: nothing was saved.", file=sys.stderr)
-        raise
+    run = TrainingRun(model, optimizer, data.train_loader, data.val_loader, device, config.seed,
+                      data.precision, plan, metrics_path(output_dir / f"{stem}.pth"))
+    if config.resume is not None:
+        run.resume(None if config.resume == RESUME_NEWEST else config.resume)
+    start_time = time.time()
+    train_losses, val_losses, tokens_seen = run.train(
+        config.epochs, config.eval_freq, config.eval_iter,
+        start_context=data.style.format_input(data.val_data[0]), tokenizer=data.tokenizer,
+        max_steps=config.max_steps)
     minutes = (time.time() - start_time) / 60
-    print(f"Training completed in {minutes:.2f} minutes.")
+    if run.finished:
+        print(f"Training completed in {minutes:.2f} minutes.")
+    else:
+        print(f"Stopped after {run.state.step} steps (--max-steps); checkpoint saved as "
+              f"{run.last_checkpoint}. Continue with --resume.")
     return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
-            "initial_losses": (train_loss, val_loss), "minutes": minutes}
+            "initial_losses": initial_losses, "minutes": minutes, "finished": run.finished,
+            "steps": run.state.step, "wall_seconds": run.state.wall_seconds,
+            "checkpoint": run.last_checkpoint, "resumed_from": run.resumed_from,
+            "metrics_path": run.metrics.path, "precision": run.precision.name}
 
 
 #####################################
@@ -372,12 +502,20 @@ def finetune(model, data, config):
 def answer_test_set(model, data, config, n_shown=3):
     """Greedy answers to the test entries (fast_gpt, batched); prints the first `n_shown`.
 
-    Returns the test entries, each with its answer under "model_response".
+    Only the first `config.max_test_answers` entries when that is set (0: none). Returns the
+    answered entries, each with its answer under "model_response".
     """
-    responses = generate_responses_with_style(model, data.test_data, data.tokenizer, data.style,
+    entries = data.test_data
+    if config.max_test_answers is not None:
+        entries = entries[:max(config.max_test_answers, 0)]
+        print(f"Answering {len(entries)} of the {len(data.test_data)} test entries "
+              f"(--max-test-answers {config.max_test_answers}).")
+    if not entries:
+        return []
+    responses = generate_responses_with_style(model, entries, data.tokenizer, data.style,
                                               config.max_new_tokens, progress=True)
     results = [dict(entry, model_response=response)
-               for entry, response in zip(data.test_data, responses, strict=True)]
+               for entry, response in zip(entries, responses, strict=True)]
     for entry in results[:n_shown]:
         print(data.style.format_input(entry))
         print(f"\nCorrect response:\n>> {entry['output']}")
@@ -391,31 +529,28 @@ def answer_test_set(model, data, config, n_shown=3):
 #####################################
 
 def save_outputs(model, run, results, data, config):
-    """The loss plot, the answers and the finetuned weights, each written atomically.
+    """The loss plot, the answers, the finetuned weights and the run record, each written
+    atomically.
 
-    The file names carry the variant (output_suffix). A LoRA model is saved twice: its
-    adapters alone, then merged into a plain GPTModel. Returns {"plot", "responses", "model"
-    (and "adapters")} paths.
+    The file names carry the variant (output_suffix). The plot is drawn from the metrics file
+    alone. A LoRA model is saved twice: its adapters alone, then merged into a plain
+    GPTModel. Beside `<stem>.pth` go `<stem>.metrics.jsonl` (written during training) and
+    `<stem>.run.json`. Returns {"plot", "responses", "model", "metrics", "run_record" (and
+    "adapters")} paths; no "responses" when no test entry was answered.
     """
-    from previous_chapters import plot_losses
-
-    output_dir = Path(config.output_dir) if config.output_dir is not None else HERE
+    output_dir, suffix, file_stem = output_names(config, data.data_name)
     output_dir.mkdir(parents=True, exist_ok=True)
-    suffix = output_suffix(config.prompt_style, config.mask_instructions, config.lora_rank,
-                           config.test_mode, data.data_name)
     paths = {}
     if run["train_losses"]:
-        epochs_tensor = torch.linspace(0, config.epochs, len(run["train_losses"]))
         paths["plot"] = output_dir / f"loss-plot{suffix}.pdf"
-        plot_losses(epochs_tensor, run["tokens_seen"], run["train_losses"], run["val_losses"],
-                    save_path=paths["plot"], show=False)
+        plot_metrics(run["metrics_path"], save_path=paths["plot"], show=False)
         print(f"Loss plot saved as {paths['plot']}")
 
-    paths["responses"] = output_dir / f"instruction-data-with-response{suffix}.json"
-    write_json(paths["responses"], results)
-    print(f"Responses saved as {paths['responses']}")
+    if results:
+        paths["responses"] = output_dir / f"instruction-data-with-response{suffix}.json"
+        write_json(paths["responses"], results)
+        print(f"Responses saved as {paths['responses']}")
 
-    file_stem = re.sub(r"[ ()]", "", book_model_name(config.model)) + "-sft" + suffix
     if config.lora_rank:
         paths["adapters"] = output_dir / f"{file_stem}-adapters.pth"
         save_state_dict(lora_state_dict(model), paths["adapters"])
@@ -424,7 +559,28 @@ def save_outputs(model, run, results, data, config):
     paths["model"] = output_dir / f"{file_stem}.pth"
     save_state_dict(model.state_dict(), paths["model"])
     print(f"Model saved as {paths['model']}")
+    paths["metrics"] = Path(run["metrics_path"])
+    paths["run_record"] = write_run_record(paths["model"], run_record(run, paths, data, config))
+    print(f"Run record saved as {paths['run_record']}")
     return paths
+
+
+def run_record(run, paths, data, config):
+    """What `<stem>.run.json` holds: how the model beside it was made (run_record.py)."""
+    settings = {key: str(value) if isinstance(value, Path) else value
+                for key, value in asdict(config).items()}
+    final = None
+    if run["train_losses"]:
+        final = {"train_loss": run["train_losses"][-1], "val_loss": run["val_losses"][-1]}
+    return {
+        "config": {**settings, "model": short_model_name(config.model)},
+        "model_config": model_config(config), "versions": package_versions(),
+        "device": str(data.device), "precision": run["precision"], "dataset": data.dataset,
+        "seed": config.seed, "wall_seconds": run["wall_seconds"], "final_losses": final,
+        "steps": run["steps"], "tokens_seen": run["tokens_seen"][-1] if run["tokens_seen"] else 0,
+        "resumed_from": str(run["resumed_from"]) if run["resumed_from"] else None,
+        "files": {name: path.name for name, path in paths.items()},
+    }
 
 
 #####################################
@@ -454,6 +610,9 @@ def main(config=None):
     data = prepare_data(config)
     model = build_model(config, data.device)
     run = finetune(model, data, config)
+    if not run["finished"]:  # --max-steps: the checkpoint is the output
+        return {**run, "responses": None, "paths": {"checkpoint": run["checkpoint"]},
+                "config": asdict(config)}
     results = answer_test_set(model, data, config)
     paths = save_outputs(model, run, results, data, config)
     return {**run, "responses": results, "paths": paths, "config": asdict(config)}
@@ -469,7 +628,12 @@ def cli(argv=None):
 
     try:
         main(config)
-    except (DatasetError, DeviceError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:
+        print(f"\n{e}\nTo continue, run the same command with --resume (it takes the newest "
+              f"checkpoint in {e.checkpoint.parent}) or with --resume {e.checkpoint}.",
+              file=sys.stderr)
+        return 130
+    except (DatasetError, DeviceError, FileNotFoundError, CheckpointError, PrecisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (DownloadError, RuntimeError) as e:

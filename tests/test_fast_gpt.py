@@ -8,6 +8,7 @@ implementation, which fast_gpt has never seen.
 """
 
 import copy
+import gc
 import io
 import math
 import re
@@ -16,13 +17,13 @@ from contextlib import redirect_stdout
 import book_reference as book
 import pytest
 import torch
+from test_previous_chapters import VOCAB, first_steps, random_prompts
 from torch.utils.data import DataLoader
 
 import fast_gpt as fg
 import previous_chapters as pc
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 
-VOCAB = 1024  # no real token ids needed for the model tests: a small vocabulary is faster
 CONTEXT = 64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,19 +57,6 @@ def book_model(cfg, seed):
 
 MODELS = {"project": project_model, "lora": lora_model, "book_reference": book_model}
 model_kinds = pytest.mark.parametrize("kind", list(MODELS))
-
-
-def random_prompts(n_rows, n_tokens, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (n_rows, n_tokens), generator=gen)
-
-
-def first_steps(tokens):
-    """{token: the first step at which it appears}."""
-    steps = {}
-    for step, tok in enumerate(tokens):
-        steps.setdefault(tok, step)
-    return steps
 
 
 def padded_batch(seed):
@@ -237,6 +225,12 @@ def test_compiled_blocks_give_the_same_loss(small_cfg):
     assert list(model.state_dict()) == keys and type(model) is pc.GPTModel  # not patched
     prompt = random_prompts(1, 5, seed=14)
     assert torch.equal(fg.generate(model.eval(), prompt, 5, CONTEXT), pc.generate(model, prompt, 5, CONTEXT))
+    # fast_gpt remembers the blocks weakly: a deleted model leaves nothing behind
+    assert all(block in fg._COMPILED_BLOCKS for block in model.trf_blocks)
+    before = len(fg._COMPILED_BLOCKS)
+    del model
+    gc.collect()
+    assert len(fg._COMPILED_BLOCKS) == before - small_cfg["n_layers"]
 
 
 ########################################################################################
