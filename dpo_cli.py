@@ -10,22 +10,23 @@ there, trains one epoch of DPO (dpo.py, through fast_dpo's faster batch loss) an
 the SFT model (or in --output-dir):
 
     gpt2-medium355M-sft-dpo.pth             the DPO-tuned weights (same layout as the SFT file)
-    gpt2-medium355M-sft-dpo.metrics.json    losses and rewards at every evaluation
+    gpt2-medium355M-sft-dpo.metrics.jsonl   losses and rewards, one line per evaluation
     gpt2-medium355M-sft-dpo.run.json        the run record: config, model config, versions...
     gpt2-medium355M-sft-dpo-plot.pdf        losses and reward margins
     gpt2-medium355M-sft-dpo-responses.json  test entries answered by the SFT and the DPO model
 
 The model's size comes from `<sft stem>.run.json` when it is there, else from the shapes
-in the state dict; `--model gpt2-medium` overrides both. The run is resumable: every
-`--checkpoint-every` steps it saves `<stem>-dpo.checkpoint.pth`, and the same command
-started again continues from it (same data order, same numbers); `--restart` ignores it.
+in the state dict; `--model gpt2-medium` overrides both. The run is resumable like the
+chapter's command (checkpoints.py): every `--save-every` steps it writes a checkpoint to
+OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the newest one
+(same data order, same numbers); one saved with other settings is refused, naming them.
 `--max-steps N` stops after N steps with a checkpoint, to split a long run into sessions.
 `--test-mode` runs the whole stage in seconds on a tiny random GPT and 10 entries per split.
-Exit codes: 0 done, 2 bad input (missing file, mismatched sizes, bad data), 130 Ctrl-C.
+Exit codes: 0 done, 2 bad input (missing file, mismatched sizes, bad data, a checkpoint of
+another run), 130 Ctrl-C.
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -37,6 +38,17 @@ import torch
 
 import dpo
 import fast_dpo
+from checkpoints import (
+    CheckpointError,
+    check_identity,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    newest_checkpoint,
+    prune_checkpoints,
+    restore,
+    save_checkpoint,
+)
 from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
 from instruction_data import (
     PREFERENCE_DATASET,
@@ -46,11 +58,13 @@ from instruction_data import (
     load_known_dataset,
     split_data,
 )
+from resumable_training import epoch_order
+from run_record import MetricsLog, dataset_fingerprint, metrics_path, write_run_record
 from safe_files import save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
-CHECKPOINT_FORMAT = "ch07-dpo-checkpoint"
+RESUME_NEWEST = "newest"  # --resume without a path
 
 
 class SetupError(ValueError):
@@ -72,15 +86,16 @@ class DPOConfig:
     max_length: int = 1024
     eval_freq: int = 5
     eval_iter: int = 5
-    checkpoint_every: int = 20
+    save_every: int = 20
+    keep: int = 3
     max_steps: int | None = None
+    resume: str | None = None
     seed: int = 123
     device: str | None = None
     output_dir: str | None = None
     tokenizer_dir: str | None = None
     max_new_tokens: int = 256
     plain: bool = False
-    restart: bool = False
     test_mode: bool = False
 
 
@@ -175,19 +190,11 @@ def load_data(config):
 
 
 def epoch_batches(n_entries, batch_size, seed, epoch):
-    """The training batches of one epoch (index lists, the last partial batch dropped): a
-    shuffle that depends only on (seed, epoch), so a resumed run sees the same batches."""
-    generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n_entries, generator=generator).tolist()
+    """The training batches of one epoch (index lists, the last partial batch dropped) in
+    resumable_training.epoch_order: a shuffle that depends only on (seed, epoch), so a
+    resumed run sees the same batches."""
+    order = epoch_order(n_entries, seed, epoch)
     return [order[i:i + batch_size] for i in range(0, n_entries - batch_size + 1, batch_size)]
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 #####################################
@@ -198,37 +205,32 @@ def output_paths(config):
     sft = Path(config.sft_model) if config.sft_model else Path("gpt2-test-sft.pth")
     folder = Path(config.output_dir) if config.output_dir else (sft.parent if config.sft_model else HERE)
     stem = sft.stem + "-dpo"
-    return {"model": folder / f"{stem}.pth", "metrics": folder / f"{stem}.metrics.json",
-            "record": folder / f"{stem}.run.json", "plot": folder / f"{stem}-plot.pdf",
-            "responses": folder / f"{stem}-responses.json",
-            "checkpoint": folder / f"{stem}.checkpoint.pth"}
+    model = folder / f"{stem}.pth"
+    return {"model": model, "metrics": metrics_path(model), "plot": folder / f"{stem}-plot.pdf",
+            "responses": folder / f"{stem}-responses.json", "checkpoints": folder / "checkpoints",
+            "stem": stem}
 
 
-def checkpoint_identity(config, dataset_sha256):
+# The settings that change what training computes; a checkpoint saved under others is refused.
+IDENTITY_FIELDS = ("sft_model", "model", "batch_size", "lr", "weight_decay", "beta", "max_length",
+                   "seed", "plain", "test_mode")
+
+
+def checkpoint_identity(config, model_config, dataset_sha256):
     """What must match for a checkpoint to continue this run."""
-    keys = ("sft_model", "model", "batch_size", "lr", "weight_decay", "beta", "max_length",
-            "seed", "plain", "test_mode")
-    return {"config": {k: getattr(config, k) for k in keys}, "dataset_sha256": dataset_sha256}
+    return {"model_config": model_config, "dataset_sha256": dataset_sha256,
+            "config": {name: getattr(config, name) for name in IDENTITY_FIELDS}}
 
 
-def save_checkpoint(path, policy, optimizer, progress, tracking, identity):
-    state = {"format": CHECKPOINT_FORMAT, "policy": policy.state_dict(),
-             "optimizer": optimizer.state_dict(), "progress": progress, "tracking": tracking,
-             "identity": identity, "torch_rng": torch.get_rng_state()}
-    save_state_dict(state, path)
-
-
-def load_checkpoint(path, identity):
-    """The checkpoint at `path` if it continues this run; SetupError if it is another run's."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise SetupError(f"{path} is not a readable checkpoint ({e}); delete it or pass --restart") \
-            from None
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != identity:
-        raise SetupError(f"{path} is the checkpoint of a different run (other model, data or "
-                         f"settings): pass --restart to start over, or another --output-dir")
-    return state
+def tracking_from_rows(tracking, rows):
+    """train_model_dpo_simple's tracking dict, rebuilt from metrics rows (a resumed run's)."""
+    for row in rows:
+        for split in ("train", "val"):
+            tracking[f"{split}_losses"].append(row[f"{split}_loss"])
+            tracking[f"{split}_chosen_rewards"].append(row[f"{split}_chosen_reward"])
+            tracking[f"{split}_rejected_rewards"].append(row[f"{split}_rejected_reward"])
+        tracking["tokens_seen"].append(row["tokens_seen"])
+    return tracking
 
 
 def train(policy, reference, config, datasets, collate, paths, identity):
@@ -248,47 +250,65 @@ def train(policy, reference, config, datasets, collate, paths, identity):
     train_eval = DataLoader(train_set, batch_size=config.batch_size, collate_fn=collate)
     val_eval = DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
 
-    progress = {"epoch": 0, "position": 0, "step": -1, "tokens_seen": 0}
-    tracking = dpo.new_tracking()
-    if paths["checkpoint"].exists() and not config.restart:
-        state = load_checkpoint(paths["checkpoint"], identity)
-        policy.load_state_dict(state["policy"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        progress, tracking = state["progress"], state["tracking"]
-        print(f"Resuming from {paths['checkpoint']} at step {progress['step'] + 1}")
+    progress = {"epoch": 0, "position": 0, "step": 0, "tokens_seen": 0, "wall_seconds": 0.0}
+    rows = []  # one per evaluation: run_record.METRIC_KEYS and the rewards
+    folder, stem = paths["checkpoints"], paths["stem"]
+    if config.resume is not None:
+        path = newest_checkpoint(folder, stem) if config.resume == RESUME_NEWEST else Path(config.resume)
+        checkpoint = load_checkpoint(path)
+        check_identity(checkpoint, identity, path)
+        restore(checkpoint, policy, optimizer)
+        progress, rows = checkpoint["progress"], checkpoint["metrics"]
+        print(f"Resuming from {path}: epoch {progress['epoch'] + 1}, after step {progress['step']}.")
+    elif list_checkpoints(folder, stem):
+        print(f"Note: {folder} holds checkpoints of an earlier run of {stem}; this run starts "
+              f"afresh (pass --resume to continue that one).")
+    tracking = tracking_from_rows(dpo.new_tracking(), rows)
+    metrics = MetricsLog(paths["metrics"])
+    metrics.start(rows)
 
-    start = time.time()
+    def save():
+        progress["wall_seconds"] = time.perf_counter() - clock
+        save_checkpoint(checkpoint_path(folder, stem, progress["step"]), policy, optimizer,
+                        progress, rows, identity)
+        prune_checkpoints(folder, stem, config.keep)
+
+    clock = time.perf_counter() - progress["wall_seconds"]
     policy.train()
-    for epoch in range(progress["epoch"], config.epochs):
+    while progress["epoch"] < config.epochs:
+        epoch = progress["epoch"]
         batches = epoch_batches(len(train_set), config.batch_size, config.seed, epoch)
-        first = progress["position"] if epoch == progress["epoch"] else 0
-        for position in range(first, len(batches)):
-            batch = collate([train_set[i] for i in batches[position]])
+        while progress["position"] < len(batches):
+            if config.max_steps is not None and progress["step"] >= config.max_steps:
+                save()
+                print(f"Stopped after {progress['step']} steps (--max-steps); checkpoint saved in "
+                      f"{folder}. Continue with the same command and --resume.")
+                return None, time.perf_counter() - clock
+            batch = collate([train_set[i] for i in batches[progress["position"]]])
             optimizer.zero_grad()
             loss, _, _ = loss_fn(batch, policy, reference, config.beta)
             loss.backward()
             optimizer.step()
             progress["tokens_seen"] += batch["chosen"].numel() + batch["rejected"].numel()
+            progress["position"] += 1
             progress["step"] += 1
-            step = progress["step"]
+            global_step = progress["step"] - 1  # the book's step counter starts at -1
 
-            if step % config.eval_freq == 0:
+            if global_step % config.eval_freq == 0:
                 res = dpo.evaluate_dpo_loss_loader(policy, reference, train_eval, val_eval,
                                                    config.beta, config.eval_iter, loss_fn)
-                dpo.log_dpo_evaluation(tracking, res, progress["tokens_seen"], epoch, step)
-                write_json(paths["metrics"], tracking)
-            stop = config.max_steps is not None and step + 1 >= config.max_steps
-            if (step + 1) % config.checkpoint_every == 0 or stop:
-                progress.update(epoch=epoch, position=position + 1)
-                save_checkpoint(paths["checkpoint"], policy, optimizer, progress, tracking, identity)
-            if stop:
-                print(f"Stopped after {step + 1} steps (--max-steps); the same command without "
-                      f"--max-steps continues from {paths['checkpoint']}")
-                return None, time.time() - start
+                dpo.log_dpo_evaluation(tracking, res, progress["tokens_seen"], epoch, global_step)
+                row = {"step": global_step, "epoch": epoch + 1,
+                       "epochs_seen": epoch + progress["position"] / len(batches),
+                       "tokens_seen": progress["tokens_seen"],
+                       "lr": optimizer.param_groups[0]["lr"],
+                       "seconds": time.perf_counter() - clock, **res}
+                rows.append(row)
+                metrics.append(row)
+            if progress["step"] % config.save_every == 0:
+                save()
         progress.update(epoch=epoch + 1, position=0)
-    write_json(paths["metrics"], tracking)
-    return tracking, time.time() - start
+    return tracking, time.perf_counter() - clock
 
 
 def main(config):
@@ -327,10 +347,10 @@ def main(config):
                           device=device)
 
     paths = output_paths(config)
-    dataset_sha256 = sha256_of(data_path)
+    dataset = dataset_fingerprint(data_path)
     torch.manual_seed(config.seed)
     tracking, seconds = train(policy, reference, config, (train_set, val_set), collate, paths,
-                              checkpoint_identity(config, dataset_sha256))
+                              checkpoint_identity(config, model_config, dataset["sha256"]))
     if tracking is None:  # stopped early by --max-steps: the checkpoint holds the run
         return {"tracking": None, "paths": paths}
     print(f"Training completed in {seconds / 60:.2f} minutes.")
@@ -350,12 +370,10 @@ def main(config):
         if tracking[f"{split}_losses"]:
             final[f"{split}_reward_margin"] = dpo.reward_margins(tracking, split)[-1]
     record = {"config": asdict(config), "model_config": model_config,
-              "versions": package_versions(), "device": str(device),
-              "dataset": {"path": str(data_path), "sha256": dataset_sha256,
-                          "bytes": data_path.stat().st_size},
-              "seed": config.seed, "wall_seconds": seconds, "final_losses": final}
-    write_json(paths["record"], record)
-    paths["checkpoint"].unlink(missing_ok=True)  # done: nothing left to resume
+              "versions": package_versions(), "device": str(device), "precision": "fp32",
+              "dataset": dataset, "seed": config.seed, "wall_seconds": seconds,
+              "final_losses": final, "sft_model": config.sft_model}
+    paths["record"] = write_run_record(paths["model"], record)
     return {"tracking": tracking, "paths": paths, "responses": answered, "record": record}
 
 
@@ -378,7 +396,8 @@ def build_arg_parser():
                              ("max-length", int, "truncate sequences to this many tokens"),
                              ("eval-freq", int, "evaluate every this many steps"),
                              ("eval-iter", int, "batches per evaluation"),
-                             ("checkpoint-every", int, "save a checkpoint every this many steps"),
+                             ("save-every", int, "write a checkpoint every this many steps"),
+                             ("keep", int, "checkpoints kept (the newest)"),
                              ("max-steps", int, "stop after this many steps in all, keeping a "
                                                 "checkpoint to continue from"),
                              ("seed", int, "random seed"),
@@ -389,7 +408,9 @@ def build_arg_parser():
     add("--output-dir", help="where the outputs go (default: next to the SFT model)")
     add("--tokenizer-dir", help="a folder with GPT-2's encoder.json and vocab.bpe (offline use)")
     add("--plain", action="store_true", help="the plain loss of dpo.py instead of fast_dpo's")
-    add("--restart", action="store_true", help="ignore a checkpoint of an earlier run")
+    add("--resume", nargs="?", const=RESUME_NEWEST, default=None, metavar="PATH",
+        help="continue from a checkpoint: PATH, or without PATH the newest of this run in "
+             "OUTPUT_DIR/checkpoints")
     add("--test-mode", "--test_mode", dest="test_mode", action="store_true",
         help="a tiny GPT (random, unless --sft-model) and 10 entries per split, in seconds")
     return parser
@@ -405,12 +426,13 @@ def cli(argv=None):
 
     try:
         main(config)
-    except (SetupError, DatasetError, DeviceError, FileNotFoundError) as e:
+    except (SetupError, DatasetError, DeviceError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nInterrupted. The same command continues from the last checkpoint "
-              f"({output_paths(config)['checkpoint'].name}), if one was saved.", file=sys.stderr)
+        print(f"\nInterrupted. The same command with --resume continues from the newest "
+              f"checkpoint in {output_paths(config)['checkpoints']}, if one was saved.",
+              file=sys.stderr)
         return 130
     return 0
 

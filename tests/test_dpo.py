@@ -20,6 +20,7 @@ from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
 from gpt_instruction_finetuning import format_input
 from instruction_data import PREFERENCE_KEYS, load_instruction_file
 from previous_chapters import GPTModel
+from run_record import read_metrics
 from safe_files import write_json
 
 BETA = 0.1
@@ -320,18 +321,18 @@ def test_cli_end_to_end(sft_file, shared_data, tmp_path):
     GPTModel(TEST_MODE_CONFIG).load_state_dict(tuned)  # strict: the whole model
     assert not torch.equal(sft["out_head.weight"], tuned["out_head.weight"])
 
-    metrics = json.loads((out_dir / "tiny-sft-dpo.metrics.json").read_text())
-    assert len(metrics["train_losses"]) == len(metrics["val_rejected_rewards"]) == 2  # 2 steps
+    rows = read_metrics(out_dir / "tiny-sft-dpo.metrics.jsonl")
+    assert [row["step"] for row in rows] == [0, 1]  # 2 steps, evaluated after each
     record = json.loads((out_dir / "tiny-sft-dpo.run.json").read_text())
     assert record["model_config"] == TEST_MODE_CONFIG and record["config"]["beta"] == 0.1
     assert record["dataset"]["sha256"] == \
         "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
     assert record["final_losses"]["val_reward_margin"] == pytest.approx(
-        metrics["val_chosen_rewards"][-1] - metrics["val_rejected_rewards"][-1])
+        rows[-1]["val_chosen_reward"] - rows[-1]["val_rejected_reward"])
+    assert record["final_losses"]["train_losses"] == rows[-1]["train_loss"]
     answers = json.loads((out_dir / "tiny-sft-dpo-responses.json").read_text())
     assert len(answers) == 10 and {"sft_response", "dpo_response"} <= set(answers[0])
     assert (out_dir / "tiny-sft-dpo-plot.pdf").read_bytes().startswith(b"%PDF")
-    assert not (out_dir / "tiny-sft-dpo.checkpoint.pth").exists()
     assert not list(out_dir.glob(".*.tmp"))
 
 
@@ -344,11 +345,18 @@ def test_cli_resumes_with_the_same_result(one_thread, sft_file, shared_data, tmp
 
     whole = run(tmp_path / "whole")
     assert run(tmp_path / "parts", "--max-steps", "3")["tracking"] is None
-    assert (tmp_path / "parts" / "tiny-sft-dpo.checkpoint.pth").exists()
+    checkpoint = tmp_path / "parts" / "checkpoints" / "tiny-sft-dpo-step0000003.pth"
+    assert checkpoint.exists()
     assert "Stopped after 3 steps" in capsys.readouterr().out
-    parts = run(tmp_path / "parts")
-    assert "Resuming from" in capsys.readouterr().out
+    # Another learning rate: the checkpoint is refused, naming the difference.
+    assert dpo_cli.cli(cli_args(sft_file, shared_data, "--epochs", "2", "--output-dir",
+                                str(tmp_path / "parts"), "--resume", "--lr", "2e-3")) == 2
+    assert "config.lr: 0.001 in the checkpoint, 0.002 now" in capsys.readouterr().err
+    parts = run(tmp_path / "parts", "--resume")
+    assert f"Resuming from {checkpoint}: epoch 2, after step 3." in capsys.readouterr().out
     assert parts["tracking"] == whole["tracking"]  # 4 steps, 2 per epoch: the same numbers
+    assert [r["train_loss"] for r in read_metrics(parts["paths"]["metrics"])] == \
+        whole["tracking"]["train_losses"]
     a = torch.load(whole["paths"]["model"], weights_only=True)
     b = torch.load(parts["paths"]["model"], weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
