@@ -382,6 +382,10 @@ def test_cli_bad_inputs_exit_2_without_a_traceback(sft_file, shared_data, tmp_pa
 
     write_json(run_record, {"model_config": TEST_MODE_CONFIG})
 
+    assert dpo_cli.cli(cli_args(sft_file, shared_data, "--resume", "--output-dir",
+                                str(tmp_path / "fresh"))) == 2
+    assert "No checkpoint named tiny-sft-dpo-step*.pth" in capsys.readouterr().err
+
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b", "chosen": "c"}]))
     assert dpo_cli.cli(cli_args(sft_file, shared_data, "--data", str(bad))) == 2
