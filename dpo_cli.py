@@ -190,10 +190,10 @@ def load_data(config):
 
 
 def epoch_batches(n_entries, batch_size, seed, epoch):
-    """The training batches of one epoch (index lists, the last partial batch dropped) in
-    resumable_training.epoch_order: a shuffle that depends only on (seed, epoch), so a
-    resumed run sees the same batches."""
-    order = epoch_order(n_entries, seed, epoch)
+    """The training batches of one epoch (index lists, the last partial batch dropped): a
+    shuffle (resumable_training.epoch_order, seeded with seed + epoch) that depends only on
+    (seed, epoch), so a resumed run sees the same batches."""
+    order = epoch_order(n_entries, seed + epoch)
     return [order[i:i + batch_size] for i in range(0, n_entries - batch_size + 1, batch_size)]
 
 
