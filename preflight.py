@@ -1,0 +1,230 @@
+"""Check everything cheap before anything expensive: a bad flag or folder costs seconds, not a run.
+
+Not in the book. Before any download, model build or training, the command line checks:
+- every numeric flag's range (`NUMERIC_LIMITS`);
+- the output folder: created, and a file written into it and removed again;
+- that no output file's name is taken by a folder;
+- the data file, read and validated (a file still to be downloaded is validated on download);
+- free disk space against the files about to be written, with the estimate in the message.
+
+Each failure is a `PreflightError`: one line, for `error: ...` and exit code 2.
+
+`--epochs 0` trains nothing. So that such a run never replaces a finetuned model (or its answers
+and plot) with an untrained one, its outputs carry `-untrained` in their names, and it says so
+(`untrained_suffix`).
+"""
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+MB = 1024 * 1024
+
+
+class PreflightError(ValueError):
+    """A setting, a folder or the data would make the run fail: one line saying what to change."""
+
+
+#####################################
+# Numeric flags
+#####################################
+
+@dataclass(frozen=True)
+class Limit:
+    """The allowed range of one numeric setting; `None` (a setting left unset) always passes."""
+
+    low: float
+    high: float | None = None
+    low_excluded: bool = False  # True: the value must be greater than `low`, not equal
+
+    def problem(self, value):
+        """A phrase like 'must be at least 1', or None when `value` is in range."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if self.low_excluded and not value > self.low:
+            return f"must be greater than {self.low}"
+        if value < self.low:
+            return f"must be at least {self.low}" if self.high is None else self._between()
+        if self.high is not None and value > self.high:
+            return self._between()
+        return None
+
+    def _between(self):
+        return f"must be between {self.low} and {self.high}"
+
+
+# Every numeric setting of the command line (FinetuneConfig's int and float fields).
+NUMERIC_LIMITS = {
+    "epochs": Limit(0),  # 0 trains nothing; its outputs are named "-untrained"
+    "batch_size": Limit(1),
+    "lr": Limit(0, low_excluded=True),
+    "weight_decay": Limit(0),
+    "max_length": Limit(1),
+    "seed": Limit(0, 2**64 - 1),  # what torch.manual_seed accepts
+    "eval_freq": Limit(1),
+    "eval_iter": Limit(1),
+    "lora_rank": Limit(1),
+    "lora_alpha": Limit(0, low_excluded=True),
+    "max_new_tokens": Limit(1),
+}
+
+
+def flag_name(field):
+    return "--" + field.replace("_", "-")
+
+
+def check_ranges(config, limits=NUMERIC_LIMITS):
+    """PreflightError for the first setting of `config` (any object with attributes) out of range."""
+    for field, limit in limits.items():
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        problem = limit.problem(value)
+        if problem:
+            raise PreflightError(f"{flag_name(field)} {problem} (got {value})")
+
+
+#####################################
+# Folders and files
+#####################################
+
+def check_output_dir(folder, flag="--output-dir"):
+    """Create `folder` if needed and write a file into it; PreflightError saying why not."""
+    from safe_files import write_atomically
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PreflightError(f"{flag} {folder} is a file, not a folder: choose another {flag}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PreflightError(f"{flag} {folder} cannot be created ({e.strerror}): "
+                             f"choose another {flag}") from None
+    probe = folder / ".write-test"
+    try:
+        write_atomically(probe, lambda tmp: Path(tmp).write_bytes(b"ok"))  # as the outputs will be
+        probe.unlink()
+    except OSError as e:
+        raise PreflightError(f"{flag} {folder} is not writable ({e.strerror}): "
+                             f"choose another {flag} or fix its permissions") from None
+    return folder
+
+
+def check_output_files(paths):
+    """PreflightError when a folder sits where an output file will be written."""
+    for path in paths:
+        if Path(path).is_dir():
+            raise PreflightError(f"{path} is a folder, but the run writes a file of that name: "
+                                 f"move the folder away or choose another --output-dir")
+
+
+def check_data_file(path, data_url=None):
+    """Read and validate the instruction data at `path`; return its entries.
+
+    A file that is missing is fine when it will be downloaded (`data_url`, or the chapter's
+    dataset): the download validates it. Returns None then.
+    """
+    from gpt_instruction_finetuning import download_and_load_file
+    from instruction_data import DatasetError, split_data
+
+    path = Path(path)
+    if not path.exists():
+        if data_url is None:
+            raise PreflightError(f"{path} does not exist (pass --data-url to download it)")
+        return None
+    try:
+        data = download_and_load_file(path)  # the file is there: loads and validates only
+        split_data(data)
+    except DatasetError as e:
+        raise PreflightError(str(e)) from None
+    return data
+
+
+def untrained_suffix(epochs):
+    """'-untrained' for a run that trains nothing (`--epochs 0`), so it never replaces a
+    finetuned model, its answers or its plot; '' otherwise."""
+    return "-untrained" if epochs == 0 else ""
+
+
+#####################################
+# Disk space
+#####################################
+
+def _meta_model(model_cfg, lora_rank=None):
+    """A GPTModel on PyTorch's meta device: shapes without memory, built in no time."""
+    import torch
+
+    from previous_chapters import GPTModel, replace_linear_with_lora
+
+    with torch.device("meta"):
+        model = GPTModel(model_cfg)
+        if lora_rank:
+            replace_linear_with_lora(model, rank=lora_rank, alpha=lora_rank)
+    return model
+
+
+def model_file_bytes(model_cfg, lora_rank=None):
+    """Bytes of the files a finetuned GPTModel of `model_cfg` is saved as (float32 state dicts).
+
+    Exact: counted on a model built on the meta device (the attention masks included). With
+    `lora_rank`, the LoRA adapters file comes on top of the merged model.
+    """
+    model = _meta_model(model_cfg)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if not lora_rank:
+        return model_bytes
+    model = _meta_model(model_cfg, lora_rank)
+    adapter_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
+                        if ".lora." in k)
+    return model_bytes + adapter_bytes
+
+
+def gpt2_download_bytes(model_cfg):
+    """About how much OpenAI's float32 TensorFlow checkpoint of `model_cfg` takes: one copy of
+    every weight (the output head shares the token embedding), no attention masks."""
+    model = _meta_model(model_cfg)
+    n_params = sum(p.numel() for p in model.parameters()) - model.out_head.weight.numel()
+    return 4 * n_params + 2 * MB  # + the tokenizer files and hparams.json
+
+
+def answers_bytes(data_file_bytes, n_entries, max_new_tokens):
+    """An upper bound for the answers JSON and the plot: the test split's text is at most the
+    data file; each new token is a few characters (16 bytes allowed), and 1 MB for the plot."""
+    return data_file_bytes + n_entries * max_new_tokens * 16 + MB
+
+
+def format_bytes(n):
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _existing_ancestor(folder):
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def check_disk_space(needs, flag="--output-dir"):
+    """`needs`: (folder, bytes, what) for each file about to be written.
+
+    Folders on the same disk add up. PreflightError when a disk has less free space than its
+    files need, plus 1% and 1 MB for the files' own structure.
+    """
+    disks = {}  # device id -> (folder, total bytes, [what, ...])
+    for folder, n_bytes, what in needs:
+        folder = _existing_ancestor(folder)
+        device = folder.stat().st_dev
+        first, total, whats = disks.get(device, (folder, 0, []))
+        disks[device] = (first, total + n_bytes, [*whats, f"{what} ({format_bytes(n_bytes)})"])
+    for folder, total, whats in disks.values():
+        needed = total + total // 100 + MB
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise PreflightError(
+                f"not enough free disk space in {folder}: {', '.join(whats)} need about "
+                f"{format_bytes(needed)}, {format_bytes(free)} is free; free some space "
+                f"or choose another {flag}")
