@@ -147,6 +147,11 @@ def untrained_suffix(epochs):
     return "-untrained" if epochs == 0 else ""
 
 
+def untrained_note(model_path):
+    return (f"Note: --epochs 0 trains nothing, so the outputs carry '-untrained' in their names "
+            f"({Path(model_path).name}, ...) and replace no finetuned model.")
+
+
 #####################################
 # Disk space
 #####################################
@@ -228,3 +233,43 @@ def check_disk_space(needs, flag="--output-dir"):
                 f"not enough free disk space in {folder}: {', '.join(whats)} need about "
                 f"{format_bytes(needed)}, {format_bytes(free)} is free; free some space "
                 f"or choose another {flag}")
+
+
+#####################################
+# All of it, before a run
+#####################################
+
+def gpt2_files_missing(models_dir, model):
+    """True when the GPT-2 checkpoint of `model` is not complete in `models_dir` (a download)."""
+    from gpt2_sizes import model_folder
+    from gpt_download import FILENAMES
+
+    folder = Path(models_dir) / model_folder(model)
+    return not all((folder / name).is_file() for name in FILENAMES)
+
+
+def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, models_dir=None,
+              extra_needs=()):
+    """Every check, cheapest first; returns the validated entries (None when still to download).
+
+    `config`: the run's settings (FinetuneConfig); `output_files`: the paths the run writes;
+    `model_cfg`: the GPTModel config; `models_dir`: where GPT-2 is downloaded, None when no
+    download is needed; `extra_needs`: more (folder, bytes, what) to find disk space for.
+    """
+    check_ranges(config)
+    check_output_dir(output_dir)
+    check_output_files(output_files)
+    data = check_data_file(data_path, data_url)
+
+    lora_rank = getattr(config, "lora_rank", None)
+    data_bytes = Path(data_path).stat().st_size if data is not None else MB
+    n_entries = len(data) if data is not None else 0
+    needs = [(output_dir, model_file_bytes(model_cfg, lora_rank), "the finetuned model"),
+             (output_dir, answers_bytes(data_bytes, n_entries, config.max_new_tokens),
+              "the answers and the plot")]
+    if models_dir is not None:
+        check_output_dir(models_dir, flag="--models-dir")
+        needs.append((models_dir, gpt2_download_bytes(model_cfg), "the GPT-2 download"))
+    flags = "--output-dir" if models_dir is None else "--output-dir or --models-dir"
+    check_disk_space([*needs, *extra_needs], flag=flags)
+    return data

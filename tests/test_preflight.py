@@ -213,3 +213,35 @@ def test_os_error_lines():
     assert os_error_line(full) == ("no space left on the disk while writing /o/m.pth (nothing "
                                    "was written); run again with --debug to see the traceback")
     assert os_error_line(OSError("plain")) == "plain; run again with --debug to see the traceback"
+
+
+########################################################################################
+# check_run: all of it, in order
+########################################################################################
+
+def test_check_run_returns_the_data_and_checks_the_download_folder(tmp_path, instruction_data):
+    data_path = tmp_path / "data.json"
+    data_path.write_text(json.dumps(instruction_data[:20]), encoding="utf-8")
+    config = SimpleNamespace(**DEFAULTS)
+    out = tmp_path / "out"
+    entries = pf.check_run(config, out, [out / "m.pth"], data_path, None, TEST_MODE_CONFIG,
+                           models_dir=tmp_path / "gpt2")
+    assert entries == instruction_data[:20]
+    assert out.is_dir() and (tmp_path / "gpt2").is_dir()
+    assert pf.gpt2_files_missing(tmp_path / "gpt2", "gpt2-small")
+
+    config.lr = -1.0  # ranges come first: nothing else is looked at
+    with pytest.raises(pf.PreflightError, match=r"^--lr must be greater than 0 \(got -1.0\)$"):
+        pf.check_run(config, tmp_path / "afile" / "x", [], tmp_path / "nope.json", None, {})
+
+
+def test_check_run_on_a_small_disk(tmp_path, instruction_data):
+    data_path = tmp_path / "data.json"
+    data_path.write_text(json.dumps(instruction_data[:20]), encoding="utf-8")
+    config = SimpleNamespace(**DEFAULTS)
+    with small_tmpfs(tmp_path / "disk", size="4m") as disk, pytest.raises(pf.PreflightError) as err:
+        pf.check_run(config, disk, [], data_path, None, TEST_MODE_CONFIG)
+    assert str(err.value) == (
+        f"not enough free disk space in {disk}: the finetuned model (26.7 MB), the answers and "
+        f"the plot (1.1 MB) need about 29.2 MB, 4.2 MB is free; free some space or choose "
+        f"another --output-dir")
