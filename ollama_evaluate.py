@@ -35,7 +35,6 @@ from safe_files import write_json
 
 DEFAULT_HOST = "http://localhost:11434"
 DEFAULT_PORT = 11434
-DEFAULT_CHAT_URL = DEFAULT_HOST + "/api/chat"
 DEFAULT_TIMEOUT = (5.0, 300.0)  # seconds: to connect, then to wait for each piece of the answer
 SCORES_FORMAT = 1  # version of the scores file layout
 

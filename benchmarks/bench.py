@@ -5,12 +5,13 @@
 For each model (random weights of the right shape: no GPT-2 download is needed) both paths run
 on the same inputs:
 
-- simple: the book's computation. Config `use_sdpa=False` (explicit attention), the default
-  `torch.optim.AdamW`, `train_model_simple(fast=False)` (`calc_loss_batch`: logits at every
-  position), `generate(..., use_cache=False)` one prompt at a time.
-- fast: `F.scaled_dot_product_attention`, `torch.optim.AdamW(fused=True)` (make_optimizer, as in the CLI),
-  `train_model_simple(fast=True)` (`calc_loss_batch_fast`; bfloat16 autocast and TF32 on CUDA),
-  `generate` with the KV cache, the test prompts in batches sorted by length (as
+- simple: the book's code, previous_chapters.py: its GPTModel (explicit attention, the
+  book's LayerNorm and GELU), the default `torch.optim.AdamW`, `train_model_simple`
+  (`calc_loss_batch`: logits at every position), `generate` one prompt at a time.
+- fast: fast_gpt.py on the same GPTModel and weights: fused attention, LayerNorm and GELU,
+  `make_optimizer` (AdamW(fused=True) where torch has it, as in the CLI), `train_model_fast`
+  (`calc_loss_batch_packed`; bfloat16 autocast and TF32 on CUDA), `generate` with the KV
+  cache, the test prompts in batches sorted by length (`generate_answer_ids`, as
   `generate_responses` does).
 
 It prints absolute figures and ratios: training tokens/s on real instruction batches,
@@ -40,26 +41,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
 
+import fast_gpt  # noqa: E402
+from finetune_cli import build_loaders, get_tokenizer  # noqa: E402
+from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, book_model_name, gpt2_config  # noqa: E402
 from gpt_instruction_finetuning import (  # noqa: E402
-    MODEL_NAMES,
-    TEST_MODE_CONFIG,
-    build_loaders,
+    DATA_URL,
     download_and_load_file,
     format_input,
-    generate_answer_ids,
     generate_responses,
-    get_tokenizer,
-    make_optimizer,
-    split_data,
 )
-from previous_chapters import (  # noqa: E402
-    GPTModel,
-    calc_loss_batch_fast,
-    evaluate_model,
-    generate,
-    gpt2_config,
-    train_model_simple,
-)
+from instruction_data import split_data  # noqa: E402
+from previous_chapters import GPTModel, generate, train_model_simple  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies (tests, CI)
 # --tiny: the CLI's test-mode model, with the real context so prompts + 256 tokens fit
@@ -85,11 +77,11 @@ def log(line=""):
 
 def load_data(path):
     if path is not None:
-        return download_and_load_file(path), Path(path)
+        return download_and_load_file(path, DATA_URL), Path(path)
     for candidate in (ROOT / "instruction-data.json", SHARED_DATA / "instruction-data.json"):
         if candidate.exists():
-            return download_and_load_file(candidate), candidate
-    return download_and_load_file(ROOT / "instruction-data.json"), ROOT / "instruction-data.json"
+            return download_and_load_file(candidate, DATA_URL), candidate
+    return download_and_load_file(ROOT / "instruction-data.json", DATA_URL), ROOT / "instruction-data.json"
 
 
 def cpu_name():
@@ -207,10 +199,10 @@ def tf32(enabled):
 # Models
 #####################################
 
-def build_model(cfg, state, use_sdpa, device, share_weights):
+def build_model(cfg, state, device, share_weights):
     """GPTModel with the weights in `state`; shares their storage when `share_weights`."""
     with torch.device("meta"):
-        model = GPTModel({**cfg, "use_sdpa": use_sdpa})
+        model = GPTModel(cfg)
     if not share_weights:
         state = {name: tensor.clone() for name, tensor in state.items()}
     model.load_state_dict(state, assign=True)
@@ -229,7 +221,7 @@ def matmul_params(model):
 
 def training_batches(train_data, val_data, tokenizer, device, n_steps):
     """The chapter's loaders (batch 8, train shuffled with seed 123): the first batches of each."""
-    train_loader, val_loader, _ = build_loaders(train_data, val_data, [], tokenizer, device,
+    train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device,
                                                 BATCH_SIZE, allowed_max_length=1024)
     train = [batch for _, batch in zip(range(n_steps), train_loader, strict=False)]
     val = [batch for _, batch in zip(range(EVAL_ITER), val_loader, strict=False)]
@@ -246,37 +238,36 @@ def useful_tokens(batch):
 
 def compile_warm_up(model, state, batches, val_batches, device):
     """Compile the blocks before the timing (training and evaluation graphs), then restore."""
-    use_bf16 = device.type == "cuda"
     for x, y in batches[:3]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = calc_loss_batch_fast(x, y, model, device)
+        with fast_gpt.autocast(device):
+            loss = fast_gpt.calc_loss_batch_packed(x, y, model, device)
         loss.backward()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-        evaluate_model(model, batches, val_batches, device, EVAL_ITER, calc_loss_batch_fast)
+    fast_gpt.evaluate_model_fast(model, batches, val_batches, device, EVAL_ITER)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         model.load_state_dict(state)
 
 
 def run_training(cfg, state, batches, val_batches, device, fast, compile_blocks):
-    """One path's train_model_simple run over `batches`; returns a dict of figures."""
-    model = build_model(cfg, state, use_sdpa=fast, device=device, share_weights=False)
+    """One path's training run over `batches`; returns a dict of figures."""
+    model = build_model(cfg, state, device=device, share_weights=False)
     model.train()
     if compile_blocks:
-        model.compile()  # GPTModel.compile: every transformer block, in place
+        fast_gpt.compile_blocks(model, dynamic=True)  # batch lengths vary
         with tf32(device.type == "cuda"):
             compile_warm_up(model, state, batches, val_batches, device)
-    fused = fast  # the fast path's optimizer is the CLI's: AdamW(fused=True)
-    if fast:
-        optimizer = make_optimizer(model, LR, WEIGHT_DECAY)
+    if fast:  # the CLI's optimizer: AdamW(fused=True) where torch has it
+        optimizer = fast_gpt.make_optimizer(model, LR, WEIGHT_DECAY)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    fused = bool(optimizer.defaults["fused"])
     printed = io.StringIO()
     with PeakMemory(device) as memory, tf32(fast and device.type == "cuda"), \
             contextlib.redirect_stdout(printed):
-        (train_losses, val_losses, _), seconds = timed(lambda: train_model_simple(
+        train = fast_gpt.train_model_fast if fast else train_model_simple
+        (train_losses, val_losses, _), seconds = timed(lambda: train(
             model, batches, val_batches, optimizer, device, num_epochs=1, eval_freq=EVAL_FREQ,
-            eval_iter=EVAL_ITER, start_context=None, tokenizer=None, fast=fast), device)
+            eval_iter=EVAL_ITER, start_context=None, tokenizer=None), device)
     n_evals = len(train_losses)
     evaluated = batches[:EVAL_ITER] + val_batches[:EVAL_ITER]
     return {"seconds": seconds, "evals": n_evals, "losses": train_losses + val_losses,
@@ -293,7 +284,7 @@ def bench_training(label, cfg, state, data, tokenizer, device, args, peaks):
     shapes = ", ".join(str(list(x.shape)) for x, _ in batches)
     padding = sum((y == -100).sum().item() for _, y in batches) / sum(y.numel() for _, y in batches)
     evals = math.ceil(len(batches) / EVAL_FREQ)
-    log(f"-- training: {len(batches)} steps of train_model_simple on the chapter's first "
+    log(f"-- training: {len(batches)} steps of train_model_simple / train_model_fast on the chapter's first "
         f"{len(batches)} training batches ({shapes}; {padding:.0%} of target positions are "
         f"padding, -100), evaluating every {EVAL_FREQ} steps on {EVAL_ITER} train + "
         f"{len(val_batches)} validation batches ({evals * 2 * EVAL_ITER / len(batches):.1f} "
@@ -301,7 +292,8 @@ def bench_training(label, cfg, state, data, tokenizer, device, args, peaks):
         f"per-epoch sample skipped (start_context=None). tokens/s counts every input "
         f"position (the book's tokens_seen); MFU counts the non-padding ones --")
     if args.compile:
-        log("  fast: model.compile() (every transformer block), compiled before the timing (untimed)")
+        log("  fast: fast_gpt.compile_blocks(model) (every transformer block), compiled before the "
+            "timing (untimed)")
     results = {}
     for path in ("simple", "fast"):
         fast = path == "fast"
@@ -347,10 +339,9 @@ def fit_step_time(samples):
 
 
 def uncached_step(model, context, context_size, device):
-    """One step of the book's loop: generate(..., use_cache=False) for one new token."""
+    """One step of the book's loop: previous_chapters.generate for one new token."""
     ids = torch.tensor([context], device=device)
-    out, seconds = timed(lambda: generate(model, ids, 1, context_size, eos_id=EOS_ID,
-                                          use_cache=False), device)
+    out, seconds = timed(lambda: generate(model, ids, 1, context_size, eos_id=EOS_ID), device)
     return out[0, -1].item() if out.shape[1] > len(context) else EOS_ID, seconds
 
 
@@ -388,8 +379,8 @@ def spread(items, n):
 
 def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
     _, test_data, val_data = data
-    simple = build_model(cfg, state, use_sdpa=False, device=device, share_weights=True).eval()
-    fast = build_model(cfg, state, use_sdpa=True, device=device, share_weights=True).eval()
+    # One model, two ways of running it: its own forward (the book's) and fast_gpt's.
+    simple = fast = build_model(cfg, state, device=device, share_weights=True).eval()
     n = matmul_params(fast)
     context_size = cfg["context_length"]
     max_new = args.max_new_tokens
@@ -403,12 +394,11 @@ def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
         f"generated) after the chapter's first validation prompt ({len(prompt)} tokens) --")
     ids = torch.tensor([prompt], device=device)
     with PeakMemory(device) as fast_mem:
-        out, fast_s = timed(lambda: generate(fast, ids, max_new, context_size), device)
+        out, fast_s = timed(lambda: fast_gpt.generate(fast, ids, max_new, context_size), device)
     tokens = out[0, len(prompt):].tolist()
     with PeakMemory(device) as simple_mem:
         if uncached_full:
-            out, simple_s = timed(lambda: generate(simple, ids, max_new, context_size,
-                                                   use_cache=False), device)
+            out, simple_s = timed(lambda: generate(simple, ids, max_new, context_size), device)
             uncached_tokens = out[0, len(prompt):].tolist()
             same = sum(a == b for a, b in zip(tokens, uncached_tokens, strict=True))
             ok = same == len(tokens) == max_new
@@ -459,7 +449,7 @@ def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
         f"tokens), up to {max_new} new tokens each, stopping at <|endoftext|> --")
 
     def run_cached():
-        answers = generate_answer_ids(fast, [prompts[i] for i in subset], max_new, context_size,
+        answers = fast_gpt.generate_answer_ids(fast, [prompts[i] for i in subset], max_new, context_size,
                                       EOS_ID, batch_size=bs)
         texts = [tokenizer.decode(a).replace("### Response:", "").strip() for a in answers]
         return answers, texts
@@ -483,7 +473,7 @@ def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
             for i in subset:
                 ids = torch.tensor([prompts[i]], device=device)
                 out, seconds = timed(lambda ids=ids: generate(
-                    simple, ids, max_new, context_size, eos_id=EOS_ID, use_cache=False), device)
+                    simple, ids, max_new, context_size, eos_id=EOS_ID), device)
                 simple_total += seconds
                 same_rows += out[0, len(prompts[i]):].tolist() == answers[i]
             simple_total *= len(prompts) / len(subset)
@@ -544,7 +534,7 @@ def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
     if args.check_generate_responses:
         # The chapter's own function must give what the batched path above gives.
         entries = [test_data[i] for i in subset]
-        responses = generate_responses(fast, entries, tokenizer, device, max_new,
+        responses = generate_responses(fast, entries, tokenizer, max_new,
                                        batch_size=bs, progress=False)
         ok = responses == texts
         checks_ok &= ok
@@ -563,7 +553,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--models", default="gpt2-small,gpt2-medium",
-                        help=f"comma-separated, from {', '.join(MODEL_NAMES)}")
+                        help=f"comma-separated, from {', '.join(GPT2_SIZES)}")
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny model, 16 prompts, 24 new tokens: a few seconds (CI)")
     parser.add_argument("--train-steps", type=int, default=None,
@@ -583,7 +573,7 @@ def parse_args(argv=None):
     parser.add_argument("--forced-checks", type=int, default=3,
                         help="whole answers checked against one uncached forward each")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the fast path's model for training (GPTModel.compile)")
+                        help="torch.compile the fast path's blocks for training (fast_gpt.compile_blocks)")
     parser.add_argument("--data", default=None, help="instruction-data.json (default: found or "
                         "downloaded as the chapter does)")
     parser.add_argument("--seed", type=int, default=123, help="random weights")
@@ -615,7 +605,7 @@ def main(argv=None):
     tokenizer = get_tokenizer(offline_tokenizer if offline_tokenizer.is_dir() else None)
     data_list, data_path = load_data(args.data)
     data = split_data(data_list)  # train, test, validation
-    names = ["tiny"] if args.tiny else [MODEL_NAMES.get(m.strip(), m.strip()) for m in args.models.split(",")]
+    names = ["tiny"] if args.tiny else [book_model_name(m.strip()) for m in args.models.split(",")]
 
     started = time.perf_counter()
     log("== Setup ==")
@@ -630,15 +620,15 @@ def main(argv=None):
     log(f"command: python benchmarks/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     log(f"data: {os.path.relpath(data_path, ROOT)} ({len(data_list)} entries: {len(data[0])} "
         f"train, {len(data[1])} test, {len(data[2])} validation)")
-    log("simple path: use_sdpa=False (the book's explicit attention), torch.optim.AdamW (not "
-        "fused), train_model_simple(fast=False) (calc_loss_batch: logits at every position), "
-        "generate(use_cache=False) one prompt at a time")
-    log(f"fast path:   use_sdpa=True (F.scaled_dot_product_attention), "
-        f"torch.optim.AdamW(fused=True), train_model_simple(fast=True) "
-        f"(calc_loss_batch_fast: no compute for padding or ignored targets"
+    log("simple path: previous_chapters (the book's code: explicit attention, LayerNorm and "
+        "GELU), torch.optim.AdamW (not fused), train_model_simple (calc_loss_batch: logits at "
+        "every position), generate one prompt at a time")
+    log(f"fast path:   fast_gpt on the same model (fused attention, LayerNorm and GELU), "
+        f"make_optimizer (AdamW(fused=True) where supported), train_model_fast "
+        f"(calc_loss_batch_packed: no compute for padding or ignored targets"
         f"{'; bf16 autocast, TF32' if device.type == 'cuda' else ''}"
         f"{'; compiled blocks' if args.compile else ''}), generate with the KV cache, "
-        f"test prompts sorted by length in batches of {args.gen_batch_size} (generate_batch)")
+        f"test prompts sorted by length in batches of {args.gen_batch_size} (generate_answer_ids)")
     log(f"weights: random (seed {args.seed}), float32; random weights never produce "
         f"<|endoftext|>, so every prompt generates all {args.max_new_tokens} new tokens")
     n_peak = 1024 if args.tiny else (8192 if device.type == "cuda" else 3072)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conftest import ROOT, SHARED_DATA
 
-from gpt_instruction_finetuning import TEST_MODE_CONFIG
+from gpt2_sizes import TEST_MODE_CONFIG
 
 
 def repo_files():

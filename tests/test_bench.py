@@ -32,7 +32,7 @@ def test_tiny_run_prints_every_section(tiny_run):
                     "-- all 110 test prompts", "== Summary =="):
         assert heading in out, heading
     assert re.search(r"matmul peak \(measured\): .* ([\d,.]+) GFLOP/s", out)
-    assert "simple path: use_sdpa=False" in out and "fast path:   use_sdpa=True" in out
+    assert "simple path: previous_chapters" in out and "fast path:   fast_gpt" in out
     assert "never produce <|endoftext|>" in out
 
 

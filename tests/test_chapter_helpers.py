@@ -11,19 +11,16 @@ from torch.utils.data import DataLoader
 
 import previous_chapters as pc
 from gpt_instruction_finetuning import (
-    DatasetError,
     InstructionDataset,
     custom_collate_fn,
     download_and_load_file,
     extract_response,
     format_input,
-    format_input_phi,
     generate_responses,
     get_device,
-    split_data,
-    validate_entries,
-    write_json,
 )
+from instruction_data import DatasetError, split_data, validate_entries
+from safe_files import write_json
 
 EOT = 50256
 PREAMBLE = ("Below is an instruction that describes a task. "
@@ -49,25 +46,13 @@ def test_format_input_alpaca(instruction_data):
     )
 
 
-def test_format_input_phi3(instruction_data):
-    assert format_input_phi(instruction_data[50]) == (
-        "<|user|>\nIdentify the correct spelling of the following word.\nOcassion"
-    )
-    assert format_input_phi(instruction_data[999]) == "<|user|>\nWhat is an antonym of 'complicated'?"
-
-
-def test_extract_response_both_styles(instruction_data):
+def test_extract_response(instruction_data):
     entry = instruction_data[50]
     prompt = format_input(entry)
     generated = prompt + "\n\n### Response:\nThe correct spelling is 'Occasion.'\n"
     assert extract_response(generated, prompt) == "The correct spelling is 'Occasion.'"
-    assert extract_response(generated, prompt, style="alpaca") == "The correct spelling is 'Occasion.'"
-
-    prompt = format_input_phi(entry)
-    generated = prompt + "\n<|assistant|>:\n  Occasion  "
-    assert extract_response(generated, prompt, style="phi3") == "Occasion"
     # the prompt itself is never part of the answer, even when the answer is empty
-    assert extract_response(prompt, prompt, style="phi3") == ""
+    assert extract_response(prompt, prompt) == ""
 
 
 def test_split_data_sizes_and_order(instruction_data):
@@ -101,16 +86,6 @@ def test_instruction_dataset_tokenizes_prompt_and_response(instruction_data, tok
     assert ds[1] == tokenizer.encode(text)
     assert tokenizer.decode(ds[1]) == text
 
-    phi = InstructionDataset(entries, tokenizer, style="phi3")
-    text = format_input_phi(entries[1]) + "\n<|assistant|>:\n" + entries[1]["output"]
-    assert phi[1] == tokenizer.encode(text)
-    assert len(phi[1]) < len(ds[1])  # the Phi-3 prompt is shorter
-
-    masked = InstructionDataset(entries, tokenizer, mask_instructions=True)
-    prompt_length, ids = masked[1]
-    assert ids == ds[1]
-    assert prompt_length == len(tokenizer.encode(format_input(entries[1])))
-
 
 def test_end_of_text_token(tokenizer):
     assert tokenizer.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [EOT]
@@ -135,41 +110,6 @@ def test_custom_collate_fn_truncates_and_places():
     assert inputs.shape == (3, 5) and inputs.device == torch.device("cpu")
     inputs, targets = custom_collate_fn([[3, 4], [5]], pad_token_id=0, ignore_index=-1)
     assert inputs.tolist() == [[3, 4], [5, 0]] and targets.tolist() == [[4, 0], [0, -1]]
-
-
-def test_custom_collate_fn_masks_instructions_hand_made():
-    # (prompt_length, token ids) items, as InstructionDataset(..., mask_instructions=True) gives
-    batch = [(3, [0, 1, 2, 3, 4]), (2, [5, 6]), (1, [7, 8, 9])]
-    inputs, targets = custom_collate_fn(batch)
-    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, EOT, EOT, EOT], [7, 8, 9, EOT, EOT]]
-    assert targets.tolist() == [
-        [-100, -100, 3, 4, EOT],  # targets 1 and 2 are prompt tokens
-        [-100, EOT, -100, -100, -100],  # target 6 is a prompt token; the end-of-text stays
-        [8, 9, EOT, -100, -100],  # a one-token prompt predicts nothing of itself
-    ]
-
-
-@pytest.mark.parametrize("style, prompt_fn", [("alpaca", format_input), ("phi3", format_input_phi)])
-def test_custom_collate_fn_masks_instructions_real_entry(instruction_data, tokenizer, style, prompt_fn):
-    entries = [instruction_data[50], instruction_data[999]]
-    ds = InstructionDataset(entries, tokenizer, style=style, mask_instructions=True)
-    inputs, targets = custom_collate_fn([ds[0], ds[1]])
-
-    width = max(len(ids) for _, ids in (ds[0], ds[1]))
-    assert inputs.shape == targets.shape == (2, width)
-    for row, entry in enumerate(entries):
-        prompt_ids = tokenizer.encode(prompt_fn(entry))
-        ids = ds[row][1]
-        assert ids[:len(prompt_ids)] == prompt_ids  # the prompt is a prefix of the full text
-        n_prompt = len(prompt_ids)
-        expected = [-100] * (n_prompt - 1) + ids[n_prompt:] + [EOT]
-        expected += [-100] * (width - len(expected))
-        assert targets[row].tolist() == expected
-        assert inputs[row].tolist() == ids + [EOT] * (width - len(ids))
-        # what the loss sees is exactly the response (after its tag) and one end-of-text
-        kept = [t for t in targets[row].tolist() if t != -100]
-        tag = "\n\n### Response:\n" if style == "alpaca" else "\n<|assistant|>:\n"
-        assert tokenizer.decode(kept) == tag + entry["output"] + "<|endoftext|>"
 
 
 def test_why_minus_100_is_ignored():
@@ -345,9 +285,6 @@ def test_get_device():
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         pytest.skip("this test checks the CPU fallback")
     assert get_device() == torch.device("cpu")
-    assert get_device("cpu") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="CUDA was requested but is not available"):
-        get_device("cuda")
 
 
 ########################################################################################
@@ -366,7 +303,7 @@ def test_generate_responses_equal_one_by_one(instruction_data, tokenizer, tiny_c
     # Make the end-of-text token the greedy choice wherever token t would be: copy t's output
     # row, slightly enlarged, so some answers stop early.
     prompt = pc.text_to_token_ids(format_input(entries[0]), tokenizer)
-    t = pc.generate(model, prompt, 3, tiny_cfg["context_length"], use_cache=False)[0, -1].item()
+    t = pc.generate(model, prompt, 3, tiny_cfg["context_length"])[0, -1].item()
     with torch.no_grad():
         model.out_head.weight[EOT] = 1.05 * model.out_head.weight[t]
 
@@ -374,7 +311,7 @@ def test_generate_responses_equal_one_by_one(instruction_data, tokenizer, tiny_c
     for entry in entries:
         input_text = format_input(entry)
         out = pc.generate(model, pc.text_to_token_ids(input_text, tokenizer), max_new,
-                          tiny_cfg["context_length"], eos_id=EOT, use_cache=False)
+                          tiny_cfg["context_length"], eos_id=EOT)
         lengths.append(out.shape[1] - len(tokenizer.encode(input_text)))
         expected.append(extract_response(pc.token_ids_to_text(out, tokenizer), input_text))
     assert min(lengths) < max_new  # some answers stop at the end-of-text token...
@@ -383,6 +320,6 @@ def test_generate_responses_equal_one_by_one(instruction_data, tokenizer, tiny_c
     assert prompt_lengths[2] + max_new > tiny_cfg["context_length"]  # generation crosses the context
     assert prompt_lengths[-1] > tiny_cfg["context_length"]  # the prompt alone is too long
 
-    responses = generate_responses(model, entries, tokenizer, "cpu", max_new_tokens=max_new,
+    responses = generate_responses(model, entries, tokenizer, max_new_tokens=max_new,
                                    batch_size=batch_size, progress=False)
     assert responses == expected

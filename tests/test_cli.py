@@ -1,4 +1,5 @@
-"""The chapter as one command: `main(test_mode=True)` and `python gpt_instruction_finetuning.py`."""
+"""The chapter as one command: finetune_cli's stages, `main(FinetuneConfig(test_mode=True))`,
+and `python gpt_instruction_finetuning.py` in a subprocess."""
 
 import json
 import os
@@ -10,8 +11,11 @@ import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
 
-import gpt_instruction_finetuning as gif
-from previous_chapters import GPTModel, gpt2_config
+import finetune_cli as fc
+from finetune_cli import FinetuneConfig
+from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from previous_chapters import GPTModel
+from safe_files import write_atomically
 
 SCRIPT = ROOT / "gpt_instruction_finetuning.py"
 
@@ -33,8 +37,8 @@ def small_data(tmp_path, instruction_data):
 
 
 def test_main_test_mode_end_to_end(tmp_path, shared_data, capsys):
-    result = gif.main(test_mode=True, data=shared_data / "instruction-data.json",
-                      output_dir=tmp_path, max_new_tokens=8)
+    result = fc.main(FinetuneConfig(test_mode=True, data=shared_data / "instruction-data.json",
+                                    output_dir=tmp_path, max_new_tokens=8))
     out = capsys.readouterr().out
 
     assert "Training set length: 10" in out and "Test set length: 10" in out
@@ -53,7 +57,7 @@ def test_main_test_mode_end_to_end(tmp_path, shared_data, capsys):
     assert [e["instruction"] for e in saved] == [e["instruction"] for e in result["responses"]]
 
     state = torch.load(paths["model"], map_location="cpu", weights_only=True)
-    model = GPTModel(gif.TEST_MODE_CONFIG)
+    model = GPTModel(TEST_MODE_CONFIG)
     model.load_state_dict(state)  # strict: a whole, loadable checkpoint
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
 
@@ -73,16 +77,16 @@ def test_command_line_test_mode(tmp_path, shared_data):
 
 
 def test_local_tokenizer_matches_tiktoken(instruction_data, tokenizer):
-    local = gif.get_tokenizer(TOKENIZER_DIR)
+    local = fc.get_tokenizer(TOKENIZER_DIR)
     for entry in instruction_data[::50]:
-        text = gif.format_input(entry) + "\n\n### Response:\n" + entry["output"]
+        text = fc.ALPACA.format_input(entry) + "\n\n### Response:\n" + entry["output"]
         assert local.encode(text) == tokenizer.encode(text)
     assert local.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
 
 
 def test_local_tokenizer_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="encoder.json, vocab.bpe"):
-        gif.get_tokenizer(tmp_path)
+        fc.get_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -128,8 +132,10 @@ def test_unknown_model_and_unavailable_device(tmp_path, small_data):
     proc = run_cli("--model", "gpt2-huge", cwd=tmp_path)
     assert proc.returncode == 2 and "invalid choice: 'gpt2-huge'" in proc.stderr
     with pytest.raises(ValueError, match="choose one of gpt2-small, gpt2-medium"):
-        gif.resolve_model_name("gpt2-huge")
-    assert gif.resolve_model_name("355M") == "gpt2-medium (355M)"
+        FinetuneConfig(model="gpt2-huge")
+    with pytest.raises(ValueError, match=r"choose one of \['alpaca', 'phi3'\]"):
+        FinetuneConfig(prompt_style="chatml")
+    assert FinetuneConfig(model="355M").model == "355M"  # any of gpt2_sizes' three names
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -144,7 +150,8 @@ def test_long_entries_are_truncated_with_a_warning(tmp_path, small_data, capsys)
     data[0]["output"] = "word " * 400  # ~400 tokens, more than test mode's 256 context
     data[1]["input"] = "word " * 300
     path = write_data(tmp_path / "long.json", data)
-    result = gif.main(test_mode=True, data=path, output_dir=tmp_path, max_new_tokens=4)
+    result = fc.main(FinetuneConfig(test_mode=True, data=path, output_dir=tmp_path,
+                                    max_new_tokens=4))
     assert "Warning: 2 entries are longer than 256 tokens and were truncated." in capsys.readouterr().out
     # Another dataset than the chapter's: its name goes into the outputs' names.
     assert result["paths"]["model"].name == "gpt2-medium355M-sft-long-test.pth"
@@ -181,20 +188,70 @@ def test_write_atomically_keeps_old_file_when_writing_fails(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        gif.write_atomically(target, failing_write)
+        write_atomically(target, failing_write)
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]
 
 
 def test_expected_cost_quotes_the_book_for_the_model_and_device(capsys):
     with torch.device("meta"):
-        model = GPTModel(gpt2_config("gpt2-medium (355M)"))
-    gif.describe_expected_cost(model, "gpt2-medium (355M)", "cpu", num_epochs=2)
+        model = GPTModel(gpt2_config("gpt2-medium"))
+    fc.describe_expected_cost(model, "gpt2-medium", "cpu", num_epochs=2)
     out = capsys.readouterr().out
     assert "Parameters: 406,286,336 (406,286,336 trainable)" in out
     assert "about 6.5 GB" in out  # 4 bytes of weights + 12 of gradient and AdamW state each
     assert ("Expect about 15.8 min of training: the book's 2 epochs of gpt2-medium (355M) "
             "took 15.78 min") in out
 
-    gif.describe_expected_cost(model, "gpt2-medium (355M)", "cuda", num_epochs=4)
+    fc.describe_expected_cost(model, "355M", "cuda", num_epochs=4)
     assert "Expect about 1.7 min" in capsys.readouterr().out
+
+
+def test_the_parser_is_built_from_the_config():
+    """Every FinetuneConfig field is a flag with the field's default; parsing gives a config."""
+    from dataclasses import fields
+
+    parser = fc.build_arg_parser()
+    assert FinetuneConfig(**vars(parser.parse_args([]))) == FinetuneConfig()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in fields(FinetuneConfig)}
+    for f in fields(FinetuneConfig):
+        assert flags[f.name].help.startswith(f.metadata["help"])
+    assert flags["test_mode"].option_strings == ["--test_mode", "--test-mode"]
+
+    config = FinetuneConfig(**vars(parser.parse_args(
+        ["--eval-freq", "3", "--eval-iter", "2", "--lora-rank", "8", "--lora-alpha", "16",
+         "--prompt-style", "phi3", "--mask-instructions", "--test-mode", "--lr", "1e-4"])))
+    assert (config.eval_freq, config.eval_iter, config.lora_rank, config.lora_alpha) == (3, 2, 8, 16.0)
+    assert (config.prompt_style, config.mask_instructions, config.test_mode) == ("phi3", True, True)
+    assert config.lr == 1e-4 and config.epochs == 2 and config.model == "gpt2-medium"
+
+
+def test_stages_compose_and_eval_flags_are_used(tmp_path, small_data, capsys):
+    """The five stages by hand, as the exercise notebook runs them; --eval-freq sets the steps."""
+    config = FinetuneConfig(test_mode=True, data=str(small_data), output_dir=str(tmp_path),
+                            max_new_tokens=4, eval_freq=2, eval_iter=1, epochs=1)
+    data = fc.prepare_data(config)
+    assert (len(data.train_data), len(data.val_data), len(data.test_data)) == (10, 2, 4)
+    assert len(data.train_loader) == 5 and data.device == torch.device("cpu")
+    model = fc.build_model(config, data.device)
+    run = fc.finetune(model, data, config)
+    out = capsys.readouterr().out
+    assert [line[:21] for line in out.splitlines() if line.startswith("Ep 1")] == [
+        "Ep 1 (Step 000000): T", "Ep 1 (Step 000002): T", "Ep 1 (Step 000004): T"]
+    assert len(run["train_losses"]) == 3
+    results = fc.answer_test_set(model, data, config, n_shown=1)
+    assert [r["instruction"] for r in results] == [e["instruction"] for e in data.test_data]
+    paths = fc.save_outputs(model, run, results, data, config)
+    assert sorted(p.name for p in paths.values()) == [
+        "gpt2-medium355M-sft-data-test.pth", "instruction-data-with-response-data-test.json",
+        "loss-plot-data-test.pdf"]
+
+
+def test_choose_device():
+    assert fc.choose_device(None, test_mode=True) == torch.device("cpu")
+    assert fc.choose_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(fc.DeviceError, match="CUDA was requested but is not available"):
+        fc.choose_device("cuda")

@@ -23,9 +23,15 @@ import torch.nn as nn
 from conftest import ROOT
 from notebook_runner import cell_outputs, run_notebook, smoke_workdir
 
+import exercise_variants as ev
+import fast_gpt
+import finetune_cli as fc
 import gpt_download
 import gpt_instruction_finetuning as gif
 import previous_chapters as pc
+from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from instruction_data import split_data
+from safe_files import save_state_dict
 
 SCRIPT = ROOT / "gpt_instruction_finetuning.py"
 NOTEBOOK = "exercise-solutions.ipynb"
@@ -41,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ########################################################################################
 
 def test_phi3_prompt_with_input(instruction_data):
-    assert gif.format_input_phi(instruction_data[50]) == (
+    assert ev.format_input_phi(instruction_data[50]) == (
         "<|user|>\nIdentify the correct spelling of the following word.\nOcassion"
     )
 
@@ -49,50 +55,77 @@ def test_phi3_prompt_with_input(instruction_data):
 def test_phi3_prompt_without_input(instruction_data):
     entry = instruction_data[999]
     assert entry["input"] == ""
-    assert gif.format_input_phi(entry) == "<|user|>\nWhat is an antonym of 'complicated'?"
+    assert ev.format_input_phi(entry) == "<|user|>\nWhat is an antonym of 'complicated'?"
+
+
+PHI3_TEXTS = [
+    "<|user|>\nIdentify the correct spelling of the following word.\nOcassion"
+    "\n<|assistant|>:\nThe correct spelling is 'Occasion.'",
+    "<|user|>\nWhat is an antonym of 'complicated'?"
+    "\n<|assistant|>:\nAn antonym of 'complicated' is 'simple'.",
+]
 
 
 def test_phi3_training_texts(instruction_data, tokenizer):
     entries = [instruction_data[50], instruction_data[999]]
-    texts = [
-        "<|user|>\nIdentify the correct spelling of the following word.\nOcassion"
-        "\n<|assistant|>:\nThe correct spelling is 'Occasion.'",
-        "<|user|>\nWhat is an antonym of 'complicated'?"
-        "\n<|assistant|>:\nAn antonym of 'complicated' is 'simple'.",
-    ]
-    dataset = gif.InstructionDataset(entries, tokenizer, style="phi3", mask_instructions=True)
-    items = [dataset[i] for i in range(len(dataset))]
-    for (prompt_length, token_ids), entry, text in zip(items, entries, texts, strict=True):
+    phi = ev.InstructionDatasetPhi(entries, tokenizer)
+    assert [phi[0], phi[1]] == [tokenizer.encode(text) for text in PHI3_TEXTS]
+    assert len(phi) == 2
+    chapter = gif.InstructionDataset(entries, tokenizer)
+    assert all(len(phi[i]) < len(chapter[i]) for i in range(2))  # the Phi-3 prompt is shorter
+    # The style-taking dataset is the chapter's for Alpaca, exercise 7.1's for Phi-3.
+    assert ev.InstructionDatasetWithStyle(entries, tokenizer, ev.ALPACA).encoded_texts == \
+        chapter.encoded_texts
+    assert ev.InstructionDatasetWithStyle(entries, tokenizer, ev.PHI3).encoded_texts == \
+        phi.encoded_texts
+
+    masked = ev.InstructionDatasetWithMasking(entries, tokenizer, ev.PHI3)
+    for i, (entry, text) in enumerate(zip(entries, PHI3_TEXTS, strict=True)):
+        instruction_length, token_ids = masked[i]
         assert token_ids == tokenizer.encode(text)
-        assert prompt_length == len(tokenizer.encode(gif.format_input_phi(entry)))
-        assert token_ids[:prompt_length] == tokenizer.encode(gif.format_input_phi(entry))
+        assert instruction_length == len(tokenizer.encode(ev.format_input_phi(entry)))
+        assert token_ids[:instruction_length] == tokenizer.encode(ev.format_input_phi(entry))
 
 
 @pytest.mark.parametrize("index", [50, 999])
 def test_phi3_extraction_strips_the_assistant_tag(instruction_data, index):
     entry = instruction_data[index]
-    prompt = gif.format_input_phi(entry)
+    prompt = ev.format_input_phi(entry)
     generated = prompt + "\n<|assistant|>:\n" + entry["output"]
-    assert gif.extract_response(generated, prompt, style="phi3") == entry["output"]
-    # The Alpaca style removes its own tag only: the style has to match the training.
+    assert ev.extract_response_phi(generated, prompt) == entry["output"]
+    assert ev.PHI3.extract_response(generated, prompt) == entry["output"]
+    # The chapter's extraction removes its own tag only: the style has to match the training.
     assert gif.extract_response(generated, prompt).startswith("<|assistant|>:")
+    assert ev.extract_response_phi(prompt, prompt) == ""
 
 
-def test_generate_responses_writes_phi3_prompts_and_strips_the_tag(monkeypatch, instruction_data,
-                                                                   tokenizer, tiny_cfg):
-    seen = []
+def test_prompt_style_by_name():
+    assert ev.prompt_style("phi3") is ev.PHI3 and ev.prompt_style("alpaca") is ev.ALPACA
+    assert ev.ALPACA.format_input is gif.format_input  # the chapter's own function
+    with pytest.raises(ValueError, match=r"choose one of \['alpaca', 'phi3'\]"):
+        ev.prompt_style("chatml")
 
-    def fake_generate_batch(model, prompts, *args, **kwargs):
-        seen.extend(prompts)
-        return [tokenizer.encode("\n<|assistant|>:\nThe correct spelling is 'Occasion.'")
-                for _ in prompts]
 
-    monkeypatch.setattr(gif, "generate_batch", fake_generate_batch)
-    entries = [instruction_data[50], instruction_data[999]]
-    responses = gif.generate_responses(pc.GPTModel(tiny_cfg), entries, tokenizer, "cpu",
-                                       style="phi3", progress=False)
-    assert responses == ["The correct spelling is 'Occasion.'"] * 2
-    assert sorted(seen) == sorted(tokenizer.encode(gif.format_input_phi(e)) for e in entries)
+@pytest.mark.parametrize("style", [ev.ALPACA, ev.PHI3], ids=lambda s: s.name)
+def test_generate_responses_with_style_equals_one_by_one(instruction_data, tokenizer, tiny_cfg,
+                                                          style):
+    """Batched answers in a style: the book's one-at-a-time loop, cut by the style's extract."""
+    entries = [instruction_data[i] for i in (50, 999, 314)]
+    torch.manual_seed(5)
+    model = pc.GPTModel(tiny_cfg).eval()
+    expected = []
+    for entry in entries:
+        input_text = style.format_input(entry)
+        token_ids = pc.generate(model, pc.text_to_token_ids(input_text, tokenizer), 6,
+                                tiny_cfg["context_length"], eos_id=EOT)
+        expected.append(style.extract_response(pc.token_ids_to_text(token_ids, tokenizer),
+                                               input_text))
+    got = ev.generate_responses_with_style(model, entries, tokenizer, style, max_new_tokens=6,
+                                           batch_size=2, progress=False)
+    assert got == expected
+    if style is ev.ALPACA:
+        assert gif.generate_responses(model, entries, tokenizer, max_new_tokens=6,
+                                      progress=False) == expected
 
 
 ########################################################################################
@@ -106,26 +139,41 @@ HAND_MADE = [
 ]
 
 
-@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_custom_collate_with_masking_fn_hand_made():
+    # (instruction_length, token ids) items, as InstructionDatasetWithMasking gives them
+    batch = [(3, [0, 1, 2, 3, 4]), (2, [5, 6]), (1, [7, 8, 9])]
+    inputs, targets = ev.custom_collate_with_masking_fn(batch)
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, EOT, EOT, EOT], [7, 8, 9, EOT, EOT]]
+    assert targets.tolist() == [
+        [-100, -100, 3, 4, EOT],  # targets 1 and 2 are prompt tokens
+        [-100, EOT, -100, -100, -100],  # target 6 is a prompt token; the end-of-text stays
+        [8, 9, EOT, -100, -100],  # a one-token prompt predicts nothing of itself
+    ]
+    inputs, targets = ev.custom_collate_with_masking_fn(batch, allowed_max_length=2,
+                                                        ignore_index=-1)
+    assert inputs.tolist() == [[0, 1], [5, 6], [7, 8]]
+    assert targets.tolist() == [[-1, -1], [-1, EOT], [8, 9]]
+
+
+@pytest.mark.parametrize("style", [ev.ALPACA, ev.PHI3], ids=lambda s: s.name)
 def test_masked_targets_exactly(style, tokenizer):
     """Prompt targets -100, the response and the first end-of-text kept, later padding -100."""
-    fmt = gif.PROMPT_STYLES[style]
-    prompts = [tokenizer.encode(fmt["format_input"](e)) for e in HAND_MADE]
-    responses = [tokenizer.encode(fmt["response_prefix"] + e["output"]) for e in HAND_MADE]
+    prompts = [tokenizer.encode(style.format_input(e)) for e in HAND_MADE]
+    responses = [tokenizer.encode(style.response_prefix + e["output"]) for e in HAND_MADE]
     texts = [p + r for p, r in zip(prompts, responses, strict=True)]
     longest = max(len(t) for t in texts)
     expected_inputs = [t + [EOT] * (longest - len(t)) for t in texts]
     expected_targets = [[-100] * (len(p) - 1) + r + [EOT] + [-100] * (longest - len(p) - len(r))
                         for p, r in zip(prompts, responses, strict=True)]
 
-    dataset = gif.InstructionDataset(HAND_MADE, tokenizer, style=style, mask_instructions=True)
+    dataset = ev.InstructionDatasetWithMasking(HAND_MADE, tokenizer, style)
     assert [dataset[i] for i in range(2)] == [(len(p), t) for p, t in zip(prompts, texts, strict=True)]
-    inputs, targets = gif.custom_collate_fn([dataset[0], dataset[1]])
+    inputs, targets = ev.custom_collate_with_masking_fn([dataset[0], dataset[1]])
     assert inputs.tolist() == expected_inputs
     assert targets.tolist() == expected_targets
 
-    # Without the switch: plain token lists, and only the padding is ignored.
-    plain = gif.InstructionDataset(HAND_MADE, tokenizer, style=style)
+    # Without masking: plain token lists, and only the padding is ignored.
+    plain = ev.InstructionDatasetWithStyle(HAND_MADE, tokenizer, style)
     assert plain[0] == texts[0]
     _, plain_targets = gif.custom_collate_fn([plain[0], plain[1]])
     for row, text in enumerate(texts):
@@ -133,19 +181,28 @@ def test_masked_targets_exactly(style, tokenizer):
 
 
 def test_masked_loaders_on_the_real_data(instruction_data, tokenizer):
-    """Through build_loaders (what main uses): every row's prompt is masked, nothing else."""
-    data = instruction_data[:40]
-    train, test, val = gif.split_data(data)
-    *_, test_loader = gif.build_loaders(train, val, test, tokenizer, "cpu", 2, 1024,
-                                        style="phi3", mask_instructions=True)
-    rows = [row for _, targets in test_loader for row in targets.tolist()]  # not shuffled
-    assert len(rows) == len(test)
-    for entry, row in zip(test, rows, strict=True):
-        prompt_length = len(tokenizer.encode(gif.format_input_phi(entry)))
+    """Through build_loaders (what the CLI uses): every row's prompt is masked, nothing else."""
+    train, test, val = split_data(instruction_data[:60])
+    _, val_loader = fc.build_loaders(train, val, tokenizer, "cpu", 2, 1024, style=ev.PHI3,
+                                     mask_instructions=True)
+    rows = [row for _, targets in val_loader for row in targets.tolist()]  # not shuffled
+    assert len(rows) == len(val) == 3
+    for entry, row in zip(val, rows, strict=True):
+        prompt_length = len(tokenizer.encode(ev.format_input_phi(entry)))
         response = tokenizer.encode("\n<|assistant|>:\n" + entry["output"])
         assert row[:prompt_length - 1] == [-100] * (prompt_length - 1)
         assert row[prompt_length - 1:prompt_length - 1 + len(response) + 1] == response + [EOT]
         assert set(row[prompt_length + len(response):]) <= {-100}
+
+
+def test_the_cli_uses_the_chapters_classes_without_switches(instruction_data, tokenizer):
+    entries = instruction_data[:4]
+    assert type(fc.make_dataset(entries, tokenizer)) is gif.InstructionDataset
+    assert type(fc.make_dataset(entries, tokenizer, ev.PHI3)) is ev.InstructionDatasetWithStyle
+    assert type(fc.make_dataset(entries, tokenizer, ev.PHI3, mask_instructions=True)) is \
+        ev.InstructionDatasetWithMasking
+    train_loader, _ = fc.build_loaders(entries, entries, tokenizer, "cpu", 2, 1024)
+    assert train_loader.collate_fn.func is gif.custom_collate_fn
 
 
 def test_masking_leaves_only_response_tokens_in_the_loss(tokenizer, tiny_cfg):
@@ -153,8 +210,8 @@ def test_masking_leaves_only_response_tokens_in_the_loss(tokenizer, tiny_cfg):
     changes nothing, changing a response position's logits does."""
     torch.manual_seed(3)
     model = pc.GPTModel(tiny_cfg).eval()
-    dataset = gif.InstructionDataset(HAND_MADE, tokenizer, mask_instructions=True)
-    inputs, targets = gif.custom_collate_fn([dataset[0], dataset[1]])
+    dataset = ev.InstructionDatasetWithMasking(HAND_MADE, tokenizer)
+    inputs, targets = ev.custom_collate_with_masking_fn([dataset[0], dataset[1]])
     with torch.no_grad():
         logits = model(inputs)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -191,7 +248,7 @@ def test_lora_starts_as_the_base_model_and_trains_only_a_and_b(tiny_cfg):
 
 def test_lora_counts_on_gpt2_medium_meta_device():
     with torch.device("meta"):
-        model = pc.GPTModel(pc.gpt2_config("gpt2-medium (355M)"))
+        model = pc.GPTModel(gpt2_config("gpt2-medium"))
         model.requires_grad_(False)
         pc.replace_linear_with_lora(model, rank=16, alpha=16)
     assert all(p.is_meta for p in model.parameters())  # shapes only, no memory
@@ -229,27 +286,27 @@ def finetuned_lora(tiny_cfg, instruction_data, tokenizer):
 def test_lora_adapters_save_reload_and_generate_the_same(tmp_path, finetuned_lora, tiny_cfg,
                                                          instruction_data, tokenizer):
     base_state, model = finetuned_lora
-    adapters = gif.lora_state_dict(model)
+    adapters = ev.lora_state_dict(model)
     assert set(adapters) == {k for k in model.state_dict() if ".lora." in k} | {"lora_alpha"}
     assert adapters["lora_alpha"].item() == 8.0
     path = tmp_path / "adapters.pth"
-    gif.save_state_dict(adapters, path)
+    save_state_dict(adapters, path)
 
     fresh = pc.GPTModel(tiny_cfg)
     fresh.load_state_dict(base_state)
-    gif.load_lora_adapters(fresh, torch.load(path, weights_only=True))
+    ev.load_lora_adapters(fresh, torch.load(path, weights_only=True))
     fresh.eval()
     assert all(n.endswith((".lora.A", ".lora.B"))
                for n, p in fresh.named_parameters() if p.requires_grad)
     assert fresh.out_head.lora.alpha == 8.0 and fresh.out_head.lora.A.shape[1] == 4
 
-    prompt = pc.text_to_token_ids(gif.format_input_phi(instruction_data[999]), tokenizer)
+    prompt = pc.text_to_token_ids(ev.format_input_phi(instruction_data[999]), tokenizer)
     with torch.no_grad():
         assert torch.equal(fresh(prompt), model(prompt))
     context = tiny_cfg["context_length"]
     expected = pc.generate(model, prompt, 10, context)
-    assert torch.equal(expected, pc.generate(model, prompt, 10, context, use_cache=False))
-    got = pc.generate(fresh, prompt, 10, context)
+    assert torch.equal(expected, fast_gpt.generate(model, prompt, 10, context))
+    got = fast_gpt.generate(fresh, prompt, 10, context)
     assert got.shape[1] == prompt.shape[1] + 10
     assert torch.equal(got, expected)
 
@@ -257,9 +314,9 @@ def test_lora_adapters_save_reload_and_generate_the_same(tmp_path, finetuned_lor
 def test_lora_helpers_reject_the_wrong_input(tiny_cfg):
     plain = pc.GPTModel(tiny_cfg)
     with pytest.raises(ValueError, match="no LoRA layers"):
-        gif.lora_state_dict(plain)
+        ev.lora_state_dict(plain)
     with pytest.raises(ValueError, match="not LoRA adapters"):
-        gif.load_lora_adapters(plain, plain.state_dict())
+        ev.load_lora_adapters(plain, plain.state_dict())
 
 
 def test_merge_lora_gives_a_plain_gpt_model_with_the_same_logits(tmp_path, finetuned_lora,
@@ -269,21 +326,20 @@ def test_merge_lora_gives_a_plain_gpt_model_with_the_same_logits(tmp_path, finet
     with torch.no_grad():
         lora_logits = model(x)
 
-    assert gif.merge_lora(model) is model
+    assert ev.merge_lora(model) is model
     assert not any(isinstance(m, (pc.LinearWithLoRA, pc.LoRALayer)) for m in model.modules())
     assert set(model.state_dict()) == set(pc.GPTModel(tiny_cfg).state_dict())
     path = tmp_path / "merged.pth"
-    gif.save_state_dict(model.state_dict(), path)
+    save_state_dict(model.state_dict(), path)
 
     plain = pc.GPTModel(tiny_cfg)
     plain.load_state_dict(torch.load(path, weights_only=True))  # strict: the plain keys
     plain.eval()
     with torch.no_grad():
         assert torch.allclose(plain(x), lora_logits, rtol=1e-4, atol=1e-5)
-    # A plain GPTModel again: cached generation works and matches the uncached loop.
-    cached = pc.generate(plain, x[:1, :6], 6, tiny_cfg["context_length"])
-    assert torch.equal(cached, pc.generate(plain, x[:1, :6], 6, tiny_cfg["context_length"],
-                                           use_cache=False))
+    # A plain GPTModel again: cached generation works and matches the book's loop.
+    cached = fast_gpt.generate(plain, x[:1, :6], 6, tiny_cfg["context_length"])
+    assert torch.equal(cached, pc.generate(plain, x[:1, :6], 6, tiny_cfg["context_length"]))
 
 
 ########################################################################################
@@ -338,7 +394,7 @@ def test_cli_prompt_style_and_masking_variants_share_a_folder(tmp_path, shared_d
     saved = json.loads((out_dir / "instruction-data-with-response-phi3-mask-test.json").read_text())
     assert len(saved) == 10 and all(isinstance(e["model_response"], str) for e in saved)
     state = torch.load(out_dir / "gpt2-medium355M-sft-phi3-mask-test.pth", weights_only=True)
-    pc.GPTModel(gif.TEST_MODE_CONFIG).load_state_dict(state)  # strict
+    pc.GPTModel(TEST_MODE_CONFIG).load_state_dict(state)  # strict
 
 
 @pytest.mark.slow
@@ -353,7 +409,7 @@ def test_cli_lora_writes_adapters_and_merged_model(tmp_path, shared_data):
     assert "LoRA adapters saved as" in proc.stdout
 
     with torch.device("meta"):
-        counted = pc.GPTModel(gif.TEST_MODE_CONFIG)
+        counted = pc.GPTModel(TEST_MODE_CONFIG)
         counted.requires_grad_(False)
         pc.replace_linear_with_lora(counted, rank=4, alpha=8)
     n_trainable = sum(p.numel() for p in counted.parameters() if p.requires_grad)
@@ -364,14 +420,14 @@ def test_cli_lora_writes_adapters_and_merged_model(tmp_path, shared_data):
     assert adapters["lora_alpha"].item() == 8.0
     assert all(v.shape[1] == 4 for k, v in adapters.items() if k.endswith(".lora.A"))
     merged = torch.load(out_dir / f"gpt2-medium355M-sft{suffix}.pth", weights_only=True)
-    pc.GPTModel(gif.TEST_MODE_CONFIG).load_state_dict(merged)  # strict: a plain GPTModel
+    pc.GPTModel(TEST_MODE_CONFIG).load_state_dict(merged)  # strict: a plain GPTModel
 
     # Test mode's base model is GPTModel(TEST_MODE_CONFIG) right after torch.manual_seed(123):
     # that base plus the saved adapters, merged, is the saved merged model.
     torch.manual_seed(123)
-    base = pc.GPTModel(gif.TEST_MODE_CONFIG)
+    base = pc.GPTModel(TEST_MODE_CONFIG)
     base_head = base.out_head.weight.detach().clone()
-    rebuilt = gif.merge_lora(gif.load_lora_adapters(base, adapters))
+    rebuilt = ev.merge_lora(ev.load_lora_adapters(base, adapters))
     for name, tensor in rebuilt.state_dict().items():
         assert torch.allclose(tensor, merged[name], atol=1e-6), name
     assert not torch.allclose(merged["out_head.weight"], base_head, atol=1e-6)  # it trained
@@ -425,7 +481,7 @@ def test_notebook_sections_and_helpers():
         assert f"## Exercise 7.{n}:" in markdown
 
     # The notebook imports the modules' functions; its own helpers have new names.
-    module_names = set(dir(gif)) | set(dir(pc)) | set(dir(gpt_download))
+    module_names = set().union(*(dir(m) for m in (gif, ev, fc, pc, fast_gpt, gpt_download)))
     defined = {node.name for c in code for node in ast.walk(ast.parse(c.source))
                if isinstance(node, ast.FunctionDef | ast.ClassDef)}
     assert defined and not defined & module_names
@@ -440,7 +496,7 @@ def test_exercise_notebook_runs_in_smoke_mode(tmp_path):
     for line in (
         "Training / test / validation: 935 / 110 / 55",
         "The Phi-3 style processes 26% fewer tokens per epoch.",
-        "Responses saved as instruction-data-with-response-phi3-test.json",
+        "instruction-data-with-response-phi3-test.json",
         "Row 0: 47 prompt targets are -100",
         "Number of entries: 200",  # exercise 7.3: the stand-in for Alpaca's 52,002
         "Training / test / validation: 170 / 20 / 10",
@@ -457,10 +513,10 @@ def test_exercise_notebook_runs_in_smoke_mode(tmp_path):
     for name in ("instruction-data-with-response-phi3-test.json",
                  "instruction-data-with-response-mask-test.json",
                  "instruction-data-with-response-lora16-test.json",
-                 "alpaca-data-with-response-test.json"):
+                 "instruction-data-with-response-alpaca_data-test.json"):
         saved = json.loads((workdir / name).read_text(encoding="utf-8"))
-        assert len(saved) == 4 and all(isinstance(e["model_response"], str) for e in saved)
+        assert len(saved) == 10 and all(isinstance(e["model_response"], str) for e in saved)
     adapters = torch.load(workdir / "gpt2-medium355M-sft-lora16-test-adapters.pth", weights_only=True)
     assert adapters["lora_alpha"].item() == 16.0
     merged = torch.load(workdir / "gpt2-medium355M-sft-lora16-test.pth", weights_only=True)
-    pc.GPTModel(gif.TEST_MODE_CONFIG).load_state_dict(merged)
+    pc.GPTModel(TEST_MODE_CONFIG).load_state_dict(merged)

@@ -20,7 +20,7 @@ from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_notebook
 from notebook_runner import cell_outputs, repo_files, run_notebook, smoke_workdir
 
-from gpt_instruction_finetuning import TEST_MODE_CONFIG
+from gpt2_sizes import TEST_MODE_CONFIG
 from previous_chapters import GPTModel
 
 NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))
@@ -195,3 +195,43 @@ def test_load_notebook_stops_without_a_finetuned_model(tmp_path):
     message = error.value.evalue
     assert "gpt2-medium355M-sft.pth does not exist" in message
     assert CHAPTER in message and "python gpt_instruction_finetuning.py" in message
+
+
+# ---------------------------------------------------------------------------------------
+# The chapter's cells call the chapter's own helpers
+# ---------------------------------------------------------------------------------------
+
+
+def defining_cells(nb, *names):
+    """The code cells of `nb` that define (at top level) any of `names`, in order."""
+    import ast
+
+    chosen = []
+    for cell in code_cells(nb):
+        defined = {node.name for node in ast.parse(cell.source).body
+                   if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+        if defined & set(names):
+            chosen.append(cell.source)
+    return chosen
+
+
+def test_editing_format_input_in_the_chapter_changes_what_its_dataset_encodes(
+        instruction_data, tokenizer):
+    """A reader who edits the notebook's format_input changes the training data: the
+    notebook's InstructionDataset calls the notebook's format_input, not the module's."""
+    cells = defining_cells(read(ROOT / CHAPTER), "format_input", "InstructionDataset")
+    assert len(cells) == 2
+    namespace = {}
+    for source in cells:
+        exec(compile(source, CHAPTER, "exec"), namespace)
+    entries = instruction_data[49:51]
+    dataset = namespace["InstructionDataset"](entries, tokenizer)
+    alpaca = [namespace["format_input"](e) + "\n\n### Response:\n" + e["output"] for e in entries]
+    assert [dataset[0], dataset[1]] == [tokenizer.encode(text) for text in alpaca]
+
+    # The reader's edit: a shorter prompt, defined as in a notebook cell.
+    exec("def format_input(entry):\n    return 'Q: ' + entry['instruction']\n", namespace)
+    edited = namespace["InstructionDataset"](entries, tokenizer)
+    assert [edited[0], edited[1]] == [
+        tokenizer.encode(f"Q: {e['instruction']}\n\n### Response:\n{e['output']}") for e in entries]
+    assert edited[0] != dataset[0] and edited[1] != dataset[1]

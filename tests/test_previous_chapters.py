@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 import previous_chapters as pc
+from gpt2_sizes import gpt2_config
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 
 VOCAB = 1024  # the generation and model tests need no real token ids: a small vocabulary is faster
@@ -112,19 +113,23 @@ def test_logits_and_loss_equal_the_books(small_cfg):
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("train_mode", [False, True])
-def test_sdpa_and_explicit_attention_agree(small_cfg, train_mode):
-    sdpa = make_model(small_cfg, seed=4)
-    explicit = pc.GPTModel({**small_cfg, "use_sdpa": False})
-    explicit.load_state_dict(sdpa.state_dict(), strict=True)
-    assert sdpa.trf_blocks[0].att.use_sdpa and not explicit.trf_blocks[0].att.use_sdpa
-    sdpa.train(train_mode)
-    explicit.train(train_mode)
-    batch = random_prompts(3, 40, seed=4)
-    torch.testing.assert_close(sdpa(batch), explicit(batch), atol=1e-5, rtol=1e-5)
-    # and the explicit path is the book's
-    torch.testing.assert_close(explicit(batch), book_copy(sdpa, small_cfg).train(train_mode)(batch),
-                               atol=1e-5, rtol=1e-5)
+def test_signatures_are_the_books():
+    """No speed-up parameters: the book's signatures (plot_losses' two are marked fixes)."""
+    import inspect
+
+    def params(fn):
+        return list(inspect.signature(fn).parameters)
+
+    assert params(pc.generate) == ["model", "idx", "max_new_tokens", "context_size", "temperature",
+                                   "top_k", "eos_id"]
+    assert params(pc.train_model_simple) == ["model", "train_loader", "val_loader", "optimizer",
+                                             "device", "num_epochs", "eval_freq", "eval_iter",
+                                             "start_context", "tokenizer"]
+    assert params(pc.calc_loss_loader) == ["data_loader", "model", "device", "num_batches"]
+    assert params(pc.evaluate_model) == ["model", "train_loader", "val_loader", "device", "eval_iter"]
+    assert params(pc.GPTModel.forward) == ["self", "in_idx"]
+    assert params(pc.MultiHeadAttention.forward) == ["self", "x"]
+    assert params(pc.TransformerBlock.forward) == ["self", "x"]
 
 
 def test_book_components_match():
@@ -143,21 +148,12 @@ def test_book_components_match():
 
 
 ########################################################################################
-# Sizes and configs
+# Sizes
 ########################################################################################
-
-def test_gpt2_config_sizes_and_unknown_name():
-    cfg = pc.gpt2_config("gpt2-medium (355M)")
-    assert cfg == {"vocab_size": 50257, "context_length": 1024, "drop_rate": 0.0, "qkv_bias": True,
-                   "emb_dim": 1024, "n_layers": 24, "n_heads": 16}
-    assert pc.gpt2_config("gpt2-xl (1558M)")["n_heads"] == 25
-    with pytest.raises(ValueError, match="gpt2-huge"):
-        pc.gpt2_config("gpt2-huge")
-
 
 def test_gpt2_medium_parameter_count_on_meta_device():
     with torch.device("meta"):
-        model = pc.GPTModel(pc.gpt2_config("gpt2-medium (355M)"))
+        model = pc.GPTModel(gpt2_config("gpt2-medium (355M)"))
     assert model.out_head.weight.is_meta
     assert sum(p.numel() for p in model.parameters()) == 406_286_336
 
@@ -184,25 +180,23 @@ def test_generate_stops_before_eos_like_the_book(small_cfg):
     model = make_model(small_cfg, seed=6)
     ref = book_copy(model, small_cfg)
     prompt = random_prompts(1, 6, seed=6)
-    new = pc.generate(model, prompt, 15, 64, use_cache=False)[0, 6:].tolist()
+    new = pc.generate(model, prompt, 15, 64)[0, 6:].tolist()
     # the first token whose first appearance is at step >= 3 becomes the end-of-text id
     eos, k = next((t, s) for t, s in first_steps(new).items() if s >= 3)
 
-    for use_cache in (True, False):
-        out = pc.generate(model, prompt, 15, 64, eos_id=eos, use_cache=use_cache)
-        assert out[0].tolist() == prompt[0].tolist() + new[:k]
+    out = pc.generate(model, prompt, 15, 64, eos_id=eos)
+    assert out[0].tolist() == prompt[0].tolist() + new[:k]
     assert torch.equal(out, book.generate(ref, prompt, 15, 64, eos_id=eos))
     # eos already at the first step: only the prompt comes back
     out = pc.generate(model, prompt, 15, 64, eos_id=new[0])
     assert torch.equal(out, prompt)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_batched_rows_stop_on_their_own(small_cfg, use_cache):
+def test_batched_rows_stop_on_their_own(small_cfg):
     model = make_model(small_cfg, seed=0)
     prompts = random_prompts(6, 10, seed=0)
     steps = 24
-    news = pc.generate(model, prompts, steps, 64, use_cache=False)[:, 10:].tolist()
+    news = pc.generate(model, prompts, steps, 64)[:, 10:].tolist()
     firsts = [first_steps(row) for row in news]
     found = None
     for i in range(len(news)):
@@ -217,7 +211,7 @@ def test_batched_rows_stop_on_their_own(small_cfg, use_cache):
     i, j, eos = found
     ki, kj = firsts[i][eos], firsts[j][eos]
 
-    out = pc.generate(model, prompts[[i, j]], steps, 64, eos_id=eos, use_cache=use_cache)
+    out = pc.generate(model, prompts[[i, j]], steps, 64, eos_id=eos)
     # row i stops first and is padded with eos; generation ends when row j produces eos
     assert out.shape == (2, 10 + kj)
     assert out[0, 10:].tolist() == news[i][:ki] + [eos] * (kj - ki)
@@ -225,38 +219,20 @@ def test_batched_rows_stop_on_their_own(small_cfg, use_cache):
 
     # a row that never produces eos keeps going while the finished one is padded
     never = next(r for r in range(len(news)) if eos not in firsts[r])
-    out = pc.generate(model, prompts[[i, never]], steps, 64, eos_id=eos, use_cache=use_cache)
+    out = pc.generate(model, prompts[[i, never]], steps, 64, eos_id=eos)
     assert out.shape == (2, 10 + steps)
     assert out[0, 10:].tolist() == news[i][:ki] + [eos] * (steps - ki)
     assert out[1, 10:].tolist() == news[never]
 
 
-@pytest.mark.parametrize(
-    "n_rows, prompt_len, new_tokens",
-    [(1, 7, 20), (3, 12, 16), (1, 50, 40), (2, 63, 5)],
-    ids=["single", "batch", "past-context", "at-context"],
-)
-def test_kv_cache_gives_the_uncached_tokens(small_cfg, n_rows, prompt_len, new_tokens):
+@pytest.mark.parametrize("prompt_len, new_tokens", [(7, 20), (50, 40), (63, 5)],
+                         ids=["short", "past-context", "at-context"])
+def test_generate_equals_the_books_loop(small_cfg, prompt_len, new_tokens):
     model = make_model(small_cfg, seed=7)
-    prompts = random_prompts(n_rows, prompt_len, seed=7)
-    cached = pc.generate(model, prompts, new_tokens, 64)  # use_cache=True is the default
-    uncached = pc.generate(model, prompts, new_tokens, 64, use_cache=False)
-    assert cached.shape == (n_rows, prompt_len + new_tokens)
-    assert torch.equal(cached, uncached)
-    if n_rows == 1:
-        assert torch.equal(cached, book.generate(book_copy(model, small_cfg), prompts, new_tokens, 64))
-
-
-def test_hidden_states_with_cache_match_a_full_forward(small_cfg):
-    model = make_model(small_cfg, seed=8)
-    seq = random_prompts(2, 30, seed=8)
-    cache = model.new_kv_cache(2, 30)
-    with torch.no_grad():
-        parts = [model.hidden_states(seq[:, :20], cache)]
-        parts += [model.hidden_states(seq[:, t:t + 1], cache) for t in range(20, 30)]
-        full = model.hidden_states(seq)
-    assert cache.length == 30
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    prompt = random_prompts(1, prompt_len, seed=7)
+    out = pc.generate(model, prompt, new_tokens, 64)
+    assert out.shape == (1, prompt_len + new_tokens)
+    assert torch.equal(out, book.generate(book_copy(model, small_cfg), prompt, new_tokens, 64))
 
 
 def test_sampling_is_reproducible_and_respects_top_k(small_cfg):
@@ -268,8 +244,6 @@ def test_sampling_is_reproducible_and_respects_top_k(small_cfg):
     torch.manual_seed(42)
     out2 = pc.generate(model, prompt, 15, 64, temperature=1.5, top_k=5)
     assert torch.equal(out1, out2)
-    torch.manual_seed(42)
-    assert torch.equal(pc.generate(model, prompt, 15, 64, temperature=1.5, top_k=5, use_cache=False), out1)
     torch.manual_seed(42)
     assert torch.equal(book.generate(ref, prompt, 15, 64, temperature=1.5, top_k=5), out1)
 
@@ -306,29 +280,6 @@ def test_generate_text_simple_equals_greedy_generate(small_cfg):
     simple = pc.generate_text_simple(model, prompts, 10, 64)
     assert simple.shape == (2, 19)
     assert torch.equal(simple, pc.generate(model, prompts, 10, 64))
-    assert torch.equal(simple, pc.generate(model, prompts, 10, 64, use_cache=False))
-
-
-@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "explicit"])
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
-def test_generate_batch_equals_one_by_one(small_cfg, use_cache, use_sdpa):
-    model = make_model(small_cfg, seed=11, use_sdpa=use_sdpa)
-    gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 60, 12, 31)]
-    max_new = 10
-    # make row 0 stop at step 4: its greedy token there is the end-of-text id
-    alone = pc.generate(model, torch.tensor([prompts[0]]), max_new, 64, use_cache=False)[0, 5:].tolist()
-    eos = next(t for t, s in first_steps(alone).items() if s >= 4)
-
-    expected = []
-    for p in prompts:
-        out = pc.generate(model, torch.tensor([p]), max_new, 64, eos_id=eos, use_cache=False)
-        expected.append(out[0, len(p):].tolist())
-    assert len(expected[0]) == first_steps(alone)[eos] < max_new
-    assert any(len(e) == max_new for e in expected)
-
-    answers = pc.generate_batch(model, prompts, max_new, 64, eos_id=eos, use_cache=use_cache)
-    assert answers == expected
 
 
 ########################################################################################
@@ -349,24 +300,6 @@ def test_text_token_ids_round_trip(tokenizer):
 ########################################################################################
 # Loss
 ########################################################################################
-
-def test_fast_loss_equals_plain_loss_and_gradients(small_cfg):
-    model = make_model(small_cfg, seed=12).train()
-    inputs, targets = padded_batch(seed=12)
-    assert (targets == -100).sum() >= 10
-
-    loss = pc.calc_loss_batch(inputs, targets, model, "cpu")
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    fast = pc.calc_loss_batch_fast(inputs, targets, model, "cpu")
-    fast.backward()
-
-    assert fast.item() == pytest.approx(loss.item(), abs=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4, msg=name)
-    assert grads["out_head.weight"].abs().sum() > 0
-
 
 def _batches(model_seed=0, n=3):
     """A list of (inputs, targets) batches, as calc_loss_loader takes from a DataLoader."""
@@ -418,14 +351,14 @@ def train_val_loaders(instruction_data, tokenizer):
     return train_loader, val_loader
 
 
-def _train(model, loaders, tokenizer, fast):
+def _train(model, loaders, tokenizer):
     train_loader, val_loader = loaders
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.1)
     # A short start context keeps the two 50-token samples inside the 64-token context (fast).
     return pc.train_model_simple(model, train_loader, val_loader, optimizer, "cpu", num_epochs=2,
                                  eval_freq=3, eval_iter=1, start_context="Below is an instruction",
-                                 tokenizer=tokenizer, fast=fast)
+                                 tokenizer=tokenizer)
 
 
 def test_train_model_simple_lowers_loss_and_reports(tiny_cfg, train_val_loaders, tokenizer, capsys):
@@ -434,21 +367,15 @@ def test_train_model_simple_lowers_loss_and_reports(tiny_cfg, train_val_loaders,
     x, y = next(iter(train_loader))
     assert x.shape == (4, 48) and (y == -100).any()  # truncated to 48 tokens, padded
     model = make_model(tiny_cfg, seed=15)
-    start_weights = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         before = pc.calc_loss_loader(train_loader, model, "cpu")
 
-    results = {}
-    for fast in (True, False):
-        model.load_state_dict(start_weights)
-        capsys.readouterr()
-        results[fast] = _train(model, train_val_loaders, tokenizer, fast=fast)
-        if fast:
-            with torch.no_grad():
-                after = pc.calc_loss_loader(train_loader, model, "cpu")
-            printed = capsys.readouterr().out
+    capsys.readouterr()
+    train_losses, val_losses, tokens_seen = _train(model, train_val_loaders, tokenizer)
+    printed = capsys.readouterr().out
+    with torch.no_grad():
+        after = pc.calc_loss_loader(train_loader, model, "cpu")
 
-    train_losses, val_losses, tokens_seen = results[True]
     # 2 epochs x 4 steps = steps 0..7; evaluated at steps 0, 3 and 6
     assert len(train_losses) == len(val_losses) == len(tokens_seen) == 3
     sizes = [x.numel() for x, _ in train_loader] * 2
@@ -466,11 +393,6 @@ def test_train_model_simple_lowers_loss_and_reports(tiny_cfg, train_val_loaders,
     assert len(samples) == 2  # one generated sample per epoch, on one line
     assert all(line.startswith("Below is an instruction") for line in samples)
     assert lines.index(samples[0]) == 2  # after epoch 1's two evaluations
-
-    slow_train, slow_val, slow_tokens = results[False]
-    assert slow_tokens == tokens_seen
-    assert slow_train == pytest.approx(train_losses, rel=1e-4)
-    assert slow_val == pytest.approx(val_losses, rel=1e-4)
 
 
 def test_plot_losses_writes_png_and_pdf(tmp_path):
@@ -549,14 +471,11 @@ def test_lora_only_a_and_b_train_and_start_as_no_op(small_cfg):
     loss.backward()
     assert model.out_head.linear.weight.grad is None
     assert model.out_head.lora.B.grad.abs().sum() > 0
-    model.zero_grad()
-    fast = pc.calc_loss_batch_fast(inputs, targets, model, "cpu")
-    assert fast.item() == pytest.approx(loss.item(), abs=1e-5)
 
 
 def test_lora_parameter_counts_on_gpt2_medium():
     with torch.device("meta"):
-        model = pc.GPTModel(pc.gpt2_config("gpt2-medium (355M)"))
+        model = pc.GPTModel(gpt2_config("gpt2-medium (355M)"))
         total = sum(p.numel() for p in model.parameters())
         model.requires_grad_(False)
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
@@ -566,11 +485,3 @@ def test_lora_parameter_counts_on_gpt2_medium():
     assert trainable == 7_898_384
     assert sum(p.numel() for p in model.parameters()) == total + trainable
 
-
-def test_generate_with_cache_works_on_a_lora_model(small_cfg):
-    model = make_model(small_cfg, seed=17)
-    model.requires_grad_(False)
-    pc.replace_linear_with_lora(model, rank=4, alpha=8)
-    prompt = random_prompts(1, 6, seed=17)
-    uncached = pc.generate(model, prompt, 8, 64, use_cache=False)
-    assert torch.equal(pc.generate(model, prompt, 8, 64), uncached)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from gpt2_checkpoint import write_gpt2_checkpoint
 
+import fast_gpt
 from gpt_download import load_gpt2
 from previous_chapters import GPTModel, assign, load_weights_into_gpt
 
@@ -97,19 +98,24 @@ def _float64(tree):
 # ---- the tests ----
 
 
-@pytest.mark.parametrize("use_sdpa", [True, False])
-def test_loaded_model_matches_the_numpy_forward_pass(gpt2, use_sdpa):
+def fast_gpt_logits(model, in_idx):
+    """fast_gpt's forward pass (fused kernels) over the same model: logits at every position."""
+    return model.out_head(fast_gpt.hidden_states(model, in_idx))
+
+
+@pytest.mark.parametrize("forward", [GPTModel.__call__, fast_gpt_logits], ids=["book", "fast_gpt"])
+def test_loaded_model_matches_the_numpy_forward_pass(gpt2, forward):
     settings, params = gpt2
     torch.manual_seed(0)
-    model = GPTModel(model_config(settings, use_sdpa=use_sdpa))
+    model = GPTModel(model_config(settings))
     load_weights_into_gpt(model, params)
     model.eval()
 
     rng = np.random.default_rng(0)
     batch = rng.integers(0, settings["n_vocab"], size=(3, settings["n_ctx"]))
     with torch.no_grad():
-        logits = model(torch.tensor(batch)).numpy()
-        short = model(torch.tensor(batch[:1, :5])).numpy()
+        logits = forward(model, torch.tensor(batch)).numpy()
+        short = forward(model, torch.tensor(batch[:1, :5])).numpy()
     assert logits.shape == (3, settings["n_ctx"], settings["n_vocab"])
     for row, ids in enumerate(batch):
         expected = numpy_gpt2_logits(ids, params, settings["n_head"])

@@ -1,0 +1,221 @@
+"""The exercises of chapter 7, beside the chapter's code rather than inside it.
+
+As the book's exercise solutions have them, each exercise brings its own functions and
+classes and leaves the chapter's `format_input`, `InstructionDataset` and `custom_collate_fn`
+alone:
+
+- 7.1 the Phi-3 prompt style: `format_input_phi`, `extract_response_phi`,
+  `InstructionDatasetPhi`; `PromptStyle` keeps a style's three parts together (`ALPACA`,
+  `PHI3`), so the command line can pick one by name;
+- 7.2 masking the instructions: `InstructionDatasetWithMasking` (records each prompt's token
+  length) and `custom_collate_with_masking_fn` (`targets[:instruction_length-1] = -100`);
+- 7.3 the Alpaca dataset: `ALPACA_URL`;
+- 7.4 LoRA: `lora_state_dict`, `load_lora_adapters`, `merge_lora` (the layers themselves are
+  appendix E's, in `previous_chapters.py`).
+
+Not in the book: the variants combine (Phi-3 prompts with masking, with LoRA, on another
+dataset), and `output_suffix` gives each combination its own file names.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from gpt_instruction_finetuning import (
+    custom_collate_fn,
+    extract_response,
+    format_input,
+    generate_answer_texts,
+)
+
+ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+
+
+#####################################
+# Exercise 7.1: the Phi-3 prompt style
+#####################################
+
+def format_input_phi(entry):
+    instruction_text = (
+        f"<|user|>\n{entry['instruction']}"
+    )
+
+    input_text = f"\n{entry['input']}" if entry["input"] else ""
+
+    return instruction_text + input_text
+
+
+def extract_response_phi(response_text, input_text):
+    return response_text[len(input_text):].replace("<|assistant|>:", "").strip()
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """A prompt style's three parts, which have to change together."""
+
+    name: str
+    format_input: Callable  # entry -> prompt text
+    response_prefix: str  # joins the prompt and the response in a training text
+    extract_response: Callable  # (generated text, prompt text) -> the answer alone
+
+
+ALPACA = PromptStyle("alpaca", format_input, "\n\n### Response:\n", extract_response)
+PHI3 = PromptStyle("phi3", format_input_phi, "\n<|assistant|>:\n", extract_response_phi)
+PROMPT_STYLES = {style.name: style for style in (ALPACA, PHI3)}
+
+
+def prompt_style(name):
+    """The PromptStyle called `name` ('alpaca' or 'phi3'); ValueError naming the choices."""
+    if name not in PROMPT_STYLES:
+        raise ValueError(f"Unknown prompt style {name!r}; choose one of {list(PROMPT_STYLES)}")
+    return PROMPT_STYLES[name]
+
+
+class InstructionDatasetWithStyle(Dataset):
+    """The chapter's InstructionDataset, with the prompt style as an argument."""
+
+    def __init__(self, data, tokenizer, style=PHI3):
+        self.data = data
+
+        # Pre-tokenize texts
+        self.encoded_texts = []
+        for entry in data:
+            instruction_plus_input = style.format_input(entry)  # New: the style's prompt
+            response_text = style.response_prefix + entry["output"]  # New: the style's joiner
+            full_text = instruction_plus_input + response_text
+            self.encoded_texts.append(tokenizer.encode(full_text))
+
+    def __getitem__(self, index):
+        return self.encoded_texts[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+class InstructionDatasetPhi(InstructionDatasetWithStyle):
+    """Exercise 7.1's dataset: Phi-3 prompts, `\\n<|assistant|>:\\n` before each response."""
+
+    def __init__(self, data, tokenizer):
+        super().__init__(data, tokenizer, PHI3)
+
+
+def generate_responses_with_style(model, entries, tokenizer, style, max_new_tokens=256,
+                                  batch_size=16, progress=True):
+    """`generate_responses` for prompts in `style`: the greedy answer to every entry."""
+    input_texts = [style.format_input(entry) for entry in entries]
+    answers = generate_answer_texts(model, input_texts, tokenizer, max_new_tokens, batch_size,
+                                    progress)
+    return [style.extract_response(input_text + answer, input_text)
+            for input_text, answer in zip(input_texts, answers, strict=True)]
+
+
+#####################################
+# Exercise 7.2: masking the instructions
+#####################################
+
+class InstructionDatasetWithMasking(InstructionDatasetWithStyle):
+    """Items are (instruction_length, token_ids): the prompt's length in tokens, and the text."""
+
+    def __init__(self, data, tokenizer, style=ALPACA):
+        super().__init__(data, tokenizer, style)
+        # New: Separate list for instruction lengths
+        self.instruction_lengths = [len(tokenizer.encode(style.format_input(entry)))
+                                    for entry in data]
+
+    def __getitem__(self, index):
+        # New: return both instruction lengths and texts separately
+        return self.instruction_lengths[index], self.encoded_texts[index]
+
+
+def custom_collate_with_masking_fn(
+    batch,
+    pad_token_id=50256,
+    ignore_index=-100,
+    allowed_max_length=None,
+    device="cpu"
+):
+    """The chapter's collate on the token ids, then the prompt's targets masked too.
+
+    The target at position i is input token i + 1, so targets 0 to instruction_length - 2
+    are prompt tokens; the first counted target is the response's first token.
+    """
+    inputs, targets = custom_collate_fn([item for _, item in batch], pad_token_id,
+                                        ignore_index, allowed_max_length, device)
+    for row, (instruction_length, _) in enumerate(batch):
+        # New: Mask all input and instruction tokens in the targets
+        targets[row, :instruction_length-1] = ignore_index
+    return inputs, targets
+
+
+#####################################
+# Exercise 7.4: LoRA adapters, saved, reloaded and merged
+#####################################
+
+def lora_state_dict(model):
+    """Only the LoRA matrices (and their alpha): a few MB instead of the whole model."""
+    from previous_chapters import LoRALayer
+
+    alphas = {m.alpha for m in model.modules() if isinstance(m, LoRALayer)}
+    if len(alphas) != 1:
+        raise ValueError("The model has no LoRA layers (or several alphas)")
+    adapters = {k: v for k, v in model.state_dict().items() if ".lora." in k}
+    adapters["lora_alpha"] = torch.tensor(float(alphas.pop()))
+    return adapters
+
+
+def load_lora_adapters(model, adapters):
+    """Add LoRA layers to a GPT-2 `model` (base weights loaded) and load saved `adapters`."""
+    from previous_chapters import replace_linear_with_lora
+
+    a_key = next((k for k in adapters if k.endswith(".lora.A")), None)
+    if a_key is None:
+        raise ValueError("These are not LoRA adapters: no '*.lora.A' entry")
+    rank = adapters[a_key].shape[1]
+    alpha = float(adapters.get("lora_alpha", torch.tensor(rank)).item())
+    model.requires_grad_(False)
+    replace_linear_with_lora(model, rank=rank, alpha=alpha)
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in adapters.items() if k != "lora_alpha"}, strict=False)
+    if unexpected or any(".lora." in k for k in missing):
+        raise ValueError(f"Adapters do not match the model: unexpected {unexpected[:3]}, "
+                         f"missing {[k for k in missing if '.lora.' in k][:3]}")
+    return model
+
+
+def merge_lora(model):
+    """Fold every LinearWithLoRA into a plain nn.Linear (W + alpha * (A @ B)^T), in place.
+
+    The merged model has the plain GPTModel's state-dict keys, so it loads without LoRA code.
+    Parameters keep their `requires_grad` (frozen, after LoRA training): unfreeze with
+    `model.requires_grad_(True)` to train the merged model further.
+    """
+    from previous_chapters import LinearWithLoRA
+
+    for name, module in model.named_children():
+        if isinstance(module, LinearWithLoRA):
+            linear, lora = module.linear, module.lora
+            with torch.no_grad():
+                linear.weight += (lora.alpha * (lora.A @ lora.B)).T.to(linear.weight.dtype)
+            setattr(model, name, linear)
+        else:
+            merge_lora(module)
+    return model
+
+
+#####################################
+# Not in the book: one file name per combination of variants
+#####################################
+
+def output_suffix(style="alpaca", mask_instructions=False, lora_rank=None, test_mode=False,
+                  data_name=None):
+    """Variants get their own file names, so runs never overwrite each other.
+
+    `data_name`: the stem of a dataset other than the chapter's (e.g. "alpaca_data").
+    """
+    suffix = f"-{data_name}" if data_name else ""
+    suffix += "" if style == "alpaca" else f"-{style}"
+    suffix += "-mask" if mask_instructions else ""
+    suffix += f"-lora{lora_rank}" if lora_rank else ""
+    return suffix + ("-test" if test_mode else "")
