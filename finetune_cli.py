@@ -19,6 +19,7 @@ of `exercise_variants.py`.
 import re
 import sys
 import time
+import traceback
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -53,7 +54,9 @@ from gpt_instruction_finetuning import (
     get_device,
 )
 from instruction_data import DatasetError, split_data
-from safe_files import save_state_dict, write_json
+from preflight import PreflightError, check_run, gpt2_files_missing, untrained_note, untrained_suffix
+from run_guard import RunProgress, exit_code, os_error_line, signals_interrupt
+from safe_files import save_figure, save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
@@ -149,7 +152,7 @@ class PreparedData:
 
 def prepare_data(config):
     """Load (or download) the entries, split them 85/10/5, and build the training loaders."""
-    data_path = Path(config.data) if config.data is not None else HERE / "instruction-data.json"
+    data_path = dataset_path(config)
     if config.data is not None and config.data_url is None and not data_path.exists():
         raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
     entries = download_and_load_file(data_path, config.data_url or DATA_URL)
@@ -179,9 +182,19 @@ def prepare_data(config):
     if truncated:
         print(f"Warning: {truncated} entries are longer than {allowed_max_length} tokens "
               f"and were truncated.")
-    data_name = None if data_path.name == "instruction-data.json" else data_path.stem
     return PreparedData(train_data, val_data, test_data, train_loader, val_loader, tokenizer,
-                        device, style, data_name)
+                        device, style, data_name(config))
+
+
+def dataset_path(config):
+    """--data, or the chapter's dataset next to this file."""
+    return Path(config.data) if config.data is not None else HERE / "instruction-data.json"
+
+
+def data_name(config):
+    """The stem of a dataset other than the chapter's (for the outputs' names), else None."""
+    path = dataset_path(config)
+    return None if path.name == "instruction-data.json" else path.stem
 
 
 def make_dataset(data, tokenizer, style=ALPACA, mask_instructions=False):
@@ -291,9 +304,8 @@ def build_model(config, device):
     else:
         from gpt_download import download_and_load_gpt2
 
-        models_dir = Path(config.models_dir) if config.models_dir is not None else HERE / "gpt2"
         settings, params = download_and_load_gpt2(model_size=model_folder(config.model),
-                                                  models_dir=models_dir)
+                                                  models_dir=models_dir(config))
         model = GPTModel(gpt2_config(config.model))
         load_weights_into_gpt(model, params)
         del settings, params
@@ -306,6 +318,11 @@ def build_model(config, device):
     model.to(device)
     describe_expected_cost(model, config.model, device, config.epochs, config.test_mode)
     return model
+
+
+def models_dir(config):
+    """--models-dir, or gpt2/ next to this file."""
+    return Path(config.models_dir) if config.models_dir is not None else HERE / "gpt2"
 
 
 def describe_expected_cost(model, model_name, device, num_epochs, test_mode=False):
@@ -332,7 +349,7 @@ def describe_expected_cost(model, model_name, device, num_epochs, test_mode=Fals
 def finetune(model, data, config):
     """The losses before training, then `config.epochs` epochs of AdamW (fast_gpt's trainer).
 
-    Returns the losses, the tokens seen and the minutes taken. Ctrl-C stops with a message.
+    Returns the losses, the tokens seen and the minutes taken.
     """
     from fast_gpt import calc_loss_loader_fast, compile_blocks, make_optimizer, train_model_fast
 
@@ -351,14 +368,10 @@ def finetune(model, data, config):
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     start_time = time.time()
     torch.manual_seed(config.seed)
-    try:
-        train_losses, val_losses, tokens_seen = train_model_fast(
-            model, data.train_loader, data.val_loader, optimizer, device,
-            num_epochs=config.epochs, eval_freq=config.eval_freq, eval_iter=config.eval_iter,
-            start_context=data.style.format_input(data.val_data[0]), tokenizer=data.tokenizer)
-    except KeyboardInterrupt:
-        print("\nTraining interrupted: nothing was saved.", file=sys.stderr)
-        raise
+    train_losses, val_losses, tokens_seen = train_model_fast(
+        model, data.train_loader, data.val_loader, optimizer, device,
+        num_epochs=config.epochs, eval_freq=config.eval_freq, eval_iter=config.eval_iter,
+        start_context=data.style.format_input(data.val_data[0]), tokenizer=data.tokenizer)
     minutes = (time.time() - start_time) / 60
     print(f"Training completed in {minutes:.2f} minutes.")
     return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
@@ -390,41 +403,75 @@ def answer_test_set(model, data, config, n_shown=3):
 # Stage 5: the outputs
 #####################################
 
-def save_outputs(model, run, results, data, config):
-    """The loss plot, the answers and the finetuned weights, each written atomically.
+# What each output is, in words, for the message an interruption prints.
+OUTPUT_NAMES = {"model": "the finetuned model", "adapters": "the LoRA adapters",
+                "plot": "the loss plot", "responses": "the test answers"}
 
-    The file names carry the variant (output_suffix). A LoRA model is saved twice: its
-    adapters alone, then merged into a plain GPTModel. Returns {"plot", "responses", "model"
-    (and "adapters")} paths.
+
+def output_dir(config):
+    """--output-dir, or the folder of this file."""
+    return Path(config.output_dir) if config.output_dir is not None else HERE
+
+
+def output_paths(config):
+    """Where a run writes: {"model", "plot", "responses" (and "adapters")} in --output-dir.
+
+    The names carry the variant (output_suffix); a run that trains nothing (`--epochs 0`)
+    adds '-untrained', so it never replaces a finetuned model.
+    """
+    suffix = output_suffix(config.prompt_style, config.mask_instructions, config.lora_rank,
+                           config.test_mode, data_name(config)) + untrained_suffix(config.epochs)
+    folder = output_dir(config)
+    file_stem = re.sub(r"[ ()]", "", book_model_name(config.model)) + "-sft" + suffix
+    paths = {"model": folder / f"{file_stem}.pth", "plot": folder / f"loss-plot{suffix}.pdf",
+             "responses": folder / f"instruction-data-with-response{suffix}.json"}
+    if config.lora_rank:
+        paths["adapters"] = folder / f"{file_stem}-adapters.pth"
+    return paths
+
+
+def save_model(model, run, config, paths, progress):
+    """The finetuned weights and the loss plot, each written atomically, recorded in `progress`.
+
+    A LoRA model is saved twice: its adapters alone, then merged (in place) into a plain
+    GPTModel. Without training (no losses), there is no plot.
     """
     from previous_chapters import plot_losses
 
-    output_dir = Path(config.output_dir) if config.output_dir is not None else HERE
-    output_dir.mkdir(parents=True, exist_ok=True)
-    suffix = output_suffix(config.prompt_style, config.mask_instructions, config.lora_rank,
-                           config.test_mode, data.data_name)
-    paths = {}
-    if run["train_losses"]:
-        epochs_tensor = torch.linspace(0, config.epochs, len(run["train_losses"]))
-        paths["plot"] = output_dir / f"loss-plot{suffix}.pdf"
-        plot_losses(epochs_tensor, run["tokens_seen"], run["train_losses"], run["val_losses"],
-                    save_path=paths["plot"], show=False)
-        print(f"Loss plot saved as {paths['plot']}")
-
-    paths["responses"] = output_dir / f"instruction-data-with-response{suffix}.json"
-    write_json(paths["responses"], results)
-    print(f"Responses saved as {paths['responses']}")
-
-    file_stem = re.sub(r"[ ()]", "", book_model_name(config.model)) + "-sft" + suffix
-    if config.lora_rank:
-        paths["adapters"] = output_dir / f"{file_stem}-adapters.pth"
+    if "adapters" in paths:
         save_state_dict(lora_state_dict(model), paths["adapters"])
+        progress.record(OUTPUT_NAMES["adapters"], paths["adapters"])
         print(f"LoRA adapters saved as {paths['adapters']}")
         merge_lora(model)
-    paths["model"] = output_dir / f"{file_stem}.pth"
     save_state_dict(model.state_dict(), paths["model"])
+    progress.record(OUTPUT_NAMES["model"], paths["model"])
     print(f"Model saved as {paths['model']}")
-    return paths
+    if run["train_losses"]:
+        epochs_tensor = torch.linspace(0, config.epochs, len(run["train_losses"]))
+        fig = plot_losses(epochs_tensor, run["tokens_seen"], run["train_losses"],
+                          run["val_losses"], show=False)
+        save_figure(fig, paths["plot"])
+        progress.record(OUTPUT_NAMES["plot"], paths["plot"])
+        print(f"Loss plot saved as {paths['plot']}")
+
+
+def save_answers(results, paths, progress):
+    write_json(paths["responses"], results)
+    progress.record(OUTPUT_NAMES["responses"], paths["responses"])
+    print(f"Responses saved as {paths['responses']}")
+
+
+def save_outputs(model, run, results, data, config):
+    """The finetuned weights, the loss plot and the answers, each written atomically.
+
+    Returns {"model", "plot", "responses" (and "adapters")}: the paths written.
+    """
+    paths = output_paths(config)
+    progress = RunProgress([])
+    output_dir(config).mkdir(parents=True, exist_ok=True)
+    save_model(model, run, config, paths, progress)
+    save_answers(results, paths, progress)
+    return {key: path for key, path in paths.items() if path in progress.saved.values()}
 
 
 #####################################
@@ -451,32 +498,76 @@ def main(config=None):
     config = FinetuneConfig() if config is None else config
     for name, value in package_versions().items():
         print(f"{name} version: {value}")
-    data = prepare_data(config)
-    model = build_model(config, data.device)
-    run = finetune(model, data, config)
-    results = answer_test_set(model, data, config)
-    paths = save_outputs(model, run, results, data, config)
-    return {**run, "responses": results, "paths": paths, "config": asdict(config)}
+    paths = output_paths(config)
+    check_before_run(config, paths)  # Not in the book: bad settings fail here, in seconds
+    if config.epochs == 0:
+        print(untrained_note(paths["model"]))
+    # Each output is saved as soon as it exists, the model before the slow answers; an
+    # interruption says what was saved and what was not.
+    progress = RunProgress(OUTPUT_NAMES[key] for key in paths
+                           if key != "plot" or config.epochs > 0)
+    try:
+        progress.start("preparing the data")
+        data = prepare_data(config)
+        progress.start("building the model")
+        model = build_model(config, data.device)
+        progress.start("training")
+        run = finetune(model, data, config)
+        progress.start("saving the model")
+        save_model(model, run, config, paths, progress)
+        progress.start("answering the test set", hint=(
+            "The saved model is complete (load-finetuned-model.ipynb shows how to load it); "
+            "run the same command again to train and answer anew."))
+        results = answer_test_set(model, data, config)
+        progress.start("saving the answers")
+        save_answers(results, paths, progress)
+    except KeyboardInterrupt:
+        print(f"\n{progress.interrupted_message()}", file=sys.stderr)
+        raise
+    written = {key: path for key, path in paths.items() if path in progress.saved.values()}
+    return {**run, "responses": results, "paths": written, "config": asdict(config)}
+
+
+def check_before_run(config, paths):
+    """preflight.check_run for this config: before any download, model build or training."""
+    download_to = None
+    if not config.test_mode and gpt2_files_missing(models_dir(config), config.model):
+        download_to = models_dir(config)
+    data_url = config.data_url or (DATA_URL if config.data is None else None)
+    model_cfg = TEST_MODE_CONFIG if config.test_mode else gpt2_config(config.model)
+    return check_run(config, output_dir(config), paths.values(), dataset_path(config), data_url,
+                     model_cfg, download_to)
 
 
 def cli(argv=None):
     """The command line: parse, run `main`, turn known problems into a message and an exit code."""
-    config = FinetuneConfig(**vars(build_arg_parser().parse_args(argv)))
+    parser = build_arg_parser()
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an unexpected error (a full disk, ...)")
+    args = vars(parser.parse_args(argv))
+    debug = args.pop("debug")
+    config = FinetuneConfig(**args)
     import matplotlib
 
     matplotlib.use("Agg")  # save plots to files; no window
     from gpt_download import DownloadError
 
     try:
-        main(config)
-    except (DatasetError, DeviceError, FileNotFoundError) as e:
+        with signals_interrupt():  # SIGTERM stops the run as Ctrl-C does, with the same message
+            main(config)
+    except (PreflightError, DatasetError, DeviceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (DownloadError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        return exit_code(e)  # 130 for Ctrl-C, 143 for SIGTERM
+    except OSError as e:  # Not in the book: one line, not a traceback from deep in a library
+        if debug:
+            traceback.print_exc()
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -134,7 +134,7 @@ def check_data_file(path, data_url=None):
             raise PreflightError(f"{path} does not exist (pass --data-url to download it)")
         return None
     try:
-        data = download_and_load_file(path)  # the file is there: loads and validates only
+        data = download_and_load_file(path, data_url)  # the file is there: no download
         split_data(data)
     except DatasetError as e:
         raise PreflightError(str(e)) from None

@@ -1,0 +1,241 @@
+"""The command line against bad input, full disks and interruptions (issue 16), as a user meets them.
+
+Each numbered case of the issue is a real subprocess of `python gpt_instruction_finetuning.py
+--test_mode ...` offline: the exit code, one line naming the problem, no traceback, and for
+the cases that used to lose work, the work on disk.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TOKENIZER_DIR
+from small_disk import small_tmpfs, unwritable_folder
+
+from gpt2_sizes import TEST_MODE_CONFIG
+from previous_chapters import GPTModel
+
+SCRIPT = ROOT / "gpt_instruction_finetuning.py"
+MODEL = "gpt2-medium355M-sft-test.pth"
+ANSWERS = "instruction-data-with-response-test.json"
+PLOT = "loss-plot-test.pdf"
+
+
+@pytest.fixture
+def data(tmp_path, shared_data):
+    """A copy of the chapter's dataset, under its own name (so the outputs have the usual names)."""
+    return shutil.copyfile(shared_data / "instruction-data.json", tmp_path / "instruction-data.json")
+
+
+def command(data, output_dir, *extra):
+    """The issue's reproduction: test mode, 4 new tokens, 1 epoch (later flags win)."""
+    return [sys.executable, "-u", str(SCRIPT), "--test_mode", "--data", str(data),
+            "--tokenizer-dir", str(TOKENIZER_DIR), "--max-new-tokens", "4", "--epochs", "1",
+            "--output-dir", str(output_dir), *extra]
+
+
+def usual_umask():
+    os.umask(0o022)
+
+
+def run(*args, timeout=600):
+    return subprocess.run(command(*args), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=usual_umask)
+
+
+def start(data, output_dir, *extra, stderr_file):
+    """The command in the background, stdout readable line by line as it comes."""
+    return subprocess.Popen(command(data, output_dir, *extra), stdout=subprocess.PIPE,
+                            stderr=stderr_file, text=True, preexec_fn=usual_umask)
+
+
+def wait_for_line(proc, prefix):
+    """Read stdout until a line starts with `prefix`; fail with what came if it never does."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return
+    pytest.fail(f"no line starting with {prefix!r}; stdout was:\n{''.join(seen)}")
+
+
+def assert_one_line_error(proc, code, message):
+    """Exit `code`, exactly `error: message` on stderr, no traceback, no training started."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+    assert "Initial training loss" not in proc.stdout
+
+
+def modes(folder):
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+
+
+########################################################################################
+# 1. The output folder is checked before training
+########################################################################################
+
+def test_case1_output_dir_that_is_a_file(tmp_path, data):
+    afile = tmp_path / "afile"
+    afile.touch()
+    proc = run(data, afile)
+    assert_one_line_error(proc, 2, f"--output-dir {afile} is a file, not a folder: choose another "
+                                   f"--output-dir")
+
+
+def test_case1_output_dir_that_cannot_be_written(tmp_path, data):
+    with unwritable_folder(tmp_path / "locked") as folder:
+        proc = run(data, folder)
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    assert_one_line_error(proc, 2, f"--output-dir {folder} is not writable ({reason}): choose "
+                                   f"another --output-dir or fix its permissions")
+
+
+def test_case1_a_full_disk_is_found_before_training(tmp_path, data):
+    with small_tmpfs(tmp_path / "disk", size="4m") as disk:
+        proc = run(data, disk)
+        assert list(disk.iterdir()) == []
+    assert_one_line_error(proc, 2, (
+        f"not enough free disk space in {disk}: the finetuned model (26.7 MB), the answers and "
+        f"the plot (1.3 MB) need about 29.4 MB, 4.2 MB is free; free some space or choose "
+        f"another --output-dir"))
+
+
+def fill_up(folder):
+    """Write zeros into `folder` until its disk is full."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(1 << 20))
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [False, True])
+def test_case1_disk_filling_up_during_training(tmp_path, data, debug):
+    """Room enough at the start; another program fills the disk while training runs. The save
+    fails with one line naming the file (--debug adds the traceback)."""
+    with small_tmpfs(tmp_path / "disk", size="40m") as disk, \
+            open(tmp_path / "stderr", "w+") as stderr:
+        proc = start(data, disk, "--epochs", "2", *(["--debug"] if debug else []),
+                     stderr_file=stderr)
+        try:
+            wait_for_line(proc, "Initial training loss")
+            fill_up(disk)
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no half file, no temp file
+        stderr.seek(0)
+        err = stderr.read()
+    assert proc.returncode == 1
+    line = (f"error: no space left on the disk while writing {disk / MODEL} (nothing was "
+            f"written): free some space and run again; run again with --debug to see the traceback")
+    assert err.strip().splitlines()[-1] == line
+    assert ("Traceback" in err) is debug
+
+
+########################################################################################
+# 2. --epochs 0 replaces no finetuned model
+########################################################################################
+
+@pytest.mark.slow
+def test_case2_epochs_0_writes_under_another_name(tmp_path, data):
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {MODEL: b"the finetuned model", ANSWERS: b"[]", PLOT: b"%PDF the plot"}
+    for name, content in earlier.items():
+        (out / name).write_bytes(content)
+
+    proc = run(data, out, "--epochs", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ("Note: --epochs 0 trains nothing, so the outputs carry '-untrained' in their names "
+            "(gpt2-medium355M-sft-test-untrained.pth, ...) and replace no finetuned model."
+            ) in proc.stdout.splitlines()
+    for name, content in earlier.items():
+        assert (out / name).read_bytes() == content
+    new = {"gpt2-medium355M-sft-test-untrained.pth", "instruction-data-with-response-test-untrained.json"}
+    assert set(modes(out)) == set(earlier) | new
+    # 8. Files written through a temporary file get the usual mode (0o644 under umask 022).
+    assert {name: mode for name, mode in modes(out).items() if name in new} == dict.fromkeys(new, 0o644)
+    assert len(json.loads((out / "instruction-data-with-response-test-untrained.json").read_text())) == 10
+
+
+########################################################################################
+# 3. Ctrl-C while answering keeps the finished training
+########################################################################################
+
+@pytest.mark.slow
+def test_case3_ctrl_c_while_answering_keeps_the_trained_model(tmp_path, data):
+    out = tmp_path / "out"
+    with open(tmp_path / "stderr", "w+") as stderr:
+        # 100,000 new tokens for each answer: answering takes far longer than the signal
+        proc = start(data, out, "--max-new-tokens", "100000", stderr_file=stderr)
+        try:
+            wait_for_line(proc, "Model saved as")
+            wait_for_line(proc, "Loss plot saved as")
+            proc.send_signal(signal.SIGINT)
+            stdout, _ = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        stderr.seek(0)
+        err = stderr.read()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert (f"Answering the test set interrupted: saved the finetuned model ({out / MODEL}), the "
+            f"loss plot ({out / PLOT}); not saved: the test answers.") in err.splitlines()
+    # The work is on disk: a whole, loadable model and the plot; both with the usual mode.
+    assert modes(out) == {MODEL: 0o644, PLOT: 0o644}
+    GPTModel(TEST_MODE_CONFIG).load_state_dict(
+        torch.load(out / MODEL, map_location="cpu", weights_only=True))
+    assert (out / PLOT).read_bytes().startswith(b"%PDF")
+
+
+########################################################################################
+# 4. Numeric flags are checked before anything is built
+########################################################################################
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--batch-size", "0", "--batch-size must be at least 1 (got 0)"),
+    ("--max-length", "0", "--max-length must be at least 1 (got 0)"),
+    ("--lr", "-1", "--lr must be greater than 0 (got -1.0)"),
+])
+def test_case4_numeric_flags_out_of_range(tmp_path, data, flag, value, message):
+    out = tmp_path / "out"
+    proc = run(data, out, flag, value)
+    assert_one_line_error(proc, 2, message)
+    assert "Number of entries" not in proc.stdout  # before even the data
+    assert not out.exists()
+
+
+########################################################################################
+# 8. SIGTERM says what was saved
+########################################################################################
+
+@pytest.mark.slow
+def test_case8_sigterm_during_training_says_nothing_was_saved(tmp_path, data):
+    out = tmp_path / "out"
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = start(data, out, "--epochs", "10000", stderr_file=stderr)
+        try:
+            wait_for_line(proc, "Ep 1 (Step")
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        stderr.seek(0)
+        err = stderr.read()
+    assert proc.returncode == 143
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-2:] == ["Training interrupted: nothing was saved.",
+                                             "Run the same command again to start over."]
+    assert list(out.iterdir()) == []
