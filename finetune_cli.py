@@ -499,14 +499,15 @@ def main(config=None):
     for name, value in package_versions().items():
         print(f"{name} version: {value}")
     paths = output_paths(config)
-    check_before_run(config, paths)  # Not in the book: bad settings fail here, in seconds
-    if config.epochs == 0:
-        print(untrained_note(paths["model"]))
-    # Each output is saved as soon as it exists, the model before the slow answers; an
-    # interruption says what was saved and what was not.
+    # Not in the book: each output is saved as soon as it exists, the model before the slow
+    # answers; an interruption says what was saved and what was not.
     progress = RunProgress(OUTPUT_NAMES[key] for key in paths
                            if key != "plot" or config.epochs > 0)
     try:
+        progress.start("checking the settings")
+        check_before_run(config, paths)  # bad settings fail here, in seconds
+        if config.epochs == 0:
+            print(untrained_note(paths["model"]))
         progress.start("preparing the data")
         data = prepare_data(config)
         progress.start("building the model")

@@ -239,3 +239,33 @@ def test_case8_sigterm_during_training_says_nothing_was_saved(tmp_path, data):
     assert err.strip().splitlines()[-2:] == ["Training interrupted: nothing was saved.",
                                              "Run the same command again to start over."]
     assert list(out.iterdir()) == []
+
+
+########################################################################################
+# In process: the order of the saves, LoRA included
+########################################################################################
+
+def test_lora_run_saves_adapters_and_merged_model_before_answering(tmp_path, data, one_thread,
+                                                                   capsys):
+    import finetune_cli as fc
+
+    config = fc.FinetuneConfig(test_mode=True, data=str(data), output_dir=str(tmp_path),
+                               epochs=1, lora_rank=4, max_new_tokens=2,
+                               tokenizer_dir=str(TOKENIZER_DIR))
+    result = fc.main(config)
+    out = capsys.readouterr().out
+    saves = [line.split(" saved as ")[0] for line in out.splitlines() if " saved as " in line]
+    assert saves == ["LoRA adapters", "Model", "Loss plot", "Responses"]
+    assert out.index("Loss plot saved as") < out.index("Model response:") < out.index(
+        "Responses saved as")
+    stem = "gpt2-medium355M-sft-lora4-test"
+    assert {k: p.name for k, p in result["paths"].items()} == {
+        "adapters": f"{stem}-adapters.pth", "model": f"{stem}.pth",
+        "plot": "loss-plot-lora4-test.pdf", "responses": "instruction-data-with-response-lora4-test.json"}
+    merged = torch.load(result["paths"]["model"], map_location="cpu", weights_only=True)
+    GPTModel(TEST_MODE_CONFIG).load_state_dict(merged)  # a plain GPTModel: merged before saving
+    adapters = torch.load(result["paths"]["adapters"], map_location="cpu", weights_only=True)
+    assert adapters["lora_alpha"].item() == 4.0 and all(
+        k.endswith((".lora.A", ".lora.B")) for k in adapters if k != "lora_alpha")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["instruction-data.json", *(p.name for p in result["paths"].values())])
