@@ -50,10 +50,21 @@ def run(*args, timeout=600):
                           preexec_fn=usual_umask)
 
 
-def start(data, output_dir, *extra, stderr_file):
-    """The command in the background, stdout readable line by line as it comes."""
-    return subprocess.Popen(command(data, output_dir, *extra), stdout=subprocess.PIPE,
-                            stderr=stderr_file, text=True, preexec_fn=usual_umask)
+def run_and_act(tmp_path, data, output_dir, *extra, markers, act):
+    """Start the command; once stdout has shown a line starting with each of `markers` in
+    turn, call `act(proc)` (send a signal, fill the disk); wait. Returns (exit code, stderr)."""
+    with open(tmp_path / "stderr", "w+") as stderr:  # a file: a full pipe would block the run
+        proc = subprocess.Popen(command(data, output_dir, *extra), stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, preexec_fn=usual_umask)
+        try:
+            for marker in markers:
+                wait_for_line(proc, marker)
+            act(proc)
+            proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+        stderr.seek(0)
+        return proc.returncode, stderr.read()
 
 
 def wait_for_line(proc, prefix):
@@ -123,20 +134,12 @@ def fill_up(folder):
 def test_case1_disk_filling_up_during_training(tmp_path, data, debug):
     """Room enough at the start; another program fills the disk while training runs. The save
     fails with one line naming the file (--debug adds the traceback)."""
-    with small_tmpfs(tmp_path / "disk", size="40m") as disk, \
-            open(tmp_path / "stderr", "w+") as stderr:
-        proc = start(data, disk, "--epochs", "2", *(["--debug"] if debug else []),
-                     stderr_file=stderr)
-        try:
-            wait_for_line(proc, "Initial training loss")
-            fill_up(disk)
-            proc.wait(timeout=600)
-        finally:
-            proc.kill()
+    with small_tmpfs(tmp_path / "disk", size="40m") as disk:
+        code, err = run_and_act(tmp_path, data, disk, "--epochs", "2",
+                                *(["--debug"] if debug else []),
+                                markers=["Initial training loss"], act=lambda _: fill_up(disk))
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no half file, no temp file
-        stderr.seek(0)
-        err = stderr.read()
-    assert proc.returncode == 1
+    assert code == 1
     line = (f"error: no space left on the disk while writing {disk / MODEL} (nothing was "
             f"written): free some space and run again; run again with --debug to see the traceback")
     assert err.strip().splitlines()[-1] == line
@@ -177,19 +180,11 @@ def test_case2_epochs_0_writes_under_another_name(tmp_path, data):
 @pytest.mark.slow
 def test_case3_ctrl_c_while_answering_keeps_the_trained_model(tmp_path, data):
     out = tmp_path / "out"
-    with open(tmp_path / "stderr", "w+") as stderr:
-        # 100,000 new tokens for each answer: answering takes far longer than the signal
-        proc = start(data, out, "--max-new-tokens", "100000", stderr_file=stderr)
-        try:
-            wait_for_line(proc, "Model saved as")
-            wait_for_line(proc, "Loss plot saved as")
-            proc.send_signal(signal.SIGINT)
-            stdout, _ = proc.communicate(timeout=120)
-        finally:
-            proc.kill()
-        stderr.seek(0)
-        err = stderr.read()
-    assert proc.returncode == 130
+    # 100,000 new tokens for each answer: answering takes far longer than the signal
+    code, err = run_and_act(tmp_path, data, out, "--max-new-tokens", "100000",
+                            markers=["Model saved as", "Loss plot saved as"],
+                            act=lambda proc: proc.send_signal(signal.SIGINT))
+    assert code == 130
     assert "Traceback" not in err
     assert (f"Answering the test set interrupted: saved the finetuned model ({out / MODEL}), the "
             f"loss plot ({out / PLOT}); not saved: the test answers.") in err.splitlines()
@@ -224,17 +219,9 @@ def test_case4_numeric_flags_out_of_range(tmp_path, data, flag, value, message):
 @pytest.mark.slow
 def test_case8_sigterm_during_training_says_nothing_was_saved(tmp_path, data):
     out = tmp_path / "out"
-    with open(tmp_path / "stderr", "w+") as stderr:
-        proc = start(data, out, "--epochs", "10000", stderr_file=stderr)
-        try:
-            wait_for_line(proc, "Ep 1 (Step")
-            proc.send_signal(signal.SIGTERM)
-            proc.communicate(timeout=120)
-        finally:
-            proc.kill()
-        stderr.seek(0)
-        err = stderr.read()
-    assert proc.returncode == 143
+    code, err = run_and_act(tmp_path, data, out, "--epochs", "10000", markers=["Ep 1 (Step"],
+                            act=lambda proc: proc.send_signal(signal.SIGTERM))
+    assert code == 143
     assert "Traceback" not in err
     assert err.strip().splitlines()[-2:] == ["Training interrupted: nothing was saved.",
                                              "Run the same command again to start over."]
