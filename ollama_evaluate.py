@@ -9,7 +9,12 @@ the correct output and the finetuned model's response, and answers a score from 
 
 The scores are saved entry by entry, so a run that is cut off continues where it stopped
 when started again on the same input with the same judge. The server address comes from
-``--host``, else the ``OLLAMA_HOST`` environment variable, else http://localhost:11434.
+``--host``, else the ``OLLAMA_HOST`` environment variable, else http://127.0.0.1:11434.
+An entry whose response is empty scores 0 without asking the judge, as in the book.
+
+Scoring needs no PyTorch: this module imports only the standard library, tqdm, psutil,
+matplotlib (for the histogram) and the project's torch-free instruction_data and safe_files.
+make_preference_data.py reuses its server, resume and command-line parts.
 """
 
 import argparse
@@ -28,14 +33,16 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from gpt_instruction_finetuning import format_input
 from instruction_data import REQUIRED_KEYS, DatasetError
 from instruction_data import validate_entries as validate_instruction_entries
 from safe_files import write_json
 
-DEFAULT_HOST = "http://localhost:11434"
+# 127.0.0.1, as Ollama itself: "localhost" tries ::1 first on Windows, seconds per request.
+DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PORT = 11434
-DEFAULT_TIMEOUT = (5.0, 300.0)  # seconds: to connect, then to wait for each piece of the answer
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to connect
+DEFAULT_READ_TIMEOUT = 300.0  # seconds to wait for each piece of the answer (--timeout)
+DEFAULT_TIMEOUT = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT)
 SCORES_FORMAT = 1  # version of the scores file layout
 
 
@@ -53,14 +60,18 @@ InputDataError = DatasetError
 
 
 def get_ollama_url(host=None):
-    """The server's base URL (no trailing slash) from `host`, else OLLAMA_HOST, else the default.
+    """The server's base URL (no trailing slash) from `host`, else OLLAMA_HOST, else 127.0.0.1.
 
-    Follows Ollama's own clients: ``host:port`` with the scheme optional; without a scheme the
-    port defaults to 11434 (with an explicit ``http://``/``https://`` and no port: 80/443).
+    Follows Ollama's own clients: surrounding whitespace and quotes are dropped, the scheme is
+    optional, and without a scheme the port defaults to 11434 (with an explicit ``http://`` or
+    ``https://`` and no port: 80/443). IPv6 addresses go in brackets (``[::1]:11434``).
     ``0.0.0.0`` and ``::`` (addresses a server listens on) mean "connect to this machine".
+    A trailing ``/api/...`` path is ignored, so the book's ``http://localhost:11434/api/chat``
+    names the same server as ``localhost:11434``; another path (a proxy's prefix) is kept.
     """
-    value = host if host is not None else os.environ.get("OLLAMA_HOST", "")
-    value = value.strip()
+    if host is None or not host.strip().strip("\"'"):  # an empty --host is no --host
+        host = os.environ.get("OLLAMA_HOST", "")
+    value = host.strip().strip("\"'").strip()
     if not value:
         return DEFAULT_HOST
     scheme, sep, rest = value.partition("://")
@@ -80,26 +91,15 @@ def get_ollama_url(host=None):
             hostname, port = parts.hostname, parts.port
         except ValueError as exc:
             raise OllamaError(f"Invalid Ollama address {value!r}: {exc}") from None
-    if not hostname or hostname in ("0.0.0.0", "::"):
-        hostname = "localhost"
+    if hostname == "::":
+        hostname = "::1"
+    if not hostname or hostname == "0.0.0.0":
+        hostname = "127.0.0.1"
     if ":" in hostname:
         hostname = f"[{hostname}]"
-    path = f"/{path.strip('/')}" if path.strip("/") else ""
+    path = re.sub(r"(^|/)api(/.*)?$", "", path.strip("/")).strip("/")  # the endpoint part
+    path = f"/{path}" if path else ""
     return f"{scheme}://{hostname}:{port or default_port}{path}"
-
-
-def _base_url(url=None):
-    """The server's base URL from a base URL or from any of its /api/... URLs."""
-    if url is None:
-        return get_ollama_url()
-    head, sep, _ = url.partition("/api/")
-    return (head if sep else url).rstrip("/")
-
-
-def _chat_url(url=None):
-    if url is None:
-        return get_ollama_url() + "/api/chat"
-    return url if "/api/" in url else url.rstrip("/") + "/api/chat"
 
 
 def check_if_running(process_name):
@@ -212,7 +212,7 @@ def _error_text(http_error):
 
 
 def _get_json(url, timeout):
-    base = _base_url(url)
+    base = get_ollama_url(url)
     try:
         with _open(url, timeout=timeout) as response:
             return json.loads(response.read().decode("utf-8"))
@@ -229,7 +229,7 @@ def _get_json(url, timeout):
 def ollama_is_reachable(url=None, timeout=2.0):
     """True when an Ollama server answers GET /api/version at `url` (base or any API URL)."""
     try:
-        answer = _get_json(_base_url(url) + "/api/version", timeout)
+        answer = _get_json(get_ollama_url(url) + "/api/version", timeout)
     except OllamaError:
         return False
     return isinstance(answer, dict) and "version" in answer
@@ -242,10 +242,11 @@ def _full_model_name(name):
 
 def list_models(url=None, timeout=5.0):
     """The names of the models pulled on the server (GET /api/tags)."""
-    answer = _get_json(_base_url(url) + "/api/tags", timeout)
+    base = get_ollama_url(url)
+    answer = _get_json(base + "/api/tags", timeout)
     models = answer.get("models") if isinstance(answer, dict) else None
     if not isinstance(models, list):
-        raise OllamaError(f"{_base_url(url)}/api/tags did not list models: is this Ollama?")
+        raise OllamaError(f"{base}/api/tags did not list models: is this Ollama?")
     return [m.get("name") or m.get("model") for m in models if isinstance(m, dict)]
 
 
@@ -254,7 +255,7 @@ def ensure_ollama(url=None, model=None, timeout=5.0):
 
     Returns the names of the pulled models.
     """
-    base = _base_url(url)
+    base = get_ollama_url(url)
     names = list_models(base, timeout=timeout)
     if model is not None:
         pulled = {_full_model_name(n) for n in names if n}
@@ -275,18 +276,19 @@ def ensure_ollama(url=None, model=None, timeout=5.0):
 def query_model(prompt, model="llama3", url=None, seed=123, num_ctx=2048, timeout=DEFAULT_TIMEOUT):
     """Send `prompt` to the model through POST /api/chat and return its whole answer.
 
-    `url` is the chat endpoint (a base URL such as http://host:11434 works too); None means
-    OLLAMA_HOST or http://localhost:11434. Greedy and seeded, so answers repeat. `timeout` is
-    seconds, or (connect, read) where read bounds the wait for each streamed piece.
+    `url` is the server in any form `get_ollama_url` reads (the book's chat endpoint
+    http://localhost:11434/api/chat, or host:port); None means OLLAMA_HOST, else
+    http://127.0.0.1:11434. Greedy and seeded, so answers repeat. `timeout` is seconds, or
+    (connect, read) where read bounds the wait for each streamed piece.
     """
-    url = _chat_url(url)
+    base = get_ollama_url(url)
+    url = base + "/api/chat"
     data = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "options": {"seed": seed, "temperature": 0, "num_ctx": num_ctx},
     }
     _, read_timeout = _split_timeout(timeout)
-    base = _base_url(url)
     pieces = []
     try:
         with _open(url, data=data, timeout=timeout) as response:
@@ -349,6 +351,20 @@ def parse_score(reply):
     return None
 
 
+# Not in the book's chapter code: a copy of the chapter's `format_input` (as the book's own
+# ollama_evaluate.py keeps one), so that scoring runs without importing torch, which
+# gpt_instruction_finetuning.py needs. A test checks that the two are the same code.
+def format_input(entry):
+    """The Alpaca-style prompt: a preamble, the instruction, and the input when there is one."""
+    instruction_text = (
+        f"Below is an instruction that describes a task. "
+        f"Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+    input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
+    return instruction_text + input_text
+
+
 def build_score_prompt(entry, json_key):
     """The chapter's scoring prompt for one entry."""
     return (
@@ -361,17 +377,23 @@ def build_score_prompt(entry, json_key):
 
 
 # ---------------------------------------------------------------------------------------
-# Input and the scores file
+# Input, and work saved entry by entry (the scores here, the rewrites of
+# make_preference_data.py)
 # ---------------------------------------------------------------------------------------
 
 
-def validate_entries(data, json_key, source="input"):
-    """Raise InputDataError unless `data` is a list of entries with text under all keys."""
-    validate_instruction_entries(data, source, keys=(*REQUIRED_KEYS, json_key))
+def validate_entries(data, json_key=None, source="input"):
+    """Raise InputDataError unless `data` is a list of entries with text under all keys
+    (instruction, input, output, and `json_key` when given)."""
+    keys = REQUIRED_KEYS if json_key is None else (*REQUIRED_KEYS, json_key)
+    validate_instruction_entries(data, source, keys=keys)
 
 
 def load_entries(file_path, json_key="model_response"):
-    """Load and check a JSON file of entries to score; raise InputDataError on problems."""
+    """Load and check a JSON file of entries; raise InputDataError on problems.
+
+    With `json_key=None` only the instruction, input and output are required.
+    """
     path = Path(file_path)
     try:
         with path.open(encoding="utf-8") as f:
@@ -390,78 +412,112 @@ def load_entries(file_path, json_key="model_response"):
     return data
 
 
-def scores_fingerprint(json_data, json_key, model):
-    """sha256 over the judge, the key and every entry's prompt: same value, same scores."""
+def work_fingerprint(header, prompts):
+    """sha256 over `header` (the settings, a JSON object) and every prompt: same value, same work."""
     digest = hashlib.sha256()
-    header = {"format": SCORES_FORMAT, "model": model, "json_key": json_key, "n": len(json_data)}
     digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
-    for entry in json_data:
-        digest.update(b"\0" + build_score_prompt(entry, json_key).encode("utf-8"))
+    for prompt in prompts:
+        digest.update(b"\0" + prompt.encode("utf-8"))
     return digest.hexdigest()
 
 
-def _load_previous(scores_path, fingerprint, n_entries):
-    """Results saved by an earlier run on the same input and judge, keyed by entry index."""
-    path = Path(scores_path)
+def scores_header(json_key, model):
+    """What the scores file says about how it was made."""
+    return {"format": SCORES_FORMAT, "model": model, "json_key": json_key}
+
+
+def scores_fingerprint(json_data, json_key, model):
+    """sha256 over the judge, the key and every entry's prompt: same value, same scores."""
+    header = {**scores_header(json_key, model), "n": len(json_data)}
+    return work_fingerprint(header, (build_score_prompt(entry, json_key) for entry in json_data))
+
+
+def _load_previous(path, fingerprint, n_entries, done="scored"):
+    """Results saved by an earlier run of the same work, keyed by entry index."""
+    path = Path(path)
     if not path.exists():
         return {}
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        tqdm.write(f"Could not read the scores file {path}; starting fresh.")
+        tqdm.write(f"Could not read the saved results {path}; starting fresh.")
         return {}
     if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
         tqdm.write(
-            f"The scores in {path} were made for a different input or judge model; "
+            f"The results in {path} were made for a different input or judge model; "
             "starting fresh."
         )
         return {}
     previous = {}
     for result in saved.get("results", []):
         index = result.get("index") if isinstance(result, dict) else None
-        if isinstance(index, int) and 0 <= index < n_entries and "reply" in result:
+        if isinstance(index, int) and 0 <= index < n_entries:
             previous[index] = result
     if previous:
-        tqdm.write(f"Resuming: {len(previous)} of {n_entries} entries already scored in {path}.")
+        tqdm.write(f"Resuming: {len(previous)} of {n_entries} entries already {done} in {path}.")
     return previous
 
 
+def run_resumable(n_entries, work, results_path=None, header=None, fingerprint=None,
+                  desc="Scoring entries", done="scored"):
+    """Call `work(index)` for every entry index not done yet; return {index: result}.
+
+    `work` returns a JSON object holding "index", or None when the entry has no result this
+    time (it is tried again by the next run). With `results_path`, the results are saved as
+    they arrive, under `header` and `fingerprint`, and a later call with the same fingerprint
+    only does the entries still missing.
+    """
+    results = {}
+    if results_path is not None:
+        results = _load_previous(results_path, fingerprint, n_entries, done)
+
+    todo = [i for i in range(n_entries) if i not in results]
+    for index in tqdm(todo, desc=desc, initial=len(results), total=n_entries):
+        result = work(index)
+        if result is None:
+            continue
+        results[index] = result
+        if results_path is not None:
+            write_json(results_path, {
+                **header,
+                "fingerprint": fingerprint,
+                "num_entries": n_entries,
+                "results": [results[i] for i in sorted(results)],
+            })
+    return results
+
+
 def generate_model_scores(json_data, json_key, model="llama3", url=None, scores_path=None,
-                          timeout=DEFAULT_TIMEOUT):
+                          timeout=DEFAULT_TIMEOUT, num_ctx=2048):
     """Ask the judge to score every entry's `json_key` answer; return the int scores.
 
-    Replies without a number from 0 to 100 are printed and left out, so the list can be
-    shorter than `json_data`. With `scores_path`, every result is saved as it arrives and a
-    later call with the same input and judge only scores the entries still missing.
+    An empty answer scores 0 without a request, as in the book. Replies without a number from
+    0 to 100 are printed and left out, so the list can be shorter than `json_data`. With
+    `scores_path`, every result is saved as it arrives and a later call with the same input
+    and judge only scores the entries still missing.
     """
     validate_entries(json_data, json_key)
-    results = {}
-    fingerprint = None
-    if scores_path is not None:
-        fingerprint = scores_fingerprint(json_data, json_key, model)
-        results = _load_previous(scores_path, fingerprint, len(json_data))
 
-    def save():
-        write_json(scores_path, {
-            "format": SCORES_FORMAT,
-            "fingerprint": fingerprint,
-            "model": model,
-            "json_key": json_key,
-            "num_entries": len(json_data),
-            "results": [results[i] for i in sorted(results)],
-        })
-
-    todo = [i for i in range(len(json_data)) if i not in results]
-    for index in tqdm(todo, desc="Scoring entries", initial=len(results), total=len(json_data)):
-        prompt = build_score_prompt(json_data[index], json_key)
-        reply = query_model(prompt, model=model, url=url, timeout=timeout)
+    def score_entry(index):
+        entry = json_data[index]
+        if not entry[json_key].strip():
+            return {"index": index, "reply": None, "score": 0, "empty_response": True}
+        prompt = build_score_prompt(entry, json_key)
+        reply = query_model(prompt, model=model, url=url, num_ctx=num_ctx, timeout=timeout)
         score = parse_score(reply)
         if score is None:
             tqdm.write(f"Could not convert the reply for entry {index} to a score: {reply!r}")
-        results[index] = {"index": index, "reply": reply, "score": score}
-        if scores_path is not None:
-            save()
+        return {"index": index, "reply": reply, "score": score}
 
+    fingerprint = header = None
+    if scores_path is not None:
+        header = scores_header(json_key, model)
+        fingerprint = scores_fingerprint(json_data, json_key, model)
+    results = run_resumable(len(json_data), score_entry, scores_path, header, fingerprint)
+
+    empty = sum(bool(r.get("empty_response")) for r in results.values())
+    if empty:
+        print(f"Empty responses scored 0 without asking the judge: {empty} of {len(json_data)}")
     scores = [results[i]["score"] for i in sorted(results)]
     unparsed = sum(score is None for score in scores)
     if unparsed:
@@ -500,18 +556,69 @@ def _safe_name(model):
     return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
 
 
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
+
+
+def add_server_arguments(parser, what):
+    """--model, --host, --num-ctx and --timeout: the Ollama options of every command here."""
+    parser.add_argument("--model", default="llama3", help=f"{what} model on the Ollama server")
+    parser.add_argument("--host", default=None,
+                        help="Ollama address: host, host:port, [IPv6]:port or a URL such as "
+                             "http://localhost:11434/api/chat (default: OLLAMA_HOST, "
+                             "else 127.0.0.1:11434)")
+    parser.add_argument("--num-ctx", "--num_ctx", type=_positive(int), default=2048,
+                        help="the model's context window in tokens (Ollama's num_ctx; "
+                             "default: %(default)s, as in the book)")
+    parser.add_argument("--timeout", type=_positive(float), default=DEFAULT_READ_TIMEOUT,
+                        help="seconds to wait for each piece of an answer before giving up "
+                             "(default: %(default)s)")
+
+
+def run_server_job(args, job, results_path):
+    """Check the server and model named by the command-line `args`, then run `job`.
+
+    Returns (0, job(base_url, model=..., timeout=..., num_ctx=...)). A server or model problem,
+    an OS error or Ctrl-C is printed instead, saying where the results so far are (a new run
+    resumes from `results_path`), and gives (1, None) or (130, None).
+    """
+    try:
+        base = get_ollama_url(args.host)
+        ensure_ollama(base, args.model)
+        timeout = (DEFAULT_CONNECT_TIMEOUT, args.timeout)
+        return 0, job(base, model=args.model, timeout=timeout, num_ctx=args.num_ctx)
+    except OllamaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if Path(results_path).exists():
+            print(f"Results so far are in {results_path}; run again to resume.", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Results so far are in {results_path}; run again to resume.",
+              file=sys.stderr)
+        return 130, None
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1, None
+
+
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Score model responses with a judge model served by Ollama (section 7.8)."
     )
     parser.add_argument("--file_path", "--file-path", required=True,
                         help="JSON list of entries with instruction, input, output and responses")
-    parser.add_argument("--model", default="llama3", help="judge model on the Ollama server")
     parser.add_argument("--json_key", "--json-key", default="model_response",
                         help="key of the responses to score")
-    parser.add_argument("--host", default=None,
-                        help="Ollama address, host:port or a URL (default: OLLAMA_HOST, "
-                             "else http://localhost:11434)")
+    add_server_arguments(parser, what="judge")
     parser.add_argument("--scores-out", "--scores_out", default=None,
                         help="per-entry scores JSON, also used to resume "
                              "(default: <input stem>-<model>-scores.json beside the input)")
@@ -538,26 +645,14 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    scores = []
-    try:
-        base = get_ollama_url(args.host)
-        ensure_ollama(base, args.model)
+    def score(base, **options):
         print(f"Scoring {len(data)} entries of {file_path} with {args.model} at {base}")
-        scores = generate_model_scores(
-            data, args.json_key, model=args.model, url=base + "/api/chat", scores_path=scores_path
-        )
-    except OllamaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if scores_path.exists():
-            print(f"Results so far are in {scores_path}; run again to resume.", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. Results so far are in {scores_path}; run again to resume.",
-              file=sys.stderr)
-        return 130
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return generate_model_scores(data, args.json_key, url=base, scores_path=scores_path,
+                                     **options)
+
+    code, scores = run_server_job(args, score, scores_path)
+    if code:
+        return code
 
     for line in summary_lines(scores, len(data)):
         print(line)

@@ -1,9 +1,13 @@
-"""Shared test setup: no network, real data and the real tokenizer from ../shared/data.
+"""Shared test setup: no network, real data and the real tokenizer.
 
-On a reader's machine tiktoken downloads its two GPT-2 files on first use. Here the network
-is closed, so we seed a tiktoken cache folder from ../shared/data/gpt2-tokenizer (when it
-exists) before any test imports tiktoken. tiktoken names each cached file by the SHA-1 of
-its download URL.
+The data (the chapter's datasets and GPT-2's two tokenizer files) is found in
+`../shared/data` beside the repository when present, else in the folder the environment
+variable CH07_TEST_DATA names, else it is downloaded once into a user cache folder, each file
+verified by its sha256 (see `find_test_data`). With the data on disk no test touches the network.
+
+On a reader's machine tiktoken downloads its two GPT-2 files on first use. Here we seed a
+tiktoken cache folder from the data's gpt2-tokenizer folder before any test imports tiktoken.
+tiktoken names each cached file by the SHA-1 of its download URL.
 """
 
 import hashlib
@@ -12,16 +16,66 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
-TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
-TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-
 sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
+
+from instruction_data import CHAPTER_DATASET, PREFERENCE_DATASET  # noqa: E402 (needs the path above)
+
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+DATA_ENV_VAR = "CH07_TEST_DATA"
+# The test data: path in the data folder -> (URLs in order, sha256).
+TEST_DATA_FILES = {
+    **{d.file_name: (d.urls, d.sha256) for d in (CHAPTER_DATASET, PREFERENCE_DATASET)},
+    "instruction-data-with-response.json": (  # beside the chapter's data in the book's repository
+        [url.replace(CHAPTER_DATASET.file_name, "instruction-data-with-response.json")
+         for url in CHAPTER_DATASET.urls],
+        "aced320504c77c98d957316eb9f3460945256226c36b5e9752bf7d49585eb943"),
+    "gpt2-tokenizer/encoder.json": (
+        [TIKTOKEN_URL + "encoder.json"], "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "gpt2-tokenizer/vocab.bpe": (
+        [TIKTOKEN_URL + "vocab.bpe"], "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def user_cache_folder():
+    """Where downloaded test data is kept between runs (per user, outside the repository)."""
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        base = Path(os.environ["LOCALAPPDATA"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "llms-from-scratch-ch07" / "test-data"
+
+
+def find_test_data(shared=ROOT.parent / "shared" / "data", environ=os.environ, cache=None,
+                   files=TEST_DATA_FILES):
+    """The test data folder: `shared` if it exists, else $CH07_TEST_DATA, else `cache` (default:
+    the user cache folder), where missing files are downloaded once and checked by sha256.
+
+    A download that fails is a warning, not an error: the tests needing that file skip.
+    """
+    if shared.is_dir():
+        return shared
+    if environ.get(DATA_ENV_VAR):
+        return Path(environ[DATA_ENV_VAR])
+    from gpt_download import DownloadError, download_first
+
+    cache = Path(cache) if cache is not None else user_cache_folder()
+    for name, (urls, sha256) in files.items():
+        if not (cache / name).is_file():
+            try:
+                download_first(urls, cache / name, sha256=sha256)
+            except DownloadError as err:
+                warnings.warn(f"test data {name} is missing: {err}", stacklevel=2)
+    return cache
+
+
+SHARED_DATA = find_test_data()  # the data folder, wherever it was found
+TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
 
 
 def _seed_tiktoken_cache():
@@ -39,8 +93,10 @@ _seed_tiktoken_cache()
 
 @pytest.fixture(scope="session")
 def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+    missing = [name for name in TEST_DATA_FILES if not (SHARED_DATA / name).is_file()]
+    if missing:
+        pytest.skip(f"test data missing in {SHARED_DATA}: {', '.join(missing)} (no ../shared/data, "
+                    f"no {DATA_ENV_VAR} folder, and the download failed)")
     return SHARED_DATA
 
 

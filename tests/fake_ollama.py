@@ -9,8 +9,11 @@ this real HTTP server instead. It answers
   ``"stream": false``; HTTP 404 with Ollama's error body for a model that is not pulled.
 
 Replies are scripted: one string, a list used in turn (round-robin), or a function
-``f(prompt, body) -> reply``. A reply can also be ``Fail(...)``, ``StreamError(...)`` or
-``Hangup(...)`` to act out a broken server. Every request is recorded.
+``f(prompt, body) -> reply``; `rewrite_reply` is such a function that answers the
+preference-data prompts ("rewrite the output to be more polite/impolite") deterministically.
+A reply can also be ``Fail(...)``, ``StreamError(...)`` or ``Hangup(...)`` to act out a broken
+server, and ``die_after=N`` makes the server stop listening after N answers, as a server that
+crashes mid-run. Every request is recorded.
 
 In a test::
 
@@ -23,6 +26,7 @@ In a test::
 As a process (the notebook tests start it this way)::
 
     python tests/fake_ollama.py --port 0 --port-file PORT.txt --replies 85 "Score: 90"
+    python tests/fake_ollama.py --port 0 --port-file PORT.txt --rewrites --die-after 3
 
 prints ``Fake Ollama listening on http://127.0.0.1:PORT`` and serves until it is terminated.
 """
@@ -30,8 +34,10 @@ prints ``Fake Ollama listening on http://127.0.0.1:PORT`` and serves until it is
 import argparse
 import contextlib
 import json
+import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -63,6 +69,24 @@ class Hangup:
     def __init__(self, text="85", after=1):
         self.text = text
         self.after = after
+
+
+_REWRITE = re.compile(
+    r"and correct output `(?P<output>.*)`, slightly rewrite the output to be more "
+    r"(?P<politeness>polite|impolite)\.", re.DOTALL)
+
+POLITE_PREFIX = "If I may kindly say: "
+RUDE_PREFIX = "Obviously, as anyone knows: "
+
+
+def rewrite_reply(prompt, body=None):
+    """A deterministic "model" for the preference-data prompts: the correct output with a
+    polite or a rude opening, by what the prompt asks. Other prompts get "85"."""
+    match = _REWRITE.search(prompt or "")
+    if match is None:
+        return "85"
+    prefix = POLITE_PREFIX if match["politeness"] == "polite" else RUDE_PREFIX
+    return prefix + match["output"]
 
 
 def full_model_name(name):
@@ -146,8 +170,9 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(reply, StreamError | Hangup):
                 self._send_json(500, {"error": getattr(reply, "error", "simulated hangup")})
                 return
+            dying = self.fake._answered()
             self._send_json(200, self._message(model, str(reply), done=True))
-            self.fake._answered()
+            self.fake._finished(dying)
             return
         self._stream(model, reply)
 
@@ -185,11 +210,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if isinstance(reply, StreamError):
             self._write_chunk({"error": reply.error})
+            dying = False
         else:
+            dying = self.fake._answered()
             self._write_chunk(self._message(model, "", done=True))
-            self.fake._answered()
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+        self.fake._finished(dying)
 
 
 class _Server(ThreadingHTTPServer):
@@ -205,13 +232,15 @@ class FakeOllama:
     """A threaded loopback HTTP server that acts as Ollama; use it as a context manager."""
 
     def __init__(self, replies="85", models=("llama3",), port=0, chunk_size=2, delay=0.0,
-                 version="0.6.5", fail_after=None):
+                 version="0.6.5", fail_after=None, die_after=None):
         self.replies = replies
         self.models = list(models)
         self.chunk_size = chunk_size
         self.delay = delay  # seconds before each streamed chunk
         self.version = version
         self.fail_after = fail_after  # chat requests after this many answers get HTTP 500
+        self.die_after = die_after  # stop listening after this many answers (a crash)
+        self.died = threading.Event()
         self.requests = []
         self.answered = 0
         self._reply_count = 0
@@ -257,8 +286,20 @@ class FakeOllama:
             self.requests.append({"method": method, "path": path, "body": body})
 
     def _answered(self):
+        """Count an answer before its last piece is sent; return True when it is the last one
+        before dying. Then the server stops listening first, so that the client's next
+        request is refused, as by a crashed server."""
         with self._lock:
             self.answered += 1
+            dying = self.answered == self.die_after
+        if dying:  # in a handler thread: shutdown() waits for the serving loop to return
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        return dying
+
+    def _finished(self, dying):
+        if dying:
+            self.died.set()  # the last answer is out: a script may exit now
 
     # what it answers -------------------------------------------------------------------
     def pulled(self):
@@ -322,6 +363,29 @@ class FakeOllama:
         self.stop()
 
 
+@contextlib.contextmanager
+def fake_ollama_process(folder, *args, wait=20):
+    """Run this file as a server process with `args`; yield (process, url) once it listens.
+
+    On leaving, the process is terminated; its output is then in ``process.output``.
+    """
+    port_file = Path(folder) / f"fake-ollama-port-{time.monotonic_ns()}.txt"
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--port", "0",
+         "--port-file", str(port_file), *args], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + wait
+        while not port_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the fake Ollama server did not start (exit {process.poll()})")
+            time.sleep(0.05)
+        yield process, f"http://127.0.0.1:{port_file.read_text(encoding='utf-8')}"
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.output, _ = process.communicate(timeout=10)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Serve a fake Ollama API on 127.0.0.1.")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -332,15 +396,22 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["llama3"], help="the pulled models")
     parser.add_argument("--chunk-size", type=int, default=2, help="characters per chunk")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each chunk")
+    parser.add_argument("--rewrites", action="store_true",
+                        help="answer the preference-data rewrite prompts (rewrite_reply)")
     parser.add_argument("--fail-after", type=int, default=None,
                         help="answer HTTP 500 to chat requests after this many answers")
+    parser.add_argument("--die-after", type=int, default=None,
+                        help="exit after this many answers, as a server that crashes")
     args = parser.parse_args(argv)
 
     replies = args.replies
     if args.replies_json:
         replies = [str(r) for r in json.loads(Path(args.replies_json).read_text("utf-8"))]
+    if args.rewrites:
+        replies = rewrite_reply
     fake = FakeOllama(replies=replies, models=args.models, port=args.port,
-                      chunk_size=args.chunk_size, delay=args.delay, fail_after=args.fail_after)
+                      chunk_size=args.chunk_size, delay=args.delay, fail_after=args.fail_after,
+                      die_after=args.die_after)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
@@ -349,6 +420,7 @@ def main(argv=None):
     print(f"Fake Ollama listening on {fake.url}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         fake.serve_forever()
+    fake.died.wait(timeout=5 if args.die_after else 0)  # let the last answer go out
     return 0
 
 

@@ -36,12 +36,8 @@ def gpt2_variable_shapes(n_vocab, n_ctx, n_embd, n_layer):
     return shapes
 
 
-def write_gpt2_checkpoint(folder, n_vocab=64, n_ctx=16, n_embd=8, n_head=2, n_layer=2, seed=0):
-    """Write a random GPT-2 checkpoint into `folder`; return {variable name: numpy array}."""
-    import tensorflow as tf
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def random_gpt2_arrays(n_vocab=64, n_ctx=16, n_embd=8, n_layer=2, seed=0):
+    """{OpenAI variable name: float32 array} of a random GPT-2, made with NumPy alone."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for name, shape in gpt2_variable_shapes(n_vocab, n_ctx, n_embd, n_layer).items():
@@ -50,6 +46,20 @@ def write_gpt2_checkpoint(folder, n_vocab=64, n_ctx=16, n_embd=8, n_head=2, n_la
         else:
             array = 0.2 * rng.standard_normal(shape)
         arrays[name] = array.astype(np.float32)
+    return arrays
+
+
+def write_gpt2_checkpoint(folder, n_vocab=64, n_ctx=16, n_embd=8, n_head=2, n_layer=2, seed=0):
+    """Write a random GPT-2 checkpoint into `folder`; return {variable name: numpy array}.
+
+    Skips the calling test where TensorFlow is not installed (requirements-tf.txt)."""
+    import pytest
+
+    tf = pytest.importorskip("tensorflow", reason="writing OpenAI's checkpoint layout needs TensorFlow")
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = random_gpt2_arrays(n_vocab, n_ctx, n_embd, n_layer, seed)
 
     graph = tf.Graph()
     with graph.as_default():

@@ -1,12 +1,14 @@
 """Run the notebooks as a reader would, in smoke mode, from a clean copy of the repository.
 
 `smoke_workdir` copies the repository's files (what git tracks, plus new files git does not
-ignore) into a fresh folder and adds what a reader's first run would download: the chapter's
-dataset, a small stand-in for the Alpaca file, and tiny GPT-2 checkpoints in OpenAI's layout.
-Because those files are already on disk, the notebooks' own download code uses them and
-never reaches the network. `run_notebook` executes one notebook top to bottom with nbclient.
+ignore; without git, the files .gitignore does not name) into a fresh folder and adds what a
+reader's first run would download: the chapter's dataset, a small stand-in for the Alpaca
+file, and tiny GPT-2 checkpoints in OpenAI's layout. Because those files are already on
+disk, the notebooks' own download code uses them and never reaches the network.
+`run_notebook` executes one notebook top to bottom with nbclient.
 """
 
+import fnmatch
 import functools
 import json
 import os
@@ -20,11 +22,35 @@ from conftest import ROOT, SHARED_DATA
 from gpt2_sizes import TEST_MODE_CONFIG
 
 
-def repo_files():
-    """Paths (relative to the repository root) of tracked and new, not ignored, files."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    return [p for p in out.split("\0") if p and (ROOT / p).is_file()]
+def repo_files(root=ROOT):
+    """Paths (relative to `root`) of tracked and new, not ignored, files.
+
+    Without git (a plain copy of the repository, or git not installed): every file except
+    hidden folders, caches and what .gitignore names (its simple patterns)."""
+    root = Path(root)
+    if (root / ".git").exists() and shutil.which("git"):
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                             cwd=root, check=True, capture_output=True, text=True).stdout
+        return [p for p in out.split("\0") if p and (root / p).is_file()]
+    ignore = root / ".gitignore"
+    patterns = [line.strip() for line in ignore.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.startswith("#")] if ignore.is_file() else []
+    return sorted(path.relative_to(root).as_posix() for path in root.rglob("*")
+                  if path.is_file() and not _ignored(path.relative_to(root), patterns))
+
+
+def _ignored(rel, patterns):
+    """A `.gitignore` check for the patterns this repository uses: names, globs, `folder/`."""
+    parts = rel.parts
+    if parts[0] == ".git" or any(part.startswith(".") and part != ".ci" for part in parts[:-1]):
+        return True  # .git, .pytest_cache, .ruff_cache, .ipynb_checkpoints, .venv ...
+    for pattern in patterns:
+        if pattern.endswith("/"):
+            if any(fnmatch.fnmatch(part, pattern.rstrip("/")) for part in parts[:-1]):
+                return True
+        elif fnmatch.fnmatch(parts[-1], pattern) or fnmatch.fnmatch(rel.as_posix(), pattern.lstrip("/")):
+            return True
+    return False
 
 
 def smoke_workdir(dest):

@@ -1,99 +1,46 @@
-"""gpt_download.py against a real HTTP server on 127.0.0.1 serving a small GPT-2 checkpoint.
+"""gpt_download.py against a real HTTP server on 127.0.0.1 serving small GPT-2 checkpoints.
 
-The server serves the same files under three prefixes, /primary, /backup and /mirror, so
-one server stands in for every source. It honours `Range: bytes=N-` and can be told to fail
-a path: answer an HTTP error, cut the connection after some bytes (having announced the full
-length), ignore the Range header, answer a Range request from the wrong offset, or serve a
-short body (with a matching Content-Length).
+The server (tests/loopback_server.py) serves OpenAI's files under three prefixes, /primary,
+/backup and /mirror, so one server stands in for every source; hub tests serve
+`/<repo>/resolve/main/<file>`.
 """
 
 import json
-import socket
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gpt2_checkpoint import write_gpt2_checkpoint
+from hub_checkpoint import (
+    book_state_dict_arrays,
+    hub_openai_arrays,
+    save_weights,
+    write_hub_model_folder,
+    write_hub_tokenizer_files,
+)
+from loopback_server import closed_port_url, serving
 
 import gpt_download
 from gpt_download import (
     FILENAMES,
+    OPENAI_FILE_SIZES,
     CheckpointError,
     DownloadError,
+    check_checkpoint_folder,
+    check_hparams,
+    choose_weights_source,
     download_and_load_gpt2,
     download_file,
     load_gpt2,
     load_gpt2_params_from_tf_ckpt,
+    load_hub_weights,
+    tokenizer_from_folder,
 )
 
 SIZE = "124M"
 DATA = "model.ckpt.data-00000-of-00001"
 HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 2}
-
-
-class FileServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, files):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.files = files  # {file name: bytes}, served at /<prefix>/<size>/<file name>
-        self.faults = {}  # {url path: [fault, ...]}, each used by one request, in order
-        self.requests = []  # (url path, Range header or None), in arrival order
-        self.lock = threading.Lock()
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-    def fail(self, path, *faults):
-        self.faults.setdefault(path, []).extend(faults)
-
-    def paths(self, prefix=""):
-        return [path for path, _ in self.requests if path.startswith(prefix)]
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):
-        server = self.server
-        with server.lock:
-            server.requests.append((self.path, self.headers.get("Range")))
-            queue = server.faults.get(self.path)
-            fault = queue.pop(0) if queue else None
-        body = server.files.get(self.path.rsplit("/", 1)[-1])
-        if self.path.count("/") != 3 or body is None:
-            fault = ("status", 404)
-        if fault and fault[0] == "status":
-            self.send_error(fault[1])
-            return
-        if fault and fault[0] == "short":  # a wrong, short file, consistently announced
-            body = body[: fault[1]]
-        start = 0
-        range_header = self.headers.get("Range")
-        if range_header and not (fault and fault[0] == "ignore_range"):
-            start = int(range_header.removeprefix("bytes=").rstrip("-"))
-            if fault and fault[0] == "range_from_zero":  # a 206 for bytes it was not asked
-                start = 0
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        if fault and fault[0] == "cut":  # the full length announced, then only some bytes
-            self.wfile.write(body[start : start + fault[1]])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body[start:])
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -107,13 +54,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def server(checkpoint):
-    httpd = FileServer(checkpoint[0])
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    files = {f"/{prefix}/{SIZE}/{name}": body for prefix in ("primary", "backup", "mirror")
+             for name, body in checkpoint[0].items()}
+    with serving(files) as httpd:
+        yield httpd
 
 
 @pytest.fixture(autouse=True)
@@ -121,12 +65,10 @@ def no_mirror_env(monkeypatch):
     monkeypatch.delenv("GPT2_MIRROR_URL", raising=False)
 
 
-def closed_port_url():
-    """A loopback URL nothing listens on: connecting is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+def fetch(models_dir, **kwargs):
+    """OpenAI's source, checking sizes only against what the server announces (the known sizes
+    are those of the real files; `test_known_sizes_*` below pass the tiny files' sizes)."""
+    return download_and_load_gpt2(SIZE, models_dir, source="openai", expected_sizes={}, **kwargs)
 
 
 def sources(server, *prefixes):
@@ -163,7 +105,7 @@ def assert_params_equal(settings, params, arrays):
 
 def test_downloads_all_seven_files_and_loads_them(server, checkpoint, tmp_path):
     files, arrays = checkpoint
-    settings, params = download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary", "backup"))
+    settings, params = fetch(tmp_path, base_urls=sources(server, "primary", "backup"))
     assert_files_identical(tmp_path / SIZE, files)
     assert_params_equal(settings, params, arrays)
     assert server.paths() == [f"/primary/{SIZE}/{name}" for name in FILENAMES]
@@ -175,13 +117,13 @@ def test_resumes_a_cut_download_with_a_range_request(server, checkpoint, tmp_pat
     path = f"/primary/{SIZE}/{DATA}"
     server.fail(path, ("cut", 3000))
     with pytest.raises(DownloadError, match=DATA):
-        download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+        fetch(tmp_path, base_urls=sources(server, "primary"))
     model_dir = tmp_path / SIZE
     assert not (model_dir / DATA).exists()  # a short file never gets the final name
     assert (model_dir / (DATA + ".part")).read_bytes() == files[DATA][:3000]
 
     server.requests.clear()
-    settings, _ = download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+    settings, _ = fetch(tmp_path, base_urls=sources(server, "primary"))
     assert settings == HPARAMS
     assert server.requests[0] == (path, "bytes=3000-")  # then the three files after it
     assert server.paths() == [path] + [f"/primary/{SIZE}/{name}" for name in FILENAMES[4:]]
@@ -191,7 +133,7 @@ def test_resumes_a_cut_download_with_a_range_request(server, checkpoint, tmp_pat
 def test_cut_on_the_primary_is_resumed_from_the_backup(server, checkpoint, tmp_path):
     files, arrays = checkpoint
     server.fail(f"/primary/{SIZE}/{DATA}", ("cut", 1234))
-    settings, params = download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary", "backup"))
+    settings, params = fetch(tmp_path, base_urls=sources(server, "primary", "backup"))
     assert (f"/backup/{SIZE}/{DATA}", "bytes=1234-") in server.requests
     assert server.paths("/backup") == [f"/backup/{SIZE}/{DATA}"]
     assert_files_identical(tmp_path / SIZE, files)
@@ -207,14 +149,13 @@ def test_fails_over_from_primary_to_backup(server, checkpoint, tmp_path, primary
         primary = f"{server.url}/primary"
         for name in FILENAMES:
             server.fail(f"/primary/{SIZE}/{name}", ("status", int(primary_down[-3:])))
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=[primary, f"{server.url}/backup"])
+    fetch(tmp_path, base_urls=[primary, f"{server.url}/backup"])
     assert server.paths("/backup") == [f"/backup/{SIZE}/{name}" for name in FILENAMES]
     assert_files_identical(tmp_path / SIZE, files)
 
 
 def test_mirror_argument_is_tried_first(server, checkpoint, tmp_path):
-    download_and_load_gpt2(
-        SIZE,
+    fetch(
         tmp_path,
         mirror_url=f"{server.url}/mirror/",  # a trailing slash is fine
         base_urls=sources(server, "primary", "backup"),
@@ -225,12 +166,11 @@ def test_mirror_argument_is_tried_first(server, checkpoint, tmp_path):
 
 def test_mirror_from_the_environment_and_the_argument_wins(server, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_MIRROR_URL", f"{server.url}/mirror")
-    download_and_load_gpt2(SIZE, tmp_path / "a", base_urls=sources(server, "primary"))
+    fetch(tmp_path / "a", base_urls=sources(server, "primary"))
     assert server.paths() == [f"/mirror/{SIZE}/{name}" for name in FILENAMES]
 
     server.requests.clear()
-    download_and_load_gpt2(
-        SIZE,
+    fetch(
         tmp_path / "b",
         mirror_url=f"{server.url}/backup",
         base_urls=sources(server, "primary"),
@@ -240,9 +180,7 @@ def test_mirror_from_the_environment_and_the_argument_wins(server, tmp_path, mon
 
 def test_a_failing_mirror_falls_back_to_the_primary(server, tmp_path):
     server.fail(f"/mirror/{SIZE}/encoder.json", ("status", 403))
-    download_and_load_gpt2(
-        SIZE, tmp_path, mirror_url=f"{server.url}/mirror", base_urls=sources(server, "primary")
-    )
+    fetch(tmp_path, mirror_url=f"{server.url}/mirror", base_urls=sources(server, "primary"))
     assert server.paths("/primary") == [f"/primary/{SIZE}/encoder.json"]
 
 
@@ -252,8 +190,7 @@ def test_every_source_failing_raises_a_helpful_error(server, tmp_path):
         server.fail(f"/mirror/{SIZE}/{name}", ("status", 500))
         server.fail(f"/primary/{SIZE}/{name}", ("status", 404))
     with pytest.raises(DownloadError) as excinfo:
-        download_and_load_gpt2(
-            SIZE,
+        fetch(
             tmp_path,
             mirror_url=f"{server.url}/mirror",
             base_urls=[f"{server.url}/primary", refused],
@@ -272,24 +209,24 @@ def test_every_source_failing_raises_a_helpful_error(server, tmp_path):
 def test_complete_files_are_reused_without_any_network(server, checkpoint, tmp_path, monkeypatch):
     files, arrays = checkpoint
     base_urls = sources(server, "primary")
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=base_urls)
+    fetch(tmp_path, base_urls=base_urls)
     server.shutdown()
     server.server_close()  # nothing listens any more: any connection would fail
     monkeypatch.setenv("GPT2_MIRROR_URL", closed_port_url())
 
-    settings, params = download_and_load_gpt2(SIZE, tmp_path, base_urls=base_urls)
+    settings, params = fetch(tmp_path, base_urls=base_urls)
     assert_params_equal(settings, params, arrays)
-    settings, _ = download_and_load_gpt2(SIZE, tmp_path)  # not even the real URLs are tried
+    settings, _ = download_and_load_gpt2(SIZE, tmp_path)  # "auto": complete on disk, no network
     assert settings == HPARAMS
     assert_files_identical(tmp_path / SIZE, files)
 
 
 def test_only_missing_files_are_downloaded(server, checkpoint, tmp_path):
     base_urls = sources(server, "primary")
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=base_urls)
+    fetch(tmp_path, base_urls=base_urls)
     (tmp_path / SIZE / "vocab.bpe").unlink()
     server.requests.clear()
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=base_urls)
+    fetch(tmp_path, base_urls=base_urls)
     assert server.paths() == [f"/primary/{SIZE}/vocab.bpe"]
     assert_files_identical(tmp_path / SIZE, checkpoint[0])
 
@@ -300,7 +237,7 @@ def test_partial_file_is_restarted_when_the_server_ignores_range(server, checkpo
     model_dir.mkdir()
     (model_dir / (DATA + ".part")).write_bytes(b"garbage from an older attempt")
     server.fail(f"/primary/{SIZE}/{DATA}", ("ignore_range",))
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+    fetch(tmp_path, base_urls=sources(server, "primary"))
     assert (f"/primary/{SIZE}/{DATA}", "bytes=29-") in server.requests
     assert_files_identical(model_dir, files)
 
@@ -312,7 +249,7 @@ def test_a_206_from_the_wrong_offset_restarts_from_zero(server, checkpoint, tmp_
     (model_dir / (DATA + ".part")).write_bytes(files[DATA][:100])
     path = f"/primary/{SIZE}/{DATA}"
     server.fail(path, ("range_from_zero",))
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+    fetch(tmp_path, base_urls=sources(server, "primary"))
     assert [r for r in server.requests if r[0] == path] == [(path, "bytes=100-"), (path, None)]
     assert_files_identical(model_dir, files)
 
@@ -323,7 +260,7 @@ def test_partial_file_longer_than_the_file_is_restarted(server, checkpoint, tmp_
     model_dir.mkdir()
     too_long = b"x" * (len(files["encoder.json"]) + 10)
     (model_dir / "encoder.json.part").write_bytes(too_long)
-    download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+    fetch(tmp_path, base_urls=sources(server, "primary"))
     requests = [r for r in server.requests if r[0].endswith("/encoder.json")]
     assert requests == [
         (f"/primary/{SIZE}/encoder.json", f"bytes={len(too_long)}-"),  # answered 416
@@ -352,7 +289,7 @@ def test_corrupt_file_from_a_server_gives_a_clear_error(server, tmp_path):
     # downloading; reading the checkpoint then fails with advice, not a TensorFlow traceback.
     server.fail(f"/primary/{SIZE}/{DATA}", ("short", 500))
     with pytest.raises(CheckpointError) as excinfo:
-        download_and_load_gpt2(SIZE, tmp_path, base_urls=sources(server, "primary"))
+        fetch(tmp_path, base_urls=sources(server, "primary"))
     message = str(excinfo.value)
     assert str(tmp_path / SIZE) in message and "delete" in message
     assert excinfo.value.__cause__ is None and excinfo.value.__suppress_context__
@@ -368,7 +305,7 @@ def test_truncated_checkpoint_on_disk_gives_a_clear_error(checkpoint, tmp_path, 
     body = files[name]
     (model_dir / name).write_bytes(body[: int(len(body) * keep)])
     with pytest.raises(CheckpointError, match="delete") as excinfo:
-        download_and_load_gpt2(SIZE, tmp_path, base_urls=[closed_port_url()])
+        fetch(tmp_path, base_urls=[closed_port_url()])
     assert str(model_dir) in str(excinfo.value)
 
 
@@ -381,8 +318,9 @@ def test_unknown_model_size_lists_the_sizes(tmp_path):
 
 def test_missing_tensorflow_says_how_to_install_it(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
-    with pytest.raises(ImportError, match="pip install tensorflow"):
+    with pytest.raises(ImportError, match="pip install -r requirements-tf.txt") as excinfo:
         load_gpt2_params_from_tf_ckpt(tmp_path, HPARAMS)
+    assert "source='hub-openai'" in str(excinfo.value)
 
 
 def test_empty_folder_gives_a_clear_error(tmp_path):
@@ -416,3 +354,367 @@ def test_module_constants_are_the_books_urls():
     assert gpt_download.PRIMARY_BASE_URL == "https://openaipublic.blob.core.windows.net/gpt-2/models"
     assert gpt_download.BACKUP_BASE_URL == ("https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
     assert Path(gpt_download.__file__).parent == Path(__file__).resolve().parent.parent
+
+
+# ---- known sizes: a mirror serving the wrong bytes moves on, never a bad file in place ----
+
+
+def sizes_of(files):
+    return {name: len(body) for name, body in files.items()}
+
+
+def test_known_sizes_of_the_real_files():
+    assert OPENAI_FILE_SIZES["355M"][DATA] == 1_419_292_672
+    assert OPENAI_FILE_SIZES["124M"][DATA] == 497_759_232
+    assert set(OPENAI_FILE_SIZES) == set(gpt_download.MODEL_SIZES)
+    assert all(set(sizes) <= set(FILENAMES) for sizes in OPENAI_FILE_SIZES.values())
+    assert all(sizes["encoder.json"] == 1042301 for sizes in OPENAI_FILE_SIZES.values())
+
+
+def test_truncated_file_from_a_mirror_moves_on_to_the_next_source(server, checkpoint, tmp_path):
+    files, arrays = checkpoint
+    server.fail(f"/mirror/{SIZE}/{DATA}", ("short", 500))  # announced as 500 bytes: consistent
+    settings, params = download_and_load_gpt2(
+        SIZE, tmp_path, mirror_url=f"{server.url}/mirror", base_urls=sources(server, "primary"),
+        source="openai", expected_sizes=sizes_of(files))
+    assert server.paths("/primary") == [f"/primary/{SIZE}/{DATA}"]
+    assert_files_identical(tmp_path / SIZE, files)
+    assert_params_equal(settings, params, arrays)
+
+
+def test_wrong_size_from_every_source_is_a_clear_error_and_no_file(server, checkpoint, tmp_path):
+    files, _ = checkpoint
+    for prefix in ("mirror", "primary"):
+        server.fail(f"/{prefix}/{SIZE}/{DATA}", ("short", 500))
+    with pytest.raises(DownloadError) as excinfo:
+        download_and_load_gpt2(
+            SIZE, tmp_path, mirror_url=f"{server.url}/mirror", base_urls=sources(server, "primary"),
+            source="openai", expected_sizes=sizes_of(files))
+    message = str(excinfo.value)
+    expected = f"serves 500 bytes for {DATA}, expected {len(files[DATA]):,} bytes"
+    assert f"could not download '{DATA}'" in message
+    assert f"{server.url}/mirror/{SIZE}/{DATA}: {expected}" in message
+    assert f"{server.url}/primary/{SIZE}/{DATA}: {expected}" in message
+    assert not (tmp_path / SIZE / DATA).exists()
+    assert not (tmp_path / SIZE / (DATA + ".part")).exists()  # the wrong bytes are not kept
+
+
+def test_wrong_size_without_announced_length_is_caught_after_the_download(server, checkpoint, tmp_path):
+    files, _ = checkpoint
+    url = f"{server.url}/primary/{SIZE}/hparams.json"
+    with pytest.raises(DownloadError, match=r"serves \d+ bytes for hparams.json, expected 7 bytes"):
+        download_file(url, tmp_path / "hparams.json", expected_size=7)
+    assert list(tmp_path.iterdir()) == []
+    download_file(url, tmp_path / "hparams.json", expected_size=len(files["hparams.json"]))
+    assert (tmp_path / "hparams.json").read_bytes() == files["hparams.json"]
+
+
+def test_sha256_mismatch_deletes_the_download(server, checkpoint, tmp_path):
+    import hashlib
+
+    files, _ = checkpoint
+    url = f"{server.url}/primary/{SIZE}/vocab.bpe"
+    with pytest.raises(DownloadError, match="vocab.bpe has sha256 .* expected 00"):
+        download_file(url, tmp_path / "vocab.bpe", sha256="00" * 32)
+    assert list(tmp_path.iterdir()) == []
+    right = hashlib.sha256(files["vocab.bpe"]).hexdigest()
+    assert download_file(url, tmp_path / "vocab.bpe", sha256=right).read_bytes() == files["vocab.bpe"]
+
+
+# ---- hparams.json against the chosen model size ----
+
+
+def test_check_hparams_names_both_sizes():
+    medium = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 1024, "n_head": 16, "n_layer": 24}
+    check_hparams(medium, "gpt2-medium")
+    check_hparams(medium, "gpt2-medium (355M)")
+    with pytest.raises(CheckpointError) as excinfo:
+        check_hparams(medium, "124M", where="gpt2/124M/hparams.json")
+    assert str(excinfo.value) == (
+        "gpt2/124M/hparams.json says n_embd 1024, n_layer 24, n_head 16 (gpt2-medium), but "
+        "gpt2-small was chosen: choose gpt2-medium, or delete that folder to download gpt2-small")
+    with pytest.raises(CheckpointError, match=r"n_embd 8, n_layer 2, n_head 2 \(no GPT-2 size\)"):
+        check_hparams(HPARAMS, "gpt2-xl")
+
+
+def test_check_checkpoint_folder(tmp_path):
+    assert check_checkpoint_folder(tmp_path / "124M", "gpt2-small") is None  # nothing there yet
+    folder = tmp_path / "124M"
+    folder.mkdir()
+    (folder / "hparams.json").write_text(json.dumps(HPARAMS), encoding="utf-8")
+    with pytest.raises(CheckpointError, match="but gpt2-small was chosen") as excinfo:
+        check_checkpoint_folder(folder, "gpt2-small")
+    assert str(folder / "hparams.json") in str(excinfo.value)
+    small = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+    (folder / "hparams.json").write_text(json.dumps(small), encoding="utf-8")
+    assert check_checkpoint_folder(folder, "124M") == small
+    (folder / "hparams.json").write_text("{", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        check_checkpoint_folder(folder, "124M")
+
+
+# ---- the hub sources: same parameters as OpenAI's checkpoint, no TensorFlow ----
+
+# 64-wide heads, as in every GPT-2 size: the hub files do not store the head count.
+HUB_HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 128, "n_head": 2, "n_layer": 2}
+BOOK_REPO = gpt_download.BOOK_HUB_REPO
+OPENAI_REPO = gpt_download.OPENAI_HUB_REPOS[SIZE]
+BOOK_STEM = "gpt2-small-124M"
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoints(tmp_path_factory):
+    """OpenAI's TF checkpoint of HUB_HPARAMS and the same arrays in the hub layouts, as bytes."""
+    root = tmp_path_factory.mktemp("hub")
+    arrays = write_gpt2_checkpoint(root / "openai" / SIZE, **HUB_HPARAMS, seed=3)
+    n_layer = HUB_HPARAMS["n_layer"]
+    layouts = {
+        "hub-openai": save_weights(hub_openai_arrays(arrays, n_layer), root / "a" / "model.safetensors"),
+        "hub-openai-prefixed": save_weights(hub_openai_arrays(arrays, n_layer, prefix="transformer."),
+                                            root / "b" / "model.safetensors"),
+        "hub-book": save_weights(book_state_dict_arrays(arrays, n_layer),
+                                 root / "c" / f"{BOOK_STEM}.safetensors"),
+        "hub-book-pth": save_weights(book_state_dict_arrays(arrays, n_layer),
+                                     root / "d" / f"{BOOK_STEM}.pth"),
+    }
+    write_hub_tokenizer_files(root / "openai" / SIZE, root / "tok")
+    tokenizer = {f"/{OPENAI_REPO}/resolve/main/{n}": (root / "tok" / n).read_bytes()
+                 for n in ("vocab.json", "merges.txt")}
+    return root / "openai" / SIZE, {k: v.read_bytes() for k, v in layouts.items()}, tokenizer
+
+
+def hub_files(hub_checkpoints, layout):
+    """{url path: bytes} for a hub server holding one layout (and the tokenizer files)."""
+    _, layouts, tokenizer = hub_checkpoints
+    if layout.startswith("hub-openai"):
+        path = f"/{OPENAI_REPO}/resolve/main/model.safetensors"
+    else:
+        suffix = ".pth" if layout.endswith("pth") else ".safetensors"
+        path = f"/{BOOK_REPO}/resolve/main/{BOOK_STEM}{suffix}"
+    return {path: layouts[layout], **tokenizer}
+
+
+def assert_same_params(params, expected):
+    """Every array equal, bit for bit, in the same nested layout."""
+    if isinstance(expected, dict):
+        assert set(params) == set(expected)
+        for key in expected:
+            assert_same_params(params[key], expected[key])
+    elif isinstance(expected, list):
+        assert len(params) == len(expected)
+        for a, b in zip(params, expected, strict=True):
+            assert_same_params(a, b)
+    else:
+        assert params.dtype == np.float32 and params.shape == expected.shape
+        np.testing.assert_array_equal(params, expected)
+
+
+def tiny_gpt(settings):
+    from previous_chapters import GPTModel
+
+    return GPTModel({"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"],
+                     "emb_dim": settings["n_embd"], "n_heads": settings["n_head"],
+                     "n_layers": settings["n_layer"], "drop_rate": 0.0, "qkv_bias": True}).eval()
+
+
+def gpt_logits(model, settings):
+    import torch
+
+    ids = torch.tensor(np.random.default_rng(0).integers(0, settings["n_vocab"], size=(2, settings["n_ctx"])))
+    with torch.no_grad():
+        return model(ids)
+
+
+def loaded_gpt(settings, params):
+    from previous_chapters import load_weights_into_gpt
+
+    model = tiny_gpt(settings)
+    load_weights_into_gpt(model, params)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["hub-openai", "hub-openai-prefixed", "hub-book", "hub-book-pth"])
+def test_every_source_gives_the_same_parameters_and_logits(hub_checkpoints, tmp_path, layout, one_thread):
+    import torch
+
+    openai_dir = hub_checkpoints[0]
+    settings, expected = load_gpt2(openai_dir)
+    source = "hub-book" if layout.startswith("hub-book") else "hub-openai"
+    with serving(hub_files(hub_checkpoints, layout)) as httpd:
+        got_settings, params = download_and_load_gpt2(SIZE, tmp_path, source=source, hub_endpoint=httpd.url)
+    assert settings == got_settings == HUB_HPARAMS
+    assert_same_params(params, expected)
+    logits = gpt_logits(loaded_gpt(got_settings, params), settings)
+    assert torch.equal(logits, gpt_logits(loaded_gpt(settings, expected), settings))
+    assert logits.abs().max() > 0.1
+
+    weights = {"hub-openai": "model.safetensors", "hub-book": f"{BOOK_STEM}.safetensors"}[source]
+    if layout == "hub-book-pth":  # the .safetensors file is asked for first, then the .pth
+        assert httpd.paths()[0] == f"/{BOOK_REPO}/resolve/main/{weights}"
+        weights = f"{BOOK_STEM}.pth"
+    on_disk = sorted(p.name for p in (tmp_path / SIZE).iterdir())
+    assert on_disk == sorted([weights, "merges.txt", "vocab.json"])
+    # complete on disk: "auto" picks this source and loads it with no network at all
+    assert choose_weights_source("auto", SIZE, tmp_path) == source
+    assert_same_params(download_and_load_gpt2(SIZE, tmp_path)[1], expected)
+
+
+def test_book_state_dict_loads_into_gptmodel_as_saved(hub_checkpoints, tmp_path, one_thread):
+    """The book's file is GPTModel's own state dict: loading it directly gives the same model."""
+    import torch
+
+    path = tmp_path / f"{BOOK_STEM}.pth"
+    path.write_bytes(hub_checkpoints[1]["hub-book-pth"])
+    settings, params = load_hub_weights(path)
+    direct = tiny_gpt(settings)
+    direct.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert torch.equal(gpt_logits(direct, settings), gpt_logits(loaded_gpt(settings, params), settings))
+
+
+def test_hf_endpoint_redirects_every_request(hub_checkpoints, tmp_path, monkeypatch):
+    with serving(hub_files(hub_checkpoints, "hub-book")) as httpd:
+        monkeypatch.setenv("HF_ENDPOINT", f"{httpd.url}/")  # a trailing slash is fine
+        download_and_load_gpt2(SIZE, tmp_path, source="hub-book")
+    assert httpd.paths() == [f"/{BOOK_REPO}/resolve/main/{BOOK_STEM}.safetensors",
+                             f"/{OPENAI_REPO}/resolve/main/vocab.json",
+                             f"/{OPENAI_REPO}/resolve/main/merges.txt"]
+
+
+def test_auto_downloads_from_the_hub_without_tensorflow(hub_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
+    with serving(hub_files(hub_checkpoints, "hub-openai")) as httpd:
+        monkeypatch.setenv("HF_ENDPOINT", httpd.url)
+        settings, _ = download_and_load_gpt2(SIZE, tmp_path)
+    assert settings == HUB_HPARAMS
+    assert httpd.paths()[0] == f"/{OPENAI_REPO}/resolve/main/model.safetensors"
+
+
+def test_auto_prefers_what_is_complete_on_disk(checkpoint, tmp_path):
+    folder = tmp_path / SIZE
+    assert choose_weights_source("auto", SIZE, tmp_path) == "hub-openai"  # nothing on disk
+    folder.mkdir()
+    (folder / f"{BOOK_STEM}.pth").write_bytes(b"x")
+    assert choose_weights_source("auto", SIZE, tmp_path) == "hub-openai"  # no tokenizer files yet
+    (folder / "vocab.json").write_bytes(b"x")
+    (folder / "merges.txt").write_bytes(b"x")
+    assert choose_weights_source("auto", SIZE, tmp_path) == "hub-book"
+    for name, body in checkpoint[0].items():
+        (folder / name).write_bytes(body)
+    assert choose_weights_source("auto", SIZE, tmp_path) == "openai"  # OpenAI's files come first
+    assert choose_weights_source("hub-openai", SIZE, tmp_path) == "hub-openai"
+    with pytest.raises(ValueError, match="auto, openai, hub-book, hub-openai; got 'hub'"):
+        choose_weights_source("hub", SIZE, tmp_path)
+    with pytest.raises(ValueError, match="124M, 355M, 774M, 1558M"):
+        choose_weights_source("auto", "gpt2-small", tmp_path)
+
+
+def test_hub_download_resumes_a_cut_file(hub_checkpoints, tmp_path):
+    files = hub_files(hub_checkpoints, "hub-openai")
+    path = f"/{OPENAI_REPO}/resolve/main/model.safetensors"
+    with serving(files) as httpd:
+        httpd.fail(path, ("cut", 5000))
+        with pytest.raises(DownloadError, match="model.safetensors") as excinfo:
+            download_and_load_gpt2(SIZE, tmp_path, source="hub-openai", hub_endpoint=httpd.url)
+        assert "HF_ENDPOINT" in str(excinfo.value)
+        assert not (tmp_path / SIZE / "model.safetensors").exists()
+        settings, _ = download_and_load_gpt2(SIZE, tmp_path, source="hub-openai", hub_endpoint=httpd.url)
+    assert settings == HUB_HPARAMS
+    assert (path, "bytes=5000-") in httpd.requests
+    assert (tmp_path / SIZE / "model.safetensors").read_bytes() == files[path]
+
+
+def test_a_cut_safetensors_download_is_not_replaced_by_the_pth(hub_checkpoints, tmp_path):
+    files = {**hub_files(hub_checkpoints, "hub-book"), **hub_files(hub_checkpoints, "hub-book-pth")}
+    path = f"/{BOOK_REPO}/resolve/main/{BOOK_STEM}.safetensors"
+    with serving(files) as httpd:
+        httpd.fail(path, ("cut", 100))
+        with pytest.raises(DownloadError, match="incomplete download: 100 of"):
+            download_and_load_gpt2(SIZE, tmp_path, source="hub-book", hub_endpoint=httpd.url)
+    assert httpd.paths() == [path]  # the .pth is asked for only when the hub has no .safetensors
+    assert sorted(p.name for p in (tmp_path / SIZE).iterdir()) == [f"{BOOK_STEM}.safetensors.part"]
+
+
+def test_hub_source_missing_everywhere_names_every_file_tried(hub_checkpoints, tmp_path):
+    with serving({}) as httpd, pytest.raises(DownloadError) as excinfo:
+        download_and_load_gpt2(SIZE, tmp_path, source="hub-book", hub_endpoint=httpd.url)
+    message = str(excinfo.value)
+    for name in (f"{BOOK_STEM}.safetensors", f"{BOOK_STEM}.pth"):
+        assert f"{httpd.url}/{BOOK_REPO}/resolve/main/{name}: HTTP 404" in message
+    assert "HF_ENDPOINT" in message and str(tmp_path / SIZE) in message
+
+
+@pytest.mark.parametrize("layout", ["hub-openai", "hub-book-pth"])
+def test_corrupt_hub_weights_on_disk_give_a_clear_error(hub_checkpoints, tmp_path, layout):
+    name = "model.safetensors" if layout == "hub-openai" else f"{BOOK_STEM}.pth"
+    path = tmp_path / name
+    path.write_bytes(hub_checkpoints[1][layout][:3000])
+    with pytest.raises(CheckpointError, match="delete it and run the download again") as excinfo:
+        load_hub_weights(path)
+    assert str(path) in str(excinfo.value)
+    assert excinfo.value.__cause__ is None
+
+
+def test_foreign_or_incomplete_weights_files_are_named(hub_checkpoints, tmp_path):
+    path = save_weights({"encoder.layer.0.weight": np.zeros(3, np.float32)}, tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match="neither the book's GPTModel weights nor"):
+        load_hub_weights(path)
+    from safetensors.numpy import load, save
+
+    cases = [("hub-openai", "h.1.mlp.c_fc.bias", "h1/mlp/c_fc/b"), ("hub-openai", "ln_f.weight", "ln_f/g"),
+             ("hub-book", "trf_blocks.0.att.W_key.bias", "trf_blocks.0.att.W_key.bias")]
+    for layout, dropped, named in cases:
+        arrays = load(hub_checkpoints[1][layout])
+        del arrays[dropped]
+        path = tmp_path / "y.safetensors"
+        path.write_bytes(save(arrays))
+        with pytest.raises(CheckpointError, match=f"lacks the weight .*{named}"):
+            load_hub_weights(path)
+
+
+def test_a_hub_model_folder_made_without_tensorflow_loads_offline(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
+    arrays = write_hub_model_folder(tmp_path / SIZE, shared_data / "gpt2-tokenizer", n_vocab=50257,
+                                    n_ctx=8, n_embd=64, n_layer=1)
+    settings, params = download_and_load_gpt2(SIZE, tmp_path, hub_endpoint=closed_port_url())
+    assert settings == {"n_vocab": 50257, "n_ctx": 8, "n_embd": 64, "n_head": 1, "n_layer": 1}
+    np.testing.assert_array_equal(params["blocks"][0]["mlp"]["c_fc"]["w"], arrays["model/h0/mlp/c_fc/w"][0])
+    assert tokenizer_from_folder(tmp_path / SIZE).encode("Hello, world") == [15496, 11, 995]
+
+
+# ---- the tokenizer from the files beside the weights ----
+
+SAMPLES = [
+    "Hello, world. Is this-- a test?",
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nRewrite 'The cat sat.' in passive voice.",
+    "  spaces   and\ttabs\n\n\nnewlines   ",
+    "Ünïcödé 漢字 🙂 — ‘quotes’ 12345 3.14 don't we'll I'm",
+    "a <|endoftext|> read as plain text",
+]
+
+
+def test_tokenizer_from_either_pair_of_files_equals_tiktoken(shared_data, tokenizer, tmp_path):
+    openai_dir = shared_data / "gpt2-tokenizer"
+    write_hub_tokenizer_files(openai_dir, tmp_path)
+    for folder in (openai_dir, tmp_path):
+        enc = tokenizer_from_folder(folder)
+        assert enc.n_vocab == tokenizer.n_vocab == 50257
+        for text in SAMPLES:
+            ids = enc.encode(text, disallowed_special=())
+            assert ids == tokenizer.encode(text, disallowed_special=()), (folder, text)
+            assert enc.decode(ids) == text
+        special = "Hi<|endoftext|>"
+        assert enc.encode(special, allowed_special={"<|endoftext|>"}) == [17250, 50256]
+        assert enc.encode(special, allowed_special={"<|endoftext|>"}) == tokenizer.encode(
+            special, allowed_special={"<|endoftext|>"})
+
+
+def test_tokenizer_files_missing_or_mismatched(shared_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither encoder.json"):
+        tokenizer_from_folder(tmp_path)
+    write_hub_tokenizer_files(shared_data / "gpt2-tokenizer", tmp_path)
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges[1], merges[2] = merges[2], merges[1]  # two merges swapped: ranks no longer match ids
+    (tmp_path / "merges.txt").write_text("\n".join(merges), encoding="utf-8")
+    with pytest.raises(ValueError, match="do not belong together"):
+        tokenizer_from_folder(tmp_path)

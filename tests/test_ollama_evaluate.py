@@ -1,5 +1,6 @@
 """Section 7.8: scoring with a judge model served by Ollama, against a loopback fake server."""
 
+import ast
 import hashlib
 import json
 import os
@@ -11,7 +12,8 @@ import urllib.request
 import psutil
 import pytest
 from conftest import ROOT
-from fake_ollama import FakeOllama, Hangup, StreamError, unused_port
+from fake_ollama import FakeOllama, Hangup, StreamError, fake_ollama_process, unused_port
+from test_one_source import top_level_definitions, without_docstrings
 
 import ollama_evaluate as oe
 from gpt_instruction_finetuning import format_input
@@ -52,25 +54,59 @@ def write_json(path, obj):
 # --- where the server is ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    (None, "http://localhost:11434"),
-    ("", "http://localhost:11434"),
+HOST_FORMS = [
+    (None, "http://127.0.0.1:11434"),  # Ollama's own default, not localhost
+    ("", "http://127.0.0.1:11434"),
+    ("   ", "http://127.0.0.1:11434"),
+    ("example.org", "http://example.org:11434"),
+    ("localhost", "http://localhost:11434"),
     ("127.0.0.1:11500", "http://127.0.0.1:11500"),
     ("http://127.0.0.1:11500", "http://127.0.0.1:11500"),
     ("http://example:8080", "http://example:8080"),
-    ("example.org", "http://example.org:11434"),
+    ("HTTP://example:8080", "http://example:8080"),
     ("https://example.org", "https://example.org:443"),
-    ("0.0.0.0", "http://localhost:11434"),
-    ("0.0.0.0:5000", "http://localhost:5000"),
+    ("http://example.org", "http://example.org:80"),
+    ("0.0.0.0", "http://127.0.0.1:11434"),
+    ("0.0.0.0:5000", "http://127.0.0.1:5000"),
     ("[::1]:5000", "http://[::1]:5000"),
-    (" example:99/ollama/ ", "http://example:99/ollama"),
-])
+    ("[::1]", "http://[::1]:11434"),
+    ("::1", "http://[::1]:11434"),
+    ("http://[::1]:5000", "http://[::1]:5000"),
+    ("[::]:5000", "http://[::1]:5000"),
+    ('"127.0.0.1:5000"', "http://127.0.0.1:5000"),
+    ("'localhost:5000'", "http://localhost:5000"),
+    (' "http://example:8080" ', "http://example:8080"),
+    ("http://localhost:11434/api/chat", "http://localhost:11434"),  # the book's form
+    ("http://localhost:11434/api/chat/", "http://localhost:11434"),
+    ("localhost:11434/api/generate", "http://localhost:11434"),
+    ("http://localhost:11434/api", "http://localhost:11434"),
+    ("http://[::1]:5000/api/chat", "http://[::1]:5000"),
+    (" example:99/ollama/ ", "http://example:99/ollama"),  # a proxy's prefix is kept
+    ("https://example.org/ollama/api/chat", "https://example.org:443/ollama"),
+    ("api.example.org/apix", "http://api.example.org:11434/apix"),
+]
+
+
+@pytest.mark.parametrize(("env", "expected"), HOST_FORMS)
 def test_get_ollama_url_from_environment(monkeypatch, env, expected):
     if env is None:
         monkeypatch.delenv("OLLAMA_HOST", raising=False)
     else:
         monkeypatch.setenv("OLLAMA_HOST", env)
     assert oe.get_ollama_url() == expected
+
+
+@pytest.mark.parametrize(("host", "expected"), [f for f in HOST_FORMS if f[0] is not None])
+def test_get_ollama_url_from_the_host_argument(monkeypatch, host, expected):
+    monkeypatch.setenv("OLLAMA_HOST", "elsewhere:1")
+    expected = "http://elsewhere:1" if not host.strip() else expected  # empty: not given
+    assert oe.get_ollama_url(host) == expected
+
+
+@pytest.mark.parametrize("value", ["localhost:port", "ftp://example:21", "[::1]:99999"])
+def test_invalid_addresses_are_clear_errors(value):
+    with pytest.raises(oe.OllamaError, match="Ollama address"):
+        oe.get_ollama_url(value)
 
 
 def test_host_argument_wins_over_environment(monkeypatch):
@@ -80,13 +116,16 @@ def test_host_argument_wins_over_environment(monkeypatch):
         oe.get_ollama_url("localhost:port")
 
 
-@pytest.mark.parametrize("form", ["host", "url"])
+@pytest.mark.parametrize("form", ["host", "url", "quoted", "book", "ipv4-port"])
 def test_ollama_host_reaches_the_server(monkeypatch, form):
     with FakeOllama(replies="Rome is the capital.") as server:
-        monkeypatch.setenv("OLLAMA_HOST", server.host if form == "host" else server.url)
+        value = {"host": server.host, "url": server.url, "quoted": f'"{server.host}"',
+                 "book": server.chat_url, "ipv4-port": f"127.0.0.1:{server.port}/api/chat/"}[form]
+        monkeypatch.setenv("OLLAMA_HOST", value)
         assert oe.ollama_is_reachable()
+        oe.ensure_ollama(model="llama3")
         assert oe.query_model("What is the capital of Italy?") == "Rome is the capital."
-        assert len(server.chat_requests) == 1
+        assert [r["path"] for r in server.requests] == ["/api/version", "/api/tags", "/api/chat"]
 
 
 def test_check_if_running_scans_processes():
@@ -202,7 +241,29 @@ def test_prompt_is_the_chapters(shared_data):
     )
 
 
+def test_format_input_is_the_chapters_code():
+    """ollama_evaluate keeps its own copy (so that scoring needs no torch): the same code."""
+    copies = [top_level_definitions((ROOT / f"{module}.py").read_text("utf-8"))["format_input"]
+              for module in ("ollama_evaluate", "gpt_instruction_finetuning")]
+    dumps = [ast.dump(without_docstrings(node)) for node in copies]
+    assert dumps[0] == dumps[1]
+    assert oe.format_input(ENTRIES[0]) == format_input(ENTRIES[0])
+    assert oe.format_input(ENTRIES[1]) == format_input(ENTRIES[1])
+
+
 # --- scoring a data set ----------------------------------------------------------------------
+
+
+def test_empty_responses_score_0_without_a_request(capsys):
+    data = entries(5)
+    data[1]["model_response"] = ""
+    data[4]["model_response"] = " \t\n "
+    with FakeOllama(replies=score_by_prompt) as server:
+        scores = oe.generate_model_scores(data, "model_response", url=server.url)
+        assert server.prompts == [oe.build_score_prompt(data[i], "model_response") for i in (0, 2, 3)]
+        expected = [int(score_by_prompt(p, None)) for p in server.prompts]
+    assert scores == [expected[0], 0, expected[1], expected[2], 0]
+    assert "Empty responses scored 0 without asking the judge: 2 of 5" in capsys.readouterr().out
 
 
 def test_scores_and_exact_average_with_an_unusable_reply(capsys):
@@ -350,6 +411,35 @@ def test_cli_server_and_model_problems_exit_1(tmp_path, capsys, no_ollama_host):
     assert not (tmp_path / "data-llama3-scores.json").exists()
 
 
+def test_cli_takes_the_books_url_and_num_ctx(tmp_path, capsys, no_ollama_host):
+    path = write_json(tmp_path / "data.json", entries(3))
+    with FakeOllama(replies="60") as server:
+        book_url = f"http://localhost:{server.port}/api/chat".replace("localhost", "127.0.0.1")
+        assert oe.main(["--file_path", str(path), "--host", book_url, "--num-ctx", "8192"]) == 0
+        assert {r["path"] for r in server.requests} == {"/api/tags", "/api/chat"}
+        assert [body["options"] for body in server.chat_requests] == [
+            {"seed": 123, "temperature": 0, "num_ctx": 8192}] * 3
+    assert "Average score: 60.00" in capsys.readouterr().out
+
+
+def test_cli_timeout_flag(tmp_path, capsys, no_ollama_host):
+    path = write_json(tmp_path / "data.json", entries(2))
+    with FakeOllama(replies="85", delay=1.0) as server:
+        start = time.monotonic()
+        assert oe.main(["--file_path", str(path), "--host", server.host, "--timeout", "0.2"]) == 1
+        assert time.monotonic() - start < 0.9
+    assert "sent nothing for 0.2 seconds" in capsys.readouterr().err
+    assert oe._parse_args(["--file_path", "x"]).timeout == 300.0  # the default stays 300 s
+
+
+@pytest.mark.parametrize("flag", [["--timeout", "0"], ["--timeout", "soon"], ["--num-ctx", "0"],
+                                  ["--num-ctx", "2.5"], ["--timeout", "-1"]])
+def test_cli_bad_numbers_exit_2(tmp_path, capsys, flag):
+    path = write_json(tmp_path / "data.json", entries(2))
+    assert oe.main(["--file_path", str(path), *flag]) == 2
+    assert f"argument {flag[0]}" in capsys.readouterr().err
+
+
 def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert oe.main(["--file_path", str(tmp_path / "missing.json")]) == 2
     assert "input file not found" in capsys.readouterr().err
@@ -359,24 +449,43 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert oe.main([]) == 2  # --file_path is required
 
 
+# Runs ollama_evaluate.py as a script with torch made unimportable: scoring needs no PyTorch.
+WITHOUT_TORCH = (
+    "import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__'); "
+)
+
+
 def run_cli(args, env_host):
     env = {**os.environ, "OLLAMA_HOST": env_host}
-    return subprocess.run([sys.executable, "ollama_evaluate.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "ollama_evaluate.py", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.slow  # the scoring run imports PyTorch (through format_input's module)
-def test_cli_as_a_subprocess(tmp_path):
-    path = write_json(tmp_path / "data.json", entries(5))
+def test_torch_is_really_blocked_in_the_subprocess(tmp_path):
+    script = tmp_path / "needs_torch.py"
+    script.write_text("import torch\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(script)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "ModuleNotFoundError: import of torch halted" in result.stderr
+
+
+def test_cli_as_a_subprocess_without_torch(tmp_path):
+    data = entries(6)
+    data[3]["model_response"] = "  \n"  # empty: scored 0 without a request
+    path = write_json(tmp_path / "data.json", data)
     scores_out, plot = tmp_path / "s.json", tmp_path / "s.png"
     with FakeOllama(replies=["85", "Score: 90", "nothing useful", "70/100", "75."]) as server:
         result = run_cli(["--file_path", str(path), "--scores-out", str(scores_out),
-                          "--plot", str(plot)], server.host)
+                          "--plot", str(plot), "--num-ctx", "4096", "--timeout", "30"], server.host)
+        assert [body["options"]["num_ctx"] for body in server.chat_requests] == [4096] * 5
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "Number of scores: 4 of 5" in lines and "Average score: 80.00" in lines
+    assert "Empty responses scored 0 without asking the judge: 1 of 6" in lines
+    assert "Number of scores: 5 of 6" in lines and "Average score: 64.00" in lines
     assert "Traceback" not in result.stderr
-    assert len(json.loads(scores_out.read_text("utf-8"))["results"]) == 5
+    saved = json.loads(scores_out.read_text("utf-8"))["results"]
+    assert [r["score"] for r in saved] == [85, 90, None, 0, 70, 75]
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
     down = run_cli(["--file_path", str(path)], f"127.0.0.1:{unused_port()}")
@@ -387,20 +496,8 @@ def test_cli_as_a_subprocess(tmp_path):
 
 
 def test_fake_server_runs_as_a_script(tmp_path):
-    port_file = tmp_path / "port.txt"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_ollama.py"), "--port", "0",
-         "--port-file", str(port_file), "--replies", "Score: 85", "70", "--models", "llama3"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 20
-        while not port_file.exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{port_file.read_text()}"
+    args = ["--replies", "Score: 85", "70", "--models", "llama3"]
+    with fake_ollama_process(tmp_path, *args) as (process, url):
         assert oe.ollama_is_reachable(url)
         assert [oe.query_model("x", url=url) for _ in range(3)] == ["Score: 85", "70", "Score: 85"]
-    finally:
-        process.terminate()
-        out, _ = process.communicate(timeout=10)
-    assert "Fake Ollama listening on http://127.0.0.1:" in out
+    assert "Fake Ollama listening on http://127.0.0.1:" in process.output

@@ -2,6 +2,7 @@
 
 import ast
 import re
+import shutil
 import sys
 
 from conftest import ROOT
@@ -21,9 +22,11 @@ def test_requirements_cover_the_modules_imports():
     stdlib = set(sys.stdlib_module_names)
     local = {p.stem for p in ROOT.glob("*.py")}
     pip_names = {"torch", "tiktoken", "tensorflow", "numpy", "matplotlib", "tqdm", "psutil",
-                 "tiktoken_ext"}
-    required = {re.split(r"[<>=\s]", line, maxsplit=1)[0].lower()
-                for line in (ROOT / "requirements.txt").read_text().splitlines()
+                 "tiktoken_ext", "safetensors"}
+    # TensorFlow (only for OpenAI's original checkpoint) has its own file, requirements-tf.txt
+    required = {re.split(r"[<>=;\s]", line, maxsplit=1)[0].lower()
+                for name in ("requirements.txt", "requirements-tf.txt")
+                for line in (ROOT / name).read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     for module in ROOT.glob("*.py"):
         tree = ast.parse(module.read_text(encoding="utf-8"))
@@ -38,3 +41,19 @@ def test_requirements_cover_the_modules_imports():
                     continue
                 assert name in pip_names, f"{module.name} imports {name}: add it to requirements.txt"
                 assert name.replace("tiktoken_ext", "tiktoken") in required, name
+
+
+def test_a_plain_copy_without_git_lists_the_same_files(tmp_path):
+    """The notebook tests copy the repository; from a copy without .git they copy the same files."""
+    from notebook_runner import repo_files
+
+    tracked = sorted(repo_files())
+    for rel in tracked:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, tmp_path / rel)
+    for junk in ("gpt2/124M/hparams.json", "__pycache__/x.pyc", ".pytest_cache/v", "instruction-data.json",
+                 "outputs/a.txt", "loss-plot.png", ".ipynb_checkpoints/n.ipynb", "model.pth"):
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_text("ignored", encoding="utf-8")
+    assert not (tmp_path / ".git").exists()
+    assert repo_files(tmp_path) == tracked
