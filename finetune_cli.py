@@ -50,11 +50,10 @@ from gpt_instruction_finetuning import (
     DATA_URL,
     InstructionDataset,
     custom_collate_fn,
-    download_and_load_file,
     get_device,
 )
-from instruction_data import DatasetError, split_data
-from preflight import PreflightError, check_run, gpt2_files_missing, untrained_note, untrained_suffix
+from instruction_data import DatasetError, load_instruction_file, split_data
+from preflight import PreflightError, check_run, untrained_note, untrained_suffix
 from run_guard import RunProgress, exit_code, os_error_line, signals_interrupt
 from safe_files import save_figure, save_state_dict, write_json
 
@@ -155,7 +154,9 @@ def prepare_data(config):
     data_path = dataset_path(config)
     if config.data is not None and config.data_url is None and not data_path.exists():
         raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
-    entries = download_and_load_file(data_path, config.data_url or DATA_URL)
+    # Not in the book's loader: a BOM is fine; a folder, bytes that are not UTF-8 or an HTML
+    # page are clear errors, and a bad download is never saved.
+    entries = load_instruction_file(data_path, [config.data_url or DATA_URL])
     print(f"Number of entries: {len(entries)}")
     train_data, test_data, val_data = split_data(entries)
     if config.test_mode:
@@ -531,13 +532,10 @@ def main(config=None):
 
 def check_before_run(config, paths):
     """preflight.check_run for this config: before any download, model build or training."""
-    download_to = None
-    if not config.test_mode and gpt2_files_missing(models_dir(config), config.model):
-        download_to = models_dir(config)
     data_url = config.data_url or (DATA_URL if config.data is None else None)
     model_cfg = TEST_MODE_CONFIG if config.test_mode else gpt2_config(config.model)
     return check_run(config, output_dir(config), paths.values(), dataset_path(config), data_url,
-                     model_cfg, download_to)
+                     model_cfg, None if config.test_mode else models_dir(config))
 
 
 def cli(argv=None):

@@ -5,6 +5,7 @@ Not in the book. Before any download, model build or training, the command line 
 - the output folder: created, and a file written into it and removed again;
 - that no output file's name is taken by a folder;
 - the data file, read and validated (a file still to be downloaded is validated on download);
+- a GPT-2 checkpoint folder's hparams.json against the chosen model;
 - free disk space against the files about to be written, with the estimate in the message.
 
 Each failure is a `PreflightError`: one line, for `error: ...` and exit code 2.
@@ -125,8 +126,7 @@ def check_data_file(path, data_url=None):
     A file that is missing is fine when it will be downloaded (`data_url`, or the chapter's
     dataset): the download validates it. Returns None then.
     """
-    from gpt_instruction_finetuning import download_and_load_file
-    from instruction_data import DatasetError, split_data
+    from instruction_data import DatasetError, load_instruction_file, split_data
 
     path = Path(path)
     if not path.exists():
@@ -134,7 +134,7 @@ def check_data_file(path, data_url=None):
             raise PreflightError(f"{path} does not exist (pass --data-url to download it)")
         return None
     try:
-        data = download_and_load_file(path, data_url)  # the file is there: no download
+        data = load_instruction_file(path)  # a folder, a BOM, bytes that are not UTF-8: handled
         split_data(data)
     except DatasetError as e:
         raise PreflightError(str(e)) from None
@@ -186,11 +186,15 @@ def model_file_bytes(model_cfg, lora_rank=None):
 
 
 def gpt2_download_bytes(model_cfg):
-    """About how much OpenAI's float32 TensorFlow checkpoint of `model_cfg` takes: one copy of
-    every weight (the output head shares the token embedding), no attention masks."""
+    """An upper bound for a GPT-2 download of `model_cfg`, from any source.
+
+    OpenAI's TensorFlow checkpoint holds every weight once in float32 (the output head shares
+    the token embedding); the hub's model.safetensors holds the attention masks too, in
+    float32. So: the model's state dict without the output head, and 2 MB of tokenizer files.
+    """
     model = _meta_model(model_cfg)
-    n_params = sum(p.numel() for p in model.parameters()) - model.out_head.weight.numel()
-    return 4 * n_params + 2 * MB  # + the tokenizer files and hparams.json
+    head = model.out_head.weight
+    return model_file_bytes(model_cfg) - head.numel() * head.element_size() + 2 * MB
 
 
 def answers_bytes(data_file_bytes, n_entries, max_new_tokens):
@@ -239,13 +243,26 @@ def check_disk_space(needs, flag="--output-dir"):
 # All of it, before a run
 #####################################
 
-def gpt2_files_missing(models_dir, model):
-    """True when the GPT-2 checkpoint of `model` is not complete in `models_dir` (a download)."""
+def gpt2_download_needed(models_dir, model):
+    """True when no source's files of GPT-2 `model` are complete in `models_dir`."""
     from gpt2_sizes import model_folder
-    from gpt_download import FILENAMES
+    from gpt_download import WEIGHT_SOURCES, _present, _source_files
 
-    folder = Path(models_dir) / model_folder(model)
-    return not all((folder / name).is_file() for name in FILENAMES)
+    folder = model_folder(model)
+    model_dir = Path(models_dir) / folder
+    return not any(all(_present(model_dir, names) for names in _source_files(source, folder))
+                   for source in WEIGHT_SOURCES if source != "auto")
+
+
+def check_checkpoint(models_dir, model):
+    """PreflightError when the checkpoint folder's hparams.json is another GPT-2 size."""
+    from gpt2_sizes import model_folder
+    from gpt_download import CheckpointError, check_checkpoint_folder
+
+    try:
+        check_checkpoint_folder(Path(models_dir) / model_folder(model), model)
+    except CheckpointError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, models_dir=None,
@@ -253,13 +270,17 @@ def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, 
     """Every check, cheapest first; returns the validated entries (None when still to download).
 
     `config`: the run's settings (FinetuneConfig); `output_files`: the paths the run writes;
-    `model_cfg`: the GPTModel config; `models_dir`: where GPT-2 is downloaded, None when no
-    download is needed; `extra_needs`: more (folder, bytes, what) to find disk space for.
+    `model_cfg`: the GPTModel config; `models_dir`: where the GPT-2 checkpoints are kept (None
+    when no GPT-2 is loaded, as in test mode); `extra_needs`: more (folder, bytes, what) to find
+    disk space for.
     """
     check_ranges(config)
     check_output_dir(output_dir)
     check_output_files(output_files)
     data = check_data_file(data_path, data_url)
+    download = models_dir is not None and gpt2_download_needed(models_dir, config.model)
+    if models_dir is not None:
+        check_checkpoint(models_dir, config.model)
 
     lora_rank = getattr(config, "lora_rank", None)
     data_bytes = Path(data_path).stat().st_size if data is not None else MB
@@ -267,9 +288,9 @@ def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, 
     needs = [(output_dir, model_file_bytes(model_cfg, lora_rank), "the finetuned model"),
              (output_dir, answers_bytes(data_bytes, n_entries, config.max_new_tokens),
               "the answers and the plot")]
-    if models_dir is not None:
+    if download:
         check_output_dir(models_dir, flag="--models-dir")
         needs.append((models_dir, gpt2_download_bytes(model_cfg), "the GPT-2 download"))
-    flags = "--output-dir" if models_dir is None else "--output-dir or --models-dir"
+    flags = "--output-dir or --models-dir" if download else "--output-dir"
     check_disk_space([*needs, *extra_needs], flag=flags)
     return data

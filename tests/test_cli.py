@@ -97,7 +97,7 @@ def test_local_tokenizer_missing_files(tmp_path):
         ([{"instruction": "a", "input": "", "output": "b"}, "text"],
          "entry 1 is not a JSON object (got str)"),
         ([{"instruction": "a", "input": "", "output": "b"}] * 3
-         + [{"instruction": "a", "output": "b"}], "entry 3 has no 'input' key"),
+         + [{"input": "", "output": "b"}], "entry 3 has no 'instruction' key"),
         ([{"instruction": "a", "input": None, "output": "b"}], "entry 0: 'input' must be a string"),
     ],
 )
@@ -114,7 +114,7 @@ def test_not_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[{not json", encoding="utf-8")
     proc = run_cli("--test_mode", "--data", str(bad), cwd=tmp_path)
-    assert proc.returncode == 2 and "is not valid JSON" in proc.stderr
+    assert proc.returncode == 2 and "bad.json: not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
 
     proc = run_cli("--test_mode", "--data", str(tmp_path / "nope.json"), cwd=tmp_path)

@@ -18,7 +18,7 @@ from safe_files import DiskFullError
 
 DEFAULTS = {"epochs": 2, "batch_size": 8, "lr": 5e-5, "weight_decay": 0.1, "max_length": 1024,
             "seed": 123, "eval_freq": 5, "eval_iter": 5, "lora_rank": None, "lora_alpha": None,
-            "max_new_tokens": 256}
+            "max_new_tokens": 256, "model": "gpt2-small"}
 
 
 ########################################################################################
@@ -146,9 +146,42 @@ def test_saved_model_fits_the_estimate_and_its_margin(tmp_path):
     assert estimate < path.stat().st_size <= estimate + estimate // 100 + pf.MB
 
 
-def test_gpt2_download_estimate_matches_openais_checkpoint():
-    # OpenAI's 124M model.ckpt.data-00000-of-00001 is 497,759,232 bytes
-    assert pf.gpt2_download_bytes(gpt2_config("gpt2-small")) == 497_759_232 + 2 * pf.MB
+def test_gpt2_download_estimate_covers_every_source():
+    from gpt_download import OPENAI_FILE_SIZES
+
+    estimate = pf.gpt2_download_bytes(gpt2_config("gpt2-small"))
+    # 124,439,808 weights (OpenAI's model.ckpt.data) and 12 float32 masks of 1024 x 1024 (the
+    # hub's model.safetensors keeps them), plus 2 MB of tokenizer files
+    assert estimate == 4 * 124_439_808 + 12 * 4 * 1024 * 1024 + 2 * pf.MB
+    assert estimate > sum(OPENAI_FILE_SIZES["124M"].values())
+
+
+def test_download_needed_unless_one_source_is_complete(tmp_path):
+    from gpt_download import FILENAMES
+
+    assert pf.gpt2_download_needed(tmp_path, "gpt2-small")
+    folder = tmp_path / "124M"
+    folder.mkdir()
+    for name in FILENAMES[:-1]:
+        (folder / name).touch()
+    assert pf.gpt2_download_needed(tmp_path, "gpt2-small")  # one file short
+    (folder / FILENAMES[-1]).touch()
+    assert not pf.gpt2_download_needed(tmp_path, "gpt2-small")
+    assert pf.gpt2_download_needed(tmp_path, "gpt2-medium")
+
+
+def test_checkpoint_folder_of_another_size(tmp_path):
+    pf.check_checkpoint(tmp_path, "gpt2-medium")  # no folder yet: nothing to compare
+    (tmp_path / "355M").mkdir()
+    (tmp_path / "355M" / "hparams.json").write_text(json.dumps(
+        {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}))
+    pf.check_checkpoint(tmp_path / "elsewhere", "gpt2-medium")
+    with pytest.raises(pf.PreflightError) as err:
+        pf.check_checkpoint(tmp_path, "gpt2-medium")
+    assert str(err.value) == (
+        f"{tmp_path / '355M' / 'hparams.json'} says n_embd 768, n_layer 12, n_head 12 (gpt2-small), "
+        f"but gpt2-medium was chosen: choose gpt2-small, or delete that folder to download "
+        f"gpt2-medium")
 
 
 def test_not_enough_disk_space(tmp_path):
@@ -227,8 +260,7 @@ def test_check_run_returns_the_data_and_checks_the_download_folder(tmp_path, ins
     entries = pf.check_run(config, out, [out / "m.pth"], data_path, None, TEST_MODE_CONFIG,
                            models_dir=tmp_path / "gpt2")
     assert entries == instruction_data[:20]
-    assert out.is_dir() and (tmp_path / "gpt2").is_dir()
-    assert pf.gpt2_files_missing(tmp_path / "gpt2", "gpt2-small")
+    assert out.is_dir() and (tmp_path / "gpt2").is_dir()  # the download's folder, write-tested
 
     config.lr = -1.0  # ranges come first: nothing else is looked at
     with pytest.raises(pf.PreflightError, match=r"^--lr must be greater than 0 \(got -1.0\)$"):
