@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
+from loopback_server import serving
 from small_disk import small_tmpfs, unwritable_folder
 
 from gpt2_sizes import TEST_MODE_CONFIG
@@ -46,7 +47,11 @@ def usual_umask():
 
 
 def run(*args, timeout=600):
-    return subprocess.run(command(*args), capture_output=True, text=True, timeout=timeout,
+    return run_command(command(*args), timeout)
+
+
+def run_command(argv, timeout=600):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=usual_umask)
 
 
@@ -210,6 +215,63 @@ def test_case4_numeric_flags_out_of_range(tmp_path, data, flag, value, message):
     assert_one_line_error(proc, 2, message)
     assert "Number of entries" not in proc.stdout  # before even the data
     assert not out.exists()
+
+
+########################################################################################
+# 5. The data loader's holes: clear errors before anything is built, a BOM accepted
+########################################################################################
+
+def test_case5_bytes_that_are_not_utf8(tmp_path, data):
+    text = data.read_bytes()
+    offset = text.index(b"Convert")
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(text[:offset] + b"\xe9" + text[offset:])  # an "é" as Latin-1 writes it
+    proc = run(bad, tmp_path / "out")
+    assert_one_line_error(proc, 2, f"{bad}: not UTF-8 text (byte 0xe9 at offset {offset}); save "
+                                   f"it as UTF-8")
+
+
+def test_case5_data_naming_a_folder(tmp_path, data):
+    proc = run(tmp_path, tmp_path / "out")
+    assert_one_line_error(proc, 2, f"{tmp_path} is a folder, not a data file: name the JSON file "
+                                   f"inside it")
+
+
+def test_case5_a_utf8_bom_is_accepted(tmp_path, data):
+    data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())  # as Windows editors save it
+    code, err = run_and_act(tmp_path, data, tmp_path / "out", markers=["Number of entries: 1100"],
+                            act=lambda proc: proc.kill())  # loaded and validated: enough
+    assert code == -signal.SIGKILL and "error" not in err
+
+
+def test_case5_an_html_page_is_never_saved_as_the_dataset(tmp_path):
+    target = tmp_path / "instruction-data.json"
+    with serving({"/data.json": b"<!DOCTYPE html><html><body>Sign in</body></html>"}) as server:
+        proc = run(target, tmp_path / "out", "--data-url", f"{server.url}/data.json")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"{server.url}/data.json: " in proc.stderr
+    assert "an HTML page, not JSON (an error or login page?)" in proc.stderr
+    assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+########################################################################################
+# 7. A checkpoint folder of another size is found before any download
+########################################################################################
+
+def test_case7_checkpoint_folder_of_another_size(tmp_path, data):
+    models = tmp_path / "gpt2"
+    (models / "355M").mkdir(parents=True)
+    hparams = models / "355M" / "hparams.json"
+    hparams.write_text(json.dumps({"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+                                   "n_layer": 12}))  # 124M's
+    proc = run_command([sys.executable, str(SCRIPT), "--model", "gpt2-medium", "--models-dir",
+                        str(models), "--data", str(data), "--output-dir", str(tmp_path / "out"),
+                        "--tokenizer-dir", str(TOKENIZER_DIR)])
+    assert_one_line_error(proc, 2, (
+        f"{hparams} says n_embd 768, n_layer 12, n_head 12 (gpt2-small), but gpt2-medium was "
+        f"chosen: choose gpt2-small, or delete that folder to download gpt2-medium"))
+    assert [p.name for p in (models / "355M").iterdir()] == ["hparams.json"]  # nothing fetched
 
 
 ########################################################################################
