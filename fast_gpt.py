@@ -24,11 +24,13 @@ CPU; see that file for exactly what was run): training tokens/s about 1.3x, gree
 generation at batch 1 about 8x, all 110 test prompts about 40x.
 
 Tests proving it equal to the plain path (tests/test_fast_gpt.py): the same greedy tokens as
-previous_chapters.generate, single, batched with per-row eos and left-padded, through
-generate_stream too, also past the context length; the same losses and gradients within
-float tolerance; the same weights after AdamW steps of train_model_fast and
-train_model_simple; all of it on a LoRA model and on tests/book_reference.py's independent
-implementation.
+previous_chapters.generate, single, batched with per-row eos, left-padded, streamed, and
+past the context length; the same sampled tokens for the same seed; the same losses and
+gradients within float tolerance; the same weights (to 1e-4) after AdamW steps of
+train_model_fast and train_model_simple. Generation, losses and gradients are checked on the
+project's GPTModel, on it with LoRA layers and on tests/book_reference.py's independent
+implementation; training on the first two. tests/test_weights.py: with GPT-2's weights
+loaded, this module's forward gives the logits of an independent NumPy GPT-2.
 """
 
 import itertools
@@ -40,8 +42,8 @@ import torch.nn.functional as F
 
 from previous_chapters import sample_next_token, text_to_token_ids, token_ids_to_text
 
-# Compiled twins of the block function, one per transformer block (compile_blocks). Weak
-# keys: the model is left untouched and its blocks are forgotten here when it is deleted.
+# The compiled block function for the transformer blocks that compile_blocks was given. Weak
+# keys: the model is left untouched, and its blocks are forgotten here when it is deleted.
 _COMPILED_BLOCKS = weakref.WeakKeyDictionary()
 
 
@@ -158,11 +160,8 @@ def transform(model, in_idx, positions, attn_mask=None, kv_cache=None):
     """
     x = model.drop_emb(model.tok_emb(in_idx) + model.pos_emb(positions))
     for layer_idx, block in enumerate(model.trf_blocks):
-        compiled = _COMPILED_BLOCKS.get(block) if kv_cache is None else None
-        if compiled is not None:
-            x = compiled(x, attn_mask)
-        else:
-            x = transformer_block(block, x, attn_mask, kv_cache, layer_idx)
+        run = _COMPILED_BLOCKS.get(block, transformer_block) if kv_cache is None else transformer_block
+        x = run(block, x, attn_mask, kv_cache, layer_idx)
     if kv_cache is not None:
         kv_cache.length += in_idx.shape[1]
     return layer_norm(model.final_norm, x)
@@ -206,14 +205,14 @@ def _diagonal(start, seq_len, device):
 def compile_blocks(model, **kwargs):
     """torch.compile this module's block function for every transformer block of `model`.
 
-    Training and evaluation here then run the compiled blocks (kwargs go to torch.compile,
-    e.g. dynamic=True since batch lengths vary); generation keeps a KV cache whose shapes
-    change every step and runs them eagerly. The model itself is not modified.
+    Training and evaluation here then run the compiled function on each block (kwargs go to
+    torch.compile, e.g. dynamic=True since batch lengths vary; blocks of the same shape share
+    its graphs); generation keeps a KV cache whose shapes change every step and runs the
+    blocks eagerly. The model itself is not modified.
     """
+    compiled = torch.compile(transformer_block, **kwargs)  # holds no reference to a block
     for block in model.trf_blocks:
-        def run(x, attn_mask, block=block):
-            return transformer_block(block, x, attn_mask)
-        _COMPILED_BLOCKS[block] = torch.compile(run, **kwargs)
+        _COMPILED_BLOCKS[block] = compiled
 
 
 #####################################

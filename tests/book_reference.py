@@ -3,7 +3,8 @@
 Written from the chapter's description, structured the way the book structures it (same
 module names, so the same state-dict keys), with none of the project's additions: no KV
 cache, no fused kernels, no padding masks. The tests load the same weights into this model
-and into `previous_chapters.GPTModel` and compare what both compute.
+and into `previous_chapters.GPTModel` and compare what both compute, and run fast_gpt.py
+on it: a model that fast_gpt was not written against.
 """
 
 import math

@@ -8,6 +8,7 @@ implementation, which fast_gpt has never seen.
 """
 
 import copy
+import gc
 import io
 import math
 import re
@@ -224,6 +225,12 @@ def test_compiled_blocks_give_the_same_loss(small_cfg):
     assert list(model.state_dict()) == keys and type(model) is pc.GPTModel  # not patched
     prompt = random_prompts(1, 5, seed=14)
     assert torch.equal(fg.generate(model.eval(), prompt, 5, CONTEXT), pc.generate(model, prompt, 5, CONTEXT))
+    # fast_gpt remembers the blocks weakly: a deleted model leaves nothing behind
+    assert all(block in fg._COMPILED_BLOCKS for block in model.trf_blocks)
+    before = len(fg._COMPILED_BLOCKS)
+    del model
+    gc.collect()
+    assert len(fg._COMPILED_BLOCKS) == before - small_cfg["n_layers"]
 
 
 ########################################################################################
