@@ -10,6 +10,11 @@ fields. `main(config)` runs five named stages, which `exercise-solutions.ipynb` 
     results = answer_test_set(model, data, config)     # 7.7: greedy answers to the test set
     paths = save_outputs(model, run, results, data, config)  # plot, answers, weights
 
+`main` itself checks everything cheap first (`preflight.py`: flags, folders, data, disk space,
+before any download) and saves the weights and the plot as soon as training ends, before the
+slow answers (`save_model`, then `save_answers`); Ctrl-C or SIGTERM at any stage says what was
+saved and what was not (`run_guard.py`).
+
 Training and answering use the fast paths of `fast_gpt.py` (same results as the book's
 `train_model_simple` and `generate`, within float rounding). The exercises' switches
 (`--prompt-style phi3`, `--mask-instructions`, `--lora-rank`, `--data`) compose the classes

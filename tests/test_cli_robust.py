@@ -140,8 +140,7 @@ def test_case1_disk_filling_up_during_training(tmp_path, data, debug):
     """Room enough at the start; another program fills the disk while training runs. The save
     fails with one line naming the file (--debug adds the traceback)."""
     with small_tmpfs(tmp_path / "disk", size="40m") as disk:
-        code, err = run_and_act(tmp_path, data, disk, "--epochs", "2",
-                                *(["--debug"] if debug else []),
+        code, err = run_and_act(tmp_path, data, disk, *(["--debug"] if debug else []),
                                 markers=["Initial training loss"], act=lambda _: fill_up(disk))
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no half file, no temp file
     assert code == 1
