@@ -277,3 +277,17 @@ def test_check_run_on_a_small_disk(tmp_path, instruction_data):
         f"not enough free disk space in {disk}: the finetuned model (26.7 MB), the answers and "
         f"the plot (1.1 MB) need about 29.2 MB, 4.2 MB is free; free some space or choose "
         f"another --output-dir")
+
+
+def test_every_numeric_setting_of_the_command_line_has_a_limit():
+    """A new int or float flag of FinetuneConfig needs its range in NUMERIC_LIMITS."""
+    import dataclasses
+    import typing
+
+    from finetune_cli import FinetuneConfig
+
+    hints = typing.get_type_hints(FinetuneConfig)
+    numeric = {f.name for f in dataclasses.fields(FinetuneConfig)
+               if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))}
+    assert numeric == set(pf.NUMERIC_LIMITS)
+    pf.check_ranges(FinetuneConfig())  # the defaults pass
