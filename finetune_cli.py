@@ -462,6 +462,7 @@ def save_model(model, run, config, paths, progress):
 
 
 def save_answers(results, paths, progress):
+    """The test entries with their answers, as JSON written atomically, recorded in `progress`."""
     write_json(paths["responses"], results)
     progress.record(OUTPUT_NAMES["responses"], paths["responses"])
     print(f"Responses saved as {paths['responses']}")
@@ -474,7 +475,6 @@ def save_outputs(model, run, results, data, config):
     """
     paths = output_paths(config)
     progress = RunProgress([])
-    output_dir(config).mkdir(parents=True, exist_ok=True)
     save_model(model, run, config, paths, progress)
     save_answers(results, paths, progress)
     return {key: path for key, path in paths.items() if path in progress.saved.values()}
