@@ -10,17 +10,27 @@ fields. `main(config)` runs five named stages, which `exercise-solutions.ipynb` 
     results = answer_test_set(model, data, config)     # 7.7: greedy answers to the test set
     paths = save_outputs(model, run, results, data, config)  # plot, answers, weights
 
-`main` itself checks everything cheap first (`preflight.py`: flags, folders, data, disk space,
-before any download) and saves the weights and the plot as soon as training ends, before the
-slow answers (`save_model`, then `save_answers`); Ctrl-C or SIGTERM at any stage says what was
-saved and what was not (`run_guard.py`).
-
 Training and answering use the fast paths of `fast_gpt.py` (same results as the book's
 `train_model_simple` and `generate`, within float rounding). The exercises' switches
 (`--prompt-style phi3`, `--mask-instructions`, `--lora-rank`, `--data`) compose the classes
 of `exercise_variants.py`.
+
+Long runs survive (not in the book): training runs in `resumable_training.TrainingRun`, which
+checkpoints to OUTPUT_DIR/checkpoints every `--save-every` steps and on Ctrl-C (`--resume`
+continues exactly, `--keep` prunes), appends each evaluation to `<stem>.metrics.jsonl` and
+shows a progress bar; `--precision` picks the autocast (precision.py); beside the model goes
+`<stem>.run.json` (run_record.py). Data may be JSON or JSON Lines, split by
+`--val-fraction`/`--test-fraction` (`--shuffle-split SEED`), answered up to
+`--max-test-answers`.
+
+Nothing lost, every bad input a clear error (not in the book): `main` checks everything cheap
+first (`preflight.py`: flags, folders, data, hparams.json, disk space, before any download),
+saves the weights, the plot and the run record as soon as training ends, before the slow
+answers (`save_model`, then `save_answers`), and on Ctrl-C or SIGTERM at any stage says what
+was saved, what was not and how to go on (`run_guard.py`).
 """
 
+import random
 import re
 import sys
 import time
@@ -31,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import CheckpointError, list_checkpoints
 from exercise_variants import (
     ALPACA,
     PROMPT_STYLES,
@@ -58,12 +69,22 @@ from gpt_instruction_finetuning import (
     get_device,
 )
 from instruction_data import DatasetError, load_instruction_file, split_data
+from precision import PRECISIONS, PrecisionError, resolve_precision
 from preflight import PreflightError, check_run, untrained_note, untrained_suffix
+from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
 from run_guard import RunProgress, exit_code, os_error_line, signals_interrupt
+from run_record import (
+    dataset_fingerprint,
+    metrics_path,
+    plot_metrics,
+    run_record_path,
+    write_run_record,
+)
 from safe_files import save_figure, save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
+RESUME_NEWEST = "newest"  # --resume without a path
 
 
 def option(default, help, **argparse_kwargs):
@@ -81,6 +102,15 @@ class FinetuneConfig:
                                     "(default: the chapter's dataset, downloaded on first run)")
     data_url: str | None = option(None, "download --data from this URL when the file is missing "
                                         "(default: the chapter's dataset URL without --data)")
+    val_fraction: float = option(0.05, "share of the entries for validation: the last ones, as "
+                                       "in the chapter's 85/10/5 split")
+    test_fraction: float = option(0.1, "share of the entries for the test split, which follows "
+                                       "the training split")
+    shuffle_split: int | None = option(None, "shuffle the entries with this seed before splitting "
+                                             "(default: the file's order, as in the chapter)",
+                                       metavar="SEED")
+    max_test_answers: int | None = option(None, "answer only the first N test entries, 0 for "
+                                                "none (default: all)", metavar="N")
     epochs: int = option(2, "training epochs")
     batch_size: int = option(8, "entries per training batch")
     lr: float = option(5e-5, "AdamW learning rate")
@@ -105,6 +135,17 @@ class FinetuneConfig:
     lora_alpha: float | None = option(None, "LoRA scaling (default: equal to the rank)")
     max_new_tokens: int = option(256, "the longest answer generated for a test entry")
     compile: bool = option(False, "torch.compile the transformer blocks (worth it on a GPU)")
+    precision: str = option("auto", "auto: bf16 autocast on GPUs with bf16 hardware, fp16 with a "
+                                    "gradient scaler on older CUDA GPUs, fp32 on the CPU and MPS",
+                            choices=list(PRECISIONS))
+    save_every: int | None = option(None, "write a checkpoint every N training steps (Ctrl-C "
+                                          "always writes one)", metavar="N")
+    keep: int = option(3, "checkpoints kept (the newest) in OUTPUT_DIR/checkpoints")
+    resume: str | None = option(None, "continue from a checkpoint: PATH, or without PATH the "
+                                      "newest of this run in OUTPUT_DIR/checkpoints",
+                                nargs="?", const=RESUME_NEWEST, metavar="PATH")
+    max_steps: int | None = option(None, "stop after this many training steps in all, with a "
+                                         "checkpoint (continue with --resume)", metavar="N")
     test_mode: bool = option(False, "a tiny random GPT and ~10 entries per split on the CPU: "
                                     "the whole pipeline in seconds, for checking the setup",
                              aliases=["--test-mode"], flag="--test_mode")
@@ -152,6 +193,28 @@ class PreparedData:
     device: torch.device
     style: object  # an exercise_variants.PromptStyle
     data_name: str | None  # the stem of a dataset other than the chapter's, for file names
+    dataset: dict | None = None  # run_record.dataset_fingerprint: path, sha256, bytes
+    precision: object = None  # a precision.Precision for training on `device`
+
+
+def split_entries(entries, config):
+    """(train, test, validation): the chapter's split in order, with the config's fractions,
+    after a seeded shuffle when `shuffle_split` is set."""
+    val, test = config.val_fraction, config.test_fraction
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise DatasetError(f"--val-fraction {val} and --test-fraction {test} must each be above 0 "
+                           f"and add up to less than 1 (the rest is for training).")
+    if config.shuffle_split is not None:
+        entries = list(entries)
+        random.Random(config.shuffle_split).shuffle(entries)
+    # rounded, so that 1 - 0.05 - 0.1 is the chapter's 0.85 and no fraction loses an entry to
+    # floating point
+    return split_data(entries, train_frac=round(1 - val - test, 12), test_frac=test)
+
+
+def model_config(config):
+    """The GPTModel config of this run: the tiny test-mode GPT, or the GPT-2 size's."""
+    return TEST_MODE_CONFIG if config.test_mode else gpt2_config(config.model)
 
 
 def prepare_data(config):
@@ -159,11 +222,11 @@ def prepare_data(config):
     data_path = dataset_path(config)
     if config.data is not None and config.data_url is None and not data_path.exists():
         raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
-    # Not in the book's loader: a BOM is fine; a folder, bytes that are not UTF-8 or an HTML
-    # page are clear errors, and a bad download is never saved.
+    # Not in the book's loader: JSON or JSON Lines, "input" optional, a BOM is fine; a folder,
+    # bytes that are not UTF-8 or an HTML page are clear errors; a bad download is never saved.
     entries = load_instruction_file(data_path, [config.data_url or DATA_URL])
     print(f"Number of entries: {len(entries)}")
-    train_data, test_data, val_data = split_data(entries)
+    train_data, test_data, val_data = split_entries(entries, config)
     if config.test_mode:
         n = TEST_MODE_ENTRIES
         train_data, test_data, val_data = train_data[:n], test_data[:n], val_data[:n]
@@ -173,11 +236,11 @@ def prepare_data(config):
 
     device = choose_device(config.device, config.test_mode)
     print(f"Device: {device}")
+    precision = resolve_precision(config.precision, device)
+    print(precision.describe())
     tokenizer = get_tokenizer(config.tokenizer_dir)
     style = prompt_style(config.prompt_style)
-    context_length = (TEST_MODE_CONFIG if config.test_mode else gpt2_config(config.model))[
-        "context_length"]
-    allowed_max_length = min(config.max_length, context_length)
+    allowed_max_length = min(config.max_length, model_config(config)["context_length"])
     batch_size = min(config.batch_size, 2) if config.test_mode else config.batch_size
     train_loader, val_loader = build_loaders(
         train_data, val_data, tokenizer, device, batch_size, allowed_max_length, style,
@@ -189,7 +252,8 @@ def prepare_data(config):
         print(f"Warning: {truncated} entries are longer than {allowed_max_length} tokens "
               f"and were truncated.")
     return PreparedData(train_data, val_data, test_data, train_loader, val_loader, tokenizer,
-                        device, style, data_name(config))
+                        device, style, data_name(config), dataset_fingerprint(data_path.resolve()),
+                        precision)
 
 
 def dataset_path(config):
@@ -305,14 +369,14 @@ def build_model(config, device):
 
     if config.test_mode:
         torch.manual_seed(config.seed)
-        model = GPTModel(TEST_MODE_CONFIG)
+        model = GPTModel(model_config(config))
         print("Test mode: a tiny random GPT, no weights downloaded.")
     else:
         from gpt_download import download_and_load_gpt2
 
         settings, params = download_and_load_gpt2(model_size=model_folder(config.model),
                                                   models_dir=models_dir(config))
-        model = GPTModel(gpt2_config(config.model))
+        model = GPTModel(model_config(config))
         load_weights_into_gpt(model, params)
         del settings, params
     model.eval()
@@ -352,36 +416,90 @@ def describe_expected_cost(model, model_name, device, num_epochs, test_mode=Fals
 # Stage 3: finetuning (section 7.6)
 #####################################
 
-def finetune(model, data, config):
-    """The losses before training, then `config.epochs` epochs of AdamW (fast_gpt's trainer).
+# The settings that change what training computes: a checkpoint saved under others is
+# refused. Left out on purpose: epochs (a run may be extended), eval_freq and eval_iter
+# (the dropout-free GPT-2 trains the same whatever is evaluated), the device and precision
+# (a run may move to other hardware), and the paths.
+IDENTITY_FIELDS = ("model", "batch_size", "lr", "weight_decay", "max_length", "seed",
+                   "prompt_style", "mask_instructions", "lora_rank", "lora_alpha",
+                   "val_fraction", "test_fraction", "shuffle_split", "test_mode")
 
-    Returns the losses, the tokens seen and the minutes taken.
+
+def output_names(config, data_name):
+    """(output folder, file-name suffix, model file stem) of a run, e.g. 'gpt2-medium355M-sft'.
+
+    A run that trains nothing (`--epochs 0`) adds '-untrained', so that it never replaces a
+    finetuned model, its answers or its plot.
     """
-    from fast_gpt import calc_loss_loader_fast, compile_blocks, make_optimizer, train_model_fast
+    output_dir = Path(config.output_dir) if config.output_dir is not None else HERE
+    suffix = output_suffix(config.prompt_style, config.mask_instructions, config.lora_rank,
+                           config.test_mode, data_name) + untrained_suffix(config.epochs)
+    return output_dir, suffix, re.sub(r"[ ()]", "", book_model_name(config.model)) + "-sft" + suffix
+
+
+def checkpoint_plan(config, data):
+    """Checkpoints in OUTPUT_DIR/checkpoints, named after the model file; what they must match."""
+    output_dir, _, stem = output_names(config, data.data_name)
+    identity = {"model_config": model_config(config), "dataset_sha256": data.dataset["sha256"],
+                "config": {name: getattr(config, name) for name in IDENTITY_FIELDS}}
+    identity["config"]["model"] = short_model_name(config.model)
+    return CheckpointPlan(output_dir / "checkpoints", stem, identity, config.save_every, config.keep)
+
+
+def finetune(model, data, config):
+    """The losses before training, then `config.epochs` epochs of AdamW (the chapter's loop in
+    resumable_training.TrainingRun, on fast_gpt's packed loss).
+
+    Writes the metrics file as it goes and checkpoints every `save_every` steps and on
+    Ctrl-C (which then raises TrainingInterrupted); `resume` continues a checkpoint and
+    `max_steps` stops early with one. Returns the losses, the tokens seen, the minutes taken
+    and where the run stands ("finished", "steps", "checkpoint", ...).
+    """
+    from fast_gpt import calc_loss_loader_fast, compile_blocks, make_optimizer
 
     device = data.device
+    if config.keep < 1 or (config.save_every is not None and config.save_every < 1):
+        raise CheckpointError("--keep and --save-every must be at least 1.")
     if device.type == "cuda":  # Not in the book: TensorFloat-32 matrix products on the GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    with torch.no_grad():
-        train_loss = calc_loss_loader_fast(data.train_loader, model, device, num_batches=5)
-        val_loss = calc_loss_loader_fast(data.val_loader, model, device, num_batches=5)
-    print(f"Initial training loss: {train_loss:.3f}")
-    print(f"Initial validation loss: {val_loss:.3f}")
+    plan = checkpoint_plan(config, data)
+    initial_losses = None
+    if config.resume is None:
+        with torch.no_grad():
+            initial_losses = (calc_loss_loader_fast(data.train_loader, model, device, num_batches=5),
+                              calc_loss_loader_fast(data.val_loader, model, device, num_batches=5))
+        print(f"Initial training loss: {initial_losses[0]:.3f}")
+        print(f"Initial validation loss: {initial_losses[1]:.3f}")
+        if list_checkpoints(plan.folder, plan.stem):
+            print(f"Note: {plan.folder} holds checkpoints of an earlier run of {plan.stem}; this "
+                  f"run starts afresh (pass --resume to continue that one).")
 
     if config.compile:
         compile_blocks(model, dynamic=True)  # batch lengths vary from batch to batch
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    start_time = time.time()
+    output_dir, _, stem = output_names(config, data.data_name)
     torch.manual_seed(config.seed)
-    train_losses, val_losses, tokens_seen = train_model_fast(
-        model, data.train_loader, data.val_loader, optimizer, device,
-        num_epochs=config.epochs, eval_freq=config.eval_freq, eval_iter=config.eval_iter,
-        start_context=data.style.format_input(data.val_data[0]), tokenizer=data.tokenizer)
+    run = TrainingRun(model, optimizer, data.train_loader, data.val_loader, device, config.seed,
+                      data.precision, plan, metrics_path(output_dir / f"{stem}.pth"))
+    if config.resume is not None:
+        run.resume(None if config.resume == RESUME_NEWEST else config.resume)
+    start_time = time.time()
+    train_losses, val_losses, tokens_seen = run.train(
+        config.epochs, config.eval_freq, config.eval_iter,
+        start_context=data.style.format_input(data.val_data[0]), tokenizer=data.tokenizer,
+        max_steps=config.max_steps)
     minutes = (time.time() - start_time) / 60
-    print(f"Training completed in {minutes:.2f} minutes.")
+    if run.finished:
+        print(f"Training completed in {minutes:.2f} minutes.")
+    else:
+        print(f"Stopped after {run.state.step} steps (--max-steps); checkpoint saved as "
+              f"{run.last_checkpoint}. Continue with --resume.")
     return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
-            "initial_losses": (train_loss, val_loss), "minutes": minutes}
+            "initial_losses": initial_losses, "minutes": minutes, "finished": run.finished,
+            "steps": run.state.step, "wall_seconds": run.state.wall_seconds,
+            "checkpoint": run.last_checkpoint, "resumed_from": run.resumed_from,
+            "metrics_path": run.metrics.path, "precision": run.precision.name}
 
 
 #####################################
@@ -391,12 +509,20 @@ def finetune(model, data, config):
 def answer_test_set(model, data, config, n_shown=3):
     """Greedy answers to the test entries (fast_gpt, batched); prints the first `n_shown`.
 
-    Returns the test entries, each with its answer under "model_response".
+    Only the first `config.max_test_answers` entries when that is set (0: none). Returns the
+    answered entries, each with its answer under "model_response".
     """
-    responses = generate_responses_with_style(model, data.test_data, data.tokenizer, data.style,
+    entries = data.test_data
+    if config.max_test_answers is not None:
+        entries = entries[:max(config.max_test_answers, 0)]
+        print(f"Answering {len(entries)} of the {len(data.test_data)} test entries "
+              f"(--max-test-answers {config.max_test_answers}).")
+    if not entries:
+        return []
+    responses = generate_responses_with_style(model, entries, data.tokenizer, data.style,
                                               config.max_new_tokens, progress=True)
     results = [dict(entry, model_response=response)
-               for entry, response in zip(data.test_data, responses, strict=True)]
+               for entry, response in zip(entries, responses, strict=True)]
     for entry in results[:n_shown]:
         print(data.style.format_input(entry))
         print(f"\nCorrect response:\n>> {entry['output']}")
@@ -411,39 +537,30 @@ def answer_test_set(model, data, config, n_shown=3):
 
 # What each output is, in words, for the message an interruption prints.
 OUTPUT_NAMES = {"model": "the finetuned model", "adapters": "the LoRA adapters",
-                "plot": "the loss plot", "responses": "the test answers"}
-
-
-def output_dir(config):
-    """--output-dir, or the folder of this file."""
-    return Path(config.output_dir) if config.output_dir is not None else HERE
+                "plot": "the loss plot", "responses": "the test answers",
+                "run_record": "the run record"}
 
 
 def output_paths(config):
-    """Where a run writes: {"model", "plot", "responses" (and "adapters")} in --output-dir.
-
-    The names carry the variant (output_suffix); a run that trains nothing (`--epochs 0`)
-    adds '-untrained', so it never replaces a finetuned model.
-    """
-    suffix = output_suffix(config.prompt_style, config.mask_instructions, config.lora_rank,
-                           config.test_mode, data_name(config)) + untrained_suffix(config.epochs)
-    folder = output_dir(config)
-    file_stem = re.sub(r"[ ()]", "", book_model_name(config.model)) + "-sft" + suffix
-    paths = {"model": folder / f"{file_stem}.pth", "plot": folder / f"loss-plot{suffix}.pdf",
-             "responses": folder / f"instruction-data-with-response{suffix}.json"}
+    """Where a run writes: {"model", "plot", "responses", "metrics", "run_record" (and
+    "adapters")}, named by output_names."""
+    folder, suffix, file_stem = output_names(config, data_name(config))
+    model = folder / f"{file_stem}.pth"
+    paths = {"model": model, "plot": folder / f"loss-plot{suffix}.pdf",
+             "responses": folder / f"instruction-data-with-response{suffix}.json",
+             "metrics": metrics_path(model), "run_record": run_record_path(model)}
     if config.lora_rank:
         paths["adapters"] = folder / f"{file_stem}-adapters.pth"
     return paths
 
 
-def save_model(model, run, config, paths, progress):
-    """The finetuned weights and the loss plot, each written atomically, recorded in `progress`.
+def save_model(model, run, data, config, paths, progress):
+    """The finetuned weights, the loss plot and the run record, each written atomically and
+    recorded in `progress`.
 
     A LoRA model is saved twice: its adapters alone, then merged (in place) into a plain
-    GPTModel. Without training (no losses), there is no plot.
+    GPTModel. The plot is drawn from the metrics file alone; no training, no plot.
     """
-    from previous_chapters import plot_losses
-
     if "adapters" in paths:
         save_state_dict(lora_state_dict(model), paths["adapters"])
         progress.record(OUTPUT_NAMES["adapters"], paths["adapters"])
@@ -453,31 +570,67 @@ def save_model(model, run, config, paths, progress):
     progress.record(OUTPUT_NAMES["model"], paths["model"])
     print(f"Model saved as {paths['model']}")
     if run["train_losses"]:
-        epochs_tensor = torch.linspace(0, config.epochs, len(run["train_losses"]))
-        fig = plot_losses(epochs_tensor, run["tokens_seen"], run["train_losses"],
-                          run["val_losses"], show=False)
-        save_figure(fig, paths["plot"])
+        save_figure(plot_metrics(run["metrics_path"], show=False), paths["plot"])
         progress.record(OUTPUT_NAMES["plot"], paths["plot"])
         print(f"Loss plot saved as {paths['plot']}")
+    save_record(run, data, config, paths, progress)
 
 
-def save_answers(results, paths, progress):
-    """The test entries with their answers, as JSON written atomically, recorded in `progress`."""
-    write_json(paths["responses"], results)
-    progress.record(OUTPUT_NAMES["responses"], paths["responses"])
-    print(f"Responses saved as {paths['responses']}")
+def save_answers(results, run, data, config, paths, progress):
+    """The answered test entries as JSON (none: no file), then the run record naming them."""
+    if results:
+        write_json(paths["responses"], results)
+        progress.record(OUTPUT_NAMES["responses"], paths["responses"])
+        print(f"Responses saved as {paths['responses']}")
+    save_record(run, data, config, paths, progress)
+
+
+def saved_paths(paths, progress):
+    """The outputs written so far, the metrics file (written during training) included."""
+    return {key: path for key, path in paths.items()
+            if path in progress.saved.values() or key == "metrics"}
+
+
+def save_record(run, data, config, paths, progress):
+    """`<stem>.run.json` beside the model, naming the files written so far."""
+    written = saved_paths(paths, progress)
+    record = run_record(run, {**written, "run_record": paths["run_record"]}, data, config)
+    write_run_record(paths["model"], record)
+    first = OUTPUT_NAMES["run_record"] not in progress.saved
+    progress.record(OUTPUT_NAMES["run_record"], paths["run_record"])
+    if first:
+        print(f"Run record saved as {paths['run_record']}")
 
 
 def save_outputs(model, run, results, data, config):
-    """The finetuned weights, the loss plot and the answers, each written atomically.
-
-    Returns {"model", "plot", "responses" (and "adapters")}: the paths written.
+    """The finetuned weights, the loss plot, the answers and the run record, each written
+    atomically. Beside `<stem>.pth` go `<stem>.metrics.jsonl` (written during training) and
+    `<stem>.run.json`. Returns {"model", "plot", "responses", "metrics", "run_record" (and
+    "adapters")}: the paths written; no "responses" when no test entry was answered.
     """
     paths = output_paths(config)
     progress = RunProgress([])
-    save_model(model, run, config, paths, progress)
-    save_answers(results, paths, progress)
-    return {key: path for key, path in paths.items() if path in progress.saved.values()}
+    save_model(model, run, data, config, paths, progress)
+    save_answers(results, run, data, config, paths, progress)
+    return saved_paths(paths, progress)
+
+
+def run_record(run, paths, data, config):
+    """What `<stem>.run.json` holds: how the model beside it was made (run_record.py)."""
+    settings = {key: str(value) if isinstance(value, Path) else value
+                for key, value in asdict(config).items()}
+    final = None
+    if run["train_losses"]:
+        final = {"train_loss": run["train_losses"][-1], "val_loss": run["val_losses"][-1]}
+    return {
+        "config": {**settings, "model": short_model_name(config.model)},
+        "model_config": model_config(config), "versions": package_versions(),
+        "device": str(data.device), "precision": run["precision"], "dataset": data.dataset,
+        "seed": config.seed, "wall_seconds": run["wall_seconds"], "final_losses": final,
+        "steps": run["steps"], "tokens_seen": run["tokens_seen"][-1] if run["tokens_seen"] else 0,
+        "resumed_from": str(run["resumed_from"]) if run["resumed_from"] else None,
+        "files": {name: path.name for name, path in paths.items()},
+    }
 
 
 #####################################
@@ -507,8 +660,8 @@ def main(config=None):
     paths = output_paths(config)
     # Not in the book: each output is saved as soon as it exists, the model before the slow
     # answers; an interruption says what was saved and what was not.
-    progress = RunProgress(OUTPUT_NAMES[key] for key in paths
-                           if key != "plot" or config.epochs > 0)
+    progress = RunProgress(OUTPUT_NAMES[key] for key in paths if key in OUTPUT_NAMES
+                           and (key != "plot" or config.epochs > 0))
     try:
         progress.start("checking the settings")
         check_before_run(config, paths)  # bad settings fail here, in seconds
@@ -518,29 +671,45 @@ def main(config=None):
         data = prepare_data(config)
         progress.start("building the model")
         model = build_model(config, data.device)
-        progress.start("training")
+        progress.start("training", hint=resume_hint(config, data))
         run = finetune(model, data, config)
+        if not run["finished"]:  # --max-steps: the checkpoint is the output
+            return {**run, "responses": None, "paths": {"checkpoint": run["checkpoint"]},
+                    "config": asdict(config)}
         progress.start("saving the model")
-        save_model(model, run, config, paths, progress)
+        save_model(model, run, data, config, paths, progress)
         progress.start("answering the test set", hint=(
             "The saved model is complete (load-finetuned-model.ipynb shows how to load it); "
             "run the same command again to train and answer anew."))
         results = answer_test_set(model, data, config)
         progress.start("saving the answers")
-        save_answers(results, paths, progress)
-    except KeyboardInterrupt:
+        save_answers(results, run, data, config, paths, progress)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted) and e.checkpoint is not None:
+            progress.record("a checkpoint", e.checkpoint)
+            progress.hint = resume_hint(config, data, e.checkpoint)
         print(f"\n{progress.interrupted_message()}", file=sys.stderr)
         raise
-    written = {key: path for key, path in paths.items() if path in progress.saved.values()}
-    return {**run, "responses": results, "paths": written, "config": asdict(config)}
+    return {**run, "responses": results, "paths": saved_paths(paths, progress),
+            "config": asdict(config)}
+
+
+def resume_hint(config, data, checkpoint=None):
+    """How to go on after training stopped: from a checkpoint when there is one, else afresh."""
+    plan = checkpoint_plan(config, data)
+    if checkpoint is None and not list_checkpoints(plan.folder, plan.stem):
+        return None  # nothing to resume: RunProgress says "start over"
+    newest = f" or with --resume {checkpoint}" if checkpoint is not None else ""
+    return (f"To continue, run the same command with --resume (it takes the newest checkpoint "
+            f"in {plan.folder}){newest}.")
 
 
 def check_before_run(config, paths):
     """preflight.check_run for this config: before any download, model build or training."""
     data_url = config.data_url or (DATA_URL if config.data is None else None)
-    model_cfg = TEST_MODE_CONFIG if config.test_mode else gpt2_config(config.model)
-    return check_run(config, output_dir(config), paths.values(), dataset_path(config), data_url,
-                     model_cfg, None if config.test_mode else models_dir(config))
+    return check_run(config, paths["model"].parent, paths.values(), dataset_path(config),
+                     data_url, model_config(config),
+                     None if config.test_mode else models_dir(config))
 
 
 def cli(argv=None):
@@ -559,13 +728,14 @@ def cli(argv=None):
     try:
         with signals_interrupt():  # SIGTERM stops the run as Ctrl-C does, with the same message
             main(config)
-    except (PreflightError, DatasetError, DeviceError, FileNotFoundError) as e:
+    except (PreflightError, DatasetError, DeviceError, FileNotFoundError, CheckpointError,
+            PrecisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (DownloadError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # main said what was saved and how to go on
         return exit_code(e)  # 130 for Ctrl-C, 143 for SIGTERM
     except OSError as e:  # Not in the book: one line, not a traceback from deep in a library
         if debug:

@@ -68,6 +68,13 @@ NUMERIC_LIMITS = {
     "lora_rank": Limit(1),
     "lora_alpha": Limit(0, low_excluded=True),
     "max_new_tokens": Limit(1),
+    "val_fraction": Limit(0, 1, low_excluded=True),  # their sum below 1: split_entries checks
+    "test_fraction": Limit(0, 1, low_excluded=True),
+    "shuffle_split": Limit(0, 2**64 - 1),
+    "max_test_answers": Limit(0),  # 0: no answers
+    "save_every": Limit(1),
+    "keep": Limit(1),
+    "max_steps": Limit(1),
 }
 
 

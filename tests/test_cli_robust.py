@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ SCRIPT = ROOT / "gpt_instruction_finetuning.py"
 MODEL = "gpt2-medium355M-sft-test.pth"
 ANSWERS = "instruction-data-with-response-test.json"
 PLOT = "loss-plot-test.pdf"
+METRICS = "gpt2-medium355M-sft-test.metrics.jsonl"
+RECORD = "gpt2-medium355M-sft-test.run.json"
 
 
 @pytest.fixture
@@ -55,15 +58,19 @@ def run_command(argv, timeout=600):
                           preexec_fn=usual_umask)
 
 
-def run_and_act(tmp_path, data, output_dir, *extra, markers, act):
+def run_and_act(tmp_path, data, output_dir, *extra, markers, act, stderr_marker=None):
     """Start the command; once stdout has shown a line starting with each of `markers` in
-    turn, call `act(proc)` (send a signal, fill the disk); wait. Returns (exit code, stderr)."""
+    turn (and stderr holds `stderr_marker`), call `act(proc)` (send a signal, fill the disk);
+    wait. Returns (exit code, stderr)."""
     with open(tmp_path / "stderr", "w+") as stderr:  # a file: a full pipe would block the run
         proc = subprocess.Popen(command(data, output_dir, *extra), stdout=subprocess.PIPE,
                                 stderr=stderr, text=True, preexec_fn=usual_umask)
         try:
             for marker in markers:
                 wait_for_line(proc, marker)
+            while stderr_marker and stderr_marker not in (tmp_path / "stderr").read_text():
+                assert proc.poll() is None, f"the command ended before {stderr_marker!r}"
+                time.sleep(0.05)
             act(proc)
             proc.communicate(timeout=600)
         finally:
@@ -141,8 +148,9 @@ def test_case1_disk_filling_up_during_training(tmp_path, data, debug):
     fails with one line naming the file (--debug adds the traceback)."""
     with small_tmpfs(tmp_path / "disk", size="40m") as disk:
         code, err = run_and_act(tmp_path, data, disk, *(["--debug"] if debug else []),
-                                markers=["Initial training loss"], act=lambda _: fill_up(disk))
-        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no half file, no temp file
+                                markers=["Ep 1 (Step"], act=lambda _: fill_up(disk))
+        # no half model, no temporary file; the metrics file was written during training
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", METRICS]
     assert code == 1
     line = (f"error: no space left on the disk while writing {disk / MODEL} (nothing was "
             f"written): free some space and run again; run again with --debug to see the traceback")
@@ -170,7 +178,9 @@ def test_case2_epochs_0_writes_under_another_name(tmp_path, data):
             ) in proc.stdout.splitlines()
     for name, content in earlier.items():
         assert (out / name).read_bytes() == content
-    new = {"gpt2-medium355M-sft-test-untrained.pth", "instruction-data-with-response-test-untrained.json"}
+    new = {"gpt2-medium355M-sft-test-untrained.pth", "gpt2-medium355M-sft-test-untrained.run.json",
+           "gpt2-medium355M-sft-test-untrained.metrics.jsonl",
+           "instruction-data-with-response-test-untrained.json"}
     assert set(modes(out)) == set(earlier) | new
     # 8. Files written through a temporary file get the usual mode (0o644 under umask 022).
     assert {name: mode for name, mode in modes(out).items() if name in new} == dict.fromkeys(new, 0o644)
@@ -186,14 +196,16 @@ def test_case3_ctrl_c_while_answering_keeps_the_trained_model(tmp_path, data):
     out = tmp_path / "out"
     # 100,000 new tokens for each answer: answering takes far longer than the signal
     code, err = run_and_act(tmp_path, data, out, "--max-new-tokens", "100000",
-                            markers=["Model saved as", "Loss plot saved as"],
+                            markers=["Run record saved as"], stderr_marker="Generating responses",
                             act=lambda proc: proc.send_signal(signal.SIGINT))
     assert code == 130
     assert "Traceback" not in err
     assert (f"Answering the test set interrupted: saved the finetuned model ({out / MODEL}), the "
-            f"loss plot ({out / PLOT}); not saved: the test answers.") in err.splitlines()
-    # The work is on disk: a whole, loadable model and the plot; both with the usual mode.
-    assert modes(out) == {MODEL: 0o644, PLOT: 0o644}
+            f"loss plot ({out / PLOT}), the run record ({out / RECORD}); not saved: the test "
+            f"answers.") in err.splitlines()
+    # The work is on disk: a whole, loadable model, the plot and the run record, all with the
+    # usual mode (the metrics file is appended to during training).
+    assert modes(out) == {MODEL: 0o644, PLOT: 0o644, RECORD: 0o644, METRICS: 0o644}
     GPTModel(TEST_MODE_CONFIG).load_state_dict(
         torch.load(out / MODEL, map_location="cpu", weights_only=True))
     assert (out / PLOT).read_bytes().startswith(b"%PDF")
@@ -286,7 +298,7 @@ def test_case8_sigterm_during_training_says_nothing_was_saved(tmp_path, data):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-2:] == ["Training interrupted: nothing was saved.",
                                              "Run the same command again to start over."]
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [METRICS]  # the log of the losses so far
 
 
 ########################################################################################
@@ -303,13 +315,17 @@ def test_lora_run_saves_adapters_and_merged_model_before_answering(tmp_path, dat
     result = fc.main(config)
     out = capsys.readouterr().out
     saves = [line.split(" saved as ")[0] for line in out.splitlines() if " saved as " in line]
-    assert saves == ["LoRA adapters", "Model", "Loss plot", "Responses"]
+    assert saves == ["LoRA adapters", "Model", "Loss plot", "Run record", "Responses"]
     assert out.index("Loss plot saved as") < out.index("Model response:") < out.index(
         "Responses saved as")
     stem = "gpt2-medium355M-sft-lora4-test"
     assert {k: p.name for k, p in result["paths"].items()} == {
         "adapters": f"{stem}-adapters.pth", "model": f"{stem}.pth",
-        "plot": "loss-plot-lora4-test.pdf", "responses": "instruction-data-with-response-lora4-test.json"}
+        "plot": "loss-plot-lora4-test.pdf", "responses": "instruction-data-with-response-lora4-test.json",
+        "metrics": f"{stem}.metrics.jsonl", "run_record": f"{stem}.run.json"}
+    # written again once the answers are saved: the record names every file
+    record = json.loads(result["paths"]["run_record"].read_text())
+    assert record["files"] == {k: p.name for k, p in result["paths"].items()}
     merged = torch.load(result["paths"]["model"], map_location="cpu", weights_only=True)
     GPTModel(TEST_MODE_CONFIG).load_state_dict(merged)  # a plain GPTModel: merged before saving
     adapters = torch.load(result["paths"]["adapters"], map_location="cpu", weights_only=True)

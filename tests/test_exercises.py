@@ -363,7 +363,8 @@ def initial_training_loss(stdout):
 
 
 def variant_files(suffix):
-    return {f"gpt2-medium355M-sft{suffix}.pth", f"instruction-data-with-response{suffix}.json",
+    return {f"gpt2-medium355M-sft{suffix}.pth", f"gpt2-medium355M-sft{suffix}.metrics.jsonl",
+            f"gpt2-medium355M-sft{suffix}.run.json", f"instruction-data-with-response{suffix}.json",
             f"loss-plot{suffix}.pdf"}
 
 

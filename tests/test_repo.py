@@ -22,10 +22,11 @@ def test_requirements_cover_the_modules_imports():
     stdlib = set(sys.stdlib_module_names)
     local = {p.stem for p in ROOT.glob("*.py")}
     pip_names = {"torch", "tiktoken", "tensorflow", "numpy", "matplotlib", "tqdm", "psutil",
-                 "tiktoken_ext", "safetensors"}
-    # TensorFlow (only for OpenAI's original checkpoint) has its own file, requirements-tf.txt
+                 "tiktoken_ext", "safetensors", "gradio"}
+    # TensorFlow (only for OpenAI's original checkpoint) and Gradio (only for the web chat)
+    # have their own files, requirements-tf.txt and requirements-app.txt
     required = {re.split(r"[<>=;\s]", line, maxsplit=1)[0].lower()
-                for name in ("requirements.txt", "requirements-tf.txt")
+                for name in ("requirements.txt", "requirements-tf.txt", "requirements-app.txt")
                 for line in (ROOT / name).read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     for module in ROOT.glob("*.py"):

@@ -1,0 +1,225 @@
+"""A web chat for the finetuned model, with another model side by side (Gradio).
+
+    pip install -r requirements-app.txt
+    python chat_app.py gpt2-medium355M-sft.pth --compare-pretrained   # vs. GPT-2 before finetuning
+    python chat_app.py MODEL.pth --compare OTHER.pth --port 7861
+    python chat_app.py MODEL-adapters.pth      # a LoRA run's adapters on the pretrained GPT-2
+
+or, inline in a notebook cell: `from chat_app import launch; demo, url = launch("MODEL.pth")`.
+
+Not in the book. The book's bonus app (Chainlit) hard-codes gpt2-medium, answers only once
+the whole response is generated, and shows one model. Here, Gradio (it streams, renders
+inline in Jupyter, and is what the Hugging Face hub uses):
+- any GPT-2 size, read from the run record or the weights (finetuned_model.py); LoRA adapters;
+- each answer streams token by token through the KV cache (fast_gpt.generate_stream), and a
+  Stop button ends it; each message is a new instruction in the model's prompt style (the
+  chapter's Alpaca prompt or Phi-3), with an optional `### Input:`;
+- a second column answers the same instruction with another model: the pretrained GPT-2 of
+  the same size, or any other .pth (a DPO-tuned one, say), so a reader sees what finetuning did;
+- settings: temperature, top-k, max new tokens, seed; greedy (temperature 0) is the default,
+  and then an answer equals `generate`'s;
+- an empty message or a text too long for the context gets a visible note; an exception
+  while generating is shown in the chat (and logged) and the server keeps serving; a missing
+  or mismatched model file is an error (exit code 2) before any server starts.
+It listens on 127.0.0.1 only, unless --host says otherwise.
+"""
+
+import argparse
+import logging
+import sys
+
+from finetuned_model import ChatModel, ModelFileError, add_model_arguments, describe, load_chat_model
+
+log = logging.getLogger("chat_app")
+EXIT_BAD_INPUT = 2
+DEFAULT_MAX_NEW_TOKENS = 256
+EMPTY_NOTE = "Note: the message was empty. Type an instruction, then press Enter or Send."
+
+
+def load_models(model_path, device="cpu", adapters=None, compare=None, compare_pretrained=False,
+                compare_adapters=None, tokenizer_dir=None):
+    """The ChatModels (and their info) to serve: the model, then the comparison if any."""
+    from finetune_cli import get_tokenizer
+    from finetuned_model import load_pretrained_model, model_name_for
+
+    tokenizer = get_tokenizer(tokenizer_dir)
+    main, info = load_chat_model(model_path, device, adapters=adapters, tokenizer=tokenizer)
+    models = [(main, info)]
+    if compare is not None:
+        models.append(load_chat_model(compare, device, adapters=compare_adapters,
+                                      tokenizer=tokenizer))
+        if models[1][1]["config_source"] == "inferred from the weights":
+            models[1][0].style_name = main.style_name  # no record: ask it the same way
+    elif compare_pretrained:
+        name = model_name_for(info["model_config"])
+        if name is None:
+            raise ModelFileError(f"{model_path} is no GPT-2 size, so there is no pretrained "
+                                 f"GPT-2 to compare it with; use --compare OTHER.pth")
+        model, pre_info = load_pretrained_model(name, device)
+        pre_info["prompt_style"] = main.style_name
+        models.append((ChatModel(model, tokenizer, main.style_name, pre_info["model"]), pre_info))
+    return models
+
+
+def shown_message(instruction, input_text):
+    """The user's turn as the chat shows it."""
+    return instruction + (f"\n\nInput: {input_text}" if input_text else "")
+
+
+def answer_stream(chat, prompt, ids, settings):
+    """Yield the answer so far; an exception becomes the message's text (and a log entry)."""
+    max_new_tokens, temperature, top_k, seed = settings
+    try:
+        yield from chat.stream(prompt, ids, max_new_tokens, temperature, top_k, seed)
+    except Exception as e:  # noqa: BLE001 - any failure is shown in the chat, the server goes on
+        log.exception("Generation failed for %s", chat.label)
+        yield f"⚠️ Generation failed: {type(e).__name__}: {e}"
+
+
+def respond(chats, instruction, input_text, histories, settings):
+    """One turn for every model: yields (histories, note) as the answers grow.
+
+    The answers stream in turn, a token of each model at a time, so both columns grow
+    together. Each message is answered on its own: earlier turns are not in the prompt,
+    as in the chapter.
+    """
+    instruction, input_text = (instruction or "").strip(), (input_text or "").strip()
+    if not instruction:
+        yield histories, EMPTY_NOTE
+        return
+    max_new_tokens = settings[0]
+    prepared = [chat.prepare(instruction, input_text, max_new_tokens) for chat in chats]
+    notes = sorted({note for _, _, note in prepared if note})
+    histories = [history + [{"role": "user", "content": shown_message(instruction, input_text)},
+                            {"role": "assistant", "content": ""}] for history in histories]
+    streams = [answer_stream(chat, prompt, ids, settings)
+               for chat, (prompt, ids, _) in zip(chats, prepared, strict=True)]
+    note = " ".join(notes)
+    yield histories, note
+    while streams:
+        for i, stream in enumerate(streams):
+            if stream is None:
+                continue
+            try:
+                histories[i][-1]["content"] = next(stream)
+            except StopIteration:
+                streams[i] = None
+        if all(s is None for s in streams):
+            break
+        yield histories, note
+    yield histories, note
+
+
+def build_app(models, title="Chat with your finetuned GPT"):
+    """The Gradio Blocks for [(ChatModel, info), ...]: one chat column per model."""
+    import gradio as gr
+
+    chats = [chat for chat, _ in models]
+    context = min(chat.context_size for chat in chats)
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {title}\n" + "\n".join(f"- {describe(info)}" for _, info in models))
+        with gr.Row():
+            # Plain text, as the model wrote it (its answers are no Markdown).
+            boxes = [gr.Chatbot(label=chat.label, elem_id=f"chat-{i}", height=360,
+                                render_markdown=False) for i, chat in enumerate(chats)]
+        instruction = gr.Textbox(label="Instruction", elem_id="instruction", lines=2,
+                                 placeholder="e.g. Rewrite the sentence using a simile. "
+                                             "(Enter sends, Shift+Enter for a new line)")
+        input_text = gr.Textbox(label="Input (optional: fills ### Input:)", elem_id="input")
+        note = gr.Markdown("", elem_id="note")
+        with gr.Row():
+            send = gr.Button("Send", variant="primary", elem_id="send")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            clear = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("Settings (temperature 0 is greedy: the answer `generate` gives)",
+                          open=False):
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
+                                    elem_id="temperature")
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0: all tokens)",
+                              elem_id="top-k")
+            max_new = gr.Slider(1, context, value=min(DEFAULT_MAX_NEW_TOKENS, context), step=1,
+                                label="Max new tokens", elem_id="max-new-tokens")
+            seed = gr.Number(value=123, precision=0, label="Seed (for sampling)", elem_id="seed")
+        gr.Markdown("Each message is a new instruction: earlier turns are not sent to the model.")
+
+        def turn(instruction_text, input_value, temperature_value, top_k_value, max_new_value,
+                 seed_value, *histories):
+            settings = (int(max_new_value), float(temperature_value), int(top_k_value) or None,
+                        None if seed_value is None else int(seed_value))
+            for updated, note_text in respond(chats, instruction_text, input_value,
+                                              list(histories), settings):
+                yield "", "", note_text, *updated
+
+        inputs = [instruction, input_text, temperature, top_k, max_new, seed, *boxes]
+        outputs = [instruction, input_text, note, *boxes]
+        events = [trigger(turn, inputs, outputs, concurrency_id="generate", concurrency_limit=1)
+                  for trigger in (instruction.submit, send.click)]
+        stop.click(None, cancels=events)
+        clear.click(lambda: ("", *[[] for _ in boxes]), None, [note, *boxes], cancels=events)
+    return demo
+
+
+def launch(model_path, compare=None, compare_pretrained=False, adapters=None, device=None,
+           host="127.0.0.1", port=None, models=None, **launch_kwargs):
+    """Load the model(s), start the app; returns (demo, url). Also the notebook's entry point.
+
+    In Jupyter the app renders inline below the cell and the cell returns; `demo.close()`
+    stops it. `models`: already loaded [(ChatModel, info)], instead of the paths.
+    """
+    import os
+
+    from finetune_cli import choose_device
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: nothing sent out
+    if models is None:
+        models = load_models(model_path, choose_device(device), adapters, compare,
+                             compare_pretrained)
+    demo = build_app(models)
+    demo.queue()
+    launch_kwargs.setdefault("prevent_thread_lock", True)
+    _, url, _ = demo.launch(server_name=host, server_port=port, **launch_kwargs)
+    return demo, url
+
+
+def build_arg_parser():
+    parser = argparse.ArgumentParser(description="A web chat with a finetuned GPT-2 (Gradio).")
+    add_model_arguments(parser)
+    side = parser.add_mutually_exclusive_group()
+    side.add_argument("--compare", help="a second model's .pth, answering side by side")
+    side.add_argument("--compare-pretrained", action="store_true",
+                      help="OpenAI's GPT-2 of the same size side by side (downloaded once into gpt2/)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, from 7860)")
+    return parser
+
+
+def main(argv=None):
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import gradio  # noqa: F401 - checked before the models load
+    except ImportError:
+        print("error: the web chat needs Gradio: pip install -r requirements-app.txt",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from finetune_cli import DeviceError, choose_device
+
+    try:
+        models = load_models(args.model, choose_device(args.device), args.adapters, args.compare,
+                             args.compare_pretrained, tokenizer_dir=args.tokenizer_dir)
+    except (ModelFileError, DeviceError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for _, info in models:
+        print(f"Loaded {describe(info)}", file=sys.stderr)
+    demo, url = launch(None, host=args.host, port=args.port, models=models)
+    print(f"Chat at {url} (Ctrl-C stops the server)", flush=True)
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        demo.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

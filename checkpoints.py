@@ -1,0 +1,193 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+Not in the book: the book's training loop keeps its state in memory only, so Ctrl-C or a
+crash loses it all. A checkpoint is one file, written atomically (safe_files), holding:
+
+    {"format": "ch07-training-checkpoint", "version": 1,
+     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+     "scaler": GradScaler state (fp16) or None,
+     "progress": {"epoch", "position", "step", "tokens_seen", "wall_seconds"},
+     "metrics": [{"step", "epoch", "epochs_seen", "tokens_seen", "train_loss", "val_loss",
+                  "lr", "seconds"}, ...],     # every evaluation so far
+     "rng": {"torch", "cuda" (list, one per GPU) or None, "python", "numpy"},
+     "identity": {"model_config": ..., "dataset_sha256": ..., "config": ...}}
+
+`position` is the next batch in epoch `epoch`'s data order, which is a pure function of
+(seed, epoch) (resumable_training.epoch_order), so neither the order nor the checkpoint
+depends on how many processes trained. Only plain Python values and tensors are stored,
+so `torch.load(weights_only=True)` reads it.
+
+Files are named `<stem>-step<step>.pth` inside a checkpoint folder; `newest_checkpoint`
+finds the last one written and `prune_checkpoints` keeps the last K.
+"""
+
+import glob
+import pickle
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from safe_files import save_state_dict
+
+FORMAT = "ch07-training-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unreadable, or from a different run."""
+
+
+def checkpoint_path(folder, stem, step):
+    return Path(folder) / f"{stem}-step{step:07d}.pth"
+
+
+def _step_of(path, stem):
+    match = re.fullmatch(re.escape(stem) + r"-step(\d+)\.pth", path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(folder, stem):
+    """This run's checkpoints in `folder`, oldest first (by time written, then step)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f"{glob.escape(stem)}-step*.pth") if _step_of(p, stem) is not None]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, _step_of(p, stem)))
+
+
+def newest_checkpoint(folder, stem):
+    """The last checkpoint written for `stem` in `folder`; CheckpointError when there is none."""
+    found = list_checkpoints(folder, stem)
+    if found:
+        return found[-1]
+    others = sorted(p.name for p in Path(folder).glob("*-step*.pth")) if Path(folder).is_dir() else []
+    hint = f" It holds checkpoints of other runs: {', '.join(others[:5])}." if others else ""
+    raise CheckpointError(f"No checkpoint named {stem}-step*.pth in {folder} to resume from.{hint} "
+                          f"Pass its path to --resume, or start without --resume.")
+
+
+def prune_checkpoints(folder, stem, keep):
+    """Delete all but the `keep` newest checkpoints of `stem` (None keeps all); return the deleted."""
+    if keep is None:
+        return []
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (got {keep})")
+    old = list_checkpoints(folder, stem)[:-keep]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
+#####################################
+# Random number generators
+#####################################
+
+def rng_states():
+    """Every RNG a training step may draw from, as plain values and tensors."""
+    python_state = random.getstate()
+    states = {"torch": torch.get_rng_state(),
+              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+              "python": [python_state[0], list(python_state[1]), python_state[2]],
+              "numpy": None}
+    try:
+        import numpy as np
+    except ImportError:
+        return states
+    state = np.random.get_state(legacy=False)
+    states["numpy"] = {"key": torch.from_numpy(state["state"]["key"].astype("int64")),
+                       "pos": int(state["state"]["pos"]), "has_gauss": int(state["has_gauss"]),
+                       "gauss": float(state["gauss"])}
+    return states
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if states["numpy"] is not None:
+        import numpy as np
+
+        saved = states["numpy"]
+        np.random.set_state({"bit_generator": "MT19937",
+                             "state": {"key": saved["key"].numpy().astype("uint32"), "pos": saved["pos"]},
+                             "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
+
+
+#####################################
+# Saving and loading
+#####################################
+
+def save_checkpoint(path, model, optimizer, progress, metrics, identity, scaler=None):
+    """Write a checkpoint atomically to `path` (see the module docstring for the layout)."""
+    checkpoint = {
+        "format": FORMAT, "version": VERSION,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "progress": dict(progress), "metrics": [dict(row) for row in metrics],
+        "rng": rng_states(), "identity": identity,
+    }
+    save_state_dict(checkpoint, path)
+    return Path(path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint onto the CPU; CheckpointError when it is missing or not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({e}).") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (a finished "
+                              f"model's .pth holds weights only and cannot be resumed).")
+    if checkpoint.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {checkpoint.get('version')}; "
+                              f"this code reads version {VERSION}.")
+    return checkpoint
+
+
+def _flatten(value, prefix=""):
+    if isinstance(value, dict):
+        flat = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def identity_differences(saved, current):
+    """Lines naming each field where two identities differ, e.g. "model_config.emb_dim: 64 -> 32"."""
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    missing = object()
+    lines = []
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        old, new = saved_flat.get(key, missing), current_flat.get(key, missing)
+        if old != new:
+            old_text = "(absent)" if old is missing else repr(old)
+            new_text = "(absent)" if new is missing else repr(new)
+            lines.append(f"{key}: {old_text} in the checkpoint, {new_text} now")
+    return lines
+
+
+def check_identity(checkpoint, identity, path="checkpoint"):
+    """Refuse a checkpoint of a different model, data or config, naming every difference."""
+    differences = identity_differences(checkpoint["identity"], identity)
+    if differences:
+        raise CheckpointError(
+            f"{path} belongs to a different run:\n  " + "\n  ".join(differences) +
+            "\nResume with the settings it was saved with, or start a fresh run without --resume.")
+
+
+def restore(checkpoint, model, optimizer, scaler=None):
+    """Load the weights, optimizer, scaler and RNG states of `checkpoint` (already checked)."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and checkpoint["scaler"] is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_states(checkpoint["rng"])

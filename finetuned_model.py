@@ -1,0 +1,405 @@
+"""Load a finetuned GPT-2 of any size from its .pth file, and answer instructions with it.
+
+Not in the book: the book's chat app and load-finetuned-model.ipynb hard-code gpt2-medium.
+Here the model's config comes from the run record saved next to the weights
+(`<stem>.run.json`, written by the command line), or else from the shapes in the state dict
+itself; LoRA adapters (`<stem>-adapters.pth`) load on top of their base model: the pretrained
+GPT-2 their run record names, or a given .pth. Whatever is wrong with a file (missing, not a
+state dict, another size, adapters of another model) becomes a `ModelFileError` whose
+message names the file and the problem; the commands (chat.py, chat_app.py) print it and
+exit with code 2.
+
+`ChatModel` is one turn of a chat, shared by the terminal and the web app: the prompt in the
+model's own style (the chapter's Alpaca prompt or exercise 7.1's Phi-3 prompt, with an
+optional `### Input:`), cut to fit the context with a note saying so, and the answer
+streamed token by token through fast_gpt's KV cache, or answered in batches.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config, model_folder
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_STYLE = "alpaca"
+
+# emb_dim -> n_heads: the one thing the shapes of a state dict do not tell (the tiny test
+# model's width included, so its files load without a run record too).
+HEADS_BY_WIDTH = {emb_dim: n_heads for _, _, emb_dim, _, n_heads in GPT2_SIZES.values()}
+HEADS_BY_WIDTH[TEST_MODE_CONFIG["emb_dim"]] = TEST_MODE_CONFIG["n_heads"]
+
+
+class ModelFileError(Exception):
+    """A model or adapter file that is missing, unreadable, or does not fit its model."""
+
+
+#####################################
+# Reading the files
+#####################################
+
+def run_record_path(weights_path):
+    """`<stem>.run.json` beside `<stem>.pth`; for `<stem>-adapters.pth` also `<stem>.run.json`."""
+    weights_path = Path(weights_path)
+    stem = weights_path.name.removesuffix(".pth")
+    for candidate in (stem, stem.removesuffix("-adapters")):
+        path = weights_path.with_name(f"{candidate}.run.json")
+        if path.is_file():
+            return path
+    return None
+
+
+def read_run_record(weights_path):
+    """The run record of a weights file as a dict, or None when there is none."""
+    path = run_record_path(weights_path)
+    if path is None:
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path} (the run record of {weights_path}) is not valid JSON: {e}. "
+                             f"Fix or delete it; without it the model size is read from the "
+                             f"weights.") from None
+    if not isinstance(record, dict):
+        raise ModelFileError(f"{path} is not a run record (a JSON object)")
+    return record
+
+
+def read_state_dict(path, what="model file"):
+    """The tensors saved in `path` (map_location="cpu", weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        hint = "" if path.parent.is_dir() else f" (the folder {path.parent} does not exist either)"
+        raise ModelFileError(f"The {what} {path} does not exist{hint}. Finetune a model first "
+                             f"(python gpt_instruction_finetuning.py) or check the path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds (pickle, zip, EOF, ...)
+        raise ModelFileError(f"The {what} {path} could not be read by torch.load "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Is it a "
+                             f"PyTorch .pth file, saved whole?") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelFileError(f"The {what} {path} holds {type(state).__name__}, not a state dict "
+                             f"(names -> tensors) as model.state_dict() saves it")
+    return state
+
+
+def is_adapter_file(state):
+    """True for a file of only LoRA matrices (`*.lora.A`, `*.lora.B`, `lora_alpha`)."""
+    return all(".lora." in k or k == "lora_alpha" for k in state)
+
+
+def infer_model_config(state, path="the weights"):
+    """The GPTModel config that fits a state dict's shapes.
+
+    Width, vocabulary and context length are tensor shapes, the depth is the number of
+    `trf_blocks.N`; the number of heads does not show in any shape, so it comes from the GPT-2
+    size (or the tiny test model) of that width.
+    """
+    if "tok_emb.weight" not in state or "pos_emb.weight" not in state:
+        raise ModelFileError(f"{path} is not a GPTModel state dict: it has no tok_emb.weight or "
+                             f"pos_emb.weight (its first keys: {list(state)[:3]})")
+    vocab_size, emb_dim = state["tok_emb.weight"].shape
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("trf_blocks.")}
+    if emb_dim not in HEADS_BY_WIDTH:
+        raise ModelFileError(f"{path} has emb_dim {emb_dim}, which is no GPT-2 size, so the "
+                             f"number of attention heads is unknown. Put its run record "
+                             f"({Path(str(path)).stem}.run.json, with a model_config) beside it.")
+    return {"vocab_size": vocab_size, "context_length": state["pos_emb.weight"].shape[0],
+            "emb_dim": emb_dim, "n_heads": HEADS_BY_WIDTH[emb_dim], "n_layers": len(blocks),
+            "drop_rate": 0.0, "qkv_bias": "trf_blocks.0.att.W_query.bias" in state}
+
+
+def model_name_for(cfg):
+    """'gpt2-medium' etc. for a GPT-2 size's config, else None (the tiny test model, say)."""
+    for name in GPT2_SIZES:
+        full = gpt2_config(name)
+        if all(cfg.get(k) == full[k] for k in ("emb_dim", "n_layers", "n_heads")):
+            return name
+    return None
+
+
+def split_lora_model(state):
+    """A LoRA-wrapped model's state dict -> (the base model's state dict, the adapters)."""
+    adapters = {k: v for k, v in state.items() if ".lora." in k}
+    base = {k.replace(".linear.weight", ".weight").replace(".linear.bias", ".bias"): v
+            for k, v in state.items() if ".lora." not in k}
+    return base, adapters
+
+
+def load_weights(model, cfg, state, path):
+    """Load `state` into `model` (built from `cfg`) strictly, with a message naming what does not fit."""
+    expected = model.state_dict()
+    # The causal-mask buffers are no weights: files saved without them load too.
+    missing = [k for k in expected if k not in state and not k.endswith(".att.mask")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (the model has {tuple(expected[k].shape)})"
+             for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                        ("wrong shape", wrong)) if keys]
+        raise ModelFileError(f"{path} does not fit a GPTModel with emb_dim {cfg['emb_dim']}, "
+                             f"{cfg['n_layers']} layers, context {cfg['context_length']}"
+                             f": {'; '.join(problems)}. Is its run record from another model?")
+    model.load_state_dict(state, strict=False)
+
+
+def add_adapters(model, adapters, path, base_path):
+    """LoRA layers on `model`, loaded from `adapters` (exercise 7.4's load_lora_adapters)."""
+    from exercise_variants import load_lora_adapters
+
+    try:
+        load_lora_adapters(model, adapters)
+    except (ValueError, RuntimeError) as e:
+        raise ModelFileError(f"The adapters {path} do not fit the model {base_path}: "
+                             f"{str(e).splitlines()[0][:300]}") from None
+
+
+def record_style(*records):
+    """The prompt style of the first run record that names one, else the chapter's Alpaca."""
+    from exercise_variants import PROMPT_STYLES
+
+    for path, record in records:
+        style = (record or {}).get("config", {}).get("prompt_style")
+        if style is not None:
+            if style not in PROMPT_STYLES:
+                raise ModelFileError(f"The run record of {path} names the prompt style {style!r}; "
+                                     f"this version knows {list(PROMPT_STYLES)}")
+            return style
+    return DEFAULT_STYLE
+
+
+def load_finetuned_model(path, device="cpu", adapters=None, base=None):
+    """Build the GPTModel of any size that `path` holds and load its weights.
+
+    path: a model's .pth (finetuned, merged or pretrained), or a LoRA run's adapter file
+        (`<stem>-adapters.pth`): that goes on `base` (a .pth) when given, else on OpenAI's
+        pretrained GPT-2 that its run record names, as the LoRA run trained it.
+    adapters: an adapter file to load on top of the model `path`.
+    Returns (model in eval mode on `device`, prompt style name, info dict).
+    """
+    path = Path(path)
+    state = read_state_dict(path)
+    if is_adapter_file(state):
+        if adapters is not None:
+            raise ModelFileError(f"{path} holds adapters, and {adapters} too: pass one of them")
+        if base is None:
+            return load_adapters_on_pretrained(path, state, device)
+        path, adapters = Path(base), path
+        state = read_state_dict(path, "base model file")
+    record = read_run_record(path)
+    config = (record or {}).get("config", {})
+    if adapters is not None and config.get("lora_rank"):
+        raise ModelFileError(f"{path} is a LoRA run's model with its adapters merged in "
+                             f"already: use it alone, or put the adapters on the pretrained "
+                             f"GPT-2 they were trained on: python chat.py {adapters}")
+
+    inline_adapters = None
+    if any(".lora." in k for k in state):  # saved with its LoRA layers in place
+        state, inline_adapters = split_lora_model(state)
+        if config.get("lora_alpha") is None:
+            raise ModelFileError(f"{path} holds a model with LoRA layers but no lora_alpha: put "
+                                 f"its run record beside it, or merge the adapters first")
+        inline_adapters["lora_alpha"] = torch.tensor(float(config["lora_alpha"]))
+
+    source = "inferred from the weights"
+    cfg = infer_model_config(state, path)
+    if record is not None and "model_config" in record:
+        cfg, source = dict(record["model_config"]), f"from {run_record_path(path).name}"
+    model = new_model(cfg)
+    load_weights(model, cfg, state, path)
+    if inline_adapters is not None:
+        add_adapters(model, inline_adapters, path, path)
+    adapter_record = None
+    if adapters is not None:
+        add_adapters(model, read_state_dict(adapters, "adapter file"), adapters, path)
+        adapter_record = read_run_record(adapters)
+
+    style = record_style((adapters, adapter_record), (path, record))
+    name = ((adapter_record or record or {}).get("config", {}).get("model")
+            or model_name_for(cfg) or f"GPT (emb_dim {cfg['emb_dim']})")
+    return finish(model, device, style, path, adapters, name, cfg, source)
+
+
+def load_adapters_on_pretrained(path, adapters, device="cpu"):
+    """A LoRA run's adapters on the pretrained GPT-2 its run record names (and models_dir)."""
+    record = read_run_record(path)
+    config = (record or {}).get("config", {})
+    if config.get("model") is None:
+        raise ModelFileError(f"{path} holds only LoRA adapters, and no run record beside it "
+                             f"names their base model. Load them on it: python chat.py "
+                             f"BASE.pth --adapters {path}")
+    if config.get("test_mode"):
+        raise ModelFileError(f"{path} comes from a test-mode run, trained on a tiny random GPT "
+                             f"that no file holds: use that run's merged model instead")
+    models_dir = Path(config.get("models_dir") or HERE / "gpt2")
+    model, info = load_pretrained_model(config["model"], "cpu", models_dir,
+                                        record.get("model_config"))
+    add_adapters(model, adapters, path, info["path"])
+    return finish(model, device, record_style((path, record)), info["path"], path,
+                  config["model"], info["model_config"], f"from {run_record_path(path).name}")
+
+
+def new_model(cfg):
+    from previous_chapters import GPTModel
+
+    return GPTModel(cfg)
+
+
+def finish(model, device, style, path, adapters, name, cfg, source):
+    """The model on `device` in eval mode, its style, and the info dict that describes it."""
+    model.to(device).eval()
+    info = {"path": str(path), "adapters": None if adapters is None else str(adapters),
+            "model": name, "model_config": cfg, "config_source": source, "prompt_style": style,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    return model, style, info
+
+
+def load_pretrained_model(model_name, device="cpu", models_dir=HERE / "gpt2", cfg=None):
+    """OpenAI's GPT-2 of a size (downloaded once into `models_dir`): a side-by-side chat's
+    second model, or the base of LoRA adapters. `cfg`: the GPTModel config, if not the size's."""
+    from gpt_download import download_and_load_gpt2
+    from previous_chapters import load_weights_into_gpt
+
+    cfg = dict(cfg or gpt2_config(model_name))
+    _, params = download_and_load_gpt2(model_folder(model_name), models_dir)
+    model = new_model(cfg)
+    try:
+        load_weights_into_gpt(model, params)
+    except ValueError as e:
+        raise ModelFileError(f"The GPT-2 checkpoint in {Path(models_dir) / model_folder(model_name)} "
+                             f"does not fit {model_name}: {e}") from None
+    _, _, info = finish(model, device, None, Path(models_dir) / model_folder(model_name), None,
+                        f"{model_name} (pretrained)", cfg, "GPT-2 sizes")
+    return model, info
+
+
+#####################################
+# One turn of a chat
+#####################################
+
+@dataclass
+class ChatModel:
+    """A loaded model with what a chat turn needs: its tokenizer, prompt style and name."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    style_name: str = DEFAULT_STYLE
+    label: str = "model"
+
+    @property
+    def style(self):
+        from exercise_variants import prompt_style
+
+        return prompt_style(self.style_name)
+
+    @property
+    def context_size(self):
+        return self.model.pos_emb.weight.shape[0]
+
+    @property
+    def eos_id(self):
+        return self.tokenizer.eot_token
+
+    def prompt_budget(self, max_new_tokens):
+        """Most prompt tokens that leave room for the answer (at least half the context)."""
+        return max(self.context_size - max_new_tokens, self.context_size // 2)
+
+    def prepare(self, instruction, input_text="", max_new_tokens=256):
+        """(prompt text, prompt token ids, note): the note says when the text was cut to fit.
+
+        The input is cut first, then the instruction, keeping their beginnings.
+        """
+        entry = {"instruction": instruction, "input": input_text or ""}
+        budget = self.prompt_budget(max_new_tokens)
+        before = len(self.tokenizer.encode(self.style.format_input(entry)))
+        for _ in range(8):  # cutting re-tokenizes at the cut, so it can take a second pass
+            prompt = self.style.format_input(entry)
+            ids = self.tokenizer.encode(prompt)
+            excess = len(ids) - budget
+            if excess <= 0:
+                break
+            key = "input" if entry["input"] else "instruction"
+            tokens = self.tokenizer.encode(entry[key])
+            entry[key] = self.tokenizer.decode(tokens[:max(len(tokens) - excess, 0)])
+        else:
+            raise ValueError(f"Could not fit the prompt into {budget} tokens")
+        note = None
+        if len(ids) < before:
+            note = (f"Note: your text was cut to fit: the prompt would have been {before} "
+                    f"tokens, now {len(ids)}, so that it and a {max_new_tokens}-token answer "
+                    f"fit the model's {self.context_size}-token context.")
+        return prompt, ids, note
+
+    def visible_answer(self, prompt, generated):
+        """The answer as the chapter extracts it, empty while the response tag is being made."""
+        tag = self.style.response_prefix.strip()
+        start = generated.strip()
+        if start and len(start) < len(tag) and tag.startswith(start):
+            return ""
+        return self.style.extract_response(prompt + generated, prompt)
+
+    def stream(self, prompt, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=None,
+               seed=None):
+        """Yield the answer so far (text) after each new token; greedy unless temperature > 0."""
+        from fast_gpt import generate_stream
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        idx = torch.tensor([prompt_ids], device=self.model.tok_emb.weight.device)
+        ids = []
+        for token in generate_stream(self.model, idx, max_new_tokens, self.context_size,
+                                     temperature=temperature, top_k=top_k or None,
+                                     eos_id=self.eos_id):
+            ids.append(token)
+            text = self.tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):  # not halfway through a multi-byte character
+                yield self.visible_answer(prompt, text)
+        yield self.visible_answer(prompt, self.tokenizer.decode(ids))
+
+    def answer_all(self, entries, max_new_tokens=256, batch_size=16):
+        """Greedy answers to many {"instruction", "input"} entries, in batches.
+
+        Returns [(answer, note)]: each answer equals the last text `stream` gives for it.
+        """
+        from fast_gpt import generate_answer_ids
+
+        prepared = [self.prepare(e["instruction"], e.get("input", ""), max_new_tokens)
+                    for e in entries]
+        answers = generate_answer_ids(self.model, [ids for _, ids, _ in prepared],
+                                      max_new_tokens, self.context_size, self.eos_id,
+                                      batch_size=batch_size)
+        return [(self.visible_answer(prompt, self.tokenizer.decode(ids)), note)
+                for (prompt, _, note), ids in zip(prepared, answers, strict=True)]
+
+
+def load_chat_model(path, device="cpu", adapters=None, base=None, tokenizer=None):
+    """load_finetuned_model wrapped as a ChatModel; returns (ChatModel, info)."""
+    from finetune_cli import get_tokenizer
+
+    model, style, info = load_finetuned_model(path, device, adapters=adapters, base=base)
+    label = Path(adapters).name if adapters is not None else Path(path).name
+    return ChatModel(model, tokenizer or get_tokenizer(), style, label), info
+
+
+def add_model_arguments(parser):
+    """The command-line arguments that pick a model, shared by chat.py and chat_app.py."""
+    parser.add_argument("model", help="the finetuned model's .pth (or its base model's, with --adapters)")
+    parser.add_argument("--adapters", help="LoRA adapter file (<stem>-adapters.pth) to load on MODEL")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--tokenizer-dir",
+                        help="folder with GPT-2's encoder.json and vocab.bpe (offline use)")
+
+
+def describe(info):
+    """One line about a loaded model, for the terminal and the app's header."""
+    adapters = f" + LoRA adapters {Path(info['adapters']).name}" if info["adapters"] else ""
+    cfg = info["model_config"]
+    return (f"{Path(info['path']).name}{adapters}: {info['model']}, "
+            f"{info['parameters'] / 1e6:.1f}M parameters, {cfg['n_layers']} layers, context "
+            f"{cfg['context_length']} (config {info['config_source']}), prompt style "
+            f"{info['prompt_style'] or '-'}")

@@ -1,0 +1,348 @@
+"""The chapter's training loop as a run that can stop and continue exactly.
+
+Not in the book: `train_model_simple` (chapter 5) keeps everything in memory. `TrainingRun`
+runs the same loop (the same printed `Ep 1 (Step 000000): Train loss ..., Val loss ...` lines,
+the same `eval_freq` and `eval_iter`, the same returned losses) and adds:
+- a data order that is a pure function of (seed, epoch): `epoch_order`, the permutation
+  torch's DistributedSampler also draws. The batch at position p of epoch e is the same
+  after a restart, and any number of processes can take their share of it;
+- checkpoints every `save_every` steps and on Ctrl-C (checkpoints.py), and `resume()`; on
+  the CPU in float32 a resumed run's losses and weights equal an uninterrupted run's;
+- a tqdm bar over the steps with the time left; evaluation lines print above it;
+- a metrics file appended at each evaluation (run_record.MetricsLog);
+- precision from precision.py (bf16/fp16 autocast, a gradient scaler for fp16).
+
+In a notebook:
+
+    run = TrainingRun(model, optimizer, train_loader, val_loader, device, seed=123,
+                      checkpoints=CheckpointPlan("checkpoints", "gpt2-medium355M-sft", identity,
+                                                 save_every=50))
+    run.resume_if_any()  # continues the newest checkpoint, if there is one
+    train_losses, val_losses, tokens_seen = run.train(num_epochs=2, eval_freq=5, eval_iter=5,
+                                                      start_context=..., tokenizer=tokenizer)
+"""
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import RandomSampler
+
+from checkpoints import (
+    CheckpointError,
+    check_identity,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    newest_checkpoint,
+    prune_checkpoints,
+    restore,
+    save_checkpoint,
+)
+from precision import resolve_precision
+from run_record import MetricsLog
+
+
+def epoch_order(n_items, seed, epoch):
+    """The training data's order in `epoch`: a permutation drawn from a generator seeded with
+    seed + epoch (as torch's DistributedSampler does), the same on every run and process."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n_items, generator=generator).tolist()
+
+
+class SingleProcess:
+    """How the loop runs in one process. DistributedDataParallel (issue 15) passes an object
+    with the same attributes and methods instead; nothing else in the loop changes."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def share(self, batch_indices):
+        """This process's part of the global batch. DDP: batch_indices[rank::world_size]."""
+        return batch_indices
+
+    def backward_loss(self, loss_sum, n_counted):
+        """The loss to backpropagate from this process's (sum of token losses, number of
+        counted targets). One process: their mean, calc_loss_batch's loss. Several:
+        loss_sum / (n_counted all-reduced over the ranks); `sync_gradients` then sums the
+        ranks' gradients, so the update is that of the global batch's mean over its tokens,
+        however unevenly the tokens fall on the ranks."""
+        return loss_sum / n_counted
+
+    def sync_gradients(self, model):
+        """Between backward and the optimizer step. Several processes: all-reduce (sum) the
+        gradients. The loop runs fast_gpt's forward on the plain model, with no DDP wrapper,
+        so the checkpoint's keys do not depend on the process count."""
+
+    def count(self, n):
+        """An int summed over processes (tokens seen). One process: n."""
+        return n
+
+    def any(self, flag):
+        """True on every process when it is True on any (a Ctrl-C that reached only some
+        ranks must stop all of them after the same step). DDP: an all-reduce MAX."""
+        return flag
+
+
+@dataclass
+class CheckpointPlan:
+    """Where and how often to checkpoint, and what a resumed checkpoint must match.
+
+    `identity`: plain JSON values (model config, dataset sha256, the training settings that
+    change results); a checkpoint whose identity differs is refused, naming the fields.
+    `keep`: how many checkpoints stay (None keeps all).
+    """
+
+    folder: Path
+    stem: str
+    identity: dict
+    save_every: int | None = None
+    keep: int | None = 3
+
+
+@dataclass
+class TrainState:
+    """Where the run is: the next batch is `position` in epoch `epoch`'s order; `step` steps
+    are done. `metrics` holds one row per evaluation (run_record.METRIC_KEYS)."""
+
+    epoch: int = 0
+    position: int = 0
+    step: int = 0
+    tokens_seen: int = 0
+    wall_seconds: float = 0.0
+    metrics: list = field(default_factory=list)
+
+    def progress(self):
+        return {"epoch": self.epoch, "position": self.position, "step": self.step,
+                "tokens_seen": self.tokens_seen, "wall_seconds": self.wall_seconds}
+
+    def losses(self):
+        """(train_losses, val_losses, tokens_seen), as train_model_simple returns them."""
+        return ([row["train_loss"] for row in self.metrics], [row["val_loss"] for row in self.metrics],
+                [row["tokens_seen"] for row in self.metrics])
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training at a step boundary; `checkpoint` is the file saved (or None)."""
+
+    def __init__(self, step, checkpoint):
+        self.step, self.checkpoint = step, checkpoint
+        if checkpoint is None:
+            message = f"Training stopped after step {step}; no checkpoint was configured."
+        else:
+            message = (f"Training stopped after step {step}; checkpoint saved as {checkpoint}. "
+                       f"Resume from it: --resume {checkpoint} on the command line, or "
+                       f"TrainingRun.resume({str(checkpoint)!r}).")
+        super().__init__(message)
+
+
+class _StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step (a step cut halfway
+    would leave the weights and optimizer out of step); a second one stops at once."""
+
+    def __init__(self, enabled):
+        self.enabled, self.requested, self._previous = enabled, False, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step to save a checkpoint "
+              "(press Ctrl-C again to stop at once, without one).", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class TrainingRun:
+    """One finetuning run: the model, its optimizer and loaders, and where training stands.
+
+    `train_loader` supplies the dataset, collate function and batch size; it is shuffled by
+    `epoch_order(len(dataset), seed, epoch)` when the loader shuffles (RandomSampler), read
+    in order otherwise. Its evaluation (the train loss over `eval_iter` batches) iterates the
+    loader as the book does.
+    """
+
+    def __init__(self, model, optimizer, train_loader, val_loader, device, seed=123,
+                 precision=None, checkpoints=None, metrics_path=None, distributed=None,
+                 progress=True):
+        self.model, self.optimizer = model, optimizer
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.device, self.seed = torch.device(device), seed
+        self.precision = precision or resolve_precision("auto", self.device)
+        self.scaler = self.precision.grad_scaler()
+        self.checkpoints = checkpoints
+        self.distributed = distributed or SingleProcess()
+        self.is_main = self.distributed.is_main
+        self.metrics = MetricsLog(metrics_path) if metrics_path is not None and self.is_main else None
+        self.progress = progress
+        self.state = TrainState()
+        self.last_checkpoint = None
+        self.resumed_from = None
+        self.finished = False
+
+    #####################################
+    # Checkpoints
+    #####################################
+
+    def save(self):
+        """Checkpoint the run as it stands (the main process writes it) and prune old ones."""
+        plan = self.checkpoints
+        if plan is None:
+            raise CheckpointError("This run has no CheckpointPlan: nowhere to save.")
+        path = checkpoint_path(plan.folder, plan.stem, self.state.step)
+        if self.is_main:
+            save_checkpoint(path, self.model, self.optimizer, self.state.progress(),
+                            self.state.metrics, plan.identity, self.scaler)
+            prune_checkpoints(plan.folder, plan.stem, plan.keep)
+        self.last_checkpoint = path
+        return path
+
+    def resume(self, path=None):
+        """Continue from checkpoint `path` (None: the newest of this run's stem), refusing
+        one saved for another model, data or config."""
+        plan = self.checkpoints
+        if plan is None:
+            raise CheckpointError("Resuming needs a CheckpointPlan (its identity is checked).")
+        path = newest_checkpoint(plan.folder, plan.stem) if path is None else Path(path)
+        checkpoint = load_checkpoint(path)
+        check_identity(checkpoint, plan.identity, path)
+        restore(checkpoint, self.model, self.optimizer, self.scaler)
+        self.state = TrainState(**checkpoint["progress"], metrics=checkpoint["metrics"])
+        self.resumed_from = self.last_checkpoint = path
+        if self.is_main:
+            print(f"Resuming from {path}: epoch {self.state.epoch + 1}, after step {self.state.step}.")
+        return path
+
+    def resume_if_any(self):
+        """Resume from the newest checkpoint of this run when there is one; return its path or None."""
+        if self.checkpoints is None or not list_checkpoints(self.checkpoints.folder, self.checkpoints.stem):
+            return None
+        return self.resume()
+
+    #####################################
+    # The loop
+    #####################################
+
+    def _epoch_order(self, epoch):
+        n_items = len(self.train_loader.dataset)
+        if isinstance(self.train_loader.sampler, RandomSampler):
+            return epoch_order(n_items, self.seed, epoch)
+        return list(range(n_items))
+
+    def _train_step(self, batch_indices):
+        from fast_gpt import loss_sum_and_count
+
+        dataset, collate = self.train_loader.dataset, self.train_loader.collate_fn
+        input_batch, target_batch = collate([dataset[i] for i in self.distributed.share(batch_indices)])
+        self.optimizer.zero_grad()
+        with self.precision.autocast():
+            loss = self.distributed.backward_loss(
+                *loss_sum_and_count(input_batch, target_batch, self.model, self.device))
+        if self.scaler is None:
+            loss.backward()
+            self.distributed.sync_gradients(self.model)
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.distributed.sync_gradients(self.model)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.state.tokens_seen += self.distributed.count(input_batch.numel())
+
+    def _evaluate(self, eval_iter):
+        """evaluate_model's (train loss, val loss), in this run's precision."""
+        from fast_gpt import calc_loss_loader_fast
+
+        self.model.eval()
+        with torch.inference_mode(), self.precision.autocast():
+            losses = tuple(calc_loss_loader_fast(loader, self.model, self.device, eval_iter)
+                           for loader in (self.train_loader, self.val_loader))
+        self.model.train()
+        return losses
+
+    def _record(self, row, write):
+        self.state.metrics.append(row)
+        if self.metrics is not None:
+            self.metrics.append(row)
+        if self.is_main:
+            write(f"Ep {row['epoch']} (Step {row['step']:06d}): "
+                  f"Train loss {row['train_loss']:.3f}, Val loss {row['val_loss']:.3f}")
+
+    def train(self, num_epochs, eval_freq, eval_iter, start_context, tokenizer, max_steps=None):
+        """Train up to `num_epochs` (or until `max_steps` steps in all); return train_model_simple's
+        (train_losses, val_losses, tokens_seen), including those before a resume.
+
+        Ctrl-C stops after the current step, saves a checkpoint and raises TrainingInterrupted.
+        `max_steps` stops the same way without an exception (a checkpoint is saved when planned).
+        With `save_every`, the finished run is checkpointed too.
+        """
+        from tqdm import tqdm
+
+        from fast_gpt import print_sample
+
+        state, plan = self.state, self.checkpoints
+        n_batches, batch_size = len(self.train_loader), self.train_loader.batch_size
+        total = num_epochs * n_batches if max_steps is None else min(num_epochs * n_batches, max_steps)
+        if self.metrics is not None:
+            self.metrics.start(state.metrics)
+        clock = time.perf_counter() - state.wall_seconds
+        self.finished = False
+        bar = tqdm(total=total, initial=min(state.step, total), desc="Training", unit="step",
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        with bar, _StopOnCtrlC(enabled=plan is not None) as ctrl_c:
+            try:
+                while state.epoch < num_epochs:
+                    order = self._epoch_order(state.epoch)
+                    self.model.train()
+                    while state.position < n_batches:
+                        stop = self.distributed.any(ctrl_c.requested)
+                        if stop or (max_steps is not None and state.step >= max_steps):
+                            state.wall_seconds = time.perf_counter() - clock
+                            saved = self.save() if plan is not None else None
+                            if stop:
+                                raise TrainingInterrupted(state.step, saved)
+                            return state.losses()
+                        start = state.position * batch_size
+                        self._train_step(order[start:start + batch_size])
+                        state.position += 1
+                        state.step += 1
+                        bar.update(1)
+                        global_step = state.step - 1  # the book's step counter starts at -1
+                        if global_step % eval_freq == 0:
+                            train_loss, val_loss = self._evaluate(eval_iter)
+                            self._record({
+                                "step": global_step, "epoch": state.epoch + 1,
+                                "epochs_seen": state.epoch + state.position / n_batches,
+                                "tokens_seen": state.tokens_seen, "train_loss": train_loss,
+                                "val_loss": val_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                "seconds": time.perf_counter() - clock}, tqdm.write)
+                        if plan is not None and plan.save_every and state.step % plan.save_every == 0:
+                            state.wall_seconds = time.perf_counter() - clock
+                            self.save()
+                    if start_context is not None and self.is_main:
+                        with tqdm.external_write_mode():
+                            print_sample(self.model, tokenizer, self.device, start_context)
+                    state.epoch += 1
+                    state.position = 0
+            except KeyboardInterrupt as e:
+                if not isinstance(e, TrainingInterrupted) and self.is_main:
+                    where = self.last_checkpoint or "none was saved"
+                    print(f"\nTraining interrupted during step {state.step + 1}, not saved; the last "
+                          f"checkpoint: {where}.", file=sys.stderr)
+                raise
+        state.wall_seconds = time.perf_counter() - clock
+        self.finished = True
+        if plan is not None and plan.save_every and state.step % plan.save_every:
+            self.save()  # the trained state, for a Ctrl-C in what follows (e.g. the answers)
+        return state.losses()

@@ -1,0 +1,269 @@
+"""resumable_training.TrainingRun: the chapter's loop, stopped and resumed, equals one run.
+
+Tiny real GPTs on the chapter's real data and the real tokenizer, on the CPU in float32:
+interrupted runs (by `max_steps`, by a real SIGINT in the middle of a step, from a periodic
+checkpoint) continue to the same losses and bit-identical weights as an uninterrupted run.
+"""
+
+import contextlib
+import io
+import os
+import signal
+from functools import partial
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from checkpoints import CheckpointError, list_checkpoints, load_checkpoint
+from fast_gpt import train_model_fast
+from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
+from precision import Precision
+from previous_chapters import GPTModel, train_model_simple
+from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun, epoch_order
+from run_record import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CFG = {"vocab_size": 50257, "context_length": 64, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+       "drop_rate": 0.0, "qkv_bias": True}
+SEED = 7
+EPOCHS, EVAL_FREQ, EVAL_ITER = 2, 2, 1
+N_BATCHES = 6  # 12 training entries, batches of 2: 12 steps in all
+IDENTITY = {"model_config": CFG, "dataset_sha256": "0" * 64, "config": {"lr": 5e-4, "seed": SEED}}
+
+
+def build(instruction_data, tokenizer, shuffle=True, optimizer_class=torch.optim.AdamW):
+    """A fresh model, optimizer and the chapter's loaders, all seeded as the CLI seeds them."""
+    collate = partial(custom_collate_fn, allowed_max_length=CFG["context_length"])
+    torch.manual_seed(SEED)
+    model = GPTModel(CFG)
+    optimizer = optimizer_class(model.parameters(), lr=5e-4, weight_decay=0.1)
+    train_loader = DataLoader(InstructionDataset(instruction_data[:12], tokenizer), batch_size=2,
+                              shuffle=shuffle, drop_last=True, collate_fn=collate)
+    val_loader = DataLoader(InstructionDataset(instruction_data[12:16], tokenizer), batch_size=2,
+                            collate_fn=collate)
+    return model, optimizer, train_loader, val_loader
+
+
+def make_run(instruction_data, tokenizer, folder, save_every=None, keep=3, identity=IDENTITY,
+             optimizer_class=torch.optim.AdamW, precision=None):
+    model, optimizer, train_loader, val_loader = build(instruction_data, tokenizer,
+                                                       optimizer_class=optimizer_class)
+    plan = CheckpointPlan(folder, "tiny-sft", identity, save_every=save_every, keep=keep)
+    return TrainingRun(model, optimizer, train_loader, val_loader, "cpu", seed=SEED,
+                       precision=precision, checkpoints=plan,
+                       metrics_path=folder / "tiny-sft.metrics.jsonl", progress=False)
+
+
+def train(run, max_steps=None):
+    """Run training; return (losses, printed stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        losses = run.train(EPOCHS, EVAL_FREQ, EVAL_ITER, None, None, max_steps=max_steps)
+    return losses, out.getvalue()
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(model, expected):
+    state = model.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.fixture(scope="module")
+def baseline(instruction_data, tokenizer, tmp_path_factory):
+    """One uninterrupted run, checkpointing every 4 steps and keeping the last 2."""
+    folder = tmp_path_factory.mktemp("baseline")
+    run = make_run(instruction_data, tokenizer, folder, save_every=4, keep=2)
+    losses, printed = train(run)
+    return {"run": run, "losses": losses, "printed": printed, "weights": weights(run.model),
+            "folder": folder, "metrics": read_metrics(folder / "tiny-sft.metrics.jsonl")}
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    assert epoch_order(10, 3, 1) == epoch_order(10, 3, 1)
+    assert sorted(epoch_order(10, 3, 1)) == list(range(10))
+    assert epoch_order(10, 3, 0) != epoch_order(10, 3, 1)
+    # the permutation torch's DistributedSampler draws, so DDP ranks can share it
+    sampler = torch.utils.data.DistributedSampler(list(range(10)), num_replicas=1, rank=0, seed=3)
+    sampler.set_epoch(1)
+    assert list(sampler) == epoch_order(10, 3, 1)
+
+
+def test_baseline_runs_all_steps_and_prints_the_chapters_lines(baseline):
+    run = baseline["run"]
+    assert run.finished and run.state.step == EPOCHS * N_BATCHES
+    lines = baseline["printed"].splitlines()
+    steps = [0, 2, 4, 6, 8, 10]
+    assert [line.split(":")[0] for line in lines] == [
+        f"Ep {1 + s // N_BATCHES} (Step {s:06d})" for s in steps]
+    train_losses, val_losses, tokens_seen = baseline["losses"]
+    assert len(train_losses) == len(val_losses) == len(tokens_seen) == len(steps)
+    assert train_losses[-1] < train_losses[0]
+
+
+@pytest.mark.parametrize("k", [3, N_BATCHES])  # mid-epoch, and at the epoch's end
+def test_stop_after_k_steps_then_resume_equals_uninterrupted(baseline, instruction_data, tokenizer,
+                                                              tmp_path, k):
+    first = make_run(instruction_data, tokenizer, tmp_path)
+    losses, printed = train(first, max_steps=k)
+    assert not first.finished and first.state.step == k
+    assert [p.name for p in list_checkpoints(tmp_path, "tiny-sft")] == [f"tiny-sft-step{k:07d}.pth"]
+    assert printed == "".join(baseline["printed"].splitlines(keepends=True)[:len(losses[0])])
+
+    second = make_run(instruction_data, tokenizer, tmp_path)  # a new process would build anew
+    assert second.resume_if_any() == tmp_path / f"tiny-sft-step{k:07d}.pth"
+    resumed_losses, resumed_printed = train(second)
+
+    assert second.finished
+    assert resumed_losses == baseline["losses"]  # exactly, before and after the resume
+    assert printed + resumed_printed == baseline["printed"]
+    assert_same_weights(second.model, baseline["weights"])
+    assert second.optimizer.state_dict()["state"][0]["exp_avg"].equal(
+        baseline["run"].optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+class SigintAtStep(torch.optim.AdamW):
+    """AdamW that sends this process a real SIGINT in the middle of its 5th step."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        SigintAtStep.calls += 1
+        if SigintAtStep.calls == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered while this step runs
+        return super().step(closure)
+
+
+def test_real_sigint_mid_step_saves_after_that_step_and_resumes_exactly(
+        baseline, instruction_data, tokenizer, tmp_path, capsys):
+    SigintAtStep.calls = 0
+    handler_before = signal.getsignal(signal.SIGINT)
+    first = make_run(instruction_data, tokenizer, tmp_path, optimizer_class=SigintAtStep)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        first.train(EPOCHS, EVAL_FREQ, EVAL_ITER, None, None)
+    saved = tmp_path / "tiny-sft-step0000005.pth"
+    assert stopped.value.checkpoint == saved and stopped.value.step == 5
+    assert f"--resume {saved}" in str(stopped.value)
+    assert "stopping after this step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is restored
+
+    second = make_run(instruction_data, tokenizer, tmp_path)
+    second.resume(saved)
+    losses, _ = train(second)
+    assert losses == baseline["losses"]
+    assert_same_weights(second.model, baseline["weights"])
+
+
+def test_periodic_checkpoints_are_pruned_and_one_resumes_exactly(baseline, instruction_data,
+                                                                 tokenizer, tmp_path):
+    names = [p.name for p in list_checkpoints(baseline["folder"], "tiny-sft")]
+    assert names == ["tiny-sft-step0000008.pth", "tiny-sft-step0000012.pth"]  # every 4, keep 2
+    checkpoint = load_checkpoint(baseline["folder"] / names[0])
+    assert checkpoint["progress"] == {**checkpoint["progress"], "epoch": 1, "position": 2, "step": 8}
+
+    run = make_run(instruction_data, tokenizer, tmp_path)
+    run.resume(baseline["folder"] / names[0])
+    losses, printed = train(run)
+    assert losses == baseline["losses"]
+    assert printed.splitlines() == baseline["printed"].splitlines()[-2:]  # steps 8 and 10
+    assert_same_weights(run.model, baseline["weights"])
+
+
+def test_metrics_rows_equal_printed_and_returned_losses_also_after_resume(baseline, instruction_data,
+                                                                          tokenizer, tmp_path):
+    rows = baseline["metrics"]
+    train_losses, val_losses, tokens_seen = baseline["losses"]
+    assert [r["train_loss"] for r in rows] == train_losses
+    assert [r["val_loss"] for r in rows] == val_losses
+    assert [r["tokens_seen"] for r in rows] == tokens_seen
+    assert [f"Ep {r['epoch']} (Step {r['step']:06d}): Train loss {r['train_loss']:.3f}, "
+            f"Val loss {r['val_loss']:.3f}" for r in rows] == baseline["printed"].splitlines()
+    assert [r["epochs_seen"] for r in rows] == [e + p / N_BATCHES for e in (0, 1) for p in (1, 3, 5)]
+    assert all(r["lr"] == 5e-4 for r in rows)
+    assert all(b["seconds"] > a["seconds"] > 0 for a, b in zip(rows, rows[1:], strict=False))
+
+    # An interrupted run's file loses the rows after its checkpoint; the resumed one matches.
+    first = make_run(instruction_data, tokenizer, tmp_path)
+    train(first, max_steps=4)
+    metrics_file = tmp_path / "tiny-sft.metrics.jsonl"
+    with open(metrics_file, "a") as f:  # a row written after the checkpoint, before a crash
+        f.write('{"step": 4, "epoch": 1, "train_loss": 99.0}\n')
+    second = make_run(instruction_data, tokenizer, tmp_path)
+    second.resume()
+    train(second)
+    resumed = read_metrics(metrics_file)
+    without_time = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed]
+    assert without_time == [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_mismatched_checkpoint_is_refused_naming_the_difference(baseline, instruction_data,
+                                                                tokenizer):
+    other = {**IDENTITY, "model_config": {**CFG, "emb_dim": 32}, "dataset_sha256": "1" * 64}
+    run = make_run(instruction_data, tokenizer, baseline["folder"], identity=other)
+    with pytest.raises(CheckpointError) as refused:
+        run.resume()
+    message = str(refused.value)
+    assert "model_config.emb_dim: 16 in the checkpoint, 32 now" in message
+    assert f"dataset_sha256: '{'0' * 64}' in the checkpoint, '{'1' * 64}' now" in message
+    assert "lr" not in message  # only the differences are named
+    assert run.state.step == 0  # nothing was loaded
+
+
+def test_same_losses_and_printed_lines_as_train_model_fast(instruction_data, tokenizer):
+    """With an unshuffled loader both loops see the same batches: the same numbers and text."""
+    model, optimizer, train_loader, val_loader = build(instruction_data, tokenizer, shuffle=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        expected = train_model_fast(model, train_loader, val_loader, optimizer, "cpu", 1,
+                                    EVAL_FREQ, EVAL_ITER, "Give me", tokenizer)
+
+    model2, optimizer2, train_loader2, val_loader2 = build(instruction_data, tokenizer, shuffle=False)
+    run = TrainingRun(model2, optimizer2, train_loader2, val_loader2, "cpu", seed=SEED, progress=False)
+    out2 = io.StringIO()
+    with contextlib.redirect_stdout(out2):
+        losses = run.train(1, EVAL_FREQ, EVAL_ITER, "Give me", tokenizer)
+    assert losses == expected
+    assert out2.getvalue() == out.getvalue()
+    assert_same_weights(model2, weights(model))
+
+
+def test_losses_equal_the_books_train_model_simple_within_float_rounding(instruction_data, tokenizer):
+    model, optimizer, train_loader, val_loader = build(instruction_data, tokenizer, shuffle=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = train_model_simple(model, train_loader, val_loader, optimizer, "cpu", 1,
+                                      EVAL_FREQ, EVAL_ITER, None, None)
+    model2, optimizer2, train_loader2, val_loader2 = build(instruction_data, tokenizer, shuffle=False)
+    run = TrainingRun(model2, optimizer2, train_loader2, val_loader2, "cpu", seed=SEED, progress=False)
+    losses, _ = train(run)  # two epochs: the first equals the book's one epoch
+    for mine, books in zip(losses, expected, strict=True):
+        assert mine[:len(books)] == pytest.approx(books, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_half_precision_runs_resume_exactly_too(instruction_data, tokenizer, tmp_path, name):
+    """Autocast, and for fp16 the gradient scaler, whose state the checkpoint carries. On the
+    CPU, where torch has both (--precision refuses fp16 there as slow); a GPU runs the same
+    code with the device type "cuda"."""
+    precision = Precision(name, "cpu", "test")
+    full = make_run(instruction_data, tokenizer, tmp_path / "full", precision=precision)
+    expected, _ = train(full)
+    first = make_run(instruction_data, tokenizer, tmp_path / "part", precision=precision)
+    train(first, max_steps=5)
+    second = make_run(instruction_data, tokenizer, tmp_path / "part", precision=precision)
+    checkpoint = load_checkpoint(second.resume())
+    losses, _ = train(second)
+
+    assert losses == expected
+    assert_same_weights(second.model, weights(full.model))
+    if name == "fp16":
+        assert checkpoint["scaler"] == first.scaler.state_dict()
+        assert checkpoint["scaler"]["_growth_tracker"] == 5  # steps since the scale last changed
+        assert second.scaler.state_dict() == full.scaler.state_dict()
+    else:
+        assert checkpoint["scaler"] is None and second.scaler is None
