@@ -19,7 +19,10 @@ Long runs survive (not in the book): training runs in `resumable_training.Traini
 checkpoints to OUTPUT_DIR/checkpoints every `--save-every` steps and on Ctrl-C (`--resume`
 continues exactly, `--keep` prunes), appends each evaluation to `<stem>.metrics.jsonl` and
 shows a progress bar; `--precision` picks the autocast (precision.py); beside the model goes
-`<stem>.run.json` (run_record.py). Data may be JSON or JSON Lines, split by
+`<stem>.run.json` (run_record.py). `--weights-source` picks where GPT-2 comes from
+(gpt_download.py; the hub sources need no TensorFlow), and the tokenizer is built from the
+vocabulary files downloaded with the weights. The chapter's dataset is tried from its
+sources in order and checked against its sha256. Data may be JSON or JSON Lines, split by
 `--val-fraction`/`--test-fraction` (`--shuffle-split SEED`), answered up to
 `--max-test-answers`.
 
@@ -62,13 +65,9 @@ from gpt2_sizes import (
     model_folder,
     short_model_name,
 )
-from gpt_instruction_finetuning import (
-    DATA_URL,
-    InstructionDataset,
-    custom_collate_fn,
-    get_device,
-)
-from instruction_data import DatasetError, load_instruction_file, split_data
+from gpt_download import WEIGHT_SOURCES
+from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, get_device
+from instruction_data import CHAPTER_DATASET, DatasetError, load_instruction_file, split_data
 from precision import PRECISIONS, PrecisionError, resolve_precision
 from preflight import PreflightError, check_run, untrained_note, untrained_suffix
 from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
@@ -124,8 +123,14 @@ class FinetuneConfig:
                                           "(default: gpt2/ next to this file)")
     output_dir: str | None = option(None, "where responses, model and plot go "
                                           "(default: next to this file)")
-    tokenizer_dir: str | None = option(None, "a folder with GPT-2's encoder.json and vocab.bpe "
-                                             "(offline use)")
+    weights_source: str = option("auto", "where GPT-2's weights come from: openai (TensorFlow "
+                                         "checkpoint, needs tensorflow), hub-book or hub-openai "
+                                         "(Hugging Face hub; HF_ENDPOINT names a mirror); auto: "
+                                         "what is complete on disk, else hub-openai",
+                                 choices=list(WEIGHT_SOURCES))
+    tokenizer_dir: str | None = option(None, "a folder with GPT-2's encoder.json and vocab.bpe, "
+                                             "or vocab.json and merges.txt (default: those beside "
+                                             "the weights, else tiktoken's download)")
     prompt_style: str = option("alpaca", "exercise 7.1: the prompt style",
                                choices=list(PROMPT_STYLES))
     mask_instructions: bool = option(False, "exercise 7.2: compute the loss on the response "
@@ -197,6 +202,21 @@ class PreparedData:
     precision: object = None  # a precision.Precision for training on `device`
 
 
+def load_entries(data_path, config):
+    """The entries of `data_path` (JSON list or JSON Lines, instruction_data.load_instruction_file).
+
+    The chapter's dataset (no --data) is downloaded when missing from its sources in order
+    (GitHub, then a CDN mirror; --data-url replaces them) and must match its known sha256.
+    A file of one's own is downloaded from --data-url only, unchecked.
+    """
+    if config.data is None:
+        sources = (config.data_url,) if config.data_url else CHAPTER_DATASET.urls
+        return load_instruction_file(data_path, sources, CHAPTER_DATASET.sha256)
+    if config.data_url is None and not data_path.exists():
+        raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
+    return load_instruction_file(data_path, [config.data_url] if config.data_url else None)
+
+
 def split_entries(entries, config):
     """(train, test, validation): the chapter's split in order, with the config's fractions,
     after a seeded shuffle when `shuffle_split` is set."""
@@ -220,11 +240,7 @@ def model_config(config):
 def prepare_data(config):
     """Load (or download) the entries, split them 85/10/5, and build the training loaders."""
     data_path = dataset_path(config)
-    if config.data is not None and config.data_url is None and not data_path.exists():
-        raise DatasetError(f"{data_path} does not exist (pass --data-url to download it)")
-    # Not in the book's loader: JSON or JSON Lines, "input" optional, a BOM is fine; a folder,
-    # bytes that are not UTF-8 or an HTML page are clear errors; a bad download is never saved.
-    entries = load_instruction_file(data_path, [config.data_url or DATA_URL])
+    entries = load_entries(data_path, config)
     print(f"Number of entries: {len(entries)}")
     train_data, test_data, val_data = split_entries(entries, config)
     if config.test_mode:
@@ -238,7 +254,9 @@ def prepare_data(config):
     print(f"Device: {device}")
     precision = resolve_precision(config.precision, device)
     print(precision.describe())
-    tokenizer = get_tokenizer(config.tokenizer_dir)
+    # Not in the book: the tokenizer comes after the weights, from the vocabulary files that
+    # their download brings (no tiktoken download needed)
+    tokenizer = get_tokenizer(config.tokenizer_dir or download_weights(config))
     style = prompt_style(config.prompt_style)
     allowed_max_length = min(config.max_length, model_config(config)["context_length"])
     batch_size = min(config.batch_size, 2) if config.test_mode else config.batch_size
@@ -258,13 +276,13 @@ def prepare_data(config):
 
 def dataset_path(config):
     """--data, or the chapter's dataset next to this file."""
-    return Path(config.data) if config.data is not None else HERE / "instruction-data.json"
+    return Path(config.data) if config.data is not None else HERE / CHAPTER_DATASET.file_name
 
 
 def data_name(config):
     """The stem of a dataset other than the chapter's (for the outputs' names), else None."""
     path = dataset_path(config)
-    return None if path.name == "instruction-data.json" else path.stem
+    return None if path.name == CHAPTER_DATASET.file_name else path.stem
 
 
 def make_dataset(data, tokenizer, style=ALPACA, mask_instructions=False):
@@ -320,35 +338,43 @@ def choose_device(name=None, test_mode=False):
     return torch.device(name)
 
 
-# GPT-2's pre-tokenizer pattern (the same as tiktoken's "gpt2" encoding uses).
-GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s"""
-
-
 def get_tokenizer(tokenizer_dir=None):
-    """tiktoken's GPT-2 tokenizer; from `tokenizer_dir` (encoder.json + vocab.bpe) when given.
+    """tiktoken's GPT-2 tokenizer; from `tokenizer_dir` when given (OpenAI's encoder.json +
+    vocab.bpe, or the hub's vocab.json + merges.txt: gpt2_tokenizer.tokenizer_from_folder).
 
-    The GPT-2 download puts those two files in e.g. gpt2/355M/, so a machine that has the
-    weights can build the tokenizer offline too.
+    Every weights download puts those files in e.g. gpt2/355M/, so a machine that has the
+    weights builds the tokenizer offline too.
     """
+    if tokenizer_dir is not None:
+        from gpt2_tokenizer import tokenizer_from_folder
+
+        return tokenizer_from_folder(tokenizer_dir)
     import tiktoken
 
-    if tokenizer_dir is None:
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except OSError as e:  # tiktoken downloads its vocabulary on first use
-            raise RuntimeError(
-                f"tiktoken could not download GPT-2's vocabulary ({e}). Connect to the internet "
-                "once, or pass a folder holding encoder.json and vocab.bpe (--tokenizer-dir)."
-            ) from None
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # tiktoken downloads its vocabulary on first use
+        raise RuntimeError(
+            f"tiktoken could not download GPT-2's vocabulary ({e}). Connect to the internet "
+            "once, or pass a folder holding encoder.json and vocab.bpe (--tokenizer-dir)."
+        ) from None
 
-    folder = Path(tokenizer_dir)
-    missing = [n for n in ("encoder.json", "vocab.bpe") if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)} (GPT-2's tokenizer files)")
-    ranks = data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"), str(folder / "encoder.json"))
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256})
+
+def download_weights(config):
+    """Download GPT-2's files for the run (reusing complete ones) and return their folder, if
+    it holds the tokenizer's files; None in test mode, which needs no weights."""
+    if config.test_mode:
+        return None
+    from gpt2_tokenizer import tokenizer_files
+    from gpt_download import download_gpt2
+
+    folder = models_dir(config) / model_folder(config.model)
+    download_gpt2(model_folder(config.model), models_dir(config), config.weights_source)
+    return folder if tokenizer_files(folder) else None
+
+
+def models_dir(config):
+    return Path(config.models_dir) if config.models_dir is not None else HERE / "gpt2"
 
 
 #####################################
@@ -375,7 +401,8 @@ def build_model(config, device):
         from gpt_download import download_and_load_gpt2
 
         settings, params = download_and_load_gpt2(model_size=model_folder(config.model),
-                                                  models_dir=models_dir(config))
+                                                  models_dir=models_dir(config),
+                                                  source=config.weights_source)
         model = GPTModel(model_config(config))
         load_weights_into_gpt(model, params)
         del settings, params
@@ -388,11 +415,6 @@ def build_model(config, device):
     model.to(device)
     describe_expected_cost(model, config.model, device, config.epochs, config.test_mode)
     return model
-
-
-def models_dir(config):
-    """--models-dir, or gpt2/ next to this file."""
-    return Path(config.models_dir) if config.models_dir is not None else HERE / "gpt2"
 
 
 def describe_expected_cost(model, model_name, device, num_epochs, test_mode=False):
@@ -706,7 +728,7 @@ def resume_hint(config, data, checkpoint=None):
 
 def check_before_run(config, paths):
     """preflight.check_run for this config: before any download, model build or training."""
-    data_url = config.data_url or (DATA_URL if config.data is None else None)
+    data_url = config.data_url or (CHAPTER_DATASET.urls[0] if config.data is None else None)
     return check_run(config, paths["model"].parent, paths.values(), dataset_path(config),
                      data_url, model_config(config),
                      None if config.test_mode else models_dir(config))

@@ -250,15 +250,20 @@ def check_disk_space(needs, flag="--output-dir"):
 # All of it, before a run
 #####################################
 
-def gpt2_download_needed(models_dir, model):
-    """True when no source's files of GPT-2 `model` are complete in `models_dir`."""
+def gpt2_download_needed(models_dir, model, source="auto"):
+    """True when the files of GPT-2 `model` from `source` ("auto": from any source) are not
+    complete in `models_dir`."""
     from gpt2_sizes import model_folder
-    from gpt_download import WEIGHT_SOURCES, _present, _source_files
+    from gpt_download import FILENAMES, WEIGHT_SOURCES
+    from hub_weights import files_present, hub_files
 
     folder = model_folder(model)
     model_dir = Path(models_dir) / folder
-    return not any(all(_present(model_dir, names) for names in _source_files(source, folder))
-                   for source in WEIGHT_SOURCES if source != "auto")
+    for candidate in [source] if source != "auto" else WEIGHT_SOURCES[1:]:
+        files = [(name,) for name in FILENAMES] if candidate == "openai" else hub_files(candidate, folder)
+        if all(files_present(model_dir, names) for names in files):
+            return False
+    return True
 
 
 def check_checkpoint(models_dir, model):
@@ -285,7 +290,8 @@ def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, 
     check_output_dir(output_dir)
     check_output_files(output_files)
     data = check_data_file(data_path, data_url)
-    download = models_dir is not None and gpt2_download_needed(models_dir, config.model)
+    source = getattr(config, "weights_source", "auto")
+    download = models_dir is not None and gpt2_download_needed(models_dir, config.model, source)
     if models_dir is not None:
         check_checkpoint(models_dir, config.model)
 

@@ -62,7 +62,7 @@ def find_test_data(shared=ROOT.parent / "shared" / "data", environ=os.environ, c
         return shared
     if environ.get(DATA_ENV_VAR):
         return Path(environ[DATA_ENV_VAR])
-    from gpt_download import DownloadError, download_first
+    from downloads import DownloadError, download_first
 
     cache = Path(cache) if cache is not None else user_cache_folder()
     for name, (urls, sha256) in files.items():

@@ -3,9 +3,11 @@
 `smoke_workdir` copies the repository's files (what git tracks, plus new files git does not
 ignore; without git, the files .gitignore does not name) into a fresh folder and adds what a
 reader's first run would download: the chapter's dataset, a small stand-in for the Alpaca
-file, and tiny GPT-2 checkpoints in OpenAI's layout. Because those files are already on
-disk, the notebooks' own download code uses them and never reaches the network.
-`run_notebook` executes one notebook top to bottom with nbclient.
+file, and tiny GPT-2 checkpoints (in OpenAI's layout, or in the hub's, which loads without
+TensorFlow). Because those files are already on disk, the notebooks' own download code uses
+them and never reaches the network. `run_notebook` executes one notebook top to bottom with
+nbclient; `without_tensorflow_env` is the environment of a run where TensorFlow cannot be
+imported (tests/without_tensorflow/sitecustomize.py).
 """
 
 import fnmatch
@@ -53,8 +55,11 @@ def _ignored(rel, patterns):
     return False
 
 
-def smoke_workdir(dest):
-    """A clean copy of the repository in `dest`, with the data and weights already 'downloaded'."""
+def smoke_workdir(dest, weights="openai"):
+    """A clean copy of the repository in `dest`, with the data and weights already 'downloaded'.
+
+    `weights` is the layout of the tiny stand-in checkpoints: "openai" (TensorFlow's) or
+    "hub-openai" (model.safetensors, vocab.json, merges.txt; written without TensorFlow)."""
     dest = Path(dest)
     for rel in repo_files():
         target = dest / rel
@@ -67,8 +72,25 @@ def smoke_workdir(dest):
     (dest / "alpaca_data.json").write_text(json.dumps(entries[:200], indent=1), encoding="utf-8")
 
     for size in ("124M", "355M"):
-        shutil.copytree(_tiny_checkpoint(), dest / "gpt2" / size)
+        if weights == "openai":
+            shutil.copytree(_tiny_checkpoint(), dest / "gpt2" / size)
+        else:
+            from hub_checkpoint import write_hub_model_folder
+
+            write_hub_model_folder(dest / "gpt2" / size, SHARED_DATA / "gpt2-tokenizer",
+                                   n_vocab=TEST_MODE_CONFIG["vocab_size"],
+                                   n_ctx=TEST_MODE_CONFIG["context_length"],
+                                   n_embd=TEST_MODE_CONFIG["emb_dim"],
+                                   n_layer=TEST_MODE_CONFIG["n_layers"])
     return dest
+
+
+def without_tensorflow_env(log):
+    """Environment variables for a Python (or notebook kernel) in which `import tensorflow`
+    fails, each attempt appended to the file `log`."""
+    blocker = Path(__file__).resolve().parent / "without_tensorflow"
+    path = os.pathsep.join(p for p in (str(blocker), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "TF_IMPORT_LOG": str(log)}
 
 
 @functools.lru_cache(maxsize=1)

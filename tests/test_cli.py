@@ -85,8 +85,68 @@ def test_local_tokenizer_matches_tiktoken(instruction_data, tokenizer):
 
 
 def test_local_tokenizer_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="encoder.json, vocab.bpe"):
+    with pytest.raises(FileNotFoundError, match="neither encoder.json \\+ vocab.bpe nor vocab.json"):
         fc.get_tokenizer(tmp_path)
+
+
+def hub_server_files(tmp_path):
+    """{url path: bytes} of a tiny GPT-2 in the "hub-openai" layout for 124M, and its arrays."""
+    from hub_checkpoint import write_hub_model_folder
+
+    from gpt_download import OPENAI_HUB_REPOS
+
+    arrays = write_hub_model_folder(tmp_path / "served", TOKENIZER_DIR, n_ctx=8, n_layer=1)
+    repo = OPENAI_HUB_REPOS["124M"]
+    return {f"/{repo}/resolve/main/{name}": (tmp_path / "served" / name).read_bytes()
+            for name in ("model.safetensors", "vocab.json", "merges.txt")}, arrays
+
+
+def test_weights_download_first_then_the_tokenizer_from_their_files(tmp_path, small_data, monkeypatch,
+                                                                    tokenizer):
+    """--weights-source reaches the download (HF_ENDPOINT: a loopback hub); the tokenizer is
+    built from the vocab.json and merges.txt it brought, not by tiktoken."""
+    import tiktoken
+    from loopback_server import serving
+
+    files, _ = hub_server_files(tmp_path)
+    config = FinetuneConfig(model="gpt2-small", data=str(small_data), device="cpu",
+                            models_dir=str(tmp_path / "gpt2"), weights_source="hub-openai")
+    with serving(files) as httpd:
+        monkeypatch.setenv("HF_ENDPOINT", httpd.url)
+        data = fc.prepare_data(config)
+    assert httpd.paths() == list(files)  # the weights, then the two tokenizer files
+    assert sorted(p.name for p in (tmp_path / "gpt2" / "124M").iterdir()) == [
+        "merges.txt", "model.safetensors", "vocab.json"]
+    assert data.tokenizer is not tiktoken.get_encoding("gpt2")
+    text = fc.ALPACA.format_input(data.train_data[0])
+    assert data.tokenizer.encode(text) == tokenizer.encode(text)
+    assert fc.download_weights(config) == tmp_path / "gpt2" / "124M"  # on disk now: no network
+
+    # --tokenizer-dir wins, and then nothing is downloaded before the model stage
+    other = FinetuneConfig(model="gpt2-small", data=str(small_data), device="cpu",
+                           models_dir=str(tmp_path / "empty"), tokenizer_dir=str(TOKENIZER_DIR))
+    fc.prepare_data(other)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_chapter_dataset_sources_and_checksum(tmp_path, shared_data):
+    """Without --data: --data-url replaces the chapter dataset's sources, and the file must
+    still have the chapter's sha256; a file of one's own is not checked."""
+    from loopback_server import serving
+
+    real = (shared_data / "instruction-data.json").read_bytes()
+    other = json.dumps(json.loads(real)[:40]).encode()
+    with serving({"/real.json": real, "/other.json": other}) as httpd:
+        chapter = tmp_path / "instruction-data.json"
+        entries = fc.load_entries(chapter, FinetuneConfig(data_url=f"{httpd.url}/real.json"))
+        assert len(entries) == 1100 and chapter.read_bytes() == real
+        chapter.unlink()
+        with pytest.raises(fc.DatasetError, match="is not the known 7e09a9af.* of instruction-data.json"):
+            fc.load_entries(chapter, FinetuneConfig(data_url=f"{httpd.url}/other.json"))
+        assert not chapter.exists()
+        mine = tmp_path / "mine.json"
+        config = FinetuneConfig(data=str(mine), data_url=f"{httpd.url}/other.json")
+        assert len(fc.load_entries(mine, config)) == 40
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,12 @@
 The executed runs use a clean copy of the repository (`notebook_runner.smoke_workdir`) with
 the dataset and tiny GPT-2 stand-in checkpoints already in place, so the notebooks' own
 download code finds them and never reaches the network. Section 7.8 talks to a fake Ollama
-server on the loopback interface.
+server on the loopback interface. The chapter runs as for a reader without TensorFlow: its
+weights are in the hub's layout and `import tensorflow` fails in the kernel.
 """
 
 import json
+import os
 import re
 import shutil
 from types import SimpleNamespace
@@ -16,9 +18,10 @@ import pytest
 import torch
 from conftest import ROOT
 from fake_ollama import FakeOllama, unused_port
+from loopback_server import closed_port_url
 from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_notebook
-from notebook_runner import cell_outputs, repo_files, run_notebook, smoke_workdir
+from notebook_runner import cell_outputs, repo_files, run_notebook, smoke_workdir, without_tensorflow_env
 
 from gpt2_sizes import TEST_MODE_CONFIG
 from previous_chapters import GPTModel
@@ -79,14 +82,17 @@ def judge(prompt, body):
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """The chapter, then the load notebook, run in one work folder against a fake Ollama."""
-    workdir = smoke_workdir(tmp_path_factory.mktemp("notebooks"))
+    """The chapter, then the load notebook, run in one work folder against a fake Ollama,
+    without TensorFlow: the weights in the hub layout, any network request for them refused."""
+    workdir = smoke_workdir(tmp_path_factory.mktemp("notebooks"), weights="hub-openai")
+    tf_log = workdir.parent / "tensorflow-imports.log"
+    env = {**without_tensorflow_env(tf_log), "HF_ENDPOINT": closed_port_url()}
     with FakeOllama(replies=judge) as server:
-        chapter = run_notebook(CHAPTER, workdir, env={"OLLAMA_HOST": server.host})
-        load = run_notebook(LOAD, workdir)
+        chapter = run_notebook(CHAPTER, workdir, env={**env, "OLLAMA_HOST": server.host})
+        load = run_notebook(LOAD, workdir, env=env)
         prompts = server.prompts
     return SimpleNamespace(workdir=workdir, chapter=cell_outputs(chapter), load=cell_outputs(load),
-                           prompts=prompts)
+                           prompts=prompts, tf_log=tf_log)
 
 
 def code_only_workdir(dest):
@@ -111,6 +117,32 @@ def test_chapter_prints_the_lesson_values(executed):
     assert "loss_1 == loss_3: tensor(True)" in out
     assert f"Number of training batches: {SMOKE_SIZES['train'] // 8}" in out
     assert "Ep 1 (Step 000000): Train loss" in out and "Training completed in" in out
+
+
+@pytest.mark.slow
+def test_chapter_runs_without_tensorflow_from_the_hub_layout(executed):
+    """No TensorFlow import was even tried in the chapter's or the load notebook's kernel, and
+    the weights came from the hub-layout files (auto's choice on disk; nothing else is there,
+    and the hub endpoint refuses connections)."""
+    assert not executed.tf_log.exists(), executed.tf_log.read_text()
+    assert sorted(p.name for p in (executed.workdir / "gpt2" / "355M").iterdir()) == [
+        "merges.txt", "model.safetensors", "vocab.json"]
+    assert f"Number of parameters: {sum(p.numel() for p in GPTModel(TEST_MODE_CONFIG).parameters()):,}" \
+        in executed.chapter
+
+
+def test_the_blocker_makes_tensorflow_unimportable(tmp_path):
+    """The environment of that run: `import tensorflow` fails (TensorFlow is installed here)
+    and the attempt is logged."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "tf.log"
+    proc = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True,
+                          env={**os.environ, **without_tensorflow_env(log)}, timeout=60)
+    assert proc.returncode == 1
+    assert "No module named 'tensorflow' (blocked by tests/without_tensorflow)" in proc.stderr
+    assert "import tensorflow from:" in log.read_text()
 
 
 @pytest.mark.slow

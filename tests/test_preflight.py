@@ -167,6 +167,8 @@ def test_download_needed_unless_one_source_is_complete(tmp_path):
     assert pf.gpt2_download_needed(tmp_path, "gpt2-small")  # one file short
     (folder / FILENAMES[-1]).touch()
     assert not pf.gpt2_download_needed(tmp_path, "gpt2-small")
+    assert not pf.gpt2_download_needed(tmp_path, "gpt2-small", "openai")
+    assert pf.gpt2_download_needed(tmp_path, "gpt2-small", "hub-openai")  # --weights-source
     assert pf.gpt2_download_needed(tmp_path, "gpt2-medium")
 
 

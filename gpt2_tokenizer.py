@@ -1,0 +1,69 @@
+"""GPT-2's tokenizer from the vocabulary files that come with the weights, offline.
+
+Not in the book, which calls `tiktoken.get_encoding("gpt2")`; tiktoken downloads its two
+files on first use, from a host many readers cannot reach. Every weights source brings the
+same vocabulary along: OpenAI's `encoder.json` + `vocab.bpe`, or the hub's `vocab.json` +
+`merges.txt`. `tokenizer_from_folder(folder)` builds tiktoken's GPT-2 Encoding from either.
+"""
+
+import json
+from pathlib import Path
+
+TOKENIZER_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+
+
+def tokenizer_from_folder(folder):
+    """tiktoken's GPT-2 Encoding from the vocabulary files beside downloaded weights.
+
+    The folder holds OpenAI's `encoder.json` + `vocab.bpe`, or the hub's `vocab.json` +
+    `merges.txt` (the same two files under other names). No network is needed.
+    """
+    import tiktoken
+
+    pair = tokenizer_files(folder)
+    if pair is None:
+        raise FileNotFoundError(f"{folder} holds neither encoder.json + vocab.bpe nor vocab.json + "
+                                "merges.txt (GPT-2's tokenizer files); download the weights first")
+    ranks = gpt2_bpe_ranks(*pair)
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)})
+
+
+def tokenizer_files(folder):
+    """(vocabulary, merges) paths of the first complete pair in `folder`, else None."""
+    for encoder, merges in TOKENIZER_FILE_PAIRS:
+        if (Path(folder) / encoder).is_file() and (Path(folder) / merges).is_file():
+            return Path(folder) / encoder, Path(folder) / merges
+    return None
+
+
+# GPT-2's pre-tokenizer pattern, tiktoken's r50k_pat_str (used by its "gpt2" encoding).
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s"""
+
+
+def gpt2_bpe_ranks(encoder_path, merges_path):
+    """{token bytes: rank} from GPT-2's vocabulary (JSON) and merges (text) files.
+
+    Both files spell bytes as printable characters (GPT-2's byte-to-unicode table). The ranks
+    are the 256 single bytes, then one per merge in file order; they must equal the ids in the
+    vocabulary, which is checked.
+    """
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    byte_order = printable + [b for b in range(256) if b not in printable]
+    char_to_byte = {chr(b): b for b in printable}
+    char_to_byte |= {chr(256 + n): b for n, b in enumerate(byte_order[len(printable):])}
+
+    def to_bytes(text):
+        return bytes(char_to_byte[c] for c in text)
+
+    ranks = {bytes([b]): rank for rank, b in enumerate(byte_order)}
+    lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
+    merges = [line.split() for line in lines if line.strip() and not line.startswith("#version")]
+    for rank, (first, second) in enumerate(merges, start=len(ranks)):
+        ranks[to_bytes(first) + to_bytes(second)] = rank
+    vocab = json.loads(Path(encoder_path).read_text(encoding="utf-8"))
+    ids = {to_bytes(token): i for token, i in vocab.items() if token not in ("<|endoftext|>",)}
+    if ids != ranks:
+        raise ValueError(f"{encoder_path} and {merges_path} do not belong together "
+                         "(the vocabulary's ids differ from the merge order)")
+    return ranks
