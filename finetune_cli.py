@@ -488,6 +488,7 @@ def finetune(model, data, config):
     plan = checkpoint_plan(config, data)
     initial_losses = None
     if config.resume is None:
+        torch.manual_seed(config.seed)  # as the chapter does: the shuffled loader draws from it
         with torch.no_grad():
             initial_losses = (calc_loss_loader_fast(data.train_loader, model, device, num_batches=5),
                               calc_loss_loader_fast(data.val_loader, model, device, num_batches=5))
@@ -501,7 +502,7 @@ def finetune(model, data, config):
         compile_blocks(model, dynamic=True)  # batch lengths vary from batch to batch
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     output_dir, _, stem = output_names(config, data.data_name)
-    torch.manual_seed(config.seed)
+    # seed: torch.manual_seed(config.seed), as the chapter does right before training
     run = TrainingRun(model, optimizer, data.train_loader, data.val_loader, device, config.seed,
                       data.precision, plan, metrics_path(output_dir / f"{stem}.pth"))
     if config.resume is not None:
