@@ -161,10 +161,11 @@ class TrainState:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training at a step boundary; `checkpoint` is the file saved (or None)."""
+    """Ctrl-C (or SIGTERM) stopped training at a step boundary; `checkpoint` is the file
+    saved (or None); `signum` the signal, for the exit code (130 or 143)."""
 
-    def __init__(self, step, checkpoint):
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step, checkpoint, signum=signal.SIGINT):
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
         if checkpoint is None:
             message = f"Training stopped after step {step}; no checkpoint was configured."
         else:
@@ -175,27 +176,31 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class _StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop after the current step (a step cut halfway
-    would leave the weights and optimizer out of step); a second one stops at once."""
+    """The first Ctrl-C (or SIGTERM, what `kill` and job schedulers send) asks the loop to stop
+    after the current step (a step cut halfway would leave the weights and optimizer out of
+    step); a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled):
-        self.enabled, self.requested, self._previous = enabled, False, None
+        self.enabled, self.requested, self.signum, self._previous = enabled, False, None, {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step to save a checkpoint "
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step to save a checkpoint "
               "(press Ctrl-C again to stop at once, without one).", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -352,7 +357,8 @@ class TrainingRun:
                             state.wall_seconds = time.perf_counter() - clock
                             saved = self.save() if plan is not None else None
                             if stop:
-                                raise TrainingInterrupted(state.step, saved)
+                                raise TrainingInterrupted(state.step, saved,
+                                                          ctrl_c.signum or signal.SIGINT)
                             return state.losses()
                         start = state.position * batch_size
                         self._train_step(order[start:start + batch_size])

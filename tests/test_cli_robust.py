@@ -290,15 +290,19 @@ def test_case7_checkpoint_folder_of_another_size(tmp_path, data):
 ########################################################################################
 
 @pytest.mark.slow
-def test_case8_sigterm_during_training_says_nothing_was_saved(tmp_path, data):
+def test_case8_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data):
     out = tmp_path / "out"
     code, err = run_and_act(tmp_path, data, out, "--epochs", "10000", markers=["Ep 1 (Step"],
                             act=lambda proc: proc.send_signal(signal.SIGTERM))
     assert code == 143
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-2:] == ["Training interrupted: nothing was saved.",
-                                             "Run the same command again to start over."]
-    assert [p.name for p in out.iterdir()] == [METRICS]  # the log of the losses so far
+    assert "SIGTERM: stopping after this step to save a checkpoint" in err
+    saved, how = err.strip().splitlines()[-2:]
+    checkpoints = sorted((out / "checkpoints").glob("*.pth"))
+    assert len(checkpoints) == 1
+    assert saved.startswith(f"Training interrupted: saved a checkpoint ({checkpoints[0]}); "
+                            "not saved: the finetuned model")
+    assert f"--resume {checkpoints[0]}" in how
 
 
 ########################################################################################
