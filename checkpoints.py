@@ -6,16 +6,16 @@ crash loses it all. A checkpoint is one file, written atomically (safe_files), h
     {"format": "ch07-training-checkpoint", "version": 1,
      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
      "scaler": GradScaler state (fp16) or None,
-     "progress": {"epoch", "position", "step", "tokens_seen", "wall_seconds"},
+     "progress": {"epoch", "position", "epoch_seed", "step", "tokens_seen", "wall_seconds"},
      "metrics": [{"step", "epoch", "epochs_seen", "tokens_seen", "train_loss", "val_loss",
                   "lr", "seconds"}, ...],     # every evaluation so far
      "rng": {"torch", "cuda" (list, one per GPU) or None, "python", "numpy"},
      "identity": {"model_config": ..., "dataset_sha256": ..., "config": ...}}
 
-`position` is the next batch in epoch `epoch`'s data order, which is a pure function of
-(seed, epoch) (resumable_training.epoch_order), so neither the order nor the checkpoint
-depends on how many processes trained. Only plain Python values and tensors are stored,
-so `torch.load(weights_only=True)` reads it.
+`position` is the next batch in epoch `epoch`'s data order, the permutation of `epoch_seed`
+(drawn from torch's RNG as DataLoader(shuffle=True) draws it: resumable_training.epoch_order),
+so neither the order nor the checkpoint depends on how many processes trained. Only plain
+Python values and tensors are stored, so `torch.load(weights_only=True)` reads it.
 
 Files are named `<stem>-step<step>.pth` inside a checkpoint folder; `newest_checkpoint`
 finds the last one written and `prune_checkpoints` keeps the last K.
@@ -32,7 +32,7 @@ import torch
 from safe_files import save_state_dict
 
 FORMAT = "ch07-training-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the epoch order is the DataLoader's, drawn with "epoch_seed"
 
 
 class CheckpointError(ValueError):

@@ -81,6 +81,11 @@ class SingleProcess:
         self.model, self.strategy, self._train_forward = None, None, None
         self.last_loss = None
 
+    def agree(self, seed):
+        """The epoch's shuffling seed every process uses: rank 0's (all train on shares of one
+        global batch order)."""
+        return seed
+
     def check_batch_size(self, batch_size):
         """Refuse a global batch that does not split evenly over the processes."""
         if batch_size % self.world_size:
@@ -229,6 +234,13 @@ class ProcessGroup(SingleProcess):
         global_sum, global_count = self.sum_over_processes(loss_sum.detach(), n_counted)
         self.last_loss = global_sum / global_count
         return loss_sum * self.world_size / int(global_count)
+
+    def agree(self, seed):
+        import torch.distributed as dist
+
+        shared = [seed]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     def sum_over_processes(self, *values):
         import torch.distributed as dist

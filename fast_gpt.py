@@ -16,7 +16,7 @@ never subclasses or patches the model and state dicts are unchanged:
   logits only where a target counts;
 - a trainer (`train_model_fast`) with train_model_simple's signature, printed lines and
   outputs: the packed loss, evaluation under torch.inference_mode, bfloat16 autocast on a
-  CUDA GPU that supports it; `make_optimizer` gives a fused AdamW where torch has one;
+  CUDA GPU with bfloat16 hardware; `make_optimizer` gives a fused AdamW where torch has one;
   `compile_blocks` torch.compiles this module's block function per block.
 
 How much faster, measured (benchmarks/results-cpu.txt: gpt2-small, random weights, 256 new
@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from precision import cuda_bf16_supported
 from previous_chapters import sample_next_token, text_to_token_ids, token_ids_to_text
 
 # The compiled block function for the transformer blocks that compile_blocks was given. Weak
@@ -373,10 +374,17 @@ def calc_loss_loader_fast(data_loader, model, device, num_batches=None):
     return sum(calc_loss_batch_packed(x, y, model, device).item() for x, y in batches) / num_batches
 
 
+def uses_bf16(device, bf16_supported=cuda_bf16_supported):
+    """Whether `autocast(device)` computes in bfloat16: on a CUDA GPU with bfloat16 hardware
+    only. torch.cuda.is_bf16_supported() also counts GPUs that emulate it (T4, V100), slowly.
+    `bf16_supported(device) -> bool` is asked for CUDA devices only; tests pass a stub."""
+    device = torch.device(device)
+    return device.type == "cuda" and bf16_supported(device)
+
+
 def autocast(device):
-    """bfloat16 autocast on a CUDA GPU that supports it (weights stay float32), else nothing."""
-    use_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+    """bfloat16 autocast where `uses_bf16(device)` (weights stay float32), else nothing."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=uses_bf16(device))
 
 
 def evaluate_model_fast(model, train_loader, val_loader, device, eval_iter):

@@ -25,12 +25,19 @@ vocabulary files downloaded with the weights. The chapter's dataset is tried fro
 sources in order and checked against its sha256. Data may be JSON or JSON Lines, split by
 `--val-fraction`/`--test-fraction` (`--shuffle-split SEED`), answered up to
 `--max-test-answers`.
+
+Nothing lost, every bad input a clear error (not in the book): `main` checks everything cheap
+first (`preflight.py`: flags, folders, data, hparams.json, disk space, before any download),
+saves the weights, the plot and the run record as soon as training ends, before the slow
+answers (`save_model`, then `save_answers`), and on Ctrl-C or SIGTERM at any stage says what
+was saved, what was not and how to go on (`run_guard.py`).
 """
 
 import random
 import re
 import sys
 import time
+import traceback
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,7 +45,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import CheckpointError, list_checkpoints
-from distributed import DistributedError, SingleProcess, init_processes, is_main_process
+from distributed import DistributedError, SingleProcess, init_processes
 from exercise_variants import (
     ALPACA,
     PROMPT_STYLES,
@@ -63,9 +70,17 @@ from gpt_download import WEIGHT_SOURCES
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, get_device
 from instruction_data import CHAPTER_DATASET, DatasetError, load_instruction_file, split_data
 from precision import PRECISIONS, PrecisionError, resolve_precision
+from preflight import PreflightError, check_run, untrained_note, untrained_suffix
 from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
-from run_record import dataset_fingerprint, metrics_path, plot_metrics, write_run_record
-from safe_files import save_state_dict, write_json
+from run_guard import RunProgress, exit_code, os_error_line, signals_interrupt
+from run_record import (
+    dataset_fingerprint,
+    metrics_path,
+    plot_metrics,
+    run_record_path,
+    write_run_record,
+)
+from safe_files import save_figure, save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
@@ -239,7 +254,7 @@ def prepare_data(config, processes=None):
     if config.fsdp and config.lora_rank:
         raise DistributedError("--fsdp with --lora-rank is not supported: LoRA trains few weights, "
                                "so DDP (the default under torchrun) fits wherever the model does.")
-    data_path = Path(config.data) if config.data is not None else HERE / CHAPTER_DATASET.file_name
+    data_path = dataset_path(config)
     with processes.local_main_first():  # one download per machine
         entries = load_entries(data_path, config)
     print(f"Number of entries: {len(entries)}")
@@ -273,10 +288,20 @@ def prepare_data(config, processes=None):
     if truncated:
         print(f"Warning: {truncated} entries are longer than {allowed_max_length} tokens "
               f"and were truncated.")
-    data_name = None if data_path.name == CHAPTER_DATASET.file_name else data_path.stem
     return PreparedData(train_data, val_data, test_data, train_loader, val_loader, tokenizer,
-                        device, style, data_name, dataset_fingerprint(data_path.resolve()),
+                        device, style, data_name(config), dataset_fingerprint(data_path.resolve()),
                         precision, processes)
+
+
+def dataset_path(config):
+    """--data, or the chapter's dataset next to this file."""
+    return Path(config.data) if config.data is not None else HERE / CHAPTER_DATASET.file_name
+
+
+def data_name(config):
+    """The stem of a dataset other than the chapter's (for the outputs' names), else None."""
+    path = dataset_path(config)
+    return None if path.name == CHAPTER_DATASET.file_name else path.stem
 
 
 def make_dataset(data, tokenizer, style=ALPACA, mask_instructions=False):
@@ -442,10 +467,14 @@ IDENTITY_FIELDS = ("model", "batch_size", "lr", "weight_decay", "max_length", "s
 
 
 def output_names(config, data_name):
-    """(output folder, file-name suffix, model file stem) of a run, e.g. 'gpt2-medium355M-sft'."""
+    """(output folder, file-name suffix, model file stem) of a run, e.g. 'gpt2-medium355M-sft'.
+
+    A run that trains nothing (`--epochs 0`) adds '-untrained', so that it never replaces a
+    finetuned model, its answers or its plot.
+    """
     output_dir = Path(config.output_dir) if config.output_dir is not None else HERE
     suffix = output_suffix(config.prompt_style, config.mask_instructions, config.lora_rank,
-                           config.test_mode, data_name)
+                           config.test_mode, data_name) + untrained_suffix(config.epochs)
     return output_dir, suffix, re.sub(r"[ ()]", "", book_model_name(config.model)) + "-sft" + suffix
 
 
@@ -478,6 +507,7 @@ def finetune(model, data, config):
     plan = checkpoint_plan(config, data)
     initial_losses = None
     if config.resume is None:
+        torch.manual_seed(config.seed)  # as the chapter does: the shuffled loader draws from it
         with torch.no_grad():
             initial_losses = (data.processes.calc_loss_loader(data.train_loader, model, device, 5),
                               data.processes.calc_loss_loader(data.val_loader, model, device, 5))
@@ -492,7 +522,7 @@ def finetune(model, data, config):
     data.processes.prepare_model(model, "fsdp" if config.fsdp else "ddp")  # before the optimizer
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     output_dir, _, stem = output_names(config, data.data_name)
-    torch.manual_seed(config.seed)
+    # seed: torch.manual_seed(config.seed), as the chapter does right before training
     run = TrainingRun(model, optimizer, data.train_loader, data.val_loader, device, config.seed,
                       data.precision, plan, metrics_path(output_dir / f"{stem}.pth"),
                       distributed=data.processes)
@@ -553,45 +583,90 @@ def answer_test_set(model, data, config, n_shown=3):
 # Stage 5: the outputs
 #####################################
 
-def save_outputs(model, run, results, data, config):
-    """The loss plot, the answers, the finetuned weights and the run record, each written
-    atomically.
+# What each output is, in words, for the message an interruption prints.
+OUTPUT_NAMES = {"model": "the finetuned model", "adapters": "the LoRA adapters",
+                "plot": "the loss plot", "responses": "the test answers",
+                "run_record": "the run record"}
 
-    The file names carry the variant (output_suffix). The plot is drawn from the metrics file
-    alone. A LoRA model is saved twice: its adapters alone, then merged into a plain
-    GPTModel. Beside `<stem>.pth` go `<stem>.metrics.jsonl` (written during training) and
-    `<stem>.run.json`. Returns {"plot", "responses", "model", "metrics", "run_record" (and
-    "adapters")} paths; no "responses" when no test entry was answered.
+
+def output_paths(config):
+    """Where a run writes: {"model", "plot", "responses", "metrics", "run_record" (and
+    "adapters")}, named by output_names."""
+    folder, suffix, file_stem = output_names(config, data_name(config))
+    model = folder / f"{file_stem}.pth"
+    paths = {"model": model, "plot": folder / f"loss-plot{suffix}.pdf",
+             "responses": folder / f"instruction-data-with-response{suffix}.json",
+             "metrics": metrics_path(model), "run_record": run_record_path(model)}
+    if config.lora_rank:
+        paths["adapters"] = folder / f"{file_stem}-adapters.pth"
+    return paths
+
+
+def save_model(model, run, data, config, paths, progress):
+    """The finetuned weights, the loss plot and the run record, each written atomically and
+    recorded in `progress`.
+
+    A LoRA model is saved twice: its adapters alone, then merged (in place) into a plain
+    GPTModel. The plot is drawn from the metrics file alone; no training, no plot.
     """
     weights = data.processes.full_state_dict(model)  # FSDP gathers its shards on every process
     if not data.processes.is_main:  # under torchrun, process 0 writes the files
-        return {}
-    output_dir, suffix, file_stem = output_names(config, data.data_name)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    if run["train_losses"]:
-        paths["plot"] = output_dir / f"loss-plot{suffix}.pdf"
-        plot_metrics(run["metrics_path"], save_path=paths["plot"], show=False)
-        print(f"Loss plot saved as {paths['plot']}")
-
-    if results:
-        paths["responses"] = output_dir / f"instruction-data-with-response{suffix}.json"
-        write_json(paths["responses"], results)
-        print(f"Responses saved as {paths['responses']}")
-
-    if config.lora_rank:
-        paths["adapters"] = output_dir / f"{file_stem}-adapters.pth"
+        return
+    if "adapters" in paths:
         save_state_dict(lora_state_dict(model), paths["adapters"])
+        progress.record(OUTPUT_NAMES["adapters"], paths["adapters"])
         print(f"LoRA adapters saved as {paths['adapters']}")
         merge_lora(model)
         weights = model.state_dict()
-    paths["model"] = output_dir / f"{file_stem}.pth"
     save_state_dict(weights, paths["model"])
+    progress.record(OUTPUT_NAMES["model"], paths["model"])
     print(f"Model saved as {paths['model']}")
-    paths["metrics"] = Path(run["metrics_path"])
-    paths["run_record"] = write_run_record(paths["model"], run_record(run, paths, data, config))
-    print(f"Run record saved as {paths['run_record']}")
-    return paths
+    if run["train_losses"]:
+        save_figure(plot_metrics(run["metrics_path"], show=False), paths["plot"])
+        progress.record(OUTPUT_NAMES["plot"], paths["plot"])
+        print(f"Loss plot saved as {paths['plot']}")
+    save_record(run, data, config, paths, progress)
+
+
+def save_answers(results, run, data, config, paths, progress):
+    """The answered test entries as JSON (none: no file), then the run record naming them."""
+    if not data.processes.is_main:  # under torchrun, process 0 writes the files
+        return
+    if results:
+        write_json(paths["responses"], results)
+        progress.record(OUTPUT_NAMES["responses"], paths["responses"])
+        print(f"Responses saved as {paths['responses']}")
+    save_record(run, data, config, paths, progress)
+
+
+def saved_paths(paths, progress):
+    """The outputs written so far, the metrics file (written during training) included."""
+    return {key: path for key, path in paths.items()
+            if path in progress.saved.values() or key == "metrics"}
+
+
+def save_record(run, data, config, paths, progress):
+    """`<stem>.run.json` beside the model, naming the files written so far."""
+    written = saved_paths(paths, progress)
+    record = run_record(run, {**written, "run_record": paths["run_record"]}, data, config)
+    write_run_record(paths["model"], record)
+    first = OUTPUT_NAMES["run_record"] not in progress.saved
+    progress.record(OUTPUT_NAMES["run_record"], paths["run_record"])
+    if first:
+        print(f"Run record saved as {paths['run_record']}")
+
+
+def save_outputs(model, run, results, data, config):
+    """The finetuned weights, the loss plot, the answers and the run record, each written
+    atomically. Beside `<stem>.pth` go `<stem>.metrics.jsonl` (written during training) and
+    `<stem>.run.json`. Returns {"model", "plot", "responses", "metrics", "run_record" (and
+    "adapters")}: the paths written; no "responses" when no test entry was answered.
+    """
+    paths = output_paths(config)
+    progress = RunProgress([])
+    save_model(model, run, data, config, paths, progress)
+    save_answers(results, run, data, config, paths, progress)
+    return saved_paths(paths, progress)
 
 
 def run_record(run, paths, data, config):
@@ -639,45 +714,100 @@ def main(config=None):
     # first prints and writes files.
     processes = init_processes(choose_device(config.device, config.test_mode))
     with processes.main_prints_only():
-        for name, value in package_versions().items():
-            print(f"{name} version: {value}")
-        data = prepare_data(config, processes)
-        model = build_model(config, data.device)
-        run = finetune(model, data, config)
-        if run["finished"]:
-            results = answer_test_set(model, data, config)
-            paths = save_outputs(model, run, results, data, config)
-        else:  # --max-steps: the checkpoint is the output
-            results, paths = None, {"checkpoint": run["checkpoint"]}
+        result = run_stages(config, processes)
     processes.close()
-    return {**run, "responses": results, "paths": paths, "config": asdict(config)}
+    return result
+
+
+def run_stages(config, processes):
+    """main's stages, in `processes` (distributed.py)."""
+    for name, value in package_versions().items():
+        print(f"{name} version: {value}")
+    paths = output_paths(config)
+    # Not in the book: each output is saved as soon as it exists, the model before the slow
+    # answers; an interruption says what was saved and what was not.
+    progress = RunProgress(OUTPUT_NAMES[key] for key in paths if key in OUTPUT_NAMES
+                           and (key != "plot" or config.epochs > 0))
+    try:
+        progress.start("checking the settings")
+        check_before_run(config, paths)  # bad settings fail here, in seconds
+        if config.epochs == 0:
+            print(untrained_note(paths["model"]))
+        progress.start("preparing the data")
+        data = prepare_data(config, processes)
+        progress.start("building the model")
+        model = build_model(config, data.device)
+        progress.start("training", hint=resume_hint(config, data))
+        run = finetune(model, data, config)
+        if not run["finished"]:  # --max-steps: the checkpoint is the output
+            return {**run, "responses": None, "paths": {"checkpoint": run["checkpoint"]},
+                    "config": asdict(config)}
+        progress.start("saving the model")
+        save_model(model, run, data, config, paths, progress)
+        progress.start("answering the test set", hint=(
+            "The saved model is complete (load-finetuned-model.ipynb shows how to load it); "
+            "run the same command again to train and answer anew."))
+        results = answer_test_set(model, data, config)
+        progress.start("saving the answers")
+        save_answers(results, run, data, config, paths, progress)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainingInterrupted) and e.checkpoint is not None:
+            progress.record("a checkpoint", e.checkpoint)
+            progress.hint = resume_hint(config, data, e.checkpoint)
+        print(f"\n{progress.interrupted_message()}", file=sys.stderr)
+        raise
+    return {**run, "responses": results, "paths": saved_paths(paths, progress),
+            "config": asdict(config)}
+
+
+def resume_hint(config, data, checkpoint=None):
+    """How to go on after training stopped: from a checkpoint when there is one, else afresh."""
+    plan = checkpoint_plan(config, data)
+    if checkpoint is None and not list_checkpoints(plan.folder, plan.stem):
+        return None  # nothing to resume: RunProgress says "start over"
+    newest = f" or with --resume {checkpoint}" if checkpoint is not None else ""
+    return (f"To continue, run the same command with --resume (it takes the newest checkpoint "
+            f"in {plan.folder}){newest}.")
+
+
+def check_before_run(config, paths):
+    """preflight.check_run for this config: before any download, model build or training."""
+    data_url = config.data_url or (CHAPTER_DATASET.urls[0] if config.data is None else None)
+    return check_run(config, paths["model"].parent, paths.values(), dataset_path(config),
+                     data_url, model_config(config),
+                     None if config.test_mode else models_dir(config))
 
 
 def cli(argv=None):
     """The command line: parse, run `main`, turn known problems into a message and an exit code."""
-    config = FinetuneConfig(**vars(build_arg_parser().parse_args(argv)))
+    parser = build_arg_parser()
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an unexpected error (a full disk, ...)")
+    args = vars(parser.parse_args(argv))
+    debug = args.pop("debug")
+    config = FinetuneConfig(**args)
     import matplotlib
 
     matplotlib.use("Agg")  # save plots to files; no window
     from gpt_download import DownloadError
 
     try:
-        main(config)
-    except TrainingInterrupted as e:
-        if is_main_process():  # the same message in every process
-            print(f"\n{e}\nTo continue, run the same command with --resume (it takes the newest "
-                  f"checkpoint in {e.checkpoint.parent}) or with --resume {e.checkpoint}.",
-                  file=sys.stderr)
-        return 130
-    except (DatasetError, DeviceError, FileNotFoundError, CheckpointError, PrecisionError,
-            DistributedError) as e:
+        with signals_interrupt():  # SIGTERM stops the run as Ctrl-C does, with the same message
+            main(config)
+    except (PreflightError, DatasetError, DeviceError, FileNotFoundError, CheckpointError,
+            PrecisionError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (DownloadError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # main said what was saved and how to go on
+        return exit_code(e)  # 130 for Ctrl-C, 143 for SIGTERM
+    except OSError as e:  # Not in the book: one line, not a traceback from deep in a library
+        if debug:
+            traceback.print_exc()
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,9 +3,11 @@
 Not in the book: `train_model_simple` (chapter 5) keeps everything in memory. `TrainingRun`
 runs the same loop (the same printed `Ep 1 (Step 000000): Train loss ..., Val loss ...` lines,
 the same `eval_freq` and `eval_iter`, the same returned losses) and adds:
-- a data order that is a pure function of (seed, epoch): `epoch_order`, the permutation
-  torch's DistributedSampler also draws. The batch at position p of epoch e is the same
-  after a restart, and any number of processes can take their share of it;
+- the book's batch order, kept across a restart: each epoch's order is drawn from torch's
+  global RNG exactly as iterating `DataLoader(shuffle=True)` draws it (`draw_epoch_seed`,
+  `epoch_order`), so after the same `torch.manual_seed` the run trains on the chapter's
+  batches. The epoch's seed goes into the checkpoint, so a resumed run continues the same
+  order, and every process (DDP) trains on its share of it;
 - checkpoints every `save_every` steps and on Ctrl-C (checkpoints.py), and `resume()`; on
   the CPU in float32 a resumed run's losses and weights equal an uninterrupted run's;
 - a tqdm bar over the steps with the time left; evaluation lines print above it;
@@ -14,7 +16,8 @@ the same `eval_freq` and `eval_iter`, the same returned losses) and adds:
 
 In a notebook:
 
-    run = TrainingRun(model, optimizer, train_loader, val_loader, device, seed=123,
+    torch.manual_seed(123)  # as the chapter does before training: the batch order draws from it
+    run = TrainingRun(model, optimizer, train_loader, val_loader, device,
                       checkpoints=CheckpointPlan("checkpoints", "gpt2-medium355M-sft", identity,
                                                  save_every=50))
     run.resume_if_any()  # continues the newest checkpoint, if there is one
@@ -30,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 from checkpoints import (
     CheckpointError,
@@ -48,11 +51,35 @@ from precision import resolve_precision
 from run_record import MetricsLog
 
 
-def epoch_order(n_items, seed, epoch):
-    """The training data's order in `epoch`: a permutation drawn from a generator seeded with
-    seed + epoch (as torch's DistributedSampler does), the same on every run and process."""
-    generator = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(n_items, generator=generator).tolist()
+def draw_epoch_seed(shuffle):
+    """What iterating a DataLoader (no `generator` given) draws from torch's global RNG when an
+    epoch starts, in the same sequence, so that later draws (dropout, the evaluations, the next
+    epoch) match the book's loop: the iterator's base seed (for worker processes; unused here),
+    then, when the loader shuffles, RandomSampler's seed for this epoch's permutation. Returns
+    the last value drawn."""
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())  # _BaseDataLoaderIter
+    if shuffle:
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())  # RandomSampler.__iter__
+    return seed
+
+
+def epoch_order(n_items, seed):
+    """RandomSampler's permutation of range(n_items) for a drawn `seed` (see draw_epoch_seed)."""
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def shuffles(loader):
+    """Whether `loader` shuffles (RandomSampler) or reads in order; ValueError for a loader
+    whose order TrainingRun does not reproduce."""
+    sampler, n_items = loader.sampler, len(loader.dataset)
+    plain_random = (isinstance(sampler, RandomSampler) and sampler.generator is None
+                    and not sampler.replacement and sampler.num_samples == n_items)
+    if (type(loader.batch_sampler) is not BatchSampler or loader.generator is not None
+            or not (plain_random or isinstance(sampler, SequentialSampler))):
+        raise ValueError("TrainingRun reproduces the order of DataLoader(dataset, batch_size, "
+                         "shuffle=True or False, drop_last=...) seeded by torch.manual_seed; build "
+                         "the train loader that way (no sampler, batch_sampler or generator).")
+    return plain_random
 
 
 @dataclass
@@ -73,19 +100,22 @@ class CheckpointPlan:
 
 @dataclass
 class TrainState:
-    """Where the run is: the next batch is `position` in epoch `epoch`'s order; `step` steps
-    are done. `metrics` holds one row per evaluation (run_record.METRIC_KEYS)."""
+    """Where the run is: the next batch is `position` in epoch `epoch`'s order, drawn with
+    `epoch_seed` (None until the epoch starts); `step` steps are done. `metrics` holds one row
+    per evaluation (run_record.METRIC_KEYS)."""
 
     epoch: int = 0
     position: int = 0
+    epoch_seed: int | None = None
     step: int = 0
     tokens_seen: int = 0
     wall_seconds: float = 0.0
     metrics: list = field(default_factory=list)
 
     def progress(self):
-        return {"epoch": self.epoch, "position": self.position, "step": self.step,
-                "tokens_seen": self.tokens_seen, "wall_seconds": self.wall_seconds}
+        return {"epoch": self.epoch, "position": self.position, "epoch_seed": self.epoch_seed,
+                "step": self.step, "tokens_seen": self.tokens_seen,
+                "wall_seconds": self.wall_seconds}
 
     def losses(self):
         """(train_losses, val_losses, tokens_seen), as train_model_simple returns them."""
@@ -94,10 +124,11 @@ class TrainState:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training at a step boundary; `checkpoint` is the file saved (or None)."""
+    """Ctrl-C (or SIGTERM) stopped training at a step boundary; `checkpoint` is the file
+    saved (or None); `signum` the signal, for the exit code (130 or 143)."""
 
-    def __init__(self, step, checkpoint):
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step, checkpoint, signum=signal.SIGINT):
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
         if checkpoint is None:
             message = f"Training stopped after step {step}; no checkpoint was configured."
         else:
@@ -108,45 +139,53 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class _StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop after the current step (a step cut halfway
-    would leave the weights and optimizer out of step); a second one stops at once."""
+    """The first Ctrl-C (or SIGTERM, what `kill` and job schedulers send) asks the loop to stop
+    after the current step (a step cut halfway would leave the weights and optimizer out of
+    step); a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled):
-        self.enabled, self.requested, self._previous = enabled, False, None
+        self.enabled, self.requested, self.signum, self._previous = enabled, False, None, {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step to save a checkpoint "
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this step to save a checkpoint "
               "(press Ctrl-C again to stop at once, without one).", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
 class TrainingRun:
     """One finetuning run: the model, its optimizer and loaders, and where training stands.
 
-    `train_loader` supplies the dataset, collate function and batch size; it is shuffled by
-    `epoch_order(len(dataset), seed, epoch)` when the loader shuffles (RandomSampler), read
-    in order otherwise. Its evaluation (the train loss over `eval_iter` batches) iterates the
-    loader as the book does.
+    `train_loader` supplies the dataset, collate function, batch size and drop_last, and
+    whether to shuffle: the batches are those iterating it would yield, drawn from torch's
+    global RNG at the same moments (see draw_epoch_seed). The evaluations iterate the loaders
+    as the book's do. `seed`: when given, torch.manual_seed(seed) here, as the chapter seeds
+    right before training (a resume then restores the checkpoint's RNG states).
     """
 
-    def __init__(self, model, optimizer, train_loader, val_loader, device, seed=123,
+    def __init__(self, model, optimizer, train_loader, val_loader, device, seed=None,
                  precision=None, checkpoints=None, metrics_path=None, distributed=None,
                  progress=True):
         self.model, self.optimizer = model, optimizer
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.device, self.seed = torch.device(device), seed
+        self.shuffle = shuffles(train_loader)
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.device = torch.device(device)
         self.precision = precision or resolve_precision("auto", self.device)
         self.scaler = self.precision.grad_scaler()
         self.checkpoints = checkpoints
@@ -205,11 +244,13 @@ class TrainingRun:
     # The loop
     #####################################
 
-    def _epoch_order(self, epoch):
+    def _epoch_order(self):
+        """This epoch's order: drawn at its start (the processes agree on it), or, after a
+        resume in the middle of it, the checkpoint's."""
+        if self.state.epoch_seed is None:
+            self.state.epoch_seed = self.distributed.agree(draw_epoch_seed(self.shuffle))
         n_items = len(self.train_loader.dataset)
-        if isinstance(self.train_loader.sampler, RandomSampler):
-            return epoch_order(n_items, self.seed, epoch)
-        return list(range(n_items))
+        return epoch_order(n_items, self.state.epoch_seed) if self.shuffle else list(range(n_items))
 
     def _train_step(self, batch_indices):
         dataset, collate = self.train_loader.dataset, self.train_loader.collate_fn
@@ -268,7 +309,7 @@ class TrainingRun:
         with bar, _StopOnCtrlC(enabled=plan is not None) as ctrl_c:
             try:
                 while state.epoch < num_epochs:
-                    order = self._epoch_order(state.epoch)
+                    order = self._epoch_order()
                     self.model.train()
                     while state.position < n_batches:
                         stop = self.distributed.any(ctrl_c.requested)
@@ -276,7 +317,8 @@ class TrainingRun:
                             state.wall_seconds = time.perf_counter() - clock
                             saved = self.save() if plan is not None else None
                             if stop:
-                                raise TrainingInterrupted(state.step, saved)
+                                raise TrainingInterrupted(state.step, saved,
+                                                          ctrl_c.signum or signal.SIGINT)
                             return state.losses()
                         start = state.position * batch_size
                         self._train_step(order[start:start + batch_size])
@@ -299,8 +341,7 @@ class TrainingRun:
                         with self.distributed.full_weights(self.model), tqdm.external_write_mode():
                             if self.is_main:
                                 print_sample(self.model, tokenizer, self.device, start_context)
-                    state.epoch += 1
-                    state.position = 0
+                    state.epoch, state.position, state.epoch_seed = state.epoch + 1, 0, None
             except KeyboardInterrupt as e:
                 if not isinstance(e, TrainingInterrupted) and self.is_main:
                     where = self.last_checkpoint or "none was saved"

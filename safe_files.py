@@ -2,29 +2,78 @@
 
 Not in the book: the book writes its outputs directly. Every output of this project (JSON,
 model weights, plots) goes through a temporary file in the same folder, renamed into place.
+The temporary file is created with the usual mode (0o666 less the umask, 0o644 as a rule), so
+the renamed file has the mode a plain `open(path, "w")` would give it. A full disk leaves the
+old file as it was and raises `DiskFullError`, one line that names the file.
 """
 
+import errno
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
+
+# A disk that is full, or a quota that is used up.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """The disk filled up while a file was written; the file under its final name is unchanged."""
+
+    def __init__(self, message):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self):
+        return self.strerror
+
+
+def _disk_full_cause(exc):
+    """The ENOSPC/EDQUOT OSError behind `exc`, if any.
+
+    torch.save reports a failed write as a RuntimeError ("enforce fail at inline_container.cc");
+    when it writes to a Python file object, the file's OSError is the RuntimeError's context.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _create_temporary(path):
+    """An empty, new file beside `path`, created as open() would create it (umask applies).
+
+    tempfile.mkstemp creates its files with mode 0o600, which a rename would keep.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
 
 
 def write_atomically(path, write):
     """Call `write(tmp_path)`, then rename the temporary file to `path`.
 
-    A crash or Ctrl-C halfway leaves the old file (or none), never a half-written one.
+    A crash or Ctrl-C halfway leaves the old file (or none), never a half-written one. A full
+    disk raises DiskFullError, with the old file left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _create_temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:  # only a full disk is translated; anything else goes on as it is
+        cause = _disk_full_cause(e)
+        if cause is None:
+            raise
+        kept = "the old file is unchanged" if path.exists() else "nothing was written"
+        raise DiskFullError(f"no space left on the disk while writing {path} ({kept}): "
+                            f"free some space and run again") from e
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_json(path, obj):
@@ -39,4 +88,16 @@ def save_state_dict(state_dict, path):
     """torch.save through a temporary file: the final name only ever holds a whole file."""
     import torch
 
-    write_atomically(path, lambda tmp: torch.save(state_dict, tmp))
+    def write(tmp):
+        # A Python file object, so that a full disk surfaces as an OSError (see _disk_full_cause).
+        with open(tmp, "wb") as f:
+            torch.save(state_dict, f)
+
+    write_atomically(path, write)
+
+
+def save_figure(fig, path, **savefig_kwargs):
+    """`fig.savefig(path)` through a temporary file; the format follows `path`'s extension."""
+    path = Path(path)
+    fmt = savefig_kwargs.pop("format", path.suffix.lstrip(".") or None)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs))

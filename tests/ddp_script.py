@@ -65,7 +65,7 @@ def train(group, strategy, batch_size, fail_rank, fail_at_step):
     device, collate, rows, model, optimizer = setup(group, strategy)
 
     losses, naive_losses = [], []
-    order = epoch_order(len(rows), SEED, 0)
+    order = epoch_order(len(rows), SEED)
     model.train()
     for step, start in enumerate(range(0, len(rows), batch_size)):
         input_batch, target_batch = collate([rows[i] for i in group.share(order[start:start + batch_size])])

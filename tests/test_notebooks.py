@@ -168,6 +168,16 @@ def test_chapter_saves_responses_model_and_plot(executed):
     GPTModel(TEST_MODE_CONFIG).load_state_dict(state)  # strict: the whole model
     assert (executed.workdir / "loss-plot.pdf").read_bytes().startswith(b"%PDF")
 
+    # Section 7.6 trains through TrainingRun, which checkpoints the finished run (re-running
+    # the cell resumes it): its evaluations are the printed ones.
+    steps = SMOKE_SIZES["train"] // 8
+    checkpoint = torch.load(executed.workdir / "checkpoints" / f"gpt2-medium355M-sft-step{steps:07d}.pth",
+                            weights_only=True)
+    assert checkpoint["progress"]["step"] == steps
+    for row in checkpoint["metrics"]:
+        assert (f"Ep {row['epoch']} (Step {row['step']:06d}): Train loss {row['train_loss']:.3f}, "
+                f"Val loss {row['val_loss']:.3f}") in executed.chapter
+
 
 @pytest.mark.slow
 def test_load_notebook_answers_with_the_saved_model(executed):

@@ -63,6 +63,22 @@ def test_capability_query_reads_the_compute_capability(monkeypatch):
         assert cuda_bf16_supported(torch.device("cuda")) is expected
 
 
+def test_fast_gpt_autocast_uses_bf16_only_with_bf16_hardware(monkeypatch):
+    from fast_gpt import uses_bf16
+
+    assert uses_bf16("cuda", bf16_supported=has_bf16) is True
+    assert uses_bf16("cuda:1", bf16_supported=no_bf16) is False
+    assert uses_bf16("cpu", bf16_supported=never_asked) is False
+    assert uses_bf16(torch.device("mps"), bf16_supported=never_asked) is False
+    # A T4 (compute capability 7.5): torch.cuda.is_bf16_supported() says yes (emulated, slow);
+    # the default query, precision.cuda_bf16_supported, says no.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    assert uses_bf16("cuda") is False
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))  # A100
+    assert uses_bf16("cuda") is True
+
+
 def test_autocast_really_runs_in_the_chosen_dtype_on_the_cpu():
     a = torch.ones(2, 2)
     with resolve_precision("bf16", "cpu").autocast():

@@ -20,7 +20,13 @@ from fast_gpt import train_model_fast
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 from precision import Precision
 from previous_chapters import GPTModel, train_model_simple
-from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun, epoch_order
+from resumable_training import (
+    CheckpointPlan,
+    TrainingInterrupted,
+    TrainingRun,
+    draw_epoch_seed,
+    epoch_order,
+)
 from run_record import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,11 +39,12 @@ N_BATCHES = 6  # 12 training entries, batches of 2: 12 steps in all
 IDENTITY = {"model_config": CFG, "dataset_sha256": "0" * 64, "config": {"lr": 5e-4, "seed": SEED}}
 
 
-def build(instruction_data, tokenizer, shuffle=True, optimizer_class=torch.optim.AdamW):
+def build(instruction_data, tokenizer, shuffle=True, optimizer_class=torch.optim.AdamW, cfg=CFG,
+          collate=custom_collate_fn):
     """A fresh model, optimizer and the chapter's loaders, all seeded as the CLI seeds them."""
-    collate = partial(custom_collate_fn, allowed_max_length=CFG["context_length"])
+    collate = partial(collate, allowed_max_length=CFG["context_length"])
     torch.manual_seed(SEED)
-    model = GPTModel(CFG)
+    model = GPTModel(cfg)
     optimizer = optimizer_class(model.parameters(), lr=5e-4, weight_decay=0.1)
     train_loader = DataLoader(InstructionDataset(instruction_data[:12], tokenizer), batch_size=2,
                               shuffle=shuffle, drop_last=True, collate_fn=collate)
@@ -85,14 +92,66 @@ def baseline(instruction_data, tokenizer, tmp_path_factory):
             "folder": folder, "metrics": read_metrics(folder / "tiny-sft.metrics.jsonl")}
 
 
-def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-    assert epoch_order(10, 3, 1) == epoch_order(10, 3, 1)
-    assert sorted(epoch_order(10, 3, 1)) == list(range(10))
-    assert epoch_order(10, 3, 0) != epoch_order(10, 3, 1)
-    # the permutation torch's DistributedSampler draws, so DDP ranks can share it
-    sampler = torch.utils.data.DistributedSampler(list(range(10)), num_replicas=1, rank=0, seed=3)
-    sampler.set_epoch(1)
-    assert list(sampler) == epoch_order(10, 3, 1)
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_epoch_order_draws_what_iterating_the_dataloader_draws(shuffle, drop_last):
+    loader = DataLoader(range(10), batch_size=3, shuffle=shuffle, drop_last=drop_last)
+    torch.manual_seed(5)
+    batches = [batch.tolist() for batch in loader]
+    after = torch.rand(4)  # where the loader leaves torch's RNG
+
+    torch.manual_seed(5)
+    seed = draw_epoch_seed(shuffle)
+    order = epoch_order(10, seed) if shuffle else list(range(10))
+    assert batches == [order[i:i + 3] for i in range(0, 3 * len(loader), 3)]
+    assert len(batches) == (3 if drop_last else 4)
+    assert torch.equal(torch.rand(4), after)  # the same draws, in the same number
+    assert sorted(order) == list(range(10)) and epoch_order(10, seed) == epoch_order(10, seed)
+
+
+def test_a_loader_whose_order_it_cannot_reproduce_is_refused():
+    model = GPTModel(CFG)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for loader in (DataLoader(range(4), batch_size=2, shuffle=True, generator=torch.Generator()),
+                   DataLoader(range(4), batch_size=2, sampler=[3, 2, 1, 0])):
+        with pytest.raises(ValueError, match=r"DataLoader\(dataset, batch_size, shuffle=True or False"):
+            TrainingRun(model, optimizer, loader, loader, "cpu", progress=False)
+
+
+def test_trains_on_the_chapters_batches(instruction_data, tokenizer):
+    """The chapter's train loader after torch.manual_seed(123): TrainingRun trains on the
+    batches the book's loop iterates (116 batches: [8, 61], [8, 76], [8, 73], [8, 68], ...,
+    [8, 69]), also with an evaluation (which draws from the same RNG) after step 0."""
+    shapes = []
+
+    def collate(batch, **kwargs):
+        inputs, targets = custom_collate_fn(batch, **kwargs)
+        shapes.append(list(inputs.shape))
+        return inputs, targets
+
+    collate = partial(collate, allowed_max_length=1024)
+    train_data, val_data = instruction_data[:935], instruction_data[935:990]  # the chapter's split
+    train_loader = DataLoader(InstructionDataset(train_data, tokenizer), batch_size=8,
+                              collate_fn=collate, shuffle=True, drop_last=True, num_workers=0)
+    val_loader = DataLoader(InstructionDataset(val_data, tokenizer), batch_size=8, collate_fn=collate)
+    torch.manual_seed(123)
+    books = [list(inputs.shape) for inputs, _ in train_loader]
+    assert len(books) == 116
+
+    torch.manual_seed(123)
+    model = GPTModel({**CFG, "context_length": 1024})
+    run = TrainingRun(model, torch.optim.AdamW(model.parameters(), lr=5e-4), train_loader,
+                      val_loader, "cpu", seed=123, progress=False)
+    shapes.clear()
+    with contextlib.redirect_stdout(io.StringIO()):  # 4 steps (each costs ~1 s here)
+        run.train(1, eval_freq=1000, eval_iter=1, start_context=None, tokenizer=None, max_steps=4)
+    trained = shapes[:1] + shapes[3:]  # after step 0 the evaluation read a train and a val batch
+    assert trained == books[:4] == [[8, 61], [8, 76], [8, 73], [8, 68]]
+    order = epoch_order(935, run.state.epoch_seed)  # the rest of the epoch, as it would train
+    shapes.clear()
+    for start in range(0, 8 * 116, 8):
+        collate([train_loader.dataset[i] for i in order[start:start + 8]])
+    assert shapes == books and shapes[-1] == [8, 69]
 
 
 def test_baseline_runs_all_steps_and_prints_the_chapters_lines(baseline):
@@ -215,22 +274,43 @@ def test_mismatched_checkpoint_is_refused_naming_the_difference(baseline, instru
     assert run.state.step == 0  # nothing was loaded
 
 
-def test_same_losses_and_printed_lines_as_train_model_fast(instruction_data, tokenizer):
-    """With an unshuffled loader both loops see the same batches: the same numbers and text."""
-    model, optimizer, train_loader, val_loader = build(instruction_data, tokenizer, shuffle=False)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        expected = train_model_fast(model, train_loader, val_loader, optimizer, "cpu", 1,
-                                    EVAL_FREQ, EVAL_ITER, "Give me", tokenizer)
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_same_batches_losses_and_printed_lines_as_train_model_fast(instruction_data, tokenizer,
+                                                                   shuffle):
+    """train_model_fast iterates the DataLoader, as the book's loop does. After the same
+    torch.manual_seed, TrainingRun collates the same batches in the same sequence (training and
+    evaluation, over two epochs) and, with dropout drawing from the same RNG in between, gets
+    the same losses, printed text and weights, exactly."""
+    cfg = {**CFG, "drop_rate": 0.1}
 
-    model2, optimizer2, train_loader2, val_loader2 = build(instruction_data, tokenizer, shuffle=False)
-    run = TrainingRun(model2, optimizer2, train_loader2, val_loader2, "cpu", seed=SEED, progress=False)
-    out2 = io.StringIO()
-    with contextlib.redirect_stdout(out2):
-        losses = run.train(1, EVAL_FREQ, EVAL_ITER, "Give me", tokenizer)
-    assert losses == expected
-    assert out2.getvalue() == out.getvalue()
-    assert_same_weights(model2, weights(model))
+    def run_loop(train):
+        collated = []
+
+        def collate(batch, **kwargs):
+            collated.append([list(item) for item in batch])
+            return custom_collate_fn(batch, **kwargs)
+
+        model, optimizer, train_loader, val_loader = build(instruction_data, tokenizer, shuffle,
+                                                           cfg=cfg, collate=collate)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            losses = train(model, optimizer, train_loader, val_loader)
+        return losses, collated, out.getvalue(), weights(model)
+
+    expected = run_loop(lambda model, optimizer, train_loader, val_loader: train_model_fast(
+        model, train_loader, val_loader, optimizer, "cpu", EPOCHS, EVAL_FREQ, EVAL_ITER, "Give me",
+        tokenizer))
+    mine = run_loop(lambda model, optimizer, train_loader, val_loader: TrainingRun(
+        model, optimizer, train_loader, val_loader, "cpu", progress=False).train(
+        EPOCHS, EVAL_FREQ, EVAL_ITER, "Give me", tokenizer))
+
+    losses, collated, printed, final_weights = mine
+    assert len(collated) == len(expected[1]) == EPOCHS * N_BATCHES + 6 * 2  # 6 evaluations
+    assert collated == expected[1]
+    assert losses == expected[0] and printed == expected[2]
+    assert printed.count("Ep ") == 6 and "Give me" in printed
+    for key, value in expected[3].items():
+        assert torch.equal(final_weights[key], value), key
 
 
 def test_losses_equal_the_books_train_model_simple_within_float_rounding(instruction_data, tokenizer):

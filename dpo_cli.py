@@ -1,0 +1,441 @@
+"""DPO from the command line: start from a saved SFT model, write a DPO-tuned one.
+
+Not in the book. After `python gpt_instruction_finetuning.py` has saved
+`gpt2-medium355M-sft.pth`:
+
+    python dpo_cli.py --sft-model gpt2-medium355M-sft.pth
+
+downloads the book's preference data (instruction-data-with-preference.json) if it is not
+there, trains one epoch of DPO (dpo.py, through fast_dpo's faster batch loss) and writes, next to
+the SFT model (or in --output-dir):
+
+    gpt2-medium355M-sft-dpo.pth             the DPO-tuned weights (same layout as the SFT file)
+    gpt2-medium355M-sft-dpo.metrics.jsonl   losses and rewards, one line per evaluation
+    gpt2-medium355M-sft-dpo.run.json        the run record: config, model config, versions...
+    gpt2-medium355M-sft-dpo-plot.pdf        losses and reward margins
+    gpt2-medium355M-sft-dpo-responses.json  test entries answered by the SFT and the DPO model
+
+The model's size comes from `<sft stem>.run.json` when it is there, else from the shapes
+in the state dict; `--model gpt2-medium` overrides both. The run is resumable like the
+chapter's command (checkpoints.py): every `--save-every` steps it writes a checkpoint to
+OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the newest one
+(same data order, same numbers); one saved with other settings is refused, naming them.
+`--max-steps N` stops after N steps with a checkpoint, to split a long run into sessions.
+`--test-mode` runs the whole stage in seconds on a tiny random GPT and 10 entries per split.
+Exit codes: 0 done, 2 bad input (missing file, mismatched sizes, bad data, a checkpoint of
+another run), 130 Ctrl-C.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import dpo
+import fast_dpo
+from checkpoints import (
+    CheckpointError,
+    check_identity,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    newest_checkpoint,
+    prune_checkpoints,
+    restore,
+    save_checkpoint,
+)
+from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
+from instruction_data import (
+    PREFERENCE_DATASET,
+    PREFERENCE_KEYS,
+    DatasetError,
+    load_instruction_file,
+    load_known_dataset,
+    split_data,
+)
+from resumable_training import epoch_order
+from run_record import MetricsLog, dataset_fingerprint, metrics_path, write_run_record
+from safe_files import save_state_dict, write_json
+
+HERE = Path(__file__).resolve().parent
+TEST_MODE_ENTRIES = 10  # entries per split in test mode
+RESUME_NEWEST = "newest"  # --resume without a path
+
+
+class SetupError(ValueError):
+    """A problem with the inputs (model file, sizes, checkpoint): exit code 2."""
+
+
+@dataclass
+class DPOConfig:
+    """Every setting of a DPO run; the defaults are the book's bonus notebook's."""
+
+    sft_model: str | None = None
+    data: str | None = None
+    model: str | None = None
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 5e-6
+    weight_decay: float = 0.01
+    beta: float = 0.1
+    max_length: int = 1024
+    eval_freq: int = 5
+    eval_iter: int = 5
+    save_every: int = 20
+    keep: int = 3
+    max_steps: int | None = None
+    resume: str | None = None
+    seed: int = 123
+    device: str | None = None
+    output_dir: str | None = None
+    tokenizer_dir: str | None = None
+    max_new_tokens: int = 256
+    plain: bool = False
+    test_mode: bool = False
+
+
+#####################################
+# The SFT model
+#####################################
+
+def infer_model_config(state_dict):
+    """A GPTModel config from a state dict's shapes; the heads from the GPT-2 size table."""
+    try:
+        vocab_size, emb_dim = state_dict["tok_emb.weight"].shape
+        context_length = state_dict["pos_emb.weight"].shape[0]
+    except KeyError as e:
+        raise SetupError(f"not a GPT model state dict: it has no {e.args[0]}") from None
+    n_layers = len({key.split(".")[1] for key in state_dict if key.startswith("trf_blocks.")})
+    heads = {size[2]: size[4] for size in GPT2_SIZES.values()}  # emb_dim -> n_heads
+    if emb_dim not in heads:
+        raise SetupError(f"emb_dim {emb_dim} is none of GPT-2's sizes, so the number of "
+                         f"attention heads is unknown: keep the run record (.run.json) beside "
+                         f"the model, or pass --model")
+    return {"vocab_size": vocab_size, "context_length": context_length, "emb_dim": emb_dim,
+            "n_heads": heads[emb_dim], "n_layers": n_layers, "drop_rate": 0.0,
+            "qkv_bias": "trf_blocks.0.att.W_query.bias" in state_dict}
+
+
+def state_dict_mismatch(expected, state_dict):
+    """'' when `state_dict` fits `expected` key for key and shape for shape, else what differs."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [f"{k} is {tuple(state_dict[k].shape)}, not {tuple(expected[k].shape)}"
+                for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    parts = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in (
+        (missing, "missing keys"), (unexpected, "unexpected keys"), (reshaped, "other shapes"))
+        if keys]
+    return "; ".join(parts)
+
+
+def load_sft_model(path, model=None, model_config=None, device="cpu"):
+    """The finetuned GPTModel saved at `path`, and its config.
+
+    The config: `model_config` when given, else the GPT-2 size `model` (e.g. "gpt2-medium"),
+    else the run record `<stem>.run.json` beside the file, else the state dict's shapes.
+    """
+    from previous_chapters import GPTModel
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist. Finetune first: run ch07_instruction_finetuning.ipynb "
+            f"or `python gpt_instruction_finetuning.py`, which save gpt2-medium355M-sft.pth.")
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    record = path.with_name(path.stem + ".run.json")
+    if model_config is None and model is not None:
+        model_config = gpt2_config(model)
+    if model_config is None and record.is_file():
+        model_config = json.loads(record.read_text(encoding="utf-8")).get("model_config")
+    if model_config is None:
+        model_config = infer_model_config(state_dict)
+    gpt = GPTModel(model_config)
+    problems = state_dict_mismatch(gpt.state_dict(), state_dict)
+    if problems:
+        raise SetupError(f"{path} does not fit a GPT with {model_config['n_layers']} layers and "
+                         f"emb_dim {model_config['emb_dim']}: {problems}. Pass the right --model, "
+                         f"or correct the run record beside it.")
+    gpt.load_state_dict(state_dict)
+    return gpt.to(device).eval(), model_config
+
+
+#####################################
+# Data
+#####################################
+
+def load_data(config):
+    """The preference entries, split 85/10/5 like the chapter (10 per split in test mode).
+
+    Without --data: the book's file next to this one, downloaded (and checked) if missing.
+    """
+    if config.data is None:
+        path = HERE / PREFERENCE_DATASET.file_name
+        data = load_known_dataset(PREFERENCE_DATASET, HERE)
+    else:
+        path = Path(config.data)
+        data = load_instruction_file(path, keys=PREFERENCE_KEYS)
+    train_data, test_data, val_data = split_data(data)
+    if config.test_mode:
+        n = TEST_MODE_ENTRIES
+        train_data, test_data, val_data = train_data[:n], test_data[:n], val_data[:n]
+    if len(train_data) < config.batch_size:
+        raise DatasetError(f"The training split has {len(train_data)} entries, fewer than one "
+                           f"batch of {config.batch_size}: use a smaller --batch-size")
+    return path, train_data, test_data, val_data
+
+
+def epoch_batches(n_entries, batch_size, seed, epoch):
+    """The training batches of one epoch (index lists, the last partial batch dropped): a
+    shuffle (resumable_training.epoch_order, seeded with seed + epoch) that depends only on
+    (seed, epoch), so a resumed run sees the same batches."""
+    order = epoch_order(n_entries, seed + epoch)
+    return [order[i:i + batch_size] for i in range(0, n_entries - batch_size + 1, batch_size)]
+
+
+#####################################
+# Training, resumable
+#####################################
+
+def output_paths(config):
+    sft = Path(config.sft_model) if config.sft_model else Path("gpt2-test-sft.pth")
+    folder = Path(config.output_dir) if config.output_dir else (sft.parent if config.sft_model else HERE)
+    stem = sft.stem + "-dpo"
+    model = folder / f"{stem}.pth"
+    return {"model": model, "metrics": metrics_path(model), "plot": folder / f"{stem}-plot.pdf",
+            "responses": folder / f"{stem}-responses.json", "checkpoints": folder / "checkpoints",
+            "stem": stem}
+
+
+# The settings that change what training computes; a checkpoint saved under others is refused.
+IDENTITY_FIELDS = ("sft_model", "model", "batch_size", "lr", "weight_decay", "beta", "max_length",
+                   "seed", "plain", "test_mode")
+
+
+def checkpoint_identity(config, model_config, dataset_sha256):
+    """What must match for a checkpoint to continue this run."""
+    return {"model_config": model_config, "dataset_sha256": dataset_sha256,
+            "config": {name: getattr(config, name) for name in IDENTITY_FIELDS}}
+
+
+def tracking_from_rows(tracking, rows):
+    """train_model_dpo_simple's tracking dict, rebuilt from metrics rows (a resumed run's)."""
+    for row in rows:
+        for split in ("train", "val"):
+            tracking[f"{split}_losses"].append(row[f"{split}_loss"])
+            tracking[f"{split}_chosen_rewards"].append(row[f"{split}_chosen_reward"])
+            tracking[f"{split}_rejected_rewards"].append(row[f"{split}_rejected_reward"])
+        tracking["tokens_seen"].append(row["tokens_seen"])
+    return tracking
+
+
+def train(policy, reference, config, datasets, collate, paths, identity):
+    """train_model_dpo_simple's loop over a fixed data order, with checkpoints to resume from.
+
+    Returns the tracking dict (train_model_dpo_simple's; None when stopped by --max-steps)
+    and the wall seconds of this run.
+    """
+    from torch.utils.data import DataLoader
+
+    from fast_gpt import make_optimizer
+
+    loss_fn = dpo.compute_dpo_loss_batch if config.plain else fast_dpo.compute_dpo_loss_batch_fast
+    optimizer = make_optimizer(policy, config.lr, config.weight_decay)  # fused AdamW where available
+    train_set, val_set = datasets
+    # Evaluation batches: the first eval_iter batches of each split, in order.
+    train_eval = DataLoader(train_set, batch_size=config.batch_size, collate_fn=collate)
+    val_eval = DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
+
+    progress = {"epoch": 0, "position": 0, "step": 0, "tokens_seen": 0, "wall_seconds": 0.0}
+    rows = []  # one per evaluation: run_record.METRIC_KEYS and the rewards
+    folder, stem = paths["checkpoints"], paths["stem"]
+    if config.resume is not None:
+        path = newest_checkpoint(folder, stem) if config.resume == RESUME_NEWEST else Path(config.resume)
+        checkpoint = load_checkpoint(path)
+        check_identity(checkpoint, identity, path)
+        restore(checkpoint, policy, optimizer)
+        progress, rows = checkpoint["progress"], checkpoint["metrics"]
+        print(f"Resuming from {path}: epoch {progress['epoch'] + 1}, after step {progress['step']}.")
+    elif list_checkpoints(folder, stem):
+        print(f"Note: {folder} holds checkpoints of an earlier run of {stem}; this run starts "
+              f"afresh (pass --resume to continue that one).")
+    tracking = tracking_from_rows(dpo.new_tracking(), rows)
+    metrics = MetricsLog(paths["metrics"])
+    metrics.start(rows)
+
+    def save():
+        progress["wall_seconds"] = time.perf_counter() - clock
+        save_checkpoint(checkpoint_path(folder, stem, progress["step"]), policy, optimizer,
+                        progress, rows, identity)
+        prune_checkpoints(folder, stem, config.keep)
+
+    clock = time.perf_counter() - progress["wall_seconds"]
+    policy.train()
+    while progress["epoch"] < config.epochs:
+        epoch = progress["epoch"]
+        batches = epoch_batches(len(train_set), config.batch_size, config.seed, epoch)
+        while progress["position"] < len(batches):
+            if config.max_steps is not None and progress["step"] >= config.max_steps:
+                save()
+                print(f"Stopped after {progress['step']} steps (--max-steps); checkpoint saved in "
+                      f"{folder}. Continue with the same command and --resume.")
+                return None, time.perf_counter() - clock
+            batch = collate([train_set[i] for i in batches[progress["position"]]])
+            optimizer.zero_grad()
+            loss, _, _ = loss_fn(batch, policy, reference, config.beta)
+            loss.backward()
+            optimizer.step()
+            progress["tokens_seen"] += batch["chosen"].numel() + batch["rejected"].numel()
+            progress["position"] += 1
+            progress["step"] += 1
+            global_step = progress["step"] - 1  # the book's step counter starts at -1
+
+            if global_step % config.eval_freq == 0:
+                res = dpo.evaluate_dpo_loss_loader(policy, reference, train_eval, val_eval,
+                                                   config.beta, config.eval_iter, loss_fn)
+                dpo.log_dpo_evaluation(tracking, res, progress["tokens_seen"], epoch, global_step)
+                row = {"step": global_step, "epoch": epoch + 1,
+                       "epochs_seen": epoch + progress["position"] / len(batches),
+                       "tokens_seen": progress["tokens_seen"],
+                       "lr": optimizer.param_groups[0]["lr"],
+                       "seconds": time.perf_counter() - clock, **res}
+                rows.append(row)
+                metrics.append(row)
+            if progress["step"] % config.save_every == 0:
+                save()
+        progress.update(epoch=epoch + 1, position=0)
+    return tracking, time.perf_counter() - clock
+
+
+def main(config):
+    """The DPO stage: data, SFT model and its frozen copy, training, answers, saved files."""
+    from finetune_cli import choose_device, get_tokenizer, package_versions
+
+    if config.sft_model is None and not config.test_mode:
+        raise SetupError("pass --sft-model (the finetuned model, e.g. gpt2-medium355M-sft.pth)")
+    device = choose_device(config.device, config.test_mode)
+    if config.sft_model is None:  # test mode: a tiny random GPT stands in for the SFT model
+        from previous_chapters import GPTModel
+
+        torch.manual_seed(config.seed)
+        policy, model_config = GPTModel(TEST_MODE_CONFIG).eval(), TEST_MODE_CONFIG
+        policy.to(device)
+    else:
+        policy, model_config = load_sft_model(config.sft_model, config.model, device=device)
+    data_path, train_data, test_data, val_data = load_data(config)
+    print(f"Preference data: {len(train_data)} train, {len(val_data)} validation, "
+          f"{len(test_data)} test entries")
+    reference = dpo.make_reference_model(policy)
+    sft_model = reference  # the SFT model, for the answers before DPO
+    print(f"Device: {device}; model: {model_config['n_layers']} layers, "
+          f"emb_dim {model_config['emb_dim']}, {model_config['n_heads']} heads")
+
+    tokenizer = get_tokenizer(config.tokenizer_dir)
+    allowed = min(config.max_length, model_config["context_length"])
+    collate = partial(dpo.preference_collate_fn, allowed_max_length=allowed, device=device)
+    train_set = dpo.PreferenceDataset(train_data, tokenizer)
+    val_set = dpo.PreferenceDataset(val_data, tokenizer)
+    if not config.plain:  # the reference model's log-probabilities, once per entry
+        train_set, val_set = (fast_dpo.cache_reference_logprobs(
+            reference, dataset, config.batch_size, allowed_max_length=allowed, device=device)
+            for dataset in (train_set, val_set))
+        collate = partial(fast_dpo.collate_with_reference, allowed_max_length=allowed,
+                          device=device)
+
+    paths = output_paths(config)
+    dataset = dataset_fingerprint(data_path)
+    torch.manual_seed(config.seed)
+    tracking, seconds = train(policy, reference, config, (train_set, val_set), collate, paths,
+                              checkpoint_identity(config, model_config, dataset["sha256"]))
+    if tracking is None:  # stopped early by --max-steps: the checkpoint holds the run
+        return {"tracking": None, "paths": paths}
+    print(f"Training completed in {seconds / 60:.2f} minutes.")
+    policy.eval()
+
+    save_state_dict(policy.state_dict(), paths["model"])
+    print(f"Model saved as {paths['model']}")
+    if tracking["train_losses"]:
+        dpo.plot_dpo_metrics(tracking, config.epochs, save_path=paths["plot"], show=False)
+    max_new = min(config.max_new_tokens, 16) if config.test_mode else config.max_new_tokens
+    answered = dpo.compare_responses(test_data, {"sft": sft_model, "dpo": policy}, tokenizer, max_new)
+    write_json(paths["responses"], answered)
+    print(f"Answers of the SFT and the DPO model saved as {paths['responses']}")
+
+    final = {key: tracking[key][-1] for key in ("train_losses", "val_losses") if tracking[key]}
+    for split in ("train", "val"):
+        if tracking[f"{split}_losses"]:
+            final[f"{split}_reward_margin"] = dpo.reward_margins(tracking, split)[-1]
+    record = {"config": asdict(config), "model_config": model_config,
+              "versions": package_versions(), "device": str(device), "precision": "fp32",
+              "dataset": dataset, "seed": config.seed, "wall_seconds": seconds,
+              "final_losses": final, "sft_model": config.sft_model}
+    paths["record"] = write_run_record(paths["model"], record)
+    return {"tracking": tracking, "paths": paths, "responses": answered, "record": record}
+
+
+def build_arg_parser():
+    defaults = DPOConfig()
+    parser = argparse.ArgumentParser(
+        description="DPO preference tuning of a finetuned GPT-2 (after chapter 7).")
+    add = parser.add_argument
+    add("--sft-model", help="the finetuned model, e.g. gpt2-medium355M-sft.pth")
+    add("--data", help=f"preference JSON with instruction, input, output, chosen, rejected "
+                       f"(default: the book's {PREFERENCE_DATASET.file_name} next to this "
+                       f"file, downloaded when missing)")
+    add("--model", choices=list(GPT2_SIZES),
+        help="GPT-2 size of the SFT model (default: from its run record or its shapes)")
+    for name, kind, text in (("epochs", int, "training epochs"),
+                             ("batch-size", int, "preference pairs per batch"),
+                             ("lr", float, "AdamW learning rate"),
+                             ("weight-decay", float, "AdamW weight decay"),
+                             ("beta", float, "DPO's beta: how far the policy may move"),
+                             ("max-length", int, "truncate sequences to this many tokens"),
+                             ("eval-freq", int, "evaluate every this many steps"),
+                             ("eval-iter", int, "batches per evaluation"),
+                             ("save-every", int, "write a checkpoint every this many steps"),
+                             ("keep", int, "checkpoints kept (the newest)"),
+                             ("max-steps", int, "stop after this many steps in all, keeping a "
+                                                "checkpoint to continue from"),
+                             ("seed", int, "random seed"),
+                             ("max-new-tokens", int, "longest answer to a test entry")):
+        default = getattr(defaults, name.replace("-", "_"))
+        add(f"--{name}", type=kind, default=default, help=f"{text} (default: {default})")
+    add("--device", help="cuda, mps or cpu (default: the best available)")
+    add("--output-dir", help="where the outputs go (default: next to the SFT model)")
+    add("--tokenizer-dir", help="a folder with GPT-2's encoder.json and vocab.bpe (offline use)")
+    add("--plain", action="store_true", help="the plain loss of dpo.py instead of fast_dpo's")
+    add("--resume", nargs="?", const=RESUME_NEWEST, default=None, metavar="PATH",
+        help="continue from a checkpoint: PATH, or without PATH the newest of this run in "
+             "OUTPUT_DIR/checkpoints")
+    add("--test-mode", "--test_mode", dest="test_mode", action="store_true",
+        help="a tiny GPT (random, unless --sft-model) and 10 entries per split, in seconds")
+    return parser
+
+
+def cli(argv=None):
+    """Parse, run `main`, turn known problems into a message and an exit code."""
+    config = DPOConfig(**vars(build_arg_parser().parse_args(argv)))
+    import matplotlib
+
+    matplotlib.use("Agg")  # plots go to files
+    from finetune_cli import DeviceError
+
+    try:
+        main(config)
+    except (SetupError, DatasetError, DeviceError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. The same command with --resume continues from the newest "
+              f"checkpoint in {output_paths(config)['checkpoints']}, if one was saved.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,309 @@
+"""Check everything cheap before anything expensive: a bad flag or folder costs seconds, not a run.
+
+Not in the book. Before any download, model build or training, the command line checks:
+- every numeric flag's range (`NUMERIC_LIMITS`);
+- the output folder: created, and a file written into it and removed again;
+- that no output file's name is taken by a folder;
+- the data file, read and validated (a file still to be downloaded is validated on download);
+- a GPT-2 checkpoint folder's hparams.json against the chosen model;
+- free disk space against the files about to be written, with the estimate in the message.
+
+Each failure is a `PreflightError`: one line, for `error: ...` and exit code 2.
+
+`--epochs 0` trains nothing. So that such a run never replaces a finetuned model (or its answers
+and plot) with an untrained one, its outputs carry `-untrained` in their names, and it says so
+(`untrained_suffix`).
+"""
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+MB = 1024 * 1024
+
+
+class PreflightError(ValueError):
+    """A setting, a folder or the data would make the run fail: one line saying what to change."""
+
+
+#####################################
+# Numeric flags
+#####################################
+
+@dataclass(frozen=True)
+class Limit:
+    """The allowed range of one numeric setting; `None` (a setting left unset) always passes."""
+
+    low: float
+    high: float | None = None
+    low_excluded: bool = False  # True: the value must be greater than `low`, not equal
+
+    def problem(self, value):
+        """A phrase like 'must be at least 1', or None when `value` is in range."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if self.low_excluded and not value > self.low:
+            return f"must be greater than {self.low}"
+        if value < self.low:
+            return f"must be at least {self.low}" if self.high is None else self._between()
+        if self.high is not None and value > self.high:
+            return self._between()
+        return None
+
+    def _between(self):
+        return f"must be between {self.low} and {self.high}"
+
+
+# Every numeric setting of the command line (FinetuneConfig's int and float fields).
+NUMERIC_LIMITS = {
+    "epochs": Limit(0),  # 0 trains nothing; its outputs are named "-untrained"
+    "batch_size": Limit(1),
+    "lr": Limit(0, low_excluded=True),
+    "weight_decay": Limit(0),
+    "max_length": Limit(1),
+    "seed": Limit(0, 2**64 - 1),  # what torch.manual_seed accepts
+    "eval_freq": Limit(1),
+    "eval_iter": Limit(1),
+    "lora_rank": Limit(1),
+    "lora_alpha": Limit(0, low_excluded=True),
+    "max_new_tokens": Limit(1),
+    "val_fraction": Limit(0, 1, low_excluded=True),  # their sum below 1: split_entries checks
+    "test_fraction": Limit(0, 1, low_excluded=True),
+    "shuffle_split": Limit(0, 2**64 - 1),
+    "max_test_answers": Limit(0),  # 0: no answers
+    "save_every": Limit(1),
+    "keep": Limit(1),
+    "max_steps": Limit(1),
+}
+
+
+def flag_name(field):
+    return "--" + field.replace("_", "-")
+
+
+def check_ranges(config, limits=NUMERIC_LIMITS):
+    """PreflightError for the first setting of `config` (any object with attributes) out of range."""
+    for field, limit in limits.items():
+        value = getattr(config, field, None)
+        if value is None:
+            continue
+        problem = limit.problem(value)
+        if problem:
+            raise PreflightError(f"{flag_name(field)} {problem} (got {value})")
+
+
+#####################################
+# Folders and files
+#####################################
+
+def check_output_dir(folder, flag="--output-dir"):
+    """Create `folder` if needed and write a file into it; PreflightError saying why not."""
+    from safe_files import write_atomically
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PreflightError(f"{flag} {folder} is a file, not a folder: choose another {flag}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PreflightError(f"{flag} {folder} cannot be created ({e.strerror}): "
+                             f"choose another {flag}") from None
+    probe = folder / ".write-test"
+    try:
+        write_atomically(probe, lambda tmp: Path(tmp).write_bytes(b"ok"))  # as the outputs will be
+        probe.unlink()
+    except OSError as e:
+        raise PreflightError(f"{flag} {folder} is not writable ({e.strerror}): "
+                             f"choose another {flag} or fix its permissions") from None
+    return folder
+
+
+def check_output_files(paths):
+    """PreflightError when a folder sits where an output file will be written."""
+    for path in paths:
+        if Path(path).is_dir():
+            raise PreflightError(f"{path} is a folder, but the run writes a file of that name: "
+                                 f"move the folder away or choose another --output-dir")
+
+
+def check_data_file(path, data_url=None):
+    """Read and validate the instruction data at `path`; return its entries.
+
+    A file that is missing is fine when it will be downloaded (`data_url`, or the chapter's
+    dataset): the download validates it. Returns None then.
+    """
+    from instruction_data import DatasetError, load_instruction_file, split_data
+
+    path = Path(path)
+    if not path.exists():
+        if data_url is None:
+            raise PreflightError(f"{path} does not exist (pass --data-url to download it)")
+        return None
+    try:
+        data = load_instruction_file(path)  # a folder, a BOM, bytes that are not UTF-8: handled
+        split_data(data)
+    except DatasetError as e:
+        raise PreflightError(str(e)) from None
+    return data
+
+
+def untrained_suffix(epochs):
+    """'-untrained' for a run that trains nothing (`--epochs 0`), so it never replaces a
+    finetuned model, its answers or its plot; '' otherwise."""
+    return "-untrained" if epochs == 0 else ""
+
+
+def untrained_note(model_path):
+    return (f"Note: --epochs 0 trains nothing, so the outputs carry '-untrained' in their names "
+            f"({Path(model_path).name}, ...) and replace no finetuned model.")
+
+
+#####################################
+# Disk space
+#####################################
+
+def _meta_model(model_cfg, lora_rank=None):
+    """A GPTModel on PyTorch's meta device: shapes without memory, built in no time."""
+    import torch
+
+    from previous_chapters import GPTModel, replace_linear_with_lora
+
+    with torch.device("meta"):
+        model = GPTModel(model_cfg)
+        if lora_rank:
+            replace_linear_with_lora(model, rank=lora_rank, alpha=lora_rank)
+    return model
+
+
+def model_file_bytes(model_cfg, lora_rank=None):
+    """Bytes of the files a finetuned GPTModel of `model_cfg` is saved as (float32 state dicts).
+
+    Exact: counted on a model built on the meta device (the attention masks included). With
+    `lora_rank`, the LoRA adapters file comes on top of the merged model.
+    """
+    model = _meta_model(model_cfg)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if not lora_rank:
+        return model_bytes
+    model = _meta_model(model_cfg, lora_rank)
+    adapter_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
+                        if ".lora." in k)
+    return model_bytes + adapter_bytes
+
+
+def gpt2_download_bytes(model_cfg):
+    """An upper bound for a GPT-2 download of `model_cfg`, from any source.
+
+    OpenAI's TensorFlow checkpoint holds every weight once in float32 (the output head shares
+    the token embedding); the hub's model.safetensors holds the attention masks too, in
+    float32. So: the model's state dict without the output head, and 2 MB of tokenizer files.
+    """
+    model = _meta_model(model_cfg)
+    head = model.out_head.weight
+    return model_file_bytes(model_cfg) - head.numel() * head.element_size() + 2 * MB
+
+
+def answers_bytes(data_file_bytes, n_entries, max_new_tokens):
+    """An upper bound for the answers JSON and the plot: the test split's text is at most the
+    data file; each new token is a few characters (16 bytes allowed), and 1 MB for the plot."""
+    return data_file_bytes + n_entries * max_new_tokens * 16 + MB
+
+
+def format_bytes(n):
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _existing_ancestor(folder):
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def check_disk_space(needs, flag="--output-dir"):
+    """`needs`: (folder, bytes, what) for each file about to be written.
+
+    Folders on the same disk add up. PreflightError when a disk has less free space than its
+    files need, plus 1% and 1 MB for the files' own structure.
+    """
+    disks = {}  # device id -> (folder, total bytes, [what, ...])
+    for folder, n_bytes, what in needs:
+        folder = _existing_ancestor(folder)
+        device = folder.stat().st_dev
+        first, total, whats = disks.get(device, (folder, 0, []))
+        disks[device] = (first, total + n_bytes, [*whats, f"{what} ({format_bytes(n_bytes)})"])
+    for folder, total, whats in disks.values():
+        needed = total + total // 100 + MB
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise PreflightError(
+                f"not enough free disk space in {folder}: {', '.join(whats)} need about "
+                f"{format_bytes(needed)}, {format_bytes(free)} is free; free some space "
+                f"or choose another {flag}")
+
+
+#####################################
+# All of it, before a run
+#####################################
+
+def gpt2_download_needed(models_dir, model, source="auto"):
+    """True when the files of GPT-2 `model` from `source` ("auto": from any source) are not
+    complete in `models_dir`."""
+    from gpt2_sizes import model_folder
+    from gpt_download import FILENAMES, WEIGHT_SOURCES
+    from hub_weights import files_present, hub_files
+
+    folder = model_folder(model)
+    model_dir = Path(models_dir) / folder
+    for candidate in [source] if source != "auto" else WEIGHT_SOURCES[1:]:
+        files = [(name,) for name in FILENAMES] if candidate == "openai" else hub_files(candidate, folder)
+        if all(files_present(model_dir, names) for names in files):
+            return False
+    return True
+
+
+def check_checkpoint(models_dir, model):
+    """PreflightError when the checkpoint folder's hparams.json is another GPT-2 size."""
+    from gpt2_sizes import model_folder
+    from gpt_download import CheckpointError, check_checkpoint_folder
+
+    try:
+        check_checkpoint_folder(Path(models_dir) / model_folder(model), model)
+    except CheckpointError as e:
+        raise PreflightError(str(e)) from None
+
+
+def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, models_dir=None,
+              extra_needs=()):
+    """Every check, cheapest first; returns the validated entries (None when still to download).
+
+    `config`: the run's settings (FinetuneConfig); `output_files`: the paths the run writes;
+    `model_cfg`: the GPTModel config; `models_dir`: where the GPT-2 checkpoints are kept (None
+    when no GPT-2 is loaded, as in test mode); `extra_needs`: more (folder, bytes, what) to find
+    disk space for.
+    """
+    check_ranges(config)
+    check_output_dir(output_dir)
+    check_output_files(output_files)
+    data = check_data_file(data_path, data_url)
+    source = getattr(config, "weights_source", "auto")
+    download = models_dir is not None and gpt2_download_needed(models_dir, config.model, source)
+    if models_dir is not None:
+        check_checkpoint(models_dir, config.model)
+
+    lora_rank = getattr(config, "lora_rank", None)
+    data_bytes = Path(data_path).stat().st_size if data is not None else MB
+    n_entries = len(data) if data is not None else 0
+    needs = [(output_dir, model_file_bytes(model_cfg, lora_rank), "the finetuned model"),
+             (output_dir, answers_bytes(data_bytes, n_entries, config.max_new_tokens),
+              "the answers and the plot")]
+    if download:
+        check_output_dir(models_dir, flag="--models-dir")
+        needs.append((models_dir, gpt2_download_bytes(model_cfg), "the GPT-2 download"))
+    flags = "--output-dir or --models-dir" if download else "--output-dir"
+    check_disk_space([*needs, *extra_needs], flag=flags)
+    return data

@@ -1,0 +1,339 @@
+"""The command line against bad input, full disks and interruptions (issue 16), as a user meets them.
+
+Each numbered case of the issue is a real subprocess of `python gpt_instruction_finetuning.py
+--test_mode ...` offline: the exit code, one line naming the problem, no traceback, and for
+the cases that used to lose work, the work on disk.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, TOKENIZER_DIR
+from loopback_server import serving
+from small_disk import small_tmpfs, unwritable_folder
+
+from gpt2_sizes import TEST_MODE_CONFIG
+from previous_chapters import GPTModel
+
+SCRIPT = ROOT / "gpt_instruction_finetuning.py"
+MODEL = "gpt2-medium355M-sft-test.pth"
+ANSWERS = "instruction-data-with-response-test.json"
+PLOT = "loss-plot-test.pdf"
+METRICS = "gpt2-medium355M-sft-test.metrics.jsonl"
+RECORD = "gpt2-medium355M-sft-test.run.json"
+
+
+@pytest.fixture
+def data(tmp_path, shared_data):
+    """A copy of the chapter's dataset, under its own name (so the outputs have the usual names)."""
+    return shutil.copyfile(shared_data / "instruction-data.json", tmp_path / "instruction-data.json")
+
+
+def command(data, output_dir, *extra):
+    """The issue's reproduction: test mode, 4 new tokens, 1 epoch (later flags win)."""
+    return [sys.executable, "-u", str(SCRIPT), "--test_mode", "--data", str(data),
+            "--tokenizer-dir", str(TOKENIZER_DIR), "--max-new-tokens", "4", "--epochs", "1",
+            "--output-dir", str(output_dir), *extra]
+
+
+def usual_umask():
+    os.umask(0o022)
+
+
+def run(*args, timeout=600):
+    return run_command(command(*args), timeout)
+
+
+def run_command(argv, timeout=600):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=usual_umask)
+
+
+def run_and_act(tmp_path, data, output_dir, *extra, markers, act, stderr_marker=None):
+    """Start the command; once stdout has shown a line starting with each of `markers` in
+    turn (and stderr holds `stderr_marker`), call `act(proc)` (send a signal, fill the disk);
+    wait. Returns (exit code, stderr)."""
+    with open(tmp_path / "stderr", "w+") as stderr:  # a file: a full pipe would block the run
+        proc = subprocess.Popen(command(data, output_dir, *extra), stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, preexec_fn=usual_umask)
+        try:
+            for marker in markers:
+                wait_for_line(proc, marker)
+            while stderr_marker and stderr_marker not in (tmp_path / "stderr").read_text():
+                assert proc.poll() is None, f"the command ended before {stderr_marker!r}"
+                time.sleep(0.05)
+            act(proc)
+            proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+        stderr.seek(0)
+        return proc.returncode, stderr.read()
+
+
+def wait_for_line(proc, prefix):
+    """Read stdout until a line starts with `prefix`; fail with what came if it never does."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return
+    pytest.fail(f"no line starting with {prefix!r}; stdout was:\n{''.join(seen)}")
+
+
+def assert_one_line_error(proc, code, message):
+    """Exit `code`, exactly `error: message` on stderr, no traceback, no training started."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+    assert "Initial training loss" not in proc.stdout
+
+
+def modes(folder):
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+
+
+########################################################################################
+# 1. The output folder is checked before training
+########################################################################################
+
+def test_case1_output_dir_that_is_a_file(tmp_path, data):
+    afile = tmp_path / "afile"
+    afile.touch()
+    proc = run(data, afile)
+    assert_one_line_error(proc, 2, f"--output-dir {afile} is a file, not a folder: choose another "
+                                   f"--output-dir")
+
+
+def test_case1_output_dir_that_cannot_be_written(tmp_path, data):
+    with unwritable_folder(tmp_path / "locked") as folder:
+        proc = run(data, folder)
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    assert_one_line_error(proc, 2, f"--output-dir {folder} is not writable ({reason}): choose "
+                                   f"another --output-dir or fix its permissions")
+
+
+def test_case1_a_full_disk_is_found_before_training(tmp_path, data):
+    with small_tmpfs(tmp_path / "disk", size="4m") as disk:
+        proc = run(data, disk)
+        assert list(disk.iterdir()) == []
+    assert_one_line_error(proc, 2, (
+        f"not enough free disk space in {disk}: the finetuned model (26.7 MB), the answers and "
+        f"the plot (1.3 MB) need about 29.4 MB, 4.2 MB is free; free some space or choose "
+        f"another --output-dir"))
+
+
+def fill_up(folder):
+    """Write zeros into `folder` until its disk is full."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(1 << 20))
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", [False, True])
+def test_case1_disk_filling_up_during_training(tmp_path, data, debug):
+    """Room enough at the start; another program fills the disk while training runs. The save
+    fails with one line naming the file (--debug adds the traceback)."""
+    with small_tmpfs(tmp_path / "disk", size="40m") as disk:
+        code, err = run_and_act(tmp_path, data, disk, *(["--debug"] if debug else []),
+                                markers=["Ep 1 (Step"], act=lambda _: fill_up(disk))
+        # no half model, no temporary file; the metrics file was written during training
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", METRICS]
+    assert code == 1
+    line = (f"error: no space left on the disk while writing {disk / MODEL} (nothing was "
+            f"written): free some space and run again; run again with --debug to see the traceback")
+    assert err.strip().splitlines()[-1] == line
+    assert ("Traceback" in err) is debug
+
+
+########################################################################################
+# 2. --epochs 0 replaces no finetuned model
+########################################################################################
+
+@pytest.mark.slow
+def test_case2_epochs_0_writes_under_another_name(tmp_path, data):
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {MODEL: b"the finetuned model", ANSWERS: b"[]", PLOT: b"%PDF the plot"}
+    for name, content in earlier.items():
+        (out / name).write_bytes(content)
+
+    proc = run(data, out, "--epochs", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ("Note: --epochs 0 trains nothing, so the outputs carry '-untrained' in their names "
+            "(gpt2-medium355M-sft-test-untrained.pth, ...) and replace no finetuned model."
+            ) in proc.stdout.splitlines()
+    for name, content in earlier.items():
+        assert (out / name).read_bytes() == content
+    new = {"gpt2-medium355M-sft-test-untrained.pth", "gpt2-medium355M-sft-test-untrained.run.json",
+           "gpt2-medium355M-sft-test-untrained.metrics.jsonl",
+           "instruction-data-with-response-test-untrained.json"}
+    assert set(modes(out)) == set(earlier) | new
+    # 8. Files written through a temporary file get the usual mode (0o644 under umask 022).
+    assert {name: mode for name, mode in modes(out).items() if name in new} == dict.fromkeys(new, 0o644)
+    assert len(json.loads((out / "instruction-data-with-response-test-untrained.json").read_text())) == 10
+
+
+########################################################################################
+# 3. Ctrl-C while answering keeps the finished training
+########################################################################################
+
+@pytest.mark.slow
+def test_case3_ctrl_c_while_answering_keeps_the_trained_model(tmp_path, data):
+    out = tmp_path / "out"
+    # 100,000 new tokens for each answer: answering takes far longer than the signal
+    code, err = run_and_act(tmp_path, data, out, "--max-new-tokens", "100000",
+                            markers=["Run record saved as"], stderr_marker="Generating responses",
+                            act=lambda proc: proc.send_signal(signal.SIGINT))
+    assert code == 130
+    assert "Traceback" not in err
+    assert (f"Answering the test set interrupted: saved the finetuned model ({out / MODEL}), the "
+            f"loss plot ({out / PLOT}), the run record ({out / RECORD}); not saved: the test "
+            f"answers.") in err.splitlines()
+    # The work is on disk: a whole, loadable model, the plot and the run record, all with the
+    # usual mode (the metrics file is appended to during training).
+    assert modes(out) == {MODEL: 0o644, PLOT: 0o644, RECORD: 0o644, METRICS: 0o644}
+    GPTModel(TEST_MODE_CONFIG).load_state_dict(
+        torch.load(out / MODEL, map_location="cpu", weights_only=True))
+    assert (out / PLOT).read_bytes().startswith(b"%PDF")
+
+
+########################################################################################
+# 4. Numeric flags are checked before anything is built
+########################################################################################
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--batch-size", "0", "--batch-size must be at least 1 (got 0)"),
+    ("--max-length", "0", "--max-length must be at least 1 (got 0)"),
+    ("--lr", "-1", "--lr must be greater than 0 (got -1.0)"),
+])
+def test_case4_numeric_flags_out_of_range(tmp_path, data, flag, value, message):
+    out = tmp_path / "out"
+    proc = run(data, out, flag, value)
+    assert_one_line_error(proc, 2, message)
+    assert "Number of entries" not in proc.stdout  # before even the data
+    assert not out.exists()
+
+
+########################################################################################
+# 5. The data loader's holes: clear errors before anything is built, a BOM accepted
+########################################################################################
+
+def test_case5_bytes_that_are_not_utf8(tmp_path, data):
+    text = data.read_bytes()
+    offset = text.index(b"Convert")
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(text[:offset] + b"\xe9" + text[offset:])  # an "é" as Latin-1 writes it
+    proc = run(bad, tmp_path / "out")
+    assert_one_line_error(proc, 2, f"{bad}: not UTF-8 text (byte 0xe9 at offset {offset}); save "
+                                   f"it as UTF-8")
+
+
+def test_case5_data_naming_a_folder(tmp_path, data):
+    proc = run(tmp_path, tmp_path / "out")
+    assert_one_line_error(proc, 2, f"{tmp_path} is a folder, not a data file: name the JSON file "
+                                   f"inside it")
+
+
+def test_case5_a_utf8_bom_is_accepted(tmp_path, data):
+    data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())  # as Windows editors save it
+    code, err = run_and_act(tmp_path, data, tmp_path / "out", markers=["Number of entries: 1100"],
+                            act=lambda proc: proc.kill())  # loaded and validated: enough
+    assert code == -signal.SIGKILL and "error" not in err
+
+
+def test_case5_an_html_page_is_never_saved_as_the_dataset(tmp_path):
+    target = tmp_path / "instruction-data.json"
+    with serving({"/data.json": b"<!DOCTYPE html><html><body>Sign in</body></html>"}) as server:
+        proc = run(target, tmp_path / "out", "--data-url", f"{server.url}/data.json")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"{server.url}/data.json: " in proc.stderr
+    assert "an HTML page, not JSON (an error or login page?)" in proc.stderr
+    assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+########################################################################################
+# 7. A checkpoint folder of another size is found before any download
+########################################################################################
+
+def test_case7_checkpoint_folder_of_another_size(tmp_path, data):
+    models = tmp_path / "gpt2"
+    (models / "355M").mkdir(parents=True)
+    hparams = models / "355M" / "hparams.json"
+    hparams.write_text(json.dumps({"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+                                   "n_layer": 12}))  # 124M's
+    proc = run_command([sys.executable, str(SCRIPT), "--model", "gpt2-medium", "--models-dir",
+                        str(models), "--data", str(data), "--output-dir", str(tmp_path / "out"),
+                        "--tokenizer-dir", str(TOKENIZER_DIR)])
+    assert_one_line_error(proc, 2, (
+        f"{hparams} says n_embd 768, n_layer 12, n_head 12 (gpt2-small), but gpt2-medium was "
+        f"chosen: choose gpt2-small, or delete that folder to download gpt2-medium"))
+    assert [p.name for p in (models / "355M").iterdir()] == ["hparams.json"]  # nothing fetched
+
+
+########################################################################################
+# 8. SIGTERM says what was saved
+########################################################################################
+
+@pytest.mark.slow
+def test_case8_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data):
+    out = tmp_path / "out"
+    code, err = run_and_act(tmp_path, data, out, "--epochs", "10000", markers=["Ep 1 (Step"],
+                            act=lambda proc: proc.send_signal(signal.SIGTERM))
+    assert code == 143
+    assert "Traceback" not in err
+    assert "SIGTERM: stopping after this step to save a checkpoint" in err
+    saved, how = err.strip().splitlines()[-2:]
+    checkpoints = sorted((out / "checkpoints").glob("*.pth"))
+    assert len(checkpoints) == 1
+    assert saved.startswith(f"Training interrupted: saved a checkpoint ({checkpoints[0]}); "
+                            "not saved: the finetuned model")
+    assert f"--resume {checkpoints[0]}" in how
+
+
+########################################################################################
+# In process: the order of the saves, LoRA included
+########################################################################################
+
+def test_lora_run_saves_adapters_and_merged_model_before_answering(tmp_path, data, one_thread,
+                                                                   capsys):
+    import finetune_cli as fc
+
+    config = fc.FinetuneConfig(test_mode=True, data=str(data), output_dir=str(tmp_path),
+                               epochs=1, lora_rank=4, max_new_tokens=2,
+                               tokenizer_dir=str(TOKENIZER_DIR))
+    result = fc.main(config)
+    out = capsys.readouterr().out
+    saves = [line.split(" saved as ")[0] for line in out.splitlines() if " saved as " in line]
+    assert saves == ["LoRA adapters", "Model", "Loss plot", "Run record", "Responses"]
+    assert out.index("Loss plot saved as") < out.index("Model response:") < out.index(
+        "Responses saved as")
+    stem = "gpt2-medium355M-sft-lora4-test"
+    assert {k: p.name for k, p in result["paths"].items()} == {
+        "adapters": f"{stem}-adapters.pth", "model": f"{stem}.pth",
+        "plot": "loss-plot-lora4-test.pdf", "responses": "instruction-data-with-response-lora4-test.json",
+        "metrics": f"{stem}.metrics.jsonl", "run_record": f"{stem}.run.json"}
+    # written again once the answers are saved: the record names every file
+    record = json.loads(result["paths"]["run_record"].read_text())
+    assert record["files"] == {k: p.name for k, p in result["paths"].items()}
+    merged = torch.load(result["paths"]["model"], map_location="cpu", weights_only=True)
+    GPTModel(TEST_MODE_CONFIG).load_state_dict(merged)  # a plain GPTModel: merged before saving
+    adapters = torch.load(result["paths"]["adapters"], map_location="cpu", weights_only=True)
+    assert adapters["lora_alpha"].item() == 4.0 and all(
+        k.endswith((".lora.A", ".lora.B")) for k in adapters if k != "lora_alpha")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["instruction-data.json", *(p.name for p in result["paths"].values())])
