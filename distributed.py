@@ -445,12 +445,6 @@ def processes(device=None, timeout_s=DEFAULT_TIMEOUT_S):
     group.close()
 
 
-def is_main_process(environ=None):
-    """True without torchrun, and in torchrun's process of rank 0."""
-    env = torchrun_env(environ)
-    return env is None or env[0] == 0
-
-
 def report_error(group, error, file=None):
     """Print `error` on one line, naming the process when there are several."""
     where = f" (process {group.rank} of {group.world_size})" if group.world_size > 1 else ""

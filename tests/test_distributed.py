@@ -340,7 +340,7 @@ def test_cli_refuses_a_batch_that_does_not_divide(tmp_path, shared_data):
     assert "error: --batch-size 1 is the global batch, shared by 2 processes, and does not divide by 2" \
         in output
     assert "Number of entries" not in output  # refused before any work
-    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "out").rglob("*"))  # (the settings check made the folder)
 
 
 @pytest.mark.slow
@@ -363,7 +363,7 @@ def test_cli_ctrl_c_under_torchrun_stops_every_process_at_one_checkpoint(tmp_pat
     text = log.read_text()
     assert process.returncode != 0
     assert elapsed < 25, f"took {elapsed:.0f} s"
-    assert text.count("Training stopped after step") == 1, text  # said once, by process 0
+    assert text.count("Training interrupted: saved a checkpoint") == 1, text  # said once, by process 0
     assert text.count("To continue, run the same command with --resume") == 1
     saved = list((tmp_path / "out" / "checkpoints").glob("*.pth"))
-    assert len(saved) == 1 and f"checkpoint saved as {saved[0]}" in text
+    assert len(saved) == 1 and f"saved a checkpoint ({saved[0]})" in text
