@@ -20,9 +20,9 @@ never subclasses or patches the model and state dicts are unchanged:
   `compile_blocks` torch.compiles this module's block function per block.
 
 How much faster, measured (benchmarks/results-cpu.txt: gpt2-small, random weights, 256 new
-tokens, a busy shared 2-core CPU, so rough figures; that file says exactly what was run):
-training tokens/s 1.3x, greedy generation at batch 1 10x, answering all 110 test prompts
-25x (batches of 8 against the book's loop one prompt at a time).
+tokens, a quiet 2-core CPU; that file says exactly what was run): training tokens/s 1.55x,
+greedy generation at batch 1 8.9x, answering all 110 test prompts 28x (batches of 8 against
+the book's loop one prompt at a time).
 
 Tests proving it equal to the plain path (tests/test_fast_gpt.py): the same greedy tokens as
 previous_chapters.generate, single, batched with per-row eos, left-padded, streamed, and
