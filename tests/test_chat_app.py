@@ -108,6 +108,10 @@ def page(app, browser):
     box = page.locator("#max-new-tokens input[type=number]")
     box.fill(str(MAX_NEW))
     box.press("Enter")
+    box.blur()
+    # The send button reads the slider's state: wait until the page has taken the new value
+    # (its range input follows the state), or an answer may start with the old setting.
+    playwright_api.expect(page.locator("#max-new-tokens input[type=range]")).to_have_value(str(MAX_NEW))
     yield page
     page.close()
 
