@@ -775,7 +775,8 @@ def check_before_run(config, paths):
     data_url = config.data_url or (CHAPTER_DATASET.urls[0] if config.data is None else None)
     return check_run(config, paths["model"].parent, paths.values(), dataset_path(config),
                      data_url, model_config(config),
-                     None if config.test_mode else models_dir(config))
+                     None if config.test_mode else models_dir(config),
+                     split=lambda entries: split_entries(entries, config))
 
 
 def cli(argv=None):

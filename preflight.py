@@ -127,8 +127,9 @@ def check_output_files(paths):
                                  f"move the folder away or choose another --output-dir")
 
 
-def check_data_file(path, data_url=None):
-    """Read and validate the instruction data at `path`; return its entries.
+def check_data_file(path, data_url=None, split=None):
+    """Read and validate the instruction data at `path`, and check that `split` (the run's
+    split; default: the chapter's 85/10/5) leaves no part empty; return its entries.
 
     A file that is missing is fine when it will be downloaded (`data_url`, or the chapter's
     dataset): the download validates it. Returns None then.
@@ -142,7 +143,7 @@ def check_data_file(path, data_url=None):
         return None
     try:
         data = load_instruction_file(path)  # a folder, a BOM, bytes that are not UTF-8: handled
-        split_data(data)
+        (split or split_data)(data)
     except DatasetError as e:
         raise PreflightError(str(e)) from None
     return data
@@ -278,18 +279,18 @@ def check_checkpoint(models_dir, model):
 
 
 def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, models_dir=None,
-              extra_needs=()):
+              extra_needs=(), split=None):
     """Every check, cheapest first; returns the validated entries (None when still to download).
 
     `config`: the run's settings (FinetuneConfig); `output_files`: the paths the run writes;
     `model_cfg`: the GPTModel config; `models_dir`: where the GPT-2 checkpoints are kept (None
     when no GPT-2 is loaded, as in test mode); `extra_needs`: more (folder, bytes, what) to find
-    disk space for.
+    disk space for; `split`: how the run splits the entries (see check_data_file).
     """
     check_ranges(config)
     check_output_dir(output_dir)
     check_output_files(output_files)
-    data = check_data_file(data_path, data_url)
+    data = check_data_file(data_path, data_url, split)
     source = getattr(config, "weights_source", "auto")
     download = models_dir is not None and gpt2_download_needed(models_dir, config.model, source)
     if models_dir is not None:

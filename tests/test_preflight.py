@@ -109,6 +109,12 @@ def test_data_file_read_and_validated(tmp_path, instruction_data):
     few.write_text(json.dumps(instruction_data[:5]), encoding="utf-8")
     with pytest.raises(pf.PreflightError, match="The test split is empty: 5 entries are too few"):
         pf.check_data_file(few)
+    # The run's own split decides: 5 entries split 60/20/20 leave no part empty.
+    from finetune_cli import FinetuneConfig, split_entries
+
+    wide = FinetuneConfig(test_mode=True, val_fraction=0.2, test_fraction=0.2)
+    assert pf.check_data_file(few, split=lambda entries: split_entries(entries, wide)) \
+        == instruction_data[:5]
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a", "input": "", "output": 1}]', encoding="utf-8")
     with pytest.raises(pf.PreflightError, match="entry 0: 'output' must be a string, got int"):
