@@ -104,16 +104,34 @@ def page(app, browser):
     page.goto(url)
     page.wait_for_selector("#instruction textarea")
     # The max-new-tokens setting, through the page as a reader sets it.
-    page.get_by_text("Settings (temperature").click()
-    box = page.locator("#max-new-tokens input[type=number]")
-    box.fill(str(MAX_NEW))
-    box.press("Enter")
-    box.blur()
-    # The send button reads the slider's state: wait until the page has taken the new value
-    # (its range input follows the state), or an answer may start with the old setting.
-    playwright_api.expect(page.locator("#max-new-tokens input[type=range]")).to_have_value(str(MAX_NEW))
+    set_max_new_tokens(page, MAX_NEW)
     yield page
     page.close()
+
+
+def set_max_new_tokens(page, value, attempts=5):
+    """Open the settings and type `value` into the slider's number box until the page takes it.
+
+    The send button reads the slider's state, and its range input follows that state. On a busy
+    machine the page can still be starting when it is first clicked and typed into, and the click
+    or the value is then dropped (once seen in CI), so do both again until the range input shows
+    the value.
+    """
+    box = page.locator("#max-new-tokens input[type=number]")
+    slider = page.locator("#max-new-tokens input[type=range]")
+    for _ in range(attempts):
+        try:
+            if not box.is_visible():
+                page.get_by_text("Settings (temperature").click()
+                box.wait_for(state="visible", timeout=5_000)
+            box.fill(str(value))
+            box.press("Enter")
+            box.blur()
+            playwright_api.expect(slider).to_have_value(str(value), timeout=5_000)
+            return
+        except (AssertionError, playwright_api.Error):  # not taken yet: try again
+            continue
+    playwright_api.expect(slider).to_have_value(str(value))  # fails with Playwright's report
 
 
 def record_updates(page):
