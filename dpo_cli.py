@@ -27,7 +27,6 @@ another run), 130 Ctrl-C.
 """
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -103,64 +102,29 @@ class DPOConfig:
 # The SFT model
 #####################################
 
-def infer_model_config(state_dict):
-    """A GPTModel config from a state dict's shapes; the heads from the GPT-2 size table."""
-    try:
-        vocab_size, emb_dim = state_dict["tok_emb.weight"].shape
-        context_length = state_dict["pos_emb.weight"].shape[0]
-    except KeyError as e:
-        raise SetupError(f"not a GPT model state dict: it has no {e.args[0]}") from None
-    n_layers = len({key.split(".")[1] for key in state_dict if key.startswith("trf_blocks.")})
-    heads = {size[2]: size[4] for size in GPT2_SIZES.values()}  # emb_dim -> n_heads
-    if emb_dim not in heads:
-        raise SetupError(f"emb_dim {emb_dim} is none of GPT-2's sizes, so the number of "
-                         f"attention heads is unknown: keep the run record (.run.json) beside "
-                         f"the model, or pass --model")
-    return {"vocab_size": vocab_size, "context_length": context_length, "emb_dim": emb_dim,
-            "n_heads": heads[emb_dim], "n_layers": n_layers, "drop_rate": 0.0,
-            "qkv_bias": "trf_blocks.0.att.W_query.bias" in state_dict}
-
-
-def state_dict_mismatch(expected, state_dict):
-    """'' when `state_dict` fits `expected` key for key and shape for shape, else what differs."""
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    reshaped = [f"{k} is {tuple(state_dict[k].shape)}, not {tuple(expected[k].shape)}"
-                for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
-    parts = [f"{len(keys)} {what} (first: {keys[0]})" for keys, what in (
-        (missing, "missing keys"), (unexpected, "unexpected keys"), (reshaped, "other shapes"))
-        if keys]
-    return "; ".join(parts)
-
-
 def load_sft_model(path, model=None, model_config=None, device="cpu"):
     """The finetuned GPTModel saved at `path`, and its config.
 
     The config: `model_config` when given, else the GPT-2 size `model` (e.g. "gpt2-medium"),
-    else the run record `<stem>.run.json` beside the file, else the state dict's shapes.
+    else the run record `<stem>.run.json` beside the file, else the state dict's shapes. The
+    files are read and checked by finetuned_model.py, as for the chat.
     """
-    from previous_chapters import GPTModel
+    from finetuned_model import (
+        infer_model_config,
+        load_weights,
+        new_model,
+        read_run_record,
+        read_state_dict,
+    )
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist. Finetune first: run ch07_instruction_finetuning.ipynb "
-            f"or `python gpt_instruction_finetuning.py`, which save gpt2-medium355M-sft.pth.")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    record = path.with_name(path.stem + ".run.json")
+    state_dict = read_state_dict(path, "finetuned model file")
     if model_config is None and model is not None:
         model_config = gpt2_config(model)
-    if model_config is None and record.is_file():
-        model_config = json.loads(record.read_text(encoding="utf-8")).get("model_config")
     if model_config is None:
-        model_config = infer_model_config(state_dict)
-    gpt = GPTModel(model_config)
-    problems = state_dict_mismatch(gpt.state_dict(), state_dict)
-    if problems:
-        raise SetupError(f"{path} does not fit a GPT with {model_config['n_layers']} layers and "
-                         f"emb_dim {model_config['emb_dim']}: {problems}. Pass the right --model, "
-                         f"or correct the run record beside it.")
-    gpt.load_state_dict(state_dict)
+        model_config = ((read_run_record(path) or {}).get("model_config")
+                        or infer_model_config(state_dict, path))
+    gpt = new_model(model_config)
+    load_weights(gpt, model_config, state_dict, path)
     return gpt.to(device).eval(), model_config
 
 
@@ -423,10 +387,12 @@ def cli(argv=None):
 
     matplotlib.use("Agg")  # plots go to files
     from finetune_cli import DeviceError
+    from finetuned_model import ModelFileError
 
     try:
         main(config)
-    except (SetupError, DatasetError, DeviceError, CheckpointError, FileNotFoundError) as e:
+    except (SetupError, DatasetError, DeviceError, CheckpointError, ModelFileError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 import dpo
 import dpo_cli
 import fast_dpo
-from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from finetuned_model import ModelFileError
+from gpt2_sizes import TEST_MODE_CONFIG
 from gpt_instruction_finetuning import format_input
 from instruction_data import PREFERENCE_KEYS, load_instruction_file
 from previous_chapters import GPTModel
@@ -266,17 +267,22 @@ def test_cached_reference_logprobs_give_the_same_loss(moved):
 # ---------------------------------------------------------------------------------------
 
 
-def test_model_config_from_the_state_dict_shapes():
-    cfg = gpt2_config("gpt2-medium")
-    model = GPTModel({**cfg, "n_layers": 1})
-    state = {k: torch.empty(v.shape, device="meta") for k, v in model.state_dict().items()}
-    for layer in range(1, 24):  # the other 23 blocks, by name: shapes are all that is read
-        state.update({k.replace("trf_blocks.0.", f"trf_blocks.{layer}."): v
-                      for k, v in state.items() if k.startswith("trf_blocks.0.")})
-    assert dpo_cli.infer_model_config(state) == cfg
-    state["tok_emb.weight"] = torch.empty(50257, 64, device="meta")
-    with pytest.raises(dpo_cli.SetupError, match="emb_dim 64 is none of GPT-2's sizes"):
-        dpo_cli.infer_model_config(state)
+def test_sft_model_loads_with_its_config_from_record_size_or_shapes(tmp_path):
+    """The SFT model's config: the run record, else the shapes; its logits equal the saved model's."""
+    saved = tiny_model(TEST_MODE_CONFIG).eval()
+    path = tmp_path / "tiny-sft.pth"
+    torch.save(saved.state_dict(), path)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for record in (None, {"model_config": TEST_MODE_CONFIG}):
+        if record is not None:
+            write_json(tmp_path / "tiny-sft.run.json", record)
+        loaded, cfg = dpo_cli.load_sft_model(path)
+        assert cfg == TEST_MODE_CONFIG and not loaded.training
+        with torch.no_grad():
+            assert torch.equal(loaded(ids), saved(ids))
+    # --model names a size, which wins over the record: this file is not gpt2-small.
+    with pytest.raises(ModelFileError, match="does not fit a GPTModel with emb_dim 768, 12 layers"):
+        dpo_cli.load_sft_model(path, model="gpt2-small")
 
 
 def test_epoch_batches_depend_only_on_seed_and_epoch():
@@ -374,11 +380,12 @@ def test_cli_bad_inputs_exit_2_without_a_traceback(sft_file, shared_data, tmp_pa
     write_json(run_record, {"model_config": {**TEST_MODE_CONFIG, "n_layers": 3}})
     assert dpo_cli.cli(cli_args(sft_file, shared_data)) == 2
     err = capsys.readouterr().err
-    assert "tiny-sft.pth does not fit a GPT with 3 layers and emb_dim 64: 17 missing keys " \
-           "(first: trf_blocks.2.att.mask)" in err and "--model" in err
+    assert "tiny-sft.pth does not fit a GPTModel with emb_dim 64, 3 layers" in err
+    assert "missing: trf_blocks.2.att.W_query.weight" in err and "run record" in err
     write_json(run_record, {"model_config": {**TEST_MODE_CONFIG, "emb_dim": 128}})
     assert dpo_cli.cli(cli_args(sft_file, shared_data)) == 2
-    assert "tok_emb.weight is (50257, 64), not (50257, 128)" in capsys.readouterr().err
+    assert "wrong shape: tok_emb.weight (50257, 64) (the model has (50257, 128))" in \
+        capsys.readouterr().err
 
     write_json(run_record, {"model_config": TEST_MODE_CONFIG})
 
