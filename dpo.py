@@ -203,7 +203,8 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
     reward) on `eval_iter` batches of each loader; after each epoch, a sample continuation of
     `start_context` (None skips it). The batches are already on the device (the collate puts
     them there). Not in the book: `loss_fn`, the batch loss, which fast_dpo replaces; the
-    logging is in `log_dpo_evaluation`, shared with the resumable loop of dpo_cli.py.
+    logging is in `log_dpo_evaluation`; its line, `dpo_evaluation_line`, is also what the
+    resumable loop of dpo_cli.py prints.
     Returns a dict of lists: train/val losses, chosen and rejected rewards, tokens seen.
     """
     from previous_chapters import generate_and_print_sample
@@ -247,11 +248,16 @@ def log_dpo_evaluation(tracking, res, tokens_seen, epoch, global_step):
         tracking[f"{split}_chosen_rewards"].append(res[f"{split}_chosen_reward"])
         tracking[f"{split}_rejected_rewards"].append(res[f"{split}_rejected_reward"])
     tracking["tokens_seen"].append(tokens_seen)
+    print(dpo_evaluation_line(res, epoch, global_step))
+
+
+def dpo_evaluation_line(res, epoch, global_step):
+    """The line printed for one evaluation: losses and reward margins (chosen - rejected)."""
     train_margin = res["train_chosen_reward"] - res["train_rejected_reward"]
     val_margin = res["val_chosen_reward"] - res["val_rejected_reward"]
-    print(f"Ep {epoch+1} (Step {global_step:06d}): "
-          f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
-          f"Train reward margins {train_margin:.3f}, Val reward margins {val_margin:.3f}")
+    return (f"Ep {epoch+1} (Step {global_step:06d}): "
+            f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
+            f"Train reward margins {train_margin:.3f}, Val reward margins {val_margin:.3f}")
 
 
 def reward_margins(tracking, split):

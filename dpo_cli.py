@@ -23,12 +23,11 @@ OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the 
 `--max-steps N` stops after N steps with a checkpoint, to split a long run into sessions.
 `--test-mode` runs the whole stage in seconds on a tiny random GPT and 10 entries per split.
 Exit codes: 0 done, 2 bad input (missing file, mismatched sizes, bad data, a checkpoint of
-another run), 130 Ctrl-C.
+another run), 130 Ctrl-C (training stops after the step and saves a checkpoint), 143 SIGTERM.
 """
 
 import argparse
 import sys
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -37,17 +36,7 @@ import torch
 
 import dpo
 import fast_dpo
-from checkpoints import (
-    CheckpointError,
-    check_identity,
-    checkpoint_path,
-    list_checkpoints,
-    load_checkpoint,
-    newest_checkpoint,
-    prune_checkpoints,
-    restore,
-    save_checkpoint,
-)
+from checkpoints import CheckpointError, list_checkpoints
 from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
 from instruction_data import (
     PREFERENCE_DATASET,
@@ -57,8 +46,10 @@ from instruction_data import (
     load_known_dataset,
     split_data,
 )
-from resumable_training import epoch_order
-from run_record import MetricsLog, dataset_fingerprint, metrics_path, write_run_record
+from precision import resolve_precision
+from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
+from run_guard import exit_code, signals_interrupt
+from run_record import dataset_fingerprint, metrics_path, write_run_record
 from safe_files import save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -153,14 +144,6 @@ def load_data(config):
     return path, train_data, test_data, val_data
 
 
-def epoch_batches(n_entries, batch_size, seed, epoch):
-    """The training batches of one epoch (index lists, the last partial batch dropped): a
-    shuffle (resumable_training.epoch_order, seeded with seed + epoch) that depends only on
-    (seed, epoch), so a resumed run sees the same batches."""
-    order = epoch_order(n_entries, seed + epoch)
-    return [order[i:i + batch_size] for i in range(0, n_entries - batch_size + 1, batch_size)]
-
-
 #####################################
 # Training, resumable
 #####################################
@@ -197,82 +180,69 @@ def tracking_from_rows(tracking, rows):
     return tracking
 
 
-def train(policy, reference, config, datasets, collate, paths, identity):
-    """train_model_dpo_simple's loop over a fixed data order, with checkpoints to resume from.
+class DPOTrainingRun(TrainingRun):
+    """resumable_training.TrainingRun's loop (batch order, checkpoints, Ctrl-C, progress bar,
+    metrics file) with train_model_dpo_simple's step and evaluation; one process, float32."""
 
-    Returns the tracking dict (train_model_dpo_simple's; None when stopped by --max-steps)
-    and the wall seconds of this run.
+    def __init__(self, policy, reference, beta, loss_fn, optimizer, train_loader, val_loader,
+                 device, **run_kwargs):
+        super().__init__(policy, optimizer, train_loader, val_loader, device,
+                         precision=resolve_precision("fp32", device), **run_kwargs)
+        self.reference, self.beta, self.loss_fn = reference, beta, loss_fn
+
+    def _train_step(self, batch_indices):
+        dataset, collate = self.train_loader.dataset, self.train_loader.collate_fn
+        batch = collate([dataset[i] for i in batch_indices])
+        self.optimizer.zero_grad()
+        loss, _, _ = self.loss_fn(batch, self.model, self.reference, self.beta)
+        loss.backward()
+        self.optimizer.step()
+        self.state.tokens_seen += batch["chosen"].numel() + batch["rejected"].numel()
+
+    def _evaluate(self, eval_iter):
+        return dpo.evaluate_dpo_loss_loader(self.model, self.reference, self.train_loader,
+                                            self.val_loader, self.beta, eval_iter, self.loss_fn)
+
+    def _evaluation_line(self, row):
+        return dpo.dpo_evaluation_line(row, row["epoch"] - 1, row["step"])
+
+
+def train(policy, reference, config, datasets, collate, paths, identity):
+    """train_model_dpo_simple's loop as a DPOTrainingRun: the book's loaders (shuffled, the last
+    partial batch dropped), checkpoints to resume from, Ctrl-C saves one.
+
+    Returns the run (`run.finished` is False when --max-steps stopped it) and its tracking
+    dict (train_model_dpo_simple's, including the evaluations before a resume).
     """
     from torch.utils.data import DataLoader
 
     from fast_gpt import make_optimizer
 
+    if config.keep < 1 or config.save_every < 1:
+        raise CheckpointError("--keep and --save-every must be at least 1.")
     loss_fn = dpo.compute_dpo_loss_batch if config.plain else fast_dpo.compute_dpo_loss_batch_fast
     optimizer = make_optimizer(policy, config.lr, config.weight_decay)  # fused AdamW where available
     train_set, val_set = datasets
-    # Evaluation batches: the first eval_iter batches of each split, in order.
-    train_eval = DataLoader(train_set, batch_size=config.batch_size, collate_fn=collate)
-    val_eval = DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
-
-    progress = {"epoch": 0, "position": 0, "step": 0, "tokens_seen": 0, "wall_seconds": 0.0}
-    rows = []  # one per evaluation: run_record.METRIC_KEYS and the rewards
-    folder, stem = paths["checkpoints"], paths["stem"]
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, collate_fn=collate,
+                              shuffle=True, drop_last=True)
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
+    plan = CheckpointPlan(paths["checkpoints"], paths["stem"], identity, config.save_every,
+                          config.keep)
+    # seed: torch.manual_seed(config.seed) right before training, as the book's notebook does
+    run = DPOTrainingRun(policy, reference, config.beta, loss_fn, optimizer, train_loader,
+                         val_loader, policy.pos_emb.weight.device, seed=config.seed,
+                         checkpoints=plan, metrics_path=paths["metrics"])
     if config.resume is not None:
-        path = newest_checkpoint(folder, stem) if config.resume == RESUME_NEWEST else Path(config.resume)
-        checkpoint = load_checkpoint(path)
-        check_identity(checkpoint, identity, path)
-        restore(checkpoint, policy, optimizer)
-        progress, rows = checkpoint["progress"], checkpoint["metrics"]
-        print(f"Resuming from {path}: epoch {progress['epoch'] + 1}, after step {progress['step']}.")
-    elif list_checkpoints(folder, stem):
-        print(f"Note: {folder} holds checkpoints of an earlier run of {stem}; this run starts "
-              f"afresh (pass --resume to continue that one).")
-    tracking = tracking_from_rows(dpo.new_tracking(), rows)
-    metrics = MetricsLog(paths["metrics"])
-    metrics.start(rows)
-
-    def save():
-        progress["wall_seconds"] = time.perf_counter() - clock
-        save_checkpoint(checkpoint_path(folder, stem, progress["step"]), policy, optimizer,
-                        progress, rows, identity)
-        prune_checkpoints(folder, stem, config.keep)
-
-    clock = time.perf_counter() - progress["wall_seconds"]
-    policy.train()
-    while progress["epoch"] < config.epochs:
-        epoch = progress["epoch"]
-        batches = epoch_batches(len(train_set), config.batch_size, config.seed, epoch)
-        while progress["position"] < len(batches):
-            if config.max_steps is not None and progress["step"] >= config.max_steps:
-                save()
-                print(f"Stopped after {progress['step']} steps (--max-steps); checkpoint saved in "
-                      f"{folder}. Continue with the same command and --resume.")
-                return None, time.perf_counter() - clock
-            batch = collate([train_set[i] for i in batches[progress["position"]]])
-            optimizer.zero_grad()
-            loss, _, _ = loss_fn(batch, policy, reference, config.beta)
-            loss.backward()
-            optimizer.step()
-            progress["tokens_seen"] += batch["chosen"].numel() + batch["rejected"].numel()
-            progress["position"] += 1
-            progress["step"] += 1
-            global_step = progress["step"] - 1  # the book's step counter starts at -1
-
-            if global_step % config.eval_freq == 0:
-                res = dpo.evaluate_dpo_loss_loader(policy, reference, train_eval, val_eval,
-                                                   config.beta, config.eval_iter, loss_fn)
-                dpo.log_dpo_evaluation(tracking, res, progress["tokens_seen"], epoch, global_step)
-                row = {"step": global_step, "epoch": epoch + 1,
-                       "epochs_seen": epoch + progress["position"] / len(batches),
-                       "tokens_seen": progress["tokens_seen"],
-                       "lr": optimizer.param_groups[0]["lr"],
-                       "seconds": time.perf_counter() - clock, **res}
-                rows.append(row)
-                metrics.append(row)
-            if progress["step"] % config.save_every == 0:
-                save()
-        progress.update(epoch=epoch + 1, position=0)
-    return tracking, time.perf_counter() - clock
+        run.resume(None if config.resume == RESUME_NEWEST else config.resume)
+    elif list_checkpoints(plan.folder, plan.stem):
+        print(f"Note: {plan.folder} holds checkpoints of an earlier run of {plan.stem}; this run "
+              f"starts afresh (pass --resume to continue that one).")
+    run.train(config.epochs, config.eval_freq, config.eval_iter, start_context=None,
+              tokenizer=None, max_steps=config.max_steps)
+    if not run.finished:
+        print(f"Stopped after {run.state.step} steps (--max-steps); checkpoint saved as "
+              f"{run.last_checkpoint}. Continue with the same command and --resume.")
+    return run, tracking_from_rows(dpo.new_tracking(), run.state.metrics)
 
 
 def main(config):
@@ -312,11 +282,11 @@ def main(config):
 
     paths = output_paths(config)
     dataset = dataset_fingerprint(data_path)
-    torch.manual_seed(config.seed)
-    tracking, seconds = train(policy, reference, config, (train_set, val_set), collate, paths,
-                              checkpoint_identity(config, model_config, dataset["sha256"]))
-    if tracking is None:  # stopped early by --max-steps: the checkpoint holds the run
+    run, tracking = train(policy, reference, config, (train_set, val_set), collate, paths,
+                          checkpoint_identity(config, model_config, dataset["sha256"]))
+    if not run.finished:  # stopped early by --max-steps: the checkpoint holds the run
         return {"tracking": None, "paths": paths}
+    seconds = run.state.wall_seconds
     print(f"Training completed in {seconds / 60:.2f} minutes.")
     policy.eval()
 
@@ -390,16 +360,20 @@ def cli(argv=None):
     from finetuned_model import ModelFileError
 
     try:
-        main(config)
+        with signals_interrupt():  # SIGTERM stops the run as Ctrl-C does
+            main(config)
     except (SetupError, DatasetError, DeviceError, CheckpointError, ModelFileError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. The same command with --resume continues from the newest "
+    except KeyboardInterrupt as e:
+        # Ctrl-C during training saved a checkpoint (TrainingInterrupted says where); later
+        # (the answers), the model is saved already.
+        told = f"{e} " if isinstance(e, TrainingInterrupted) else ""
+        print(f"\nInterrupted. {told}The same command with --resume continues from the newest "
               f"checkpoint in {output_paths(config)['checkpoints']}, if one was saved.",
               file=sys.stderr)
-        return 130
+        return exit_code(e)  # 130 for Ctrl-C, 143 for SIGTERM
     return 0
 
 

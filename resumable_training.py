@@ -175,6 +175,10 @@ class TrainingRun:
     global RNG at the same moments (see draw_epoch_seed). The evaluations iterate the loaders
     as the book's do. `seed`: when given, torch.manual_seed(seed) here, as the chapter seeds
     right before training (a resume then restores the checkpoint's RNG states).
+
+    What one step and one evaluation compute are the methods `_train_step`, `_evaluate` (a dict
+    of metrics for the row) and `_evaluation_line`: a subclass overrides them to train another
+    objective with the same loop (dpo_cli.DPOTrainingRun).
     """
 
     def __init__(self, model, optimizer, train_loader, val_loader, device, seed=None,
@@ -269,21 +273,26 @@ class TrainingRun:
         self.state.tokens_seen += self.distributed.padded_tokens(input_batch)
 
     def _evaluate(self, eval_iter):
-        """evaluate_model's (train loss, val loss), in this run's precision."""
+        """evaluate_model's train and val loss, in this run's precision, as a metrics dict."""
         self.model.eval()
         with torch.inference_mode(), self.precision.autocast():
-            losses = tuple(self.distributed.calc_loss_loader(loader, self.model, self.device, eval_iter)
-                           for loader in (self.train_loader, self.val_loader))
+            train_loss, val_loss = (
+                self.distributed.calc_loss_loader(loader, self.model, self.device, eval_iter)
+                for loader in (self.train_loader, self.val_loader))
         self.model.train()
-        return losses
+        return {"train_loss": train_loss, "val_loss": val_loss}
+
+    def _evaluation_line(self, row):
+        """The line printed at an evaluation: train_model_simple's."""
+        return (f"Ep {row['epoch']} (Step {row['step']:06d}): "
+                f"Train loss {row['train_loss']:.3f}, Val loss {row['val_loss']:.3f}")
 
     def _record(self, row, write):
         self.state.metrics.append(row)
         if self.metrics is not None:
             self.metrics.append(row)
         if self.is_main:
-            write(f"Ep {row['epoch']} (Step {row['step']:06d}): "
-                  f"Train loss {row['train_loss']:.3f}, Val loss {row['val_loss']:.3f}")
+            write(self._evaluation_line(row))
 
     def train(self, num_epochs, eval_freq, eval_iter, start_context, tokenizer, max_steps=None):
         """Train up to `num_epochs` (or until `max_steps` steps in all); return train_model_simple's
@@ -327,12 +336,11 @@ class TrainingRun:
                         bar.update(1)
                         global_step = state.step - 1  # the book's step counter starts at -1
                         if global_step % eval_freq == 0:
-                            train_loss, val_loss = self._evaluate(eval_iter)
                             self._record({
                                 "step": global_step, "epoch": state.epoch + 1,
                                 "epochs_seen": state.epoch + state.position / n_batches,
-                                "tokens_seen": state.tokens_seen, "train_loss": train_loss,
-                                "val_loss": val_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                "tokens_seen": state.tokens_seen, **self._evaluate(eval_iter),
+                                "lr": self.optimizer.param_groups[0]["lr"],
                                 "seconds": time.perf_counter() - clock}, tqdm.write)
                         if plan is not None and plan.save_every and state.step % plan.save_every == 0:
                             state.wall_seconds = time.perf_counter() - clock

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -285,14 +286,6 @@ def test_sft_model_loads_with_its_config_from_record_size_or_shapes(tmp_path):
         dpo_cli.load_sft_model(path, model="gpt2-small")
 
 
-def test_epoch_batches_depend_only_on_seed_and_epoch():
-    first = dpo_cli.epoch_batches(10, 4, seed=123, epoch=0)
-    assert first == dpo_cli.epoch_batches(10, 4, seed=123, epoch=0)
-    assert first != dpo_cli.epoch_batches(10, 4, seed=123, epoch=1)
-    assert len(first) == 2 and all(len(b) == 4 for b in first)  # the last partial batch dropped
-    assert len(set(first[0] + first[1])) == 8
-
-
 @pytest.fixture
 def sft_file(tmp_path):
     """A tiny 'finetuned' model saved as the chapter saves it, with a run record beside it."""
@@ -366,6 +359,48 @@ def test_cli_resumes_with_the_same_result(one_thread, sft_file, shared_data, tmp
     a = torch.load(whole["paths"]["model"], weights_only=True)
     b = torch.load(parts["paths"]["model"], weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
+        one_thread, sft_file, shared_data, tmp_path, capsys):
+    """A real Ctrl-C to `python dpo_cli.py`: it stops after the step, saves a checkpoint, says
+    how to resume, and the resumed run ends with the weights of an uninterrupted one."""
+    extra = ("--epochs", "20", "--save-every", "100")  # 40 steps; no checkpoint but Ctrl-C's
+    whole_args = dpo_cli.build_arg_parser().parse_args(
+        cli_args(sft_file, shared_data, *extra, "--output-dir", str(tmp_path / "whole")))
+    whole = dpo_cli.main(dpo_cli.DPOConfig(**vars(whole_args)))
+
+    out = tmp_path / "parts"
+    command = [sys.executable, "-u", str(ROOT / "dpo_cli.py"),
+               *cli_args(sft_file, shared_data, *extra, "--output-dir", str(out))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        for line in proc.stdout:  # interrupt once training is under way
+            if line.startswith("Ep 1 (Step 000001)"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Ctrl-C: stopping after this step to save a checkpoint" in stderr
+    assert "Traceback" not in stderr
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    assert f"--resume {checkpoint}" in stderr and "The same command with --resume" in stderr
+    assert 2 <= int(checkpoint.stem.rsplit("step", 1)[1]) < 40
+    assert not (out / "tiny-sft-dpo.pth").exists()  # training did not finish
+
+    assert dpo_cli.cli(cli_args(sft_file, shared_data, *extra, "--output-dir", str(out),
+                                "--resume")) == 0
+    assert f"Resuming from {checkpoint}" in capsys.readouterr().out
+    a = torch.load(whole["paths"]["model"], weights_only=True)
+    b = torch.load(out / "tiny-sft-dpo.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in read_metrics(out / "tiny-sft-dpo.metrics.jsonl")] == \
+        whole["tracking"]["train_losses"]
 
 
 def test_cli_bad_inputs_exit_2_without_a_traceback(sft_file, shared_data, tmp_path, capsys):
