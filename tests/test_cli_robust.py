@@ -13,8 +13,8 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
+import interrupting
 import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
@@ -59,34 +59,9 @@ def run_command(argv, timeout=600):
 
 
 def run_and_act(tmp_path, data, output_dir, *extra, markers, act, stderr_marker=None):
-    """Start the command; once stdout has shown a line starting with each of `markers` in
-    turn (and stderr holds `stderr_marker`), call `act(proc)` (send a signal, fill the disk);
-    wait. Returns (exit code, stderr)."""
-    with open(tmp_path / "stderr", "w+") as stderr:  # a file: a full pipe would block the run
-        proc = subprocess.Popen(command(data, output_dir, *extra), stdout=subprocess.PIPE,
-                                stderr=stderr, text=True, preexec_fn=usual_umask)
-        try:
-            for marker in markers:
-                wait_for_line(proc, marker)
-            while stderr_marker and stderr_marker not in (tmp_path / "stderr").read_text():
-                assert proc.poll() is None, f"the command ended before {stderr_marker!r}"
-                time.sleep(0.05)
-            act(proc)
-            proc.communicate(timeout=600)
-        finally:
-            proc.kill()
-        stderr.seek(0)
-        return proc.returncode, stderr.read()
-
-
-def wait_for_line(proc, prefix):
-    """Read stdout until a line starts with `prefix`; fail with what came if it never does."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(prefix):
-            return
-    pytest.fail(f"no line starting with {prefix!r}; stdout was:\n{''.join(seen)}")
+    """interrupting.run_and_act on the finetuning command, with the usual umask."""
+    return interrupting.run_and_act(command(data, output_dir, *extra), tmp_path / "stderr",
+                                    markers, act, stderr_marker, preexec_fn=usual_umask)
 
 
 def assert_one_line_error(proc, code, message):

@@ -12,6 +12,7 @@ from functools import partial
 import pytest
 import torch
 from conftest import ROOT
+from interrupting import run_and_act
 from torch.utils.data import DataLoader
 
 import dpo
@@ -374,18 +375,10 @@ def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
     out = tmp_path / "parts"
     command = [sys.executable, "-u", str(ROOT / "dpo_cli.py"),
                *cli_args(sft_file, shared_data, *extra, "--output-dir", str(out))]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    try:
-        for line in proc.stdout:  # interrupt once training is under way
-            if line.startswith("Ep 1 (Step 000001)"):
-                break
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
+    code, stderr = run_and_act(command, tmp_path / "stderr", ["Ep 1 (Step 000001)"],
+                               lambda proc: proc.send_signal(signal.SIGINT), timeout=120,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert code == 130, stderr
     assert "Ctrl-C: stopping after this step to save a checkpoint" in stderr
     assert "Traceback" not in stderr
     (checkpoint,) = (out / "checkpoints").iterdir()

@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
+from interrupting import run_and_act
 
 import finetune_cli as fc
 from finetune_cli import FinetuneConfig
@@ -132,17 +133,11 @@ def test_max_steps_stop_then_resume_equals_the_uninterrupted_run(uninterrupted, 
 @pytest.mark.slow
 def test_real_sigint_to_the_command_then_resume_equals_the_uninterrupted_run(uninterrupted, data_file,
                                                                             tmp_path):
-    proc = subprocess.Popen(command(data_file, tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=one_thread_env())
-    try:
-        for line in proc.stdout:  # interrupt once training is under way
-            if line.startswith("Ep 1 (Step 000002)"):
-                break
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
+    # Interrupt once training is under way (stderr's file lies outside the output folder).
+    code, stderr = run_and_act(command(data_file, tmp_path), tmp_path.with_suffix(".stderr"),
+                               ["Ep 1 (Step 000002)"], lambda proc: proc.send_signal(signal.SIGINT),
+                               timeout=120, cwd=tmp_path, env=one_thread_env())
+    assert code == 130, stderr
     assert "stopping after this step to save a checkpoint" in stderr
     (checkpoint,) = (tmp_path / "checkpoints").iterdir()
     assert f"--resume {checkpoint}" in stderr and "run the same command with --resume" in stderr

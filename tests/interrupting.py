@@ -1,0 +1,42 @@
+"""Start a real command, wait for lines it prints, then act on it (a signal, a full disk).
+
+Shared by the tests that interrupt the finetuning and DPO commands. stderr goes to a file, not
+a pipe: a progress bar on a pipe nobody reads would fill it and block the command.
+"""
+
+import subprocess
+import time
+
+import pytest
+
+
+def wait_for_line(proc, prefix):
+    """Read stdout until a line starts with `prefix`; fail with what came if it never does."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return
+    pytest.fail(f"no line starting with {prefix!r}; stdout was:\n{''.join(seen)}")
+
+
+def run_and_act(command, stderr_path, markers, act, stderr_marker=None, timeout=600,
+                **popen_kwargs):
+    """Start `command`; once stdout has shown a line starting with each of `markers` in turn
+    (and stderr holds `stderr_marker`), call `act(proc)`; wait for the end.
+    Returns (exit code, stderr)."""
+    with open(stderr_path, "w+") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                **popen_kwargs)
+        try:
+            for marker in markers:
+                wait_for_line(proc, marker)
+            while stderr_marker and stderr_marker not in stderr_path.read_text():
+                assert proc.poll() is None, f"the command ended before {stderr_marker!r}"
+                time.sleep(0.05)
+            act(proc)
+            proc.communicate(timeout=timeout)
+        finally:
+            proc.kill()
+        stderr.seek(0)
+        return proc.returncode, stderr.read()
