@@ -104,7 +104,7 @@ def load_sft_model(path, model=None, model_config=None, device="cpu"):
         infer_model_config,
         load_weights,
         new_model,
-        read_run_record,
+        read_run_record_if_any,
         read_state_dict,
     )
 
@@ -112,7 +112,7 @@ def load_sft_model(path, model=None, model_config=None, device="cpu"):
     if model_config is None and model is not None:
         model_config = gpt2_config(model)
     if model_config is None:
-        model_config = ((read_run_record(path) or {}).get("model_config")
+        model_config = ((read_run_record_if_any(path) or {}).get("model_config")
                         or infer_model_config(state_dict, path))
     gpt = new_model(model_config)
     load_weights(gpt, model_config, state_dict, path)

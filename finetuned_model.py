@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config, model_folder
+from run_record import run_record_path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_STYLE = "alpaca"
@@ -40,20 +41,23 @@ class ModelFileError(Exception):
 # Reading the files
 #####################################
 
-def run_record_path(weights_path):
-    """`<stem>.run.json` beside `<stem>.pth`; for `<stem>-adapters.pth` also `<stem>.run.json`."""
+def find_run_record(weights_path):
+    """The run record beside a weights file: `<stem>.run.json` (run_record.run_record_path), and
+    for `<stem>-adapters.pth` also `<stem>.run.json`; None when there is none."""
     weights_path = Path(weights_path)
-    stem = weights_path.name.removesuffix(".pth")
-    for candidate in (stem, stem.removesuffix("-adapters")):
-        path = weights_path.with_name(f"{candidate}.run.json")
+    candidates = [weights_path]
+    if weights_path.name.endswith("-adapters.pth"):
+        candidates.append(weights_path.with_name(weights_path.name.removesuffix("-adapters.pth") + ".pth"))
+    for candidate in candidates:
+        path = run_record_path(candidate)
         if path.is_file():
             return path
     return None
 
 
-def read_run_record(weights_path):
+def read_run_record_if_any(weights_path):
     """The run record of a weights file as a dict, or None when there is none."""
-    path = run_record_path(weights_path)
+    path = find_run_record(weights_path)
     if path is None:
         return None
     try:
@@ -191,7 +195,7 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
             return load_adapters_on_pretrained(path, state, device)
         path, adapters = Path(base), path
         state = read_state_dict(path, "base model file")
-    record = read_run_record(path)
+    record = read_run_record_if_any(path)
     config = (record or {}).get("config", {})
     if adapters is not None and config.get("lora_rank"):
         raise ModelFileError(f"{path} is a LoRA run's model with its adapters merged in "
@@ -209,7 +213,7 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
     source = "inferred from the weights"
     cfg = infer_model_config(state, path)
     if record is not None and "model_config" in record:
-        cfg, source = dict(record["model_config"]), f"from {run_record_path(path).name}"
+        cfg, source = dict(record["model_config"]), f"from {find_run_record(path).name}"
     model = new_model(cfg)
     load_weights(model, cfg, state, path)
     if inline_adapters is not None:
@@ -217,7 +221,7 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
     adapter_record = None
     if adapters is not None:
         add_adapters(model, read_state_dict(adapters, "adapter file"), adapters, path)
-        adapter_record = read_run_record(adapters)
+        adapter_record = read_run_record_if_any(adapters)
 
     style = record_style((adapters, adapter_record), (path, record))
     name = ((adapter_record or record or {}).get("config", {}).get("model")
@@ -227,7 +231,7 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
 
 def load_adapters_on_pretrained(path, adapters, device="cpu"):
     """A LoRA run's adapters on the pretrained GPT-2 its run record names (and models_dir)."""
-    record = read_run_record(path)
+    record = read_run_record_if_any(path)
     config = (record or {}).get("config", {})
     if config.get("model") is None:
         raise ModelFileError(f"{path} holds only LoRA adapters, and no run record beside it "
@@ -241,7 +245,7 @@ def load_adapters_on_pretrained(path, adapters, device="cpu"):
                                         record.get("model_config"))
     add_adapters(model, adapters, path, info["path"])
     return finish(model, device, record_style((path, record)), info["path"], path,
-                  config["model"], info["model_config"], f"from {run_record_path(path).name}")
+                  config["model"], info["model_config"], f"from {find_run_record(path).name}")
 
 
 def new_model(cfg):
