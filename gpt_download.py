@@ -65,17 +65,22 @@ MIRROR_ENV_VAR = "GPT2_MIRROR_URL"
 # Byte sizes of OpenAI's files, checked before a download gets its final name. From the book's
 # own download tests (rasbt/LLMs-from-scratch, ch05/01_main-chapter-code/tests.py) for 124M
 # and 355M. encoder.json, vocab.bpe and checkpoint are the same three files in every folder
-# (equal sizes in both lists; the checkpoint file's 77 bytes are two fixed lines), so they are
-# checked for 774M and 1558M too; those two sizes' other files are checked against the
-# length the server announces only. No sha256 is published for these files.
+# (equal sizes in both lists; the checkpoint file's 77 bytes are two fixed lines). For 774M and
+# 1558M two more sizes follow from the published ones (tests/test_weights.py checks that they
+# give the 124M and 355M numbers): model.ckpt.data holds the float32 parameters and nothing
+# else (4 bytes x 124,439,808 and x 354,823,168 parameters), and hparams.json is the five
+# settings as json.dumps(..., indent=2) writes them, with a newline. Their .index and .meta
+# files are checked against the length the server announces only. No sha256 is published.
 _SAME_IN_EVERY_FOLDER = {"checkpoint": 77, "encoder.json": 1042301, "vocab.bpe": 456318}
 OPENAI_FILE_SIZES = {
     "124M": {**_SAME_IN_EVERY_FOLDER, "hparams.json": 90, "model.ckpt.data-00000-of-00001": 497759232,
              "model.ckpt.index": 5215, "model.ckpt.meta": 471155},
     "355M": {**_SAME_IN_EVERY_FOLDER, "hparams.json": 91, "model.ckpt.data-00000-of-00001": 1419292672,
              "model.ckpt.index": 10399, "model.ckpt.meta": 926519},
-    "774M": dict(_SAME_IN_EVERY_FOLDER),
-    "1558M": dict(_SAME_IN_EVERY_FOLDER),
+    "774M": {**_SAME_IN_EVERY_FOLDER, "hparams.json": 91,
+             "model.ckpt.data-00000-of-00001": 3096120320},  # 774,030,080 parameters
+    "1558M": {**_SAME_IN_EVERY_FOLDER, "hparams.json": 91,
+              "model.ckpt.data-00000-of-00001": 6230444800},  # 1,557,611,200 parameters
 }
 
 WEIGHT_SOURCES = ("auto", "openai") + HUB_SOURCES

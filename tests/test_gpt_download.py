@@ -6,12 +6,13 @@ The server (tests/loopback_server.py) serves OpenAI's files under three prefixes
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from gpt2_checkpoint import write_gpt2_checkpoint
+from gpt2_checkpoint import gpt2_variable_shapes, write_gpt2_checkpoint
 from hub_checkpoint import (
     book_state_dict_arrays,
     hub_openai_arrays,
@@ -22,6 +23,7 @@ from hub_checkpoint import (
 from loopback_server import closed_port_url, serving
 
 import gpt_download
+from gpt2_sizes import GPT2_SIZES
 from gpt_download import (
     FILENAMES,
     OPENAI_FILE_SIZES,
@@ -369,6 +371,19 @@ def test_known_sizes_of_the_real_files():
     assert set(OPENAI_FILE_SIZES) == set(gpt_download.MODEL_SIZES)
     assert all(set(sizes) <= set(FILENAMES) for sizes in OPENAI_FILE_SIZES.values())
     assert all(sizes["encoder.json"] == 1042301 for sizes in OPENAI_FILE_SIZES.values())
+
+
+def test_sizes_of_the_larger_files_follow_the_rule_of_the_published_ones(checkpoint):
+    """The 774M and 1558M sizes are derived: checked here by the rule that gives 124M's and 355M's."""
+    files, arrays = checkpoint  # a real tf.compat.v1 Saver checkpoint: float32 values, nothing else
+    assert len(files[DATA]) == 4 * sum(array.size for array in arrays.values())
+    for _, folder, n_embd, n_layer, n_head in GPT2_SIZES.values():
+        shapes = gpt2_variable_shapes(n_vocab=50257, n_ctx=1024, n_embd=n_embd, n_layer=n_layer)
+        assert OPENAI_FILE_SIZES[folder][DATA] == 4 * sum(math.prod(s) for s in shapes.values())
+        hparams = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": n_embd, "n_head": n_head,
+                   "n_layer": n_layer}
+        assert OPENAI_FILE_SIZES[folder]["hparams.json"] == len(json.dumps(hparams, indent=2) + "\n")
+    assert OPENAI_FILE_SIZES["1558M"][DATA] == 6_230_444_800  # 1,557,611,200 parameters
 
 
 def test_truncated_file_from_a_mirror_moves_on_to_the_next_source(server, checkpoint, tmp_path):
