@@ -50,7 +50,7 @@ from precision import resolve_precision
 from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
 from run_guard import exit_code, signals_interrupt
 from run_record import dataset_fingerprint, metrics_path, write_run_record
-from safe_files import save_state_dict, write_json
+from safe_files import ask_at_terminal, retry_while_disk_full, save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
@@ -290,7 +290,9 @@ def main(config):
     print(f"Training completed in {seconds / 60:.2f} minutes.")
     policy.eval()
 
-    save_state_dict(policy.state_dict(), paths["model"])
+    # A disk that filled up during training need not lose the model: at a terminal, wait for space.
+    retry_while_disk_full(lambda: save_state_dict(policy.state_dict(), paths["model"]),
+                          ask_at_terminal("The DPO-tuned model"))
     print(f"Model saved as {paths['model']}")
     if tracking["train_losses"]:
         dpo.plot_dpo_metrics(tracking, config.epochs, save_path=paths["plot"], show=False)

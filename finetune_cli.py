@@ -80,7 +80,13 @@ from run_record import (
     run_record_path,
     write_run_record,
 )
-from safe_files import save_figure, save_state_dict, write_json
+from safe_files import (
+    ask_at_terminal,
+    retry_while_disk_full,
+    save_figure,
+    save_state_dict,
+    write_json,
+)
 
 HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
@@ -612,13 +618,17 @@ def save_model(model, run, data, config, paths, progress):
     weights = data.processes.full_state_dict(model)  # FSDP gathers its shards on every process
     if not data.processes.is_main:  # under torchrun, process 0 writes the files
         return
+    # Not in the book: a disk that filled up during training need not lose the trained model;
+    # at a terminal the user frees space and presses Enter (elsewhere: a one-line error).
+    wait_for_space = ask_at_terminal("The trained model")
     if "adapters" in paths:
-        save_state_dict(lora_state_dict(model), paths["adapters"])
+        adapters = lora_state_dict(model)
+        retry_while_disk_full(lambda: save_state_dict(adapters, paths["adapters"]), wait_for_space)
         progress.record(OUTPUT_NAMES["adapters"], paths["adapters"])
         print(f"LoRA adapters saved as {paths['adapters']}")
         merge_lora(model)
         weights = model.state_dict()
-    save_state_dict(weights, paths["model"])
+    retry_while_disk_full(lambda: save_state_dict(weights, paths["model"]), wait_for_space)
     progress.record(OUTPUT_NAMES["model"], paths["model"])
     print(f"Model saved as {paths['model']}")
     if run["train_losses"]:

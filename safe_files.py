@@ -101,3 +101,37 @@ def save_figure(fig, path, **savefig_kwargs):
     path = Path(path)
     fmt = savefig_kwargs.pop("format", path.suffix.lstrip(".") or None)
     write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig_kwargs))
+
+
+def retry_while_disk_full(save, wait_for_space=None):
+    """Call `save()`; when the disk is full and `wait_for_space` is given, call it and try again.
+
+    What is in memory (a trained model) need not be lost to a disk that filled up while it was
+    made: at a terminal, `wait_for_space` says so and waits until space has been freed (see
+    `ask_at_terminal`). It returns False to give up, and the DiskFullError is raised.
+    """
+    while True:
+        try:
+            return save()
+        except DiskFullError as e:
+            if wait_for_space is None or not wait_for_space(e):
+                raise
+
+
+def ask_at_terminal(what, stdin=None, stderr=None):
+    """A `wait_for_space` for retry_while_disk_full when a person is at the terminal, else None.
+
+    It prints the error and waits for Enter; end of input (Ctrl-D) gives up.
+    """
+    import sys
+
+    stdin, stderr = stdin or sys.stdin, stderr or sys.stderr
+    if stdin is None or not stdin.isatty():
+        return None  # a job, a pipe or a notebook: nobody to free space, so fail at once
+
+    def wait_for_space(error):
+        print(f"error: {error}.\n{what} is still in memory: free some space on that disk, then "
+              f"press Enter to write it again (Ctrl-D or Ctrl-C gives up).", file=stderr, flush=True)
+        return stdin.readline() != ""
+
+    return wait_for_space

@@ -25,6 +25,7 @@ def run_and_act(command, stderr_path, markers, act, stderr_marker=None, timeout=
     """Start `command`; once stdout has shown a line starting with each of `markers` in turn
     (and stderr holds `stderr_marker`), call `act(proc)`; wait for the end.
     Returns (exit code, stderr)."""
+    popen_kwargs.setdefault("stdin", subprocess.DEVNULL)  # no terminal, unless a test gives one
     with open(stderr_path, "w+") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 **popen_kwargs)

@@ -8,11 +8,13 @@ the cases that used to lose work, the work on disk.
 import errno
 import json
 import os
+import pty
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import time
 
 import interrupting
 import pytest
@@ -55,7 +57,7 @@ def run(*args, timeout=600):
 
 def run_command(argv, timeout=600):
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=usual_umask)
+                          preexec_fn=usual_umask, stdin=subprocess.DEVNULL)
 
 
 def run_and_act(tmp_path, data, output_dir, *extra, markers, act, stderr_marker=None):
@@ -131,6 +133,37 @@ def test_case1_disk_filling_up_during_training(tmp_path, data, debug):
             f"written): free some space and run again; run again with --debug to see the traceback")
     assert err.strip().splitlines()[-1] == line
     assert ("Traceback" in err) is debug
+
+
+@pytest.mark.slow
+def test_case1_full_disk_at_a_terminal_waits_for_space_and_keeps_the_model(tmp_path, data):
+    """At a terminal (a real pty as stdin) the trained model is not lost: the command says the
+    disk is full, waits, and writes the model once space is freed and Enter pressed."""
+    with small_tmpfs(tmp_path / "disk", size="40m") as disk:
+        terminal, user_side = pty.openpty()
+        try:
+            def free_space_and_press_enter(proc):
+                fill_up(disk)
+                while "press Enter to write it again" not in (tmp_path / "stderr").read_text():
+                    assert proc.poll() is None, "the command ended without waiting for space"
+                    time.sleep(0.05)
+                (disk / "filler").unlink()
+                os.write(terminal, b"\n")
+
+            code, err = interrupting.run_and_act(
+                command(data, disk), tmp_path / "stderr", ["Ep 1 (Step"], free_space_and_press_enter,
+                stdin=user_side, preexec_fn=usual_umask)
+        finally:
+            os.close(terminal)
+            os.close(user_side)
+        assert code == 0, err
+        assert (f"error: no space left on the disk while writing {disk / MODEL} (nothing was "
+                f"written): free some space and run again.") in err.splitlines()
+        assert ("The trained model is still in memory: free some space on that disk, then press "
+                "Enter to write it again (Ctrl-D or Ctrl-C gives up).") in err.splitlines()
+        GPTModel(TEST_MODE_CONFIG).load_state_dict(
+            torch.load(disk / MODEL, map_location="cpu", weights_only=True))
+        assert {MODEL, RECORD, METRICS} <= set(p.name for p in disk.iterdir())
 
 
 ########################################################################################

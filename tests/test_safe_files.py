@@ -2,13 +2,22 @@
 
 import errno
 import os
+import pty
 import stat
 
 import pytest
 import torch
 from small_disk import small_tmpfs
 
-from safe_files import DiskFullError, save_figure, save_state_dict, write_atomically, write_json
+from safe_files import (
+    DiskFullError,
+    ask_at_terminal,
+    retry_while_disk_full,
+    save_figure,
+    save_state_dict,
+    write_atomically,
+    write_json,
+)
 
 
 @pytest.fixture
@@ -110,3 +119,34 @@ def test_torch_save_on_a_real_full_disk_keeps_the_old_model(tmp_path):
         assert path.read_bytes() == old
         assert torch.load(path, weights_only=True)["w"].tolist() == [1.0] * 10
         assert list(disk.iterdir()) == [path]
+
+
+def test_without_a_terminal_a_full_disk_fails_at_once(tmp_path):
+    with open(tmp_path / "input", "w+") as not_a_terminal:
+        assert ask_at_terminal("The model", stdin=not_a_terminal) is None
+    with small_tmpfs(tmp_path / "disk", size="512k") as disk:
+        with pytest.raises(DiskFullError, match="nothing was written"):
+            retry_while_disk_full(lambda: save_state_dict({"w": torch.ones(1_000_000)},
+                                                          disk / "model.pth"), None)
+        assert list(disk.iterdir()) == []
+
+
+def test_at_a_terminal_a_full_disk_waits_for_enter_and_ctrl_d_gives_up(tmp_path):
+    """A real pty: the first Enter retries (the disk is still full), Ctrl-D then gives up."""
+    terminal, user_side = pty.openpty()
+    try:
+        os.write(terminal, b"\n\x04")  # what the user types: Enter, then Ctrl-D
+        with open(user_side, closefd=False) as stdin, open(tmp_path / "err", "w+") as stderr:
+            wait_for_space = ask_at_terminal("The model", stdin=stdin, stderr=stderr)
+            with small_tmpfs(tmp_path / "disk", size="512k") as disk:
+                with pytest.raises(DiskFullError, match="model.pth"):
+                    retry_while_disk_full(lambda: save_state_dict(
+                        {"w": torch.ones(1_000_000)}, disk / "model.pth"), wait_for_space)
+                assert list(disk.iterdir()) == []
+            stderr.seek(0)
+            told = stderr.read()
+    finally:
+        os.close(terminal)
+        os.close(user_side)
+    assert told.count("The model is still in memory: free some space on that disk, then press "
+                      "Enter to write it again (Ctrl-D or Ctrl-C gives up).") == 2
