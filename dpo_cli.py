@@ -227,7 +227,7 @@ def train(policy, reference, config, datasets, collate, paths, identity):
                               shuffle=True, drop_last=True)
     val_loader = DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
     plan = CheckpointPlan(paths["checkpoints"], paths["stem"], identity, config.save_every,
-                          config.keep)
+                          config.keep, wait_for_space=ask_at_terminal("The training state"))
     # seed: torch.manual_seed(config.seed) right before training, as the book's notebook does
     run = DPOTrainingRun(policy, reference, config.beta, loss_fn, optimizer, train_loader,
                          val_loader, policy.pos_emb.weight.device, seed=config.seed,

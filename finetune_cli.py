@@ -490,7 +490,9 @@ def checkpoint_plan(config, data):
     identity = {"model_config": model_config(config), "dataset_sha256": data.dataset["sha256"],
                 "config": {name: getattr(config, name) for name in IDENTITY_FIELDS}}
     identity["config"]["model"] = short_model_name(config.model)
-    return CheckpointPlan(output_dir / "checkpoints", stem, identity, config.save_every, config.keep)
+    # Not in the book: at a terminal, a full disk waits for space instead of losing the run.
+    return CheckpointPlan(output_dir / "checkpoints", stem, identity, config.save_every, config.keep,
+                          wait_for_space=ask_at_terminal("The training state"))
 
 
 def finetune(model, data, config):

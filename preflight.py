@@ -193,6 +193,17 @@ def model_file_bytes(model_cfg, lora_rank=None):
     return model_bytes + adapter_bytes
 
 
+def checkpoint_bytes(model_cfg, lora_rank=None):
+    """An upper bound for one training checkpoint (checkpoints.save_checkpoint): the model's
+    state dict, AdamW's two float32 moments for each trained weight (all of them; with LoRA the
+    adapters only), and 1 MB for the RNG states, the losses and the file's structure."""
+    model = _meta_model(model_cfg, lora_rank)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trained = sum(p.numel() for name, p in model.named_parameters()
+                  if not lora_rank or ".lora." in name)
+    return weights + 2 * 4 * trained + MB
+
+
 def gpt2_download_bytes(model_cfg):
     """An upper bound for a GPT-2 download of `model_cfg`, from any source.
 
@@ -302,6 +313,10 @@ def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, 
     needs = [(output_dir, model_file_bytes(model_cfg, lora_rank), "the finetuned model"),
              (output_dir, answers_bytes(data_bytes, n_entries, config.max_new_tokens),
               "the answers and the plot")]
+    save_every, keep = getattr(config, "save_every", None), getattr(config, "keep", None)
+    if save_every is not None and keep is not None:  # `keep` old ones while a new one is written
+        needs.append((output_dir, (keep + 1) * checkpoint_bytes(model_cfg, lora_rank),
+                      f"{keep + 1} checkpoints (--save-every, --keep {keep})"))
     if download:
         check_output_dir(models_dir, flag="--models-dir")
         needs.append((models_dir, gpt2_download_bytes(model_cfg), "the GPT-2 download"))

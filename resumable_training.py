@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from checkpoints import (
 from distributed import SingleProcess
 from precision import resolve_precision
 from run_record import MetricsLog
+from safe_files import retry_while_disk_full
 
 
 def draw_epoch_seed(shuffle):
@@ -89,6 +91,8 @@ class CheckpointPlan:
     `identity`: plain JSON values (model config, dataset sha256, the training settings that
     change results); a checkpoint whose identity differs is refused, naming the fields.
     `keep`: how many checkpoints stay (None keeps all).
+    `wait_for_space`: what to do when the disk is full (safe_files.retry_while_disk_full), e.g.
+    safe_files.ask_at_terminal(...); None raises DiskFullError at once.
     """
 
     folder: Path
@@ -96,6 +100,7 @@ class CheckpointPlan:
     identity: dict
     save_every: int | None = None
     keep: int | None = 3
+    wait_for_space: Callable | None = None
 
 
 @dataclass
@@ -214,8 +219,9 @@ class TrainingRun:
         path = checkpoint_path(plan.folder, plan.stem, self.state.step)
         model, optimizer = self.distributed.checkpoint_view(self.model, self.optimizer)
         if self.is_main:
-            save_checkpoint(path, model, optimizer, self.state.progress(),
-                            self.state.metrics, plan.identity, self.scaler)
+            retry_while_disk_full(lambda: save_checkpoint(
+                path, model, optimizer, self.state.progress(), self.state.metrics, plan.identity,
+                self.scaler), plan.wait_for_space)
             prune_checkpoints(plan.folder, plan.stem, plan.keep)
         self.distributed.barrier()  # the file is whole before any process goes on
         self.last_checkpoint = path

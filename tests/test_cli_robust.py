@@ -136,10 +136,18 @@ def test_case1_disk_filling_up_during_training(tmp_path, data, debug):
 
 
 @pytest.mark.slow
-def test_case1_full_disk_at_a_terminal_waits_for_space_and_keeps_the_model(tmp_path, data):
+@pytest.mark.parametrize(("extra", "disk_size", "what", "first_file"), [
+    ((), "40m", "The trained model", MODEL),
+    # The finished run's checkpoint is written first, before the model; the preflight wants
+    # room for 4 checkpoints of about 80 MB (weights and AdamW's moments).
+    (("--save-every", "1000"), "400m", "The training state",
+     "checkpoints/gpt2-medium355M-sft-test-step0000005.pth"),
+])
+def test_case1_full_disk_at_a_terminal_waits_for_space_and_keeps_the_model(
+        tmp_path, data, extra, disk_size, what, first_file):
     """At a terminal (a real pty as stdin) the trained model is not lost: the command says the
-    disk is full, waits, and writes the model once space is freed and Enter pressed."""
-    with small_tmpfs(tmp_path / "disk", size="40m") as disk:
+    disk is full, waits, and writes the files once space is freed and Enter pressed."""
+    with small_tmpfs(tmp_path / "disk", size=disk_size) as disk:
         terminal, user_side = pty.openpty()
         try:
             def free_space_and_press_enter(proc):
@@ -151,19 +159,20 @@ def test_case1_full_disk_at_a_terminal_waits_for_space_and_keeps_the_model(tmp_p
                 os.write(terminal, b"\n")
 
             code, err = interrupting.run_and_act(
-                command(data, disk), tmp_path / "stderr", ["Ep 1 (Step"], free_space_and_press_enter,
+                command(data, disk, *extra), tmp_path / "stderr", ["Ep 1 (Step"], free_space_and_press_enter,
                 stdin=user_side, preexec_fn=usual_umask)
         finally:
             os.close(terminal)
             os.close(user_side)
         assert code == 0, err
-        assert (f"error: no space left on the disk while writing {disk / MODEL} (nothing was "
-                f"written): free some space and run again.") in err.splitlines()
-        assert ("The trained model is still in memory: free some space on that disk, then press "
-                "Enter to write it again (Ctrl-D or Ctrl-C gives up).") in err.splitlines()
+        assert (f"error: no space left on the disk while writing {disk / first_file} (nothing "
+                f"was written): free some space and run again.") in err.splitlines()
+        assert (f"{what} is still in memory: free some space on that disk, then press Enter to "
+                f"write it again (Ctrl-D or Ctrl-C gives up).") in err.splitlines()
         GPTModel(TEST_MODE_CONFIG).load_state_dict(
             torch.load(disk / MODEL, map_location="cpu", weights_only=True))
         assert {MODEL, RECORD, METRICS} <= set(p.name for p in disk.iterdir())
+        assert (disk / first_file).is_file()
 
 
 ########################################################################################

@@ -152,6 +152,28 @@ def test_saved_model_fits_the_estimate_and_its_margin(tmp_path):
     assert estimate < path.stat().st_size <= estimate + estimate // 100 + pf.MB
 
 
+@pytest.mark.parametrize("lora_rank", [None, 4])
+def test_checkpoint_estimate_covers_a_real_checkpoint(tmp_path, lora_rank):
+    """checkpoint_bytes against a checkpoint saved after a real AdamW step (with LoRA: the
+    adapters alone are trained, so only they have moments)."""
+    from checkpoints import save_checkpoint
+    from fast_gpt import make_optimizer
+    from previous_chapters import replace_linear_with_lora
+
+    torch.manual_seed(123)
+    model = GPTModel(TEST_MODE_CONFIG)
+    if lora_rank:
+        model.requires_grad_(False)
+        replace_linear_with_lora(model, rank=lora_rank, alpha=lora_rank)
+    optimizer = make_optimizer(model, 5e-5, 0.1)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    optimizer.step()
+    metrics = [{"step": i, "train_loss": 1.0, "val_loss": 1.0} for i in range(500)]
+    path = save_checkpoint(tmp_path / "c.pth", model, optimizer, {"step": 1}, metrics, {})
+    estimate = pf.checkpoint_bytes(TEST_MODE_CONFIG, lora_rank)
+    assert estimate - pf.MB < path.stat().st_size <= estimate
+
+
 def test_gpt2_download_estimate_covers_every_source():
     from gpt_download import OPENAI_FILE_SIZES
 
@@ -285,6 +307,20 @@ def test_check_run_on_a_small_disk(tmp_path, instruction_data):
         f"not enough free disk space in {disk}: the finetuned model (26.7 MB), the answers and "
         f"the plot (1.1 MB) need about 29.2 MB, 4.2 MB is free; free some space or choose "
         f"another --output-dir")
+
+
+def test_check_run_counts_the_checkpoints_of_save_every(tmp_path, instruction_data):
+    data_path = tmp_path / "data.json"
+    data_path.write_text(json.dumps(instruction_data[:20]), encoding="utf-8")
+    config = SimpleNamespace(**DEFAULTS, save_every=50, keep=2)
+    with small_tmpfs(tmp_path / "disk", size="100m") as disk:
+        pf.check_run(SimpleNamespace(**DEFAULTS), disk, [], data_path, None, TEST_MODE_CONFIG)
+        with pytest.raises(pf.PreflightError) as err:
+            pf.check_run(config, disk, [], data_path, None, TEST_MODE_CONFIG)
+    checkpoints = pf.format_bytes(3 * pf.checkpoint_bytes(TEST_MODE_CONFIG))
+    assert str(err.value).startswith(
+        f"not enough free disk space in {disk}: the finetuned model (26.7 MB), the answers and "
+        f"the plot (1.1 MB), 3 checkpoints (--save-every, --keep 2) ({checkpoints}) need about ")
 
 
 def test_every_numeric_setting_of_the_command_line_has_a_limit():
