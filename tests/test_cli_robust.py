@@ -139,9 +139,10 @@ def test_case1_disk_filling_up_during_training(tmp_path, data, debug):
 @pytest.mark.parametrize(("extra", "disk_size", "what", "first_file"), [
     ((), "40m", "The trained model", MODEL),
     # The finished run's checkpoint is written first, before the model; the preflight wants
-    # room for 4 checkpoints of about 80 MB (weights and AdamW's moments).
-    (("--save-every", "1000"), "400m", "The training state",
-     "checkpoints/gpt2-medium355M-sft-test-step0000005.pth"),
+    # room for 4 checkpoints of about 80 MB (weights and AdamW's moments). 4 epochs (20 steps):
+    # training goes on long after the first line, while the 400 MB disk is filled.
+    (("--save-every", "1000", "--epochs", "4"), "400m", "The training state",
+     "checkpoints/gpt2-medium355M-sft-test-step0000020.pth"),
 ])
 def test_case1_full_disk_at_a_terminal_waits_for_space_and_keeps_the_model(
         tmp_path, data, extra, disk_size, what, first_file):
