@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 
 # A disk that is full, or a quota that is used up.
@@ -123,8 +124,6 @@ def ask_at_terminal(what, stdin=None, stderr=None):
 
     It prints the error and waits for Enter; end of input (Ctrl-D) gives up.
     """
-    import sys
-
     stdin, stderr = stdin or sys.stdin, stderr or sys.stderr
     if stdin is None or not stdin.isatty():
         return None  # a job, a pipe or a notebook: nobody to free space, so fail at once
