@@ -16,6 +16,7 @@ and plot) with an untrained one, its outputs carry `-untrained` in their names, 
 """
 
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,8 @@ def check_output_dir(folder, flag="--output-dir"):
     except OSError as e:
         raise PreflightError(f"{flag} {folder} cannot be created ({e.strerror}): "
                              f"choose another {flag}") from None
-    probe = folder / ".write-test"
+    # A name of this process's own: under torchrun every process checks the same folder at once.
+    probe = folder / f".write-test-{os.getpid()}"
     try:
         write_atomically(probe, lambda tmp: Path(tmp).write_bytes(b"ok"))  # as the outputs will be
         probe.unlink()

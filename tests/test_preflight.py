@@ -66,6 +66,28 @@ def test_output_dir_is_created_and_write_tested(tmp_path):
     assert folder.is_dir() and list(folder.iterdir()) == []  # the probe file is gone
 
 
+def _check_output_dir_many_times(folder, times):
+    for _ in range(times):
+        pf.check_output_dir(folder)
+
+
+def test_output_dir_checked_by_several_processes_at_once(tmp_path):
+    """Under torchrun every process runs the preflight on the same folder at the same moment;
+    one's probe file must not be another's (a shared name made one process's unlink fail)."""
+    import multiprocessing
+
+    folder = tmp_path / "out"
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_check_output_dir_many_times, args=(folder, 300))
+                 for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    assert list(folder.iterdir()) == []
+
+
 def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "afile").touch()
     with pytest.raises(pf.PreflightError) as err:
