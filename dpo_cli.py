@@ -36,7 +36,7 @@ import torch
 
 import dpo
 import fast_dpo
-from checkpoints import CheckpointError, list_checkpoints
+from checkpoints import CheckpointError
 from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
 from instruction_data import (
     PREFERENCE_DATASET,
@@ -47,14 +47,12 @@ from instruction_data import (
     split_data,
 )
 from precision import resolve_precision
-from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
+from resumable_training import RESUME_NEWEST, CheckpointPlan, TrainingInterrupted, TrainingRun
 from run_guard import exit_code, signals_interrupt
 from run_record import dataset_fingerprint, metrics_path, write_run_record
 from safe_files import ask_at_terminal, retry_while_disk_full, save_state_dict, write_json
 
 HERE = Path(__file__).resolve().parent
-TEST_MODE_ENTRIES = 10  # entries per split in test mode
-RESUME_NEWEST = "newest"  # --resume without a path
 
 
 class SetupError(ValueError):
@@ -136,7 +134,8 @@ def load_data(config):
         data = load_instruction_file(path, keys=PREFERENCE_KEYS)
     train_data, test_data, val_data = split_data(data)
     if config.test_mode:
-        n = TEST_MODE_ENTRIES
+        from finetune_cli import TEST_MODE_ENTRIES as n
+
         train_data, test_data, val_data = train_data[:n], test_data[:n], val_data[:n]
     if len(train_data) < config.batch_size:
         raise DatasetError(f"The training split has {len(train_data)} entries, fewer than one "
@@ -232,11 +231,7 @@ def train(policy, reference, config, datasets, collate, paths, identity):
     run = DPOTrainingRun(policy, reference, config.beta, loss_fn, optimizer, train_loader,
                          val_loader, policy.pos_emb.weight.device, seed=config.seed,
                          checkpoints=plan, metrics_path=paths["metrics"])
-    if config.resume is not None:
-        run.resume(None if config.resume == RESUME_NEWEST else config.resume)
-    elif list_checkpoints(plan.folder, plan.stem):
-        print(f"Note: {plan.folder} holds checkpoints of an earlier run of {plan.stem}; this run "
-              f"starts afresh (pass --resume to continue that one).")
+    run.resume_or_start(config.resume)
     run.train(config.epochs, config.eval_freq, config.eval_iter, start_context=None,
               tokenizer=None, max_steps=config.max_steps)
     if not run.finished:

@@ -71,7 +71,7 @@ from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, ge
 from instruction_data import CHAPTER_DATASET, DatasetError, load_instruction_file, split_data
 from precision import PRECISIONS, PrecisionError, resolve_precision
 from preflight import PreflightError, check_run, untrained_note, untrained_suffix
-from resumable_training import CheckpointPlan, TrainingInterrupted, TrainingRun
+from resumable_training import RESUME_NEWEST, CheckpointPlan, TrainingInterrupted, TrainingRun
 from run_guard import RunProgress, exit_code, os_error_line, signals_interrupt
 from run_record import (
     dataset_fingerprint,
@@ -90,7 +90,6 @@ from safe_files import (
 
 HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
-RESUME_NEWEST = "newest"  # --resume without a path
 
 
 def option(default, help, **argparse_kwargs):
@@ -521,9 +520,6 @@ def finetune(model, data, config):
                               data.processes.calc_loss_loader(data.val_loader, model, device, 5))
         print(f"Initial training loss: {initial_losses[0]:.3f}")
         print(f"Initial validation loss: {initial_losses[1]:.3f}")
-        if list_checkpoints(plan.folder, plan.stem):
-            print(f"Note: {plan.folder} holds checkpoints of an earlier run of {plan.stem}; this "
-                  f"run starts afresh (pass --resume to continue that one).")
 
     if config.compile:
         compile_blocks(model, dynamic=True)  # batch lengths vary from batch to batch
@@ -534,8 +530,7 @@ def finetune(model, data, config):
     run = TrainingRun(model, optimizer, data.train_loader, data.val_loader, device, config.seed,
                       data.precision, plan, metrics_path(output_dir / f"{stem}.pth"),
                       distributed=data.processes)
-    if config.resume is not None:
-        run.resume(None if config.resume == RESUME_NEWEST else config.resume)
+    run.resume_or_start(config.resume)
     start_time = time.time()
     train_losses, val_losses, tokens_seen = run.train(
         config.epochs, config.eval_freq, config.eval_iter,

@@ -52,6 +52,8 @@ from precision import resolve_precision
 from run_record import MetricsLog
 from safe_files import retry_while_disk_full
 
+RESUME_NEWEST = "newest"  # --resume without a path: the newest checkpoint of the run
+
 
 def draw_epoch_seed(shuffle):
     """What iterating a DataLoader (no `generator` given) draws from torch's global RNG when an
@@ -243,6 +245,18 @@ class TrainingRun:
         if self.is_main:
             print(f"Resuming from {path}: epoch {self.state.epoch + 1}, after step {self.state.step}.")
         return path
+
+    def resume_or_start(self, resume):
+        """The command lines' `--resume`: continue checkpoint `resume` (RESUME_NEWEST: the
+        newest of this run), or, with None, start afresh and say so when an earlier run of the
+        same stem left checkpoints (a later --resume would otherwise pick one of those)."""
+        if resume is not None:
+            return self.resume(None if resume == RESUME_NEWEST else resume)
+        plan = self.checkpoints
+        if self.is_main and plan is not None and list_checkpoints(plan.folder, plan.stem):
+            print(f"Note: {plan.folder} holds checkpoints of an earlier run of {plan.stem}; this "
+                  f"run starts afresh (pass --resume to continue that one).")
+        return None
 
     def resume_if_any(self):
         """Resume from the newest checkpoint of this run when there is one; return its path or None."""

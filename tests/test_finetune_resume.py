@@ -24,6 +24,7 @@ from interrupting import run_and_act
 import finetune_cli as fc
 from finetune_cli import FinetuneConfig
 from instruction_data import DatasetError, split_data
+from resumable_training import RESUME_NEWEST
 from run_record import read_metrics, read_run_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,7 +121,7 @@ def test_max_steps_stop_then_resume_equals_the_uninterrupted_run(uninterrupted, 
     assert not (tmp_path / f"{STEM}.pth").exists()  # no model from a stopped run
     assert "Stopped after 7 steps (--max-steps)" in capsys.readouterr().out
 
-    resumed = fc.main(settings(data_file, tmp_path, resume=fc.RESUME_NEWEST))
+    resumed = fc.main(settings(data_file, tmp_path, resume=RESUME_NEWEST))
     assert f"Resuming from {tmp_path / 'checkpoints' / checkpoints[-1]}: epoch 2, after step 7." in (
         capsys.readouterr().out)
     assert resumed["finished"] and resumed["initial_losses"] is None
@@ -169,7 +170,7 @@ def test_a_checkpoint_of_other_settings_or_data_is_refused(uninterrupted, data_f
     with pytest.raises(fc.CheckpointError, match="dataset_sha256: '[0-9a-f]{64}' in the checkpoint"):
         fc.main(settings(other, tmp_path, resume=str(checkpoint)))
     with pytest.raises(fc.CheckpointError, match=f"No checkpoint named {STEM[:-5]}-lora2-test-step"):
-        fc.main(settings(data_file, tmp_path, resume=fc.RESUME_NEWEST, lora_rank=2))
+        fc.main(settings(data_file, tmp_path, resume=RESUME_NEWEST, lora_rank=2))
 
 
 def test_answer_limit(uninterrupted, data_file, tmp_path):

@@ -21,6 +21,7 @@ from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 from precision import Precision
 from previous_chapters import GPTModel, train_model_simple
 from resumable_training import (
+    RESUME_NEWEST,
     CheckpointPlan,
     TrainingInterrupted,
     TrainingRun,
@@ -164,6 +165,27 @@ def test_baseline_runs_all_steps_and_prints_the_chapters_lines(baseline):
     train_losses, val_losses, tokens_seen = baseline["losses"]
     assert len(train_losses) == len(val_losses) == len(tokens_seen) == len(steps)
     assert train_losses[-1] < train_losses[0]
+
+
+def test_resume_or_start_as_the_command_lines_use_it(instruction_data, tokenizer, tmp_path, capsys):
+    """--resume PATH, --resume (the newest) and no --resume (a fresh start that names the
+    checkpoints an earlier run left behind)."""
+    fresh = make_run(instruction_data, tokenizer, tmp_path)
+    assert fresh.resume_or_start(None) is None
+    assert capsys.readouterr().out == ""  # no earlier checkpoints: nothing to say
+    train(fresh, max_steps=2)
+    train(make_run(instruction_data, tokenizer, tmp_path), max_steps=3)
+    first, newest = list_checkpoints(tmp_path, "tiny-sft")
+
+    again = make_run(instruction_data, tokenizer, tmp_path)
+    assert again.resume_or_start(None) is None and again.state.step == 0
+    assert capsys.readouterr().out == (f"Note: {tmp_path} holds checkpoints of an earlier run of "
+                                       f"tiny-sft; this run starts afresh (pass --resume to "
+                                       f"continue that one).\n")
+    run = make_run(instruction_data, tokenizer, tmp_path)
+    assert run.resume_or_start(RESUME_NEWEST) == newest and run.state.step == 3
+    run = make_run(instruction_data, tokenizer, tmp_path)
+    assert run.resume_or_start(str(first)) == first and run.state.step == 2
 
 
 @pytest.mark.parametrize("k", [3, N_BATCHES])  # mid-epoch, and at the epoch's end
