@@ -217,8 +217,6 @@ def train(policy, reference, config, datasets, collate, paths, identity):
 
     from fast_gpt import make_optimizer
 
-    if config.keep < 1 or config.save_every < 1:
-        raise CheckpointError("--keep and --save-every must be at least 1.")
     loss_fn = dpo.compute_dpo_loss_batch if config.plain else fast_dpo.compute_dpo_loss_batch_fast
     optimizer = make_optimizer(policy, config.lr, config.weight_decay)  # fused AdamW where available
     train_set, val_set = datasets

@@ -506,8 +506,6 @@ def finetune(model, data, config):
     from fast_gpt import compile_blocks, make_optimizer
 
     device = data.device
-    if config.keep < 1 or (config.save_every is not None and config.save_every < 1):
-        raise CheckpointError("--keep and --save-every must be at least 1.")
     if device.type == "cuda":  # Not in the book: TensorFloat-32 matrix products on the GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

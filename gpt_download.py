@@ -66,7 +66,7 @@ MIRROR_ENV_VAR = "GPT2_MIRROR_URL"
 # own download tests (rasbt/LLMs-from-scratch, ch05/01_main-chapter-code/tests.py) for 124M
 # and 355M. encoder.json, vocab.bpe and checkpoint are the same three files in every folder
 # (equal sizes in both lists; the checkpoint file's 77 bytes are two fixed lines). For 774M and
-# 1558M two more sizes follow from the published ones (tests/test_weights.py checks that they
+# 1558M two more sizes follow from the published ones (tests/test_gpt_download.py checks that they
 # give the 124M and 355M numbers): model.ckpt.data holds the float32 parameters and nothing
 # else (4 bytes x 124,439,808 and x 354,823,168 parameters), and hparams.json is the five
 # settings as json.dumps(..., indent=2) writes them, with a newline. Their .index and .meta

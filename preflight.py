@@ -16,7 +16,7 @@ and plot) with an untrained one, its outputs carry `-untrained` in their names, 
 """
 
 import math
-import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +110,9 @@ def check_output_dir(folder, flag="--output-dir"):
     except OSError as e:
         raise PreflightError(f"{flag} {folder} cannot be created ({e.strerror}): "
                              f"choose another {flag}") from None
-    # A name of this process's own: under torchrun every process checks the same folder at once.
-    probe = folder / f".write-test-{os.getpid()}"
+    # A name of this process's own: under torchrun every process (on every machine, when the
+    # folder is shared) checks the same folder at once.
+    probe = folder / f".write-test-{secrets.token_hex(8)}"
     try:
         write_atomically(probe, lambda tmp: Path(tmp).write_bytes(b"ok"))  # as the outputs will be
         probe.unlink()
@@ -179,6 +180,10 @@ def _meta_model(model_cfg, lora_rank=None):
     return model
 
 
+def _tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def model_file_bytes(model_cfg, lora_rank=None):
     """Bytes of the files a finetuned GPTModel of `model_cfg` is saved as (float32 state dicts).
 
@@ -186,12 +191,11 @@ def model_file_bytes(model_cfg, lora_rank=None):
     `lora_rank`, the LoRA adapters file comes on top of the merged model.
     """
     model = _meta_model(model_cfg)
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model_bytes = _tensor_bytes(model.state_dict().values())
     if not lora_rank:
         return model_bytes
     model = _meta_model(model_cfg, lora_rank)
-    adapter_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
-                        if ".lora." in k)
+    adapter_bytes = _tensor_bytes(t for k, t in model.state_dict().items() if ".lora." in k)
     return model_bytes + adapter_bytes
 
 
@@ -200,7 +204,7 @@ def checkpoint_bytes(model_cfg, lora_rank=None):
     state dict, AdamW's two float32 moments for each trained weight (all of them; with LoRA the
     adapters only), and 1 MB for the RNG states, the losses and the file's structure."""
     model = _meta_model(model_cfg, lora_rank)
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    weights = _tensor_bytes(model.state_dict().values())
     trained = sum(p.numel() for name, p in model.named_parameters()
                   if not lora_rank or ".lora." in name)
     return weights + 2 * 4 * trained + MB
@@ -214,8 +218,7 @@ def gpt2_download_bytes(model_cfg):
     float32. So: the model's state dict without the output head, and 2 MB of tokenizer files.
     """
     model = _meta_model(model_cfg)
-    head = model.out_head.weight
-    return model_file_bytes(model_cfg) - head.numel() * head.element_size() + 2 * MB
+    return model_file_bytes(model_cfg) - _tensor_bytes([model.out_head.weight]) + 2 * MB
 
 
 def answers_bytes(data_file_bytes, n_entries, max_new_tokens):

@@ -104,6 +104,11 @@ class CheckpointPlan:
     keep: int | None = 3
     wait_for_space: Callable | None = None
 
+    def __post_init__(self):
+        if (self.keep is not None and self.keep < 1) or (self.save_every is not None
+                                                         and self.save_every < 1):
+            raise CheckpointError("--keep and --save-every must be at least 1.")
+
 
 @dataclass
 class TrainState:

@@ -167,6 +167,14 @@ def test_baseline_runs_all_steps_and_prints_the_chapters_lines(baseline):
     assert train_losses[-1] < train_losses[0]
 
 
+@pytest.mark.parametrize(("save_every", "keep"), [(0, 3), (5, 0), (-1, None)])
+def test_a_plan_that_never_saves_or_keeps_nothing_is_refused(tmp_path, save_every, keep):
+    """Both command lines build their CheckpointPlan from --save-every and --keep."""
+    with pytest.raises(CheckpointError, match=r"^--keep and --save-every must be at least 1\.$"):
+        CheckpointPlan(tmp_path, "tiny-sft", IDENTITY, save_every=save_every, keep=keep)
+    CheckpointPlan(tmp_path, "tiny-sft", IDENTITY, save_every=None, keep=None)  # never, all
+
+
 def test_resume_or_start_as_the_command_lines_use_it(instruction_data, tokenizer, tmp_path, capsys):
     """--resume PATH, --resume (the newest) and no --resume (a fresh start that names the
     checkpoints an earlier run left behind)."""
