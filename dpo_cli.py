@@ -22,8 +22,9 @@ OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the 
 (same data order, same numbers); one saved with other settings is refused, naming them.
 `--max-steps N` stops after N steps with a checkpoint, to split a long run into sessions.
 `--test-mode` runs the whole stage in seconds on a tiny random GPT and 10 entries per split.
-Exit codes: 0 done, 2 bad input (missing file, mismatched sizes, bad data, a checkpoint of
-another run), 130 Ctrl-C (training stops after the step and saves a checkpoint), 143 SIGTERM.
+Exit codes: 0 done, 1 tiktoken's vocabulary could not be fetched (pass --tokenizer-dir), 2 bad
+input (missing file, mismatched sizes, bad data, a checkpoint of another run), 130 Ctrl-C
+(training stops after the step and saves a checkpoint), 143 SIGTERM.
 """
 
 import argparse
@@ -351,7 +352,7 @@ def cli(argv=None):
     import matplotlib
 
     matplotlib.use("Agg")  # plots go to files
-    from finetune_cli import DeviceError
+    from finetune_cli import DeviceError, TokenizerError
     from finetuned_model import ModelFileError
 
     try:
@@ -361,6 +362,9 @@ def cli(argv=None):
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TokenizerError as e:  # the network, as a failed download in finetune_cli
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         # Ctrl-C during training saved a checkpoint (TrainingInterrupted says where); later
         # (the answers), the model is saved already.

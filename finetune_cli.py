@@ -348,6 +348,10 @@ class DeviceError(RuntimeError):
     """The requested device is not available."""
 
 
+class TokenizerError(RuntimeError):
+    """tiktoken could not fetch GPT-2's vocabulary (offline, or a proxy in the way)."""
+
+
 def choose_device(name=None, test_mode=False):
     """--device checked for availability; the chapter's `get_device()` when not given."""
     if name is None:
@@ -378,7 +382,7 @@ def get_tokenizer(tokenizer_dir=None):
     try:
         return tiktoken.get_encoding("gpt2")
     except OSError as e:  # tiktoken downloads its vocabulary on first use
-        raise RuntimeError(
+        raise TokenizerError(
             f"tiktoken could not download GPT-2's vocabulary ({e}). Connect to the internet "
             "once, or pass a folder holding encoder.json and vocab.bpe (--tokenizer-dir)."
         ) from None

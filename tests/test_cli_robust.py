@@ -20,7 +20,7 @@ import interrupting
 import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
-from loopback_server import serving
+from loopback_server import closed_port_url, serving
 from small_disk import small_tmpfs, unwritable_folder
 
 from gpt2_sizes import TEST_MODE_CONFIG
@@ -287,6 +287,27 @@ def test_case5_an_html_page_is_never_saved_as_the_dataset(tmp_path):
 ########################################################################################
 # 7. A checkpoint folder of another size is found before any download
 ########################################################################################
+
+@pytest.mark.parametrize("script", ["gpt_instruction_finetuning.py", "dpo_cli.py"])
+def test_tokenizer_that_cannot_be_fetched_is_one_line(tmp_path, shared_data, script):
+    """Offline without --tokenizer-dir: tiktoken's fetch fails (here at a proxy on a closed
+    loopback port, so nothing leaves the machine), and both commands say what to pass."""
+    data = shared_data / ("instruction-data.json" if script == "gpt_instruction_finetuning.py"
+                          else "instruction-data-with-preference.json")
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"),
+           "HTTPS_PROXY": closed_port_url(), "https_proxy": closed_port_url()}
+    env.pop("NO_PROXY", None), env.pop("no_proxy", None)
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--test_mode", "--data", str(data),
+                           "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: tiktoken could not download GPT-2's vocabulary (")
+    assert line.endswith("Connect to the internet once, or pass a folder holding encoder.json "
+                         "and vocab.bpe (--tokenizer-dir).")
+
 
 def test_case7_checkpoint_folder_of_another_size(tmp_path, data):
     models = tmp_path / "gpt2"
