@@ -528,9 +528,10 @@ def finetune(model, data, config):
     data.processes.prepare_model(model, "fsdp" if config.fsdp else "ddp")  # before the optimizer
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     output_dir, _, stem = output_names(config, data.data_name)
+    metrics_file = metrics_path(output_dir / f"{stem}.pth")  # written by process 0 only
     # seed: torch.manual_seed(config.seed), as the chapter does right before training
     run = TrainingRun(model, optimizer, data.train_loader, data.val_loader, device, config.seed,
-                      data.precision, plan, metrics_path(output_dir / f"{stem}.pth"),
+                      data.precision, plan, metrics_file,
                       distributed=data.processes)
     run.resume_or_start(config.resume)
     start_time = time.time()
@@ -548,7 +549,7 @@ def finetune(model, data, config):
             "initial_losses": initial_losses, "minutes": minutes, "finished": run.finished,
             "steps": run.state.step, "wall_seconds": run.state.wall_seconds,
             "checkpoint": run.last_checkpoint, "resumed_from": run.resumed_from,
-            "metrics_path": metrics_path(output_dir / f"{stem}.pth"), "precision": run.precision.name}
+            "metrics_path": metrics_file, "precision": run.precision.name}
 
 
 #####################################
