@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from precision import cuda_bf16_supported
+from instructkit.precision import cuda_bf16_supported
 from previous_chapters import sample_next_token, text_to_token_ids, token_ids_to_text
 
 # The compiled block function for the transformer blocks that compile_blocks was given. Weak

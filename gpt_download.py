@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from downloads import (  # noqa: F401 (importable from here, as before the split)
+from instructkit.downloads import (  # noqa: F401 (importable from here, as before the split)
     CheckpointError,
     DownloadError,
     describe_failure,
@@ -33,9 +33,9 @@ from downloads import (  # noqa: F401 (importable from here, as before the split
     download_first,
     file_sha256,
 )
-from gpt2_sizes import GPT2_SIZES
-from gpt2_tokenizer import GPT2_PAT_STR, gpt2_bpe_ranks, tokenizer_from_folder  # noqa: F401
-from hub_weights import (  # noqa: F401
+from instructkit.gpt2_sizes import GPT2_SIZES
+from instructkit.gpt2_tokenizer import GPT2_PAT_STR, gpt2_bpe_ranks, tokenizer_from_folder  # noqa: F401
+from instructkit.hub import (  # noqa: F401
     BOOK_HUB_REPO,
     HF_DEFAULT_ENDPOINT,
     HF_ENDPOINT_ENV_VAR,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from instruction_data import DatasetError, validate_entries
+from instructkit.instruction_data import DatasetError, validate_entries
 
 DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
@@ -41,7 +41,7 @@ def download_and_load_file(file_path, url):
                 f"file by hand and save it as {file_path}."
             ) from None
         # Not in the book: written through a temporary file, so an interruption leaves none.
-        from safe_files import write_atomically
+        from instructkit.safe_files import write_atomically
 
         write_atomically(file_path, lambda tmp: Path(tmp).write_text(text_data, encoding="utf-8"))
 
@@ -184,6 +184,6 @@ def generate_answer_texts(model, input_texts, tokenizer, max_new_tokens=256, bat
 
 if __name__ == "__main__":
     # Not in the book: the whole chapter as one command (see finetune_cli.py).
-    from finetune_cli import cli
+    from instructkit.finetune import cli
 
     sys.exit(cli())

@@ -33,9 +33,9 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from instruction_data import REQUIRED_KEYS, DatasetError
-from instruction_data import validate_entries as validate_instruction_entries
-from safe_files import write_json
+from instructkit.instruction_data import REQUIRED_KEYS, DatasetError
+from instructkit.instruction_data import validate_entries as validate_instruction_entries
+from instructkit.safe_files import write_json
 
 # 127.0.0.1, as Ollama itself: "localhost" tries ::1 first on Windows, seconds per request.
 DEFAULT_HOST = "http://127.0.0.1:11434"

@@ -42,15 +42,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
 
 import fast_gpt  # noqa: E402
-from finetune_cli import build_loaders, get_tokenizer  # noqa: E402
-from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, book_model_name, gpt2_config  # noqa: E402
 from gpt_instruction_finetuning import (  # noqa: E402
     DATA_URL,
     download_and_load_file,
     format_input,
     generate_responses,
 )
-from instruction_data import split_data  # noqa: E402
+from instructkit.finetune import build_loaders, get_tokenizer  # noqa: E402
+from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, book_model_name, gpt2_config  # noqa: E402
+from instructkit.instruction_data import split_data  # noqa: E402
 from previous_chapters import GPTModel, generate, train_model_simple  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies (tests, CI)

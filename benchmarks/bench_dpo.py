@@ -33,10 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
 
-import dpo  # noqa: E402
-import fast_dpo  # noqa: E402
-from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config  # noqa: E402
-from instruction_data import PREFERENCE_KEYS, load_instruction_file, split_data  # noqa: E402
+from instructkit import dpo, fast_dpo  # noqa: E402
+from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config  # noqa: E402
+from instructkit.instruction_data import PREFERENCE_KEYS, load_instruction_file, split_data  # noqa: E402
 from previous_chapters import GPTModel  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies (tests, CI)
@@ -110,7 +109,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from finetune_cli import get_tokenizer
+    from instructkit.finetune import get_tokenizer
 
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

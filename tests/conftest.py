@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
 
-from instruction_data import CHAPTER_DATASET, PREFERENCE_DATASET  # noqa: E402 (needs the path above)
+from instructkit.instruction_data import CHAPTER_DATASET, PREFERENCE_DATASET  # noqa: E402 (needs the path above)
 
 TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 DATA_ENV_VAR = "CH07_TEST_DATA"
@@ -62,7 +62,7 @@ def find_test_data(shared=ROOT.parent / "shared" / "data", environ=os.environ, c
         return shared
     if environ.get(DATA_ENV_VAR):
         return Path(environ[DATA_ENV_VAR])
-    from downloads import DownloadError, download_first
+    from instructkit.downloads import DownloadError, download_first
 
     cache = Path(cache) if cache is not None else user_cache_folder()
     for name, (urls, sha256) in files.items():

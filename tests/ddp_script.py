@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distributed import DistributedError, processes, report_error  # noqa: E402
+from instructkit.distributed import DistributedError, processes, report_error  # noqa: E402
 
 # No qkv bias: the key bias's true gradient is zero (softmax ignores a constant added to all
 # keys), and AdamW's step turns its float noise (which differs with the summation order) into
@@ -60,7 +60,7 @@ def train(group, strategy, batch_size, fail_rank, fail_at_step):
     from torch.utils.data import DataLoader
 
     from fast_gpt import generate_answer_ids
-    from resumable_training import epoch_order
+    from instructkit.training import epoch_order
 
     device, collate, rows, model, optimizer = setup(group, strategy)
 
@@ -99,7 +99,7 @@ def train_with_trainer(group, out_dir, checkpoints, scenario):
     end); "fsdp-full", "fsdp-stop" and "fsdp-resume" the same with FSDP (checkpoints/fsdp)."""
     from torch.utils.data import DataLoader
 
-    from resumable_training import CheckpointPlan, TrainingRun
+    from instructkit.training import CheckpointPlan, TrainingRun
 
     strategy, _, scenario = scenario.rpartition("-")
     strategy = strategy or "ddp"

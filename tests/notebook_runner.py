@@ -21,7 +21,7 @@ from pathlib import Path
 
 from conftest import ROOT, SHARED_DATA
 
-from gpt2_sizes import TEST_MODE_CONFIG
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG
 
 
 def repo_files(root=ROOT):

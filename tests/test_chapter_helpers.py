@@ -19,8 +19,8 @@ from gpt_instruction_finetuning import (
     generate_responses,
     get_device,
 )
-from instruction_data import DatasetError, split_data, validate_entries
-from safe_files import write_json
+from instructkit.instruction_data import DatasetError, split_data, validate_entries
+from instructkit.safe_files import write_json
 
 EOT = 50256
 PREAMBLE = ("Below is an instruction that describes a task. "

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetuned_model import ChatModel, ModelFileError, infer_model_config, load_finetuned_model
-from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from instructkit.model_files import ChatModel, ModelFileError, infer_model_config, load_finetuned_model
+from instructkit.safe_files import save_state_dict, write_json
 from previous_chapters import GPTModel, generate, replace_linear_with_lora
-from safe_files import save_state_dict, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 24
@@ -63,14 +63,13 @@ def book_answer(model, tokenizer, entry, max_new_tokens=MAX_NEW, prompt_fn=None)
 
 def run_chat(*args, stdin=None):
     """chat.py in a real subprocess (as a reader runs it)."""
-    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *map(str, args)], input=stdin,
+    return subprocess.run([sys.executable, "-m", "instructkit.chat", *map(str, args)], input=stdin,
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def chat_main(capsys, monkeypatch, *args, stdin=""):
     """chat.main in this process (each subprocess costs seconds of imports): (code, out, err)."""
-    import chat
-
+    from instructkit import chat
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     code = chat.main([str(a) for a in args])
     out, err = capsys.readouterr()
@@ -282,7 +281,7 @@ def test_interactive_prompt_on_a_terminal(model_file, tiny_model, tokenizer):
 
     expected = book_answer(tiny_model, tokenizer, ENTRIES[0])
     main_fd, terminal_fd = pty.openpty()
-    process = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), str(model_file),
+    process = subprocess.Popen([sys.executable, "-m", "instructkit.chat", str(model_file),
                                 "--max-new-tokens", str(MAX_NEW)], stdin=terminal_fd,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     os.close(terminal_fd)

@@ -17,9 +17,9 @@ import pytest
 import torch
 from test_chat import book_answer, save_model
 
-from chat_app import EMPTY_NOTE, launch, load_models
-from finetuned_model import ModelFileError
-from gpt2_sizes import TEST_MODE_CONFIG
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG
+from instructkit.model_files import ModelFileError
+from instructkit.web_chat import EMPTY_NOTE, launch, load_models
 from previous_chapters import GPTModel
 
 REQUIREMENTS = "pip install -r requirements-app.txt"
@@ -260,7 +260,7 @@ def test_no_pretrained_twin_for_a_size_that_is_no_gpt2(tmp_path):
 def test_missing_model_is_an_error_before_any_server(tmp_path):
     port = free_port()
     missing = tmp_path / "missing.pth"
-    result = subprocess.run([sys.executable, str(ROOT / "chat_app.py"), str(missing), "--port",
+    result = subprocess.run([sys.executable, "-m", "instructkit.web_chat", str(missing), "--port",
                              str(port)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
     assert f"error: The model file {missing} does not exist" in result.stderr
@@ -274,7 +274,7 @@ def test_the_command_serves_on_loopback(tmp_path):
     torch.manual_seed(1)
     path = save_model(tmp_path, "tiny", GPTModel(TEST_MODE_CONFIG))
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "chat_app.py"), str(path), "--port",
+    process = subprocess.Popen([sys.executable, "-m", "instructkit.web_chat", str(path), "--port",
                                 str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=ROOT)
     try:

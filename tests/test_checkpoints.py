@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import (
+from instructkit.checkpoints import (
     CheckpointError,
     check_identity,
     checkpoint_path,
@@ -21,7 +21,7 @@ from checkpoints import (
     save_checkpoint,
     set_rng_states,
 )
-from safe_files import save_state_dict
+from instructkit.safe_files import save_state_dict
 
 
 def draws():

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
 
-import finetune_cli as fc
-from finetune_cli import FinetuneConfig
-from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from instructkit import finetune as fc
+from instructkit.finetune import FinetuneConfig
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from instructkit.safe_files import write_atomically
 from previous_chapters import GPTModel
-from safe_files import write_atomically
 
 SCRIPT = ROOT / "gpt_instruction_finetuning.py"
 

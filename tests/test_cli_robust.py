@@ -23,7 +23,7 @@ from conftest import ROOT, TOKENIZER_DIR
 from loopback_server import closed_port_url, serving
 from small_disk import small_tmpfs, unwritable_folder
 
-from gpt2_sizes import TEST_MODE_CONFIG
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG
 from previous_chapters import GPTModel
 
 SCRIPT = ROOT / "gpt_instruction_finetuning.py"
@@ -288,18 +288,19 @@ def test_case5_an_html_page_is_never_saved_as_the_dataset(tmp_path):
 # 7. A checkpoint folder of another size is found before any download
 ########################################################################################
 
-@pytest.mark.parametrize("script", ["gpt_instruction_finetuning.py", "dpo_cli.py"])
-def test_tokenizer_that_cannot_be_fetched_is_one_line(tmp_path, shared_data, script):
+@pytest.mark.parametrize("command", [[str(SCRIPT)], ["-m", "instructkit.dpo_train"]],
+                         ids=["finetune", "dpo"])
+def test_tokenizer_that_cannot_be_fetched_is_one_line(tmp_path, shared_data, command):
     """Offline without --tokenizer-dir: tiktoken's fetch fails (here at a proxy on a closed
     loopback port, so nothing leaves the machine), and both commands say what to pass."""
-    data = shared_data / ("instruction-data.json" if script == "gpt_instruction_finetuning.py"
+    data = shared_data / ("instruction-data.json" if command == [str(SCRIPT)]
                           else "instruction-data-with-preference.json")
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"),
            "HTTPS_PROXY": closed_port_url(), "https_proxy": closed_port_url()}
     env.pop("NO_PROXY", None), env.pop("no_proxy", None)
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--test_mode", "--data", str(data),
+    proc = subprocess.run([sys.executable, *command, "--test_mode", "--data", str(data),
                            "--output-dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300, env=env,
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -350,8 +351,7 @@ def test_case8_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume
 
 def test_lora_run_saves_adapters_and_merged_model_before_answering(tmp_path, data, one_thread,
                                                                    capsys):
-    import finetune_cli as fc
-
+    from instructkit import finetune as fc
     config = fc.FinetuneConfig(test_mode=True, data=str(data), output_dir=str(tmp_path),
                                epochs=1, lora_rank=4, max_new_tokens=2,
                                tokenizer_dir=str(TOKENIZER_DIR))

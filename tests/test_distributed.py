@@ -20,7 +20,13 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_DATA, TOKENIZER_DIR
 
-from distributed import DistributedError, ProcessGroup, SingleProcess, init_processes, torchrun_env
+from instructkit.distributed import (
+    DistributedError,
+    ProcessGroup,
+    SingleProcess,
+    init_processes,
+    torchrun_env,
+)
 
 SCRIPT = Path(__file__).resolve().parent / "ddp_script.py"
 STRATEGIES = ("ddp", "fsdp")

@@ -15,16 +15,15 @@ from conftest import ROOT
 from interrupting import run_and_act
 from torch.utils.data import DataLoader
 
-import dpo
-import dpo_cli
-import fast_dpo
-from finetuned_model import ModelFileError
-from gpt2_sizes import TEST_MODE_CONFIG
 from gpt_instruction_finetuning import format_input
-from instruction_data import PREFERENCE_KEYS, load_instruction_file
+from instructkit import dpo, fast_dpo
+from instructkit import dpo_train as dpo_cli
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG
+from instructkit.instruction_data import PREFERENCE_KEYS, load_instruction_file
+from instructkit.model_files import ModelFileError
+from instructkit.run_record import read_metrics
+from instructkit.safe_files import write_json
 from previous_chapters import GPTModel
-from run_record import read_metrics
-from safe_files import write_json
 
 BETA = 0.1
 
@@ -308,7 +307,7 @@ def cli_args(sft_file, shared_data, *extra):
 def test_cli_end_to_end(sft_file, shared_data, tmp_path):
     out_dir = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "dpo_cli.py"),
+    result = subprocess.run([sys.executable, "-m", "instructkit.dpo_train",
                              *cli_args(sft_file, shared_data, "--output-dir", str(out_dir))],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
@@ -373,7 +372,7 @@ def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
     whole = dpo_cli.main(dpo_cli.DPOConfig(**vars(whole_args)))
 
     out = tmp_path / "parts"
-    command = [sys.executable, "-u", str(ROOT / "dpo_cli.py"),
+    command = [sys.executable, "-u", "-m", "instructkit.dpo_train",
                *cli_args(sft_file, shared_data, *extra, "--output-dir", str(out))]
     code, stderr = run_and_act(command, tmp_path / "stderr", ["Ep 1 (Step 000001)"],
                                lambda proc: proc.send_signal(signal.SIGINT), timeout=120,
@@ -397,7 +396,7 @@ def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
 
 
 def test_cli_bad_inputs_exit_2_without_a_traceback(sft_file, shared_data, tmp_path, capsys):
-    missing = subprocess.run([sys.executable, str(ROOT / "dpo_cli.py"), "--sft-model",
+    missing = subprocess.run([sys.executable, "-m", "instructkit.dpo_train", "--sft-model",
                               str(tmp_path / "nope.pth")], capture_output=True, text=True,
                              timeout=300)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr

@@ -20,7 +20,7 @@ from nbclient.exceptions import CellExecutionError
 from notebook_runner import cell_outputs, repo_files, run_notebook
 from test_one_source import top_level_definitions, without_docstrings
 
-from gpt2_sizes import TEST_MODE_CONFIG
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG
 from previous_chapters import GPTModel
 
 NOTEBOOK = "dpo-preference-tuning.ipynb"
@@ -36,7 +36,7 @@ def code_only_workdir(dest):
 
 
 def test_the_notebook_shows_dpo_py_code_unchanged():
-    module = top_level_definitions((ROOT / "dpo.py").read_text(encoding="utf-8"))
+    module = top_level_definitions((ROOT / "instructkit" / "dpo.py").read_text(encoding="utf-8"))
     shown = {}
     for cell in nbformat.read(ROOT / NOTEBOOK, as_version=4).cells:
         if cell.cell_type == "code":

@@ -25,13 +25,13 @@ from notebook_runner import cell_outputs, run_notebook, smoke_workdir
 
 import exercise_variants as ev
 import fast_gpt
-import finetune_cli as fc
 import gpt_download
 import gpt_instruction_finetuning as gif
 import previous_chapters as pc
-from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
-from instruction_data import split_data
-from safe_files import save_state_dict
+from instructkit import finetune as fc
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from instructkit.instruction_data import split_data
+from instructkit.safe_files import save_state_dict
 
 SCRIPT = ROOT / "gpt_instruction_finetuning.py"
 NOTEBOOK = "exercise-solutions.ipynb"

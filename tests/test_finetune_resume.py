@@ -21,11 +21,11 @@ import torch
 from conftest import ROOT, TOKENIZER_DIR
 from interrupting import run_and_act
 
-import finetune_cli as fc
-from finetune_cli import FinetuneConfig
-from instruction_data import DatasetError, split_data
-from resumable_training import RESUME_NEWEST
-from run_record import read_metrics, read_run_record
+from instructkit import finetune as fc
+from instructkit.finetune import FinetuneConfig
+from instructkit.instruction_data import DatasetError, split_data
+from instructkit.run_record import read_metrics, read_run_record
+from instructkit.training import RESUME_NEWEST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

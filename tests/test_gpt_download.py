@@ -23,7 +23,6 @@ from hub_checkpoint import (
 from loopback_server import closed_port_url, serving
 
 import gpt_download
-from gpt2_sizes import GPT2_SIZES
 from gpt_download import (
     FILENAMES,
     OPENAI_FILE_SIZES,
@@ -39,6 +38,7 @@ from gpt_download import (
     load_hub_weights,
     tokenizer_from_folder,
 )
+from instructkit.gpt2_sizes import GPT2_SIZES
 
 SIZE = "124M"
 DATA = "model.ckpt.data-00000-of-00001"

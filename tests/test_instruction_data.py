@@ -8,7 +8,7 @@ import json
 import pytest
 from loopback_server import closed_port_url, serving
 
-from instruction_data import (
+from instructkit.instruction_data import (
     CHAPTER_DATASET,
     PREFERENCE_DATASET,
     PREFERENCE_KEYS,

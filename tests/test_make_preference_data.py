@@ -20,8 +20,8 @@ from fake_ollama import (
 )
 from test_ollama_evaluate import WITHOUT_TORCH, write_json
 
-import make_preference_data as mpd
 import ollama_evaluate as oe
+from instructkit import make_preference_data as mpd
 
 ENTRIES = [
     {"instruction": "Evaluate the following phrase by transforming it into the spelling given.",
@@ -239,7 +239,7 @@ def test_cli_bad_input_exits_2_before_any_request(tmp_path, capsys, content, mat
 
 def run_cli(args):
     env = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
-    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "make_preference_data.py", *args],
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "instructkit/make_preference_data.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -269,7 +269,7 @@ def test_cli_ctrl_c_keeps_the_finished_pairs(tmp_path):
     out, progress = tmp_path / "pairs.json", tmp_path / "pairs-progress.json"
     with FakeOllama(replies=rewrite_reply, delay=0.02) as server:  # about 1 s per reply
         process = subprocess.Popen(
-            [sys.executable, "make_preference_data.py", "--file_path", str(path), "--host",
+            [sys.executable, "-m", "instructkit.make_preference_data", "--file_path", str(path), "--host",
              server.host, "--output", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60

@@ -23,7 +23,7 @@ from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_notebook
 from notebook_runner import cell_outputs, repo_files, run_notebook, smoke_workdir, without_tensorflow_env
 
-from gpt2_sizes import TEST_MODE_CONFIG
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG
 from previous_chapters import GPTModel
 
 NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))

@@ -16,8 +16,8 @@ from conftest import ROOT
 from nbformat.v4 import new_code_cell, new_notebook
 
 MODULES = ("previous_chapters", "gpt_download", "gpt_instruction_finetuning", "ollama_evaluate",
-           "gpt2_sizes", "safe_files", "instruction_data", "fast_gpt", "exercise_variants",
-           "finetune_cli")
+           "instructkit/gpt2_sizes", "instructkit/safe_files", "instructkit/instruction_data",
+           "fast_gpt", "exercise_variants", "instructkit/finetune")
 NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))
 CHAPTER = ROOT / "ch07_instruction_finetuning.ipynb"
 

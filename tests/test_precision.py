@@ -5,7 +5,13 @@ import warnings
 import pytest
 import torch
 
-from precision import PRECISIONS, Precision, PrecisionError, cuda_bf16_supported, resolve_precision
+from instructkit.precision import (
+    PRECISIONS,
+    Precision,
+    PrecisionError,
+    cuda_bf16_supported,
+    resolve_precision,
+)
 
 
 def has_bf16(device):

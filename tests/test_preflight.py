@@ -10,11 +10,11 @@ import pytest
 import torch
 from small_disk import small_tmpfs, unwritable_folder
 
-import preflight as pf
-from gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from instructkit import preflight as pf
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
+from instructkit.run_guard import RunProgress, Terminated, exit_code, os_error_line, signals_interrupt
+from instructkit.safe_files import DiskFullError
 from previous_chapters import GPTModel
-from run_guard import RunProgress, Terminated, exit_code, os_error_line, signals_interrupt
-from safe_files import DiskFullError
 
 DEFAULTS = {"epochs": 2, "batch_size": 8, "lr": 5e-5, "weight_decay": 0.1, "max_length": 1024,
             "seed": 123, "eval_freq": 5, "eval_iter": 5, "lora_rank": None, "lora_alpha": None,
@@ -132,7 +132,7 @@ def test_data_file_read_and_validated(tmp_path, instruction_data):
     with pytest.raises(pf.PreflightError, match="The test split is empty: 5 entries are too few"):
         pf.check_data_file(few)
     # The run's own split decides: 5 entries split 60/20/20 leave no part empty.
-    from finetune_cli import FinetuneConfig, split_entries
+    from instructkit.finetune import FinetuneConfig, split_entries
 
     wide = FinetuneConfig(test_mode=True, val_fraction=0.2, test_fraction=0.2)
     assert pf.check_data_file(few, split=lambda entries: split_entries(entries, wide)) \
@@ -165,7 +165,7 @@ def test_model_file_bytes_are_exact():
 
 
 def test_saved_model_fits_the_estimate_and_its_margin(tmp_path):
-    from safe_files import save_state_dict
+    from instructkit.safe_files import save_state_dict
 
     torch.manual_seed(0)
     path = tmp_path / "m.pth"
@@ -178,8 +178,8 @@ def test_saved_model_fits_the_estimate_and_its_margin(tmp_path):
 def test_checkpoint_estimate_covers_a_real_checkpoint(tmp_path, lora_rank):
     """checkpoint_bytes against a checkpoint saved after a real AdamW step (with LoRA: the
     adapters alone are trained, so only they have moments)."""
-    from checkpoints import save_checkpoint
     from fast_gpt import make_optimizer
+    from instructkit.checkpoints import save_checkpoint
     from previous_chapters import replace_linear_with_lora
 
     torch.manual_seed(123)
@@ -350,7 +350,7 @@ def test_every_numeric_setting_of_the_command_line_has_a_limit():
     import dataclasses
     import typing
 
-    from finetune_cli import FinetuneConfig
+    from instructkit.finetune import FinetuneConfig
 
     hints = typing.get_type_hints(FinetuneConfig)
     numeric = {f.name for f in dataclasses.fields(FinetuneConfig)

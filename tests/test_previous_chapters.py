@@ -16,8 +16,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 import previous_chapters as pc
-from gpt2_sizes import gpt2_config
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
+from instructkit.gpt2_sizes import gpt2_config
 
 VOCAB = 1024  # the generation and model tests need no real token ids: a small vocabulary is faster
 

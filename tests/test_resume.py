@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from checkpoints import CheckpointError, list_checkpoints, load_checkpoint
 from fast_gpt import train_model_fast
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
-from precision import Precision
-from previous_chapters import GPTModel, train_model_simple
-from resumable_training import (
+from instructkit.checkpoints import CheckpointError, list_checkpoints, load_checkpoint
+from instructkit.precision import Precision
+from instructkit.run_record import read_metrics
+from instructkit.training import (
     RESUME_NEWEST,
     CheckpointPlan,
     TrainingInterrupted,
@@ -28,7 +28,7 @@ from resumable_training import (
     draw_epoch_seed,
     epoch_order,
 )
-from run_record import read_metrics
+from previous_chapters import GPTModel, train_model_simple
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

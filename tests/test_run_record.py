@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from run_record import (
+from instructkit.run_record import (
     METRIC_KEYS,
     MetricsLog,
     dataset_fingerprint,

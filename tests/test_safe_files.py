@@ -9,7 +9,7 @@ import pytest
 import torch
 from small_disk import small_tmpfs
 
-from safe_files import (
+from instructkit.safe_files import (
     DiskFullError,
     ask_at_terminal,
     retry_while_disk_full,

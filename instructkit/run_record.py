@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from safe_files import write_atomically, write_json
+from instructkit.safe_files import write_atomically, write_json
 
 METRIC_KEYS = ("step", "epoch", "epochs_seen", "tokens_seen", "train_loss", "val_loss", "lr", "seconds")
 RUN_RECORD_KEYS = ("config", "model_config", "versions", "device", "precision", "dataset", "seed",

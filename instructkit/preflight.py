@@ -100,7 +100,7 @@ def check_ranges(config, limits=NUMERIC_LIMITS):
 
 def check_output_dir(folder, flag="--output-dir"):
     """Create `folder` if needed and write a file into it; PreflightError saying why not."""
-    from safe_files import write_atomically
+    from instructkit.safe_files import write_atomically
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -137,7 +137,7 @@ def check_data_file(path, data_url=None, split=None):
     A file that is missing is fine when it will be downloaded (`data_url`, or the chapter's
     dataset): the download validates it. Returns None then.
     """
-    from instruction_data import DatasetError, load_instruction_file, split_data
+    from instructkit.instruction_data import DatasetError, load_instruction_file, split_data
 
     path = Path(path)
     if not path.exists():
@@ -270,9 +270,9 @@ def check_disk_space(needs, flag="--output-dir"):
 def gpt2_download_needed(models_dir, model, source="auto"):
     """True when the files of GPT-2 `model` from `source` ("auto": from any source) are not
     complete in `models_dir`."""
-    from gpt2_sizes import model_folder
     from gpt_download import FILENAMES, WEIGHT_SOURCES
-    from hub_weights import files_present, hub_files
+    from instructkit.gpt2_sizes import model_folder
+    from instructkit.hub import files_present, hub_files
 
     folder = model_folder(model)
     model_dir = Path(models_dir) / folder
@@ -285,8 +285,8 @@ def gpt2_download_needed(models_dir, model, source="auto"):
 
 def check_checkpoint(models_dir, model):
     """PreflightError when the checkpoint folder's hparams.json is another GPT-2 size."""
-    from gpt2_sizes import model_folder
     from gpt_download import CheckpointError, check_checkpoint_folder
+    from instructkit.gpt2_sizes import model_folder
 
     try:
         check_checkpoint_folder(Path(models_dir) / model_folder(model), model)

@@ -44,8 +44,6 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import CheckpointError, list_checkpoints
-from distributed import DistributedError, SingleProcess, init_processes
 from exercise_variants import (
     ALPACA,
     PROMPT_STYLES,
@@ -58,7 +56,12 @@ from exercise_variants import (
     output_suffix,
     prompt_style,
 )
-from gpt2_sizes import (
+from gpt_download import WEIGHT_SOURCES
+from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, get_device
+from instructkit import CHAPTER_DIR as HERE  # noqa: E402
+from instructkit.checkpoints import CheckpointError, list_checkpoints
+from instructkit.distributed import DistributedError, SingleProcess, init_processes
+from instructkit.gpt2_sizes import (
     GPT2_SIZES,
     TEST_MODE_CONFIG,
     book_model_name,
@@ -66,29 +69,26 @@ from gpt2_sizes import (
     model_folder,
     short_model_name,
 )
-from gpt_download import WEIGHT_SOURCES
-from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, get_device
-from instruction_data import CHAPTER_DATASET, DatasetError, load_instruction_file, split_data
-from precision import PRECISIONS, PrecisionError, resolve_precision
-from preflight import PreflightError, check_run, untrained_note, untrained_suffix
-from resumable_training import RESUME_NEWEST, CheckpointPlan, TrainingInterrupted, TrainingRun
-from run_guard import RunProgress, exit_code, os_error_line, signals_interrupt
-from run_record import (
+from instructkit.instruction_data import CHAPTER_DATASET, DatasetError, load_instruction_file, split_data
+from instructkit.precision import PRECISIONS, PrecisionError, resolve_precision
+from instructkit.preflight import PreflightError, check_run, untrained_note, untrained_suffix
+from instructkit.run_guard import RunProgress, exit_code, os_error_line, signals_interrupt
+from instructkit.run_record import (
     dataset_fingerprint,
     metrics_path,
     plot_metrics,
     run_record_path,
     write_run_record,
 )
-from safe_files import (
+from instructkit.safe_files import (
     ask_at_terminal,
     retry_while_disk_full,
     save_figure,
     save_state_dict,
     write_json,
 )
+from instructkit.training import RESUME_NEWEST, CheckpointPlan, TrainingInterrupted, TrainingRun
 
-HERE = Path(__file__).resolve().parent
 TEST_MODE_ENTRIES = 10  # entries per split in test mode
 
 
@@ -374,7 +374,7 @@ def get_tokenizer(tokenizer_dir=None):
     weights builds the tokenizer offline too.
     """
     if tokenizer_dir is not None:
-        from gpt2_tokenizer import tokenizer_from_folder
+        from instructkit.gpt2_tokenizer import tokenizer_from_folder
 
         return tokenizer_from_folder(tokenizer_dir)
     import tiktoken
@@ -393,8 +393,8 @@ def download_weights(config):
     it holds the tokenizer's files; None in test mode, which needs no weights."""
     if config.test_mode:
         return None
-    from gpt2_tokenizer import tokenizer_files
     from gpt_download import download_gpt2
+    from instructkit.gpt2_tokenizer import tokenizer_files
 
     folder = models_dir(config) / model_folder(config.model)
     download_gpt2(model_folder(config.model), models_dir(config), config.weights_source)

@@ -28,7 +28,7 @@ import argparse
 import logging
 import sys
 
-from finetuned_model import ChatModel, ModelFileError, add_model_arguments, describe, load_chat_model
+from instructkit.model_files import ChatModel, ModelFileError, add_model_arguments, describe, load_chat_model
 
 log = logging.getLogger("chat_app")
 EXIT_BAD_INPUT = 2
@@ -39,8 +39,8 @@ EMPTY_NOTE = "Note: the message was empty. Type an instruction, then press Enter
 def load_models(model_path, device="cpu", adapters=None, compare=None, compare_pretrained=False,
                 compare_adapters=None, tokenizer_dir=None):
     """The ChatModels (and their info) to serve: the model, then the comparison if any."""
-    from finetune_cli import get_tokenizer
-    from finetuned_model import load_pretrained_model, model_name_for
+    from instructkit.finetune import get_tokenizer
+    from instructkit.model_files import load_pretrained_model, model_name_for
 
     tokenizer = get_tokenizer(tokenizer_dir)
     main, info = load_chat_model(model_path, device, adapters=adapters, tokenizer=tokenizer)
@@ -168,7 +168,7 @@ def launch(model_path, compare=None, compare_pretrained=False, adapters=None, de
     """
     import os
 
-    from finetune_cli import choose_device
+    from instructkit.finetune import choose_device
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: nothing sent out
     if models is None:
@@ -202,7 +202,7 @@ def main(argv=None):
         print("error: the web chat needs Gradio: pip install -r requirements-app.txt",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    from finetune_cli import DeviceError, choose_device
+    from instructkit.finetune import DeviceError, choose_device
 
     try:
         models = load_models(args.model, choose_device(args.device), args.adapters, args.compare,

@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from finetuned_model import ModelFileError, add_model_arguments, describe, load_chat_model
+from instructkit.model_files import ModelFileError, add_model_arguments, describe, load_chat_model
 
 EXIT_BAD_INPUT = 2
 
@@ -121,7 +121,7 @@ def interactive(chat, args):
 
 def main(argv=None):
     args = build_arg_parser().parse_args(argv)
-    from finetune_cli import DeviceError, choose_device, get_tokenizer
+    from instructkit.finetune import DeviceError, choose_device, get_tokenizer
 
     try:
         device = choose_device(args.device)

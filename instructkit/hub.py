@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from downloads import CheckpointError, DownloadError, download_first
-from gpt2_sizes import GPT2_SIZES
+from instructkit.downloads import CheckpointError, DownloadError, download_first
+from instructkit.gpt2_sizes import GPT2_SIZES
 
 HUB_SOURCES = ("hub-book", "hub-openai")
 HF_ENDPOINT_ENV_VAR = "HF_ENDPOINT"

@@ -291,7 +291,7 @@ def plot_dpo_metrics(tracking, num_epochs, save_path=None, show=True):
         ax.legend()
     fig.tight_layout()
     if save_path is not None:
-        from safe_files import write_atomically
+        from instructkit.safe_files import write_atomically
 
         suffix = Path(save_path).suffix.lstrip(".") or "pdf"
         write_atomically(save_path, lambda tmp: fig.savefig(tmp, format=suffix))

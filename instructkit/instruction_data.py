@@ -110,7 +110,7 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
     if not sources:
         raise DatasetError(f"{path} does not exist")
 
-    from downloads import DownloadError, describe_failure, download_file, file_sha256
+    from instructkit.downloads import DownloadError, describe_failure, download_file, file_sha256
 
     download = path.with_name(path.name + ".download")  # its .part file resumes a cut download
     failures = []

@@ -24,8 +24,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from dpo import compute_dpo_loss, preference_collate_fn
 from fast_gpt import PackedRows, autocast, transform
+from instructkit.dpo import compute_dpo_loss, preference_collate_fn
 
 
 def packed_logprobs(model, input_ids, selection_mask):

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config, model_folder
-from run_record import run_record_path
+from instructkit import CHAPTER_DIR as HERE  # noqa: E402
+from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config, model_folder
+from instructkit.run_record import run_record_path
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_STYLE = "alpaca"
 
 # emb_dim -> n_heads: the one thing the shapes of a state dict do not tell (the tiny test
@@ -383,7 +383,7 @@ class ChatModel:
 
 def load_chat_model(path, device="cpu", adapters=None, base=None, tokenizer=None):
     """load_finetuned_model wrapped as a ChatModel; returns (ChatModel, info)."""
-    from finetune_cli import get_tokenizer
+    from instructkit.finetune import get_tokenizer
 
     model, style, info = load_finetuned_model(path, device, adapters=adapters, base=base)
     label = Path(adapters).name if adapters is not None else Path(path).name

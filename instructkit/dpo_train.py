@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-import dpo
-import fast_dpo
-from checkpoints import CheckpointError
-from gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
-from instruction_data import (
+from instructkit import CHAPTER_DIR as HERE  # noqa: E402
+from instructkit import dpo, fast_dpo
+from instructkit.checkpoints import CheckpointError
+from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
+from instructkit.instruction_data import (
     PREFERENCE_DATASET,
     PREFERENCE_KEYS,
     DatasetError,
@@ -47,13 +47,11 @@ from instruction_data import (
     load_known_dataset,
     split_data,
 )
-from precision import resolve_precision
-from resumable_training import RESUME_NEWEST, CheckpointPlan, TrainingInterrupted, TrainingRun
-from run_guard import exit_code, signals_interrupt
-from run_record import dataset_fingerprint, metrics_path, write_run_record
-from safe_files import ask_at_terminal, retry_while_disk_full, save_state_dict, write_json
-
-HERE = Path(__file__).resolve().parent
+from instructkit.precision import resolve_precision
+from instructkit.run_guard import exit_code, signals_interrupt
+from instructkit.run_record import dataset_fingerprint, metrics_path, write_run_record
+from instructkit.safe_files import ask_at_terminal, retry_while_disk_full, save_state_dict, write_json
+from instructkit.training import RESUME_NEWEST, CheckpointPlan, TrainingInterrupted, TrainingRun
 
 
 class SetupError(ValueError):
@@ -99,7 +97,7 @@ def load_sft_model(path, model=None, model_config=None, device="cpu"):
     else the run record `<stem>.run.json` beside the file, else the state dict's shapes. The
     files are read and checked by finetuned_model.py, as for the chat.
     """
-    from finetuned_model import (
+    from instructkit.model_files import (
         infer_model_config,
         load_weights,
         new_model,
@@ -135,7 +133,7 @@ def load_data(config):
         data = load_instruction_file(path, keys=PREFERENCE_KEYS)
     train_data, test_data, val_data = split_data(data)
     if config.test_mode:
-        from finetune_cli import TEST_MODE_ENTRIES as n
+        from instructkit.finetune import TEST_MODE_ENTRIES as n
 
         train_data, test_data, val_data = train_data[:n], test_data[:n], val_data[:n]
     if len(train_data) < config.batch_size:
@@ -241,7 +239,7 @@ def train(policy, reference, config, datasets, collate, paths, identity):
 
 def main(config):
     """The DPO stage: data, SFT model and its frozen copy, training, answers, saved files."""
-    from finetune_cli import choose_device, get_tokenizer, package_versions
+    from instructkit.finetune import choose_device, get_tokenizer, package_versions
 
     if config.sft_model is None and not config.test_mode:
         raise SetupError("pass --sft-model (the finetuned model, e.g. gpt2-medium355M-sft.pth)")
@@ -352,8 +350,8 @@ def cli(argv=None):
     import matplotlib
 
     matplotlib.use("Agg")  # plots go to files
-    from finetune_cli import DeviceError, TokenizerError
-    from finetuned_model import ModelFileError
+    from instructkit.finetune import DeviceError, TokenizerError
+    from instructkit.model_files import ModelFileError
 
     try:
         with signals_interrupt():  # SIGTERM stops the run as Ctrl-C does

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from safe_files import save_state_dict
+from instructkit.safe_files import save_state_dict
 
 FORMAT = "ch07-training-checkpoint"
 VERSION = 2  # 2: the epoch order is the DataLoader's, drawn with "epoch_seed"

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from instruction_data import REQUIRED_KEYS, validate_entries
+from instructkit.instruction_data import REQUIRED_KEYS, validate_entries
+from instructkit.safe_files import write_json
 from ollama_evaluate import (
     DEFAULT_TIMEOUT,
     InputDataError,
@@ -43,7 +44,6 @@ from ollama_evaluate import (
     run_server_job,
     work_fingerprint,
 )
-from safe_files import write_json
 
 PREFERENCE_KEYS = (*REQUIRED_KEYS, "chosen", "rejected")
 PROGRESS_FORMAT = 1  # version of the progress file layout

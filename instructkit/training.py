@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from checkpoints import (
+from instructkit.checkpoints import (
     CheckpointError,
     check_identity,
     checkpoint_path,
@@ -47,10 +47,10 @@ from checkpoints import (
     restore,
     save_checkpoint,
 )
-from distributed import SingleProcess
-from precision import resolve_precision
-from run_record import MetricsLog
-from safe_files import retry_while_disk_full
+from instructkit.distributed import SingleProcess
+from instructkit.precision import resolve_precision
+from instructkit.run_record import MetricsLog
+from instructkit.safe_files import retry_while_disk_full
 
 RESUME_NEWEST = "newest"  # --resume without a path: the newest checkpoint of the run
 
