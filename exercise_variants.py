@@ -10,17 +10,20 @@ alone:
 - 7.2 masking the instructions: `InstructionDatasetWithMasking` (records each prompt's token
   length) and `custom_collate_with_masking_fn` (`targets[:instruction_length-1] = -100`);
 - 7.3 the Alpaca dataset: `ALPACA_URL`;
-- 7.4 LoRA: `lora_state_dict`, `load_lora_adapters`, `merge_lora` (the layers themselves are
-  appendix E's, in `previous_chapters.py`).
+- 7.4 LoRA: appendix E's `LoRALayer`, `LinearWithLoRA` and `replace_linear_with_lora`, which
+  the book's exercise solution imports from appendix E's code; `lora_state_dict`,
+  `load_lora_adapters`, `merge_lora`.
 
 Not in the book: the variants combine (Phi-3 prompts with masking, with LoRA, on another
 dataset), and `output_suffix` gives each combination its own file names.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 from torch.utils.data import Dataset
 
 from gpt_instruction_finetuning import (
@@ -153,10 +156,44 @@ def custom_collate_with_masking_fn(
 # Exercise 7.4: LoRA adapters, saved, reloaded and merged
 #####################################
 
+class LoRALayer(nn.Module):
+    """The low-rank update alpha * (x @ A @ B); B starts at zero, so it starts as a no-op."""
+
+    def __init__(self, in_dim, out_dim, rank, alpha):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))  # (in_dim, rank)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises weights
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))  # (rank, out_dim)
+        self.alpha = alpha
+
+    def forward(self, x):
+        return self.alpha * (x @ self.A @ self.B)
+
+
+class LinearWithLoRA(nn.Module):
+    def __init__(self, linear, rank, alpha):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
+
+    def forward(self, x):
+        return self.linear(x) + self.lora(x)
+
+
+def replace_linear_with_lora(model, rank, alpha):
+    """Swap every nn.Linear in `model` (the output head too) for a LinearWithLoRA, in place.
+
+    Freeze the model first (`requires_grad_(False)`), so only A and B are trained.
+    """
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+        else:
+            replace_linear_with_lora(module, rank, alpha)
+
+
 def lora_state_dict(model):
     """Only the LoRA matrices (and their alpha): a few MB instead of the whole model."""
-    from previous_chapters import LoRALayer
-
     alphas = {m.alpha for m in model.modules() if isinstance(m, LoRALayer)}
     if len(alphas) != 1:
         raise ValueError("The model has no LoRA layers (or several alphas)")
@@ -167,8 +204,6 @@ def lora_state_dict(model):
 
 def load_lora_adapters(model, adapters):
     """Add LoRA layers to a GPT-2 `model` (base weights loaded) and load saved `adapters`."""
-    from previous_chapters import replace_linear_with_lora
-
     a_key = next((k for k in adapters if k.endswith(".lora.A")), None)
     if a_key is None:
         raise ValueError("These are not LoRA adapters: no '*.lora.A' entry")
@@ -191,8 +226,6 @@ def merge_lora(model):
     Parameters keep their `requires_grad` (frozen, after LoRA training): unfreeze with
     `model.requires_grad_(True)` to train the merged model further.
     """
-    from previous_chapters import LinearWithLoRA
-
     for name, module in model.named_children():
         if isinstance(module, LinearWithLoRA):
             linear, lora = module.linear, module.lora

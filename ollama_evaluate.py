@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
+from instructkit.errors import ExpectedError
 from instructkit.instruction_data import REQUIRED_KEYS, DatasetError
 from instructkit.instruction_data import validate_entries as validate_instruction_entries
 from instructkit.safe_files import write_json
@@ -46,7 +47,7 @@ DEFAULT_TIMEOUT = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT)
 SCORES_FORMAT = 1  # version of the scores file layout
 
 
-class OllamaError(RuntimeError):
+class OllamaError(ExpectedError):
     """The Ollama server cannot be reached, lacks the model, or answered with an error."""
 
 

@@ -12,8 +12,6 @@ The speed-ups (KV cache, fused kernels, batched generation, the packed training 
 this model from fast_gpt.py, which is proven equal to this file's plain path by tests.
 """
 
-import math
-
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
@@ -475,43 +473,3 @@ def _split3(array, name):
     if array.shape[-1] % 3 != 0:
         raise ValueError(f"{name}: last axis {array.shape[-1]} does not split into q, k, v")
     return torch.as_tensor(array).chunk(3, dim=-1)
-
-
-#####################################
-# Appendix E: LoRA (exercise 7.4)
-#####################################
-
-class LoRALayer(nn.Module):
-    """The low-rank update alpha * (x @ A @ B); B starts at zero, so it starts as a no-op."""
-
-    def __init__(self, in_dim, out_dim, rank, alpha):
-        super().__init__()
-        self.A = nn.Parameter(torch.empty(in_dim, rank))  # (in_dim, rank)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises weights
-        self.B = nn.Parameter(torch.zeros(rank, out_dim))  # (rank, out_dim)
-        self.alpha = alpha
-
-    def forward(self, x):
-        return self.alpha * (x @ self.A @ self.B)
-
-
-class LinearWithLoRA(nn.Module):
-    def __init__(self, linear, rank, alpha):
-        super().__init__()
-        self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
-
-    def forward(self, x):
-        return self.linear(x) + self.lora(x)
-
-
-def replace_linear_with_lora(model, rank, alpha):
-    """Swap every nn.Linear in `model` (the output head too) for a LinearWithLoRA, in place.
-
-    Freeze the model first (`requires_grad_(False)`), so only A and B are trained.
-    """
-    for name, module in model.named_children():
-        if isinstance(module, nn.Linear):
-            setattr(model, name, LinearWithLoRA(module, rank, alpha))
-        else:
-            replace_linear_with_lora(module, rank, alpha)

@@ -20,12 +20,13 @@ import argparse
 import json
 import sys
 
-from instructkit.model_files import ModelFileError, add_model_arguments, describe, load_chat_model
+from instructkit.errors import BadInputError, ExpectedError
+from instructkit.model_files import add_model_arguments, describe, load_chat_model
 
 EXIT_BAD_INPUT = 2
 
 
-class InputError(ValueError):
+class InputError(BadInputError):
     """Instructions on stdin that cannot be read."""
 
 
@@ -121,13 +122,13 @@ def interactive(chat, args):
 
 def main(argv=None):
     args = build_arg_parser().parse_args(argv)
-    from instructkit.finetune import DeviceError, choose_device, get_tokenizer
+    from instructkit.finetune import choose_device, get_tokenizer
 
     try:
         device = choose_device(args.device)
         chat, info = load_chat_model(args.model, device, adapters=args.adapters,
                                      tokenizer=get_tokenizer(args.tokenizer_dir))
-    except (ModelFileError, DeviceError, FileNotFoundError, RuntimeError) as e:
+    except (ExpectedError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"Loaded {describe(info)} on {device}", file=sys.stderr)

@@ -29,14 +29,11 @@ from pathlib import Path
 
 import torch
 
+from instructkit.errors import CheckpointError  # noqa: F401 (raised here, importable)
 from instructkit.safe_files import save_state_dict
 
 FORMAT = "ch07-training-checkpoint"
 VERSION = 2  # 2: the epoch order is the DataLoader's, drawn with "epoch_seed"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, unreadable, or from a different run."""
 
 
 def checkpoint_path(folder, stem, step):

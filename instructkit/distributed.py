@@ -50,11 +50,13 @@ import sys
 import torch
 import torch.nn as nn
 
+from instructkit.errors import BadInputError
+
 DEFAULT_TIMEOUT_S = 600  # a collective waiting longer than this means a peer is gone
 STRATEGIES = ("ddp", "fsdp")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(BadInputError):
     """A distributed run that cannot start or go on; the message says what to change."""
 
 

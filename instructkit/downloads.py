@@ -16,17 +16,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from instructkit.errors import CheckpointError, DownloadError  # noqa: F401 (raised here, importable)
+
 TIMEOUT_S = 30  # per connection attempt and per read, not for the whole file
 CHUNK_SIZE = 1 << 20
 PART_SUFFIX = ".part"
-
-
-class DownloadError(RuntimeError):
-    """A file could not be downloaded (completely) from any source."""
-
-
-class CheckpointError(RuntimeError):
-    """The checkpoint on disk is missing, truncated or not a GPT-2 checkpoint."""
 
 
 def download_first(urls, destination, *, expected_size=None, sha256=None, advice=None):

@@ -38,6 +38,7 @@ import torch
 from instructkit import CHAPTER_DIR as HERE  # noqa: E402
 from instructkit import dpo, fast_dpo
 from instructkit.checkpoints import CheckpointError
+from instructkit.errors import BadInputError
 from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
 from instructkit.instruction_data import (
     PREFERENCE_DATASET,
@@ -54,7 +55,7 @@ from instructkit.safe_files import ask_at_terminal, retry_while_disk_full, save_
 from instructkit.training import RESUME_NEWEST, CheckpointPlan, TrainingInterrupted, TrainingRun
 
 
-class SetupError(ValueError):
+class SetupError(BadInputError):
     """A problem with the inputs (model file, sizes, checkpoint): exit code 2."""
 
 

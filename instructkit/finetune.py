@@ -61,6 +61,7 @@ from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn, ge
 from instructkit import CHAPTER_DIR as HERE  # noqa: E402
 from instructkit.checkpoints import CheckpointError, list_checkpoints
 from instructkit.distributed import DistributedError, SingleProcess, init_processes
+from instructkit.errors import BadInputError, DownloadError
 from instructkit.gpt2_sizes import (
     GPT2_SIZES,
     TEST_MODE_CONFIG,
@@ -344,11 +345,11 @@ def build_loaders(train_data, val_data, tokenizer, device, batch_size, allowed_m
     return train_loader, val_loader
 
 
-class DeviceError(RuntimeError):
+class DeviceError(BadInputError):
     """The requested device is not available."""
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(DownloadError):
     """tiktoken could not fetch GPT-2's vocabulary (offline, or a proxy in the way)."""
 
 
@@ -419,7 +420,8 @@ BOOK_MINUTES = {
 
 def build_model(config, device):
     """GPT-2 with OpenAI's weights (a tiny random GPT in test mode), LoRA layers if asked."""
-    from previous_chapters import GPTModel, load_weights_into_gpt, replace_linear_with_lora
+    from exercise_variants import replace_linear_with_lora
+    from previous_chapters import GPTModel, load_weights_into_gpt
 
     if config.test_mode:
         torch.manual_seed(config.seed)

@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from instructkit.errors import BadInputError
+
 REQUIRED_KEYS = ("instruction", "input", "output")
 
 
-class DatasetError(ValueError):
+class DatasetError(BadInputError):
     """The instruction data is not a JSON list of {instruction, input, output} strings."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from instructkit import CHAPTER_DIR as HERE  # noqa: E402
+from instructkit.errors import BadInputError
 from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config, model_folder
 from instructkit.run_record import run_record_path
 
@@ -33,7 +34,7 @@ HEADS_BY_WIDTH = {emb_dim: n_heads for _, _, emb_dim, _, n_heads in GPT2_SIZES.v
 HEADS_BY_WIDTH[TEST_MODE_CONFIG["emb_dim"]] = TEST_MODE_CONFIG["n_heads"]
 
 
-class ModelFileError(Exception):
+class ModelFileError(BadInputError):
     """A model or adapter file that is missing, unreadable, or does not fit its model."""
 
 

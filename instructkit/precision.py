@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from instructkit.errors import BadInputError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PrecisionError(ValueError):
+class PrecisionError(BadInputError):
     """The requested precision does not run on this device."""
 
 

@@ -21,10 +21,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from instructkit.errors import BadInputError
+
 MB = 1024 * 1024
 
 
-class PreflightError(ValueError):
+class PreflightError(BadInputError):
     """A setting, a folder or the data would make the run fail: one line saying what to change."""
 
 
@@ -171,7 +173,8 @@ def _meta_model(model_cfg, lora_rank=None):
     """A GPTModel on PyTorch's meta device: shapes without memory, built in no time."""
     import torch
 
-    from previous_chapters import GPTModel, replace_linear_with_lora
+    from exercise_variants import replace_linear_with_lora
+    from previous_chapters import GPTModel
 
     with torch.device("meta"):
         model = GPTModel(model_cfg)

@@ -28,6 +28,7 @@ import argparse
 import logging
 import sys
 
+from instructkit.errors import ExpectedError
 from instructkit.model_files import ChatModel, ModelFileError, add_model_arguments, describe, load_chat_model
 
 log = logging.getLogger("chat_app")
@@ -202,12 +203,12 @@ def main(argv=None):
         print("error: the web chat needs Gradio: pip install -r requirements-app.txt",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    from instructkit.finetune import DeviceError, choose_device
+    from instructkit.finetune import choose_device
 
     try:
         models = load_models(args.model, choose_device(args.device), args.adapters, args.compare,
                              args.compare_pretrained, tokenizer_dir=args.tokenizer_dir)
-    except (ModelFileError, DeviceError, FileNotFoundError, RuntimeError) as e:
+    except (ExpectedError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for _, info in models:

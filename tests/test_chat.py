@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from exercise_variants import replace_linear_with_lora
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
 from instructkit.model_files import ChatModel, ModelFileError, infer_model_config, load_finetuned_model
 from instructkit.safe_files import save_state_dict, write_json
-from previous_chapters import GPTModel, generate, replace_linear_with_lora
+from previous_chapters import GPTModel, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NEW = 24

@@ -233,7 +233,7 @@ def test_lora_starts_as_the_base_model_and_trains_only_a_and_b(tiny_cfg):
     model = copy.deepcopy(base)
     linears = [m for m in base.modules() if isinstance(m, nn.Linear)]
     model.requires_grad_(False)
-    pc.replace_linear_with_lora(model, rank=4, alpha=8)
+    ev.replace_linear_with_lora(model, rank=4, alpha=8)
 
     x = torch.randint(0, tiny_cfg["vocab_size"], (2, 12))
     with torch.no_grad():
@@ -250,7 +250,7 @@ def test_lora_counts_on_gpt2_medium_meta_device():
     with torch.device("meta"):
         model = pc.GPTModel(gpt2_config("gpt2-medium"))
         model.requires_grad_(False)
-        pc.replace_linear_with_lora(model, rank=16, alpha=16)
+        ev.replace_linear_with_lora(model, rank=16, alpha=16)
     assert all(p.is_meta for p in model.parameters())  # shapes only, no memory
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -266,7 +266,7 @@ def finetuned_lora(tiny_cfg, instruction_data, tokenizer):
     model = pc.GPTModel(tiny_cfg).eval()
     base_state = copy.deepcopy(model.state_dict())
     model.requires_grad_(False)
-    pc.replace_linear_with_lora(model, rank=4, alpha=8)
+    ev.replace_linear_with_lora(model, rank=4, alpha=8)
 
     dataset = gif.InstructionDataset(instruction_data[:8], tokenizer)
     inputs, targets = gif.custom_collate_fn([dataset[i] for i in range(8)],
@@ -278,7 +278,7 @@ def finetuned_lora(tiny_cfg, instruction_data, tokenizer):
         pc.calc_loss_batch(inputs, targets, model, "cpu").backward()
         optimizer.step()
     model.eval()
-    assert all(m.B.abs().sum() > 0 for m in model.modules() if isinstance(m, pc.LoRALayer))
+    assert all(m.B.abs().sum() > 0 for m in model.modules() if isinstance(m, ev.LoRALayer))
     assert torch.equal(model.out_head.linear.weight, base_state["out_head.weight"])  # frozen
     return base_state, model
 
@@ -327,7 +327,7 @@ def test_merge_lora_gives_a_plain_gpt_model_with_the_same_logits(tmp_path, finet
         lora_logits = model(x)
 
     assert ev.merge_lora(model) is model
-    assert not any(isinstance(m, (pc.LinearWithLoRA, pc.LoRALayer)) for m in model.modules())
+    assert not any(isinstance(m, (ev.LinearWithLoRA, ev.LoRALayer)) for m in model.modules())
     assert set(model.state_dict()) == set(pc.GPTModel(tiny_cfg).state_dict())
     path = tmp_path / "merged.pth"
     save_state_dict(model.state_dict(), path)
@@ -412,7 +412,7 @@ def test_cli_lora_writes_adapters_and_merged_model(tmp_path, shared_data):
     with torch.device("meta"):
         counted = pc.GPTModel(TEST_MODE_CONFIG)
         counted.requires_grad_(False)
-        pc.replace_linear_with_lora(counted, rank=4, alpha=8)
+        ev.replace_linear_with_lora(counted, rank=4, alpha=8)
     n_trainable = sum(p.numel() for p in counted.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in counted.parameters())
     assert f"Parameters: {n_total:,} ({n_trainable:,} trainable)" in proc.stdout

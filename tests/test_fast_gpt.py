@@ -20,6 +20,7 @@ import torch
 from test_previous_chapters import VOCAB, first_steps, random_prompts
 from torch.utils.data import DataLoader
 
+import exercise_variants as ev
 import fast_gpt as fg
 import previous_chapters as pc
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
@@ -42,10 +43,10 @@ def project_model(cfg, seed):
 def lora_model(cfg, seed):
     model = project_model(cfg, seed)
     model.requires_grad_(False)
-    pc.replace_linear_with_lora(model, rank=4, alpha=8)
+    ev.replace_linear_with_lora(model, rank=4, alpha=8)
     with torch.no_grad():  # B starts at zero: give the LoRA layers a real effect
         for module in model.modules():
-            if isinstance(module, pc.LoRALayer):
+            if isinstance(module, ev.LoRALayer):
                 module.B.normal_(0.0, 0.05)
     return model.eval()
 
@@ -293,7 +294,7 @@ def test_make_optimizer_fused_over_trainable_parameters(small_cfg):
     model = lora_model(small_cfg, seed=16)
     optimizer = fg.make_optimizer(model, lr=1e-3, weight_decay=0.1)
     params = optimizer.param_groups[0]["params"]
-    assert len(params) == 2 * sum(isinstance(m, pc.LinearWithLoRA) for m in model.modules())
+    assert len(params) == 2 * sum(isinstance(m, ev.LinearWithLoRA) for m in model.modules())
     assert all(p.requires_grad for p in params)
     assert optimizer.defaults["fused"] is True  # this torch has a fused AdamW for CPUs
     assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["weight_decay"] == 0.1

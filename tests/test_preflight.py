@@ -178,9 +178,9 @@ def test_saved_model_fits_the_estimate_and_its_margin(tmp_path):
 def test_checkpoint_estimate_covers_a_real_checkpoint(tmp_path, lora_rank):
     """checkpoint_bytes against a checkpoint saved after a real AdamW step (with LoRA: the
     adapters alone are trained, so only they have moments)."""
+    from exercise_variants import replace_linear_with_lora
     from fast_gpt import make_optimizer
     from instructkit.checkpoints import save_checkpoint
-    from previous_chapters import replace_linear_with_lora
 
     torch.manual_seed(123)
     model = GPTModel(TEST_MODE_CONFIG)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+import exercise_variants as ev
 import previous_chapters as pc
 from gpt_instruction_finetuning import InstructionDataset, custom_collate_fn
 from instructkit.gpt2_sizes import gpt2_config
@@ -437,7 +438,7 @@ def test_assign_checks_shapes():
 
 def test_lora_layer_shapes_and_formula():
     torch.manual_seed(0)
-    lora = pc.LoRALayer(6, 10, rank=3, alpha=4)
+    lora = ev.LoRALayer(6, 10, rank=3, alpha=4)
     assert lora.A.shape == (6, 3) and lora.B.shape == (3, 10)
     assert torch.count_nonzero(lora.B) == 0 and torch.count_nonzero(lora.A) > 0
     x = torch.randn(2, 6)
@@ -452,11 +453,11 @@ def test_lora_only_a_and_b_train_and_start_as_no_op(small_cfg):
     base = copy.deepcopy(model)
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     model.requires_grad_(False)
-    pc.replace_linear_with_lora(model, rank=4, alpha=8)
+    ev.replace_linear_with_lora(model, rank=4, alpha=8)
 
-    assert isinstance(model.out_head, pc.LinearWithLoRA)
-    assert isinstance(model.trf_blocks[1].ff.layers[2], pc.LinearWithLoRA)
-    assert sum(isinstance(m, pc.LinearWithLoRA) for m in model.modules()) == n_linear
+    assert isinstance(model.out_head, ev.LinearWithLoRA)
+    assert isinstance(model.trf_blocks[1].ff.layers[2], ev.LinearWithLoRA)
+    assert sum(isinstance(m, ev.LinearWithLoRA) for m in model.modules()) == n_linear
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(("lora.A", "lora.B")) for n in trainable)
     assert len(trainable) == 2 * n_linear
@@ -479,7 +480,7 @@ def test_lora_parameter_counts_on_gpt2_medium():
         total = sum(p.numel() for p in model.parameters())
         model.requires_grad_(False)
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
-        pc.replace_linear_with_lora(model, rank=16, alpha=16)
+        ev.replace_linear_with_lora(model, rank=16, alpha=16)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert total == 406_286_336
     assert trainable == 7_898_384
