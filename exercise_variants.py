@@ -2,13 +2,17 @@
 
 As the book's exercise solutions have them, each exercise brings its own functions and
 classes and leaves the chapter's `format_input`, `InstructionDataset` and `custom_collate_fn`
-alone:
+(in gpt_instruction_finetuning.py) alone. This file imports nothing from the chapter's
+script, which imports it: where an exercise builds on a chapter function, it takes it as an
+argument.
 
 - 7.1 the Phi-3 prompt style: `format_input_phi`, `extract_response_phi`,
-  `InstructionDatasetPhi`; `PromptStyle` keeps a style's three parts together (`ALPACA`,
-  `PHI3`), so the command line can pick one by name;
+  `InstructionDatasetPhi`; `PromptStyle` keeps a style's three parts together (`PHI3` here,
+  the chapter's `ALPACA` in gpt_instruction_finetuning.py), so the command line can pick one
+  by name;
 - 7.2 masking the instructions: `InstructionDatasetWithMasking` (records each prompt's token
-  length) and `custom_collate_with_masking_fn` (`targets[:instruction_length-1] = -100`);
+  length) and `with_instruction_masking(collate_fn)`, which turns the chapter's collate
+  function into the exercise's (`targets[:instruction_length-1] = -100`);
 - 7.3 the Alpaca dataset: `ALPACA_URL`;
 - 7.4 LoRA: appendix E's `LoRALayer`, `LinearWithLoRA` and `replace_linear_with_lora`, which
   the book's exercise solution imports from appendix E's code; `lora_state_dict`,
@@ -25,13 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
-
-from gpt_instruction_finetuning import (
-    custom_collate_fn,
-    extract_response,
-    format_input,
-    generate_answer_texts,
-)
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 
@@ -64,16 +61,7 @@ class PromptStyle:
     extract_response: Callable  # (generated text, prompt text) -> the answer alone
 
 
-ALPACA = PromptStyle("alpaca", format_input, "\n\n### Response:\n", extract_response)
 PHI3 = PromptStyle("phi3", format_input_phi, "\n<|assistant|>:\n", extract_response_phi)
-PROMPT_STYLES = {style.name: style for style in (ALPACA, PHI3)}
-
-
-def prompt_style(name):
-    """The PromptStyle called `name` ('alpaca' or 'phi3'); ValueError naming the choices."""
-    if name not in PROMPT_STYLES:
-        raise ValueError(f"Unknown prompt style {name!r}; choose one of {list(PROMPT_STYLES)}")
-    return PROMPT_STYLES[name]
 
 
 class InstructionDatasetWithStyle(Dataset):
@@ -104,16 +92,6 @@ class InstructionDatasetPhi(InstructionDatasetWithStyle):
         super().__init__(data, tokenizer, PHI3)
 
 
-def generate_responses_with_style(model, entries, tokenizer, style, max_new_tokens=256,
-                                  batch_size=16, progress=True):
-    """`generate_responses` for prompts in `style`: the greedy answer to every entry."""
-    input_texts = [style.format_input(entry) for entry in entries]
-    answers = generate_answer_texts(model, input_texts, tokenizer, max_new_tokens, batch_size,
-                                    progress)
-    return [style.extract_response(input_text + answer, input_text)
-            for input_text, answer in zip(input_texts, answers, strict=True)]
-
-
 #####################################
 # Exercise 7.2: masking the instructions
 #####################################
@@ -121,7 +99,7 @@ def generate_responses_with_style(model, entries, tokenizer, style, max_new_toke
 class InstructionDatasetWithMasking(InstructionDatasetWithStyle):
     """Items are (instruction_length, token_ids): the prompt's length in tokens, and the text."""
 
-    def __init__(self, data, tokenizer, style=ALPACA):
+    def __init__(self, data, tokenizer, style):
         super().__init__(data, tokenizer, style)
         # New: Separate list for instruction lengths
         self.instruction_lengths = [len(tokenizer.encode(style.format_input(entry)))
@@ -132,24 +110,23 @@ class InstructionDatasetWithMasking(InstructionDatasetWithStyle):
         return self.instruction_lengths[index], self.encoded_texts[index]
 
 
-def custom_collate_with_masking_fn(
-    batch,
-    pad_token_id=50256,
-    ignore_index=-100,
-    allowed_max_length=None,
-    device="cpu"
-):
-    """The chapter's collate on the token ids, then the prompt's targets masked too.
+def with_instruction_masking(collate_fn, ignore_index=-100):
+    """Exercise 7.2's collate function, made from the chapter's `collate_fn`.
 
-    The target at position i is input token i + 1, so targets 0 to instruction_length - 2
-    are prompt tokens; the first counted target is the response's first token.
+    The batch's items are InstructionDatasetWithMasking's (instruction_length, token_ids).
+    `collate_fn` pads and shifts the token ids as in the chapter; then the targets that
+    predict a prompt token get `ignore_index` too. The target at position i is input token
+    i + 1, so targets 0 to instruction_length - 2 are prompt tokens and the first counted
+    target is the response's first token.
     """
-    inputs, targets = custom_collate_fn([item for _, item in batch], pad_token_id,
-                                        ignore_index, allowed_max_length, device)
-    for row, (instruction_length, _) in enumerate(batch):
-        # New: Mask all input and instruction tokens in the targets
-        targets[row, :instruction_length-1] = ignore_index
-    return inputs, targets
+    def custom_collate_with_masking_fn(batch, **kwargs):
+        inputs, targets = collate_fn([item for _, item in batch], **kwargs)  # (batch, length) each
+        for row, (instruction_length, _) in enumerate(batch):
+            # New: the prompt's targets are ignored as well
+            targets[row, :instruction_length-1] = ignore_index
+        return inputs, targets
+
+    return custom_collate_with_masking_fn
 
 
 #####################################

@@ -25,6 +25,7 @@ model in a few seconds (CI). The exit status is 1 when a check of agreement fail
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import io
 import math
@@ -37,20 +38,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the flat modules live at the repository root
 
 import fast_gpt  # noqa: E402
 from gpt_instruction_finetuning import (  # noqa: E402
-    DATA_URL,
+    ALPACA,
+    InstructionDataset,
+    custom_collate_fn,
     download_and_load_file,
     format_input,
-    generate_responses,
 )
-from instructkit.finetune import build_loaders, get_tokenizer  # noqa: E402
+from instructkit.answers import generate_responses  # noqa: E402
 from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, book_model_name, gpt2_config  # noqa: E402
-from instructkit.instruction_data import split_data  # noqa: E402
+from instructkit.gpt2_tokenizer import get_tokenizer  # noqa: E402
+from instructkit.instruction_data import CHAPTER_DATASET, split_data  # noqa: E402
 from previous_chapters import GPTModel, generate, train_model_simple  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies (tests, CI)
@@ -77,11 +81,12 @@ def log(line=""):
 
 def load_data(path):
     if path is not None:
-        return download_and_load_file(path, DATA_URL), Path(path)
+        return download_and_load_file(path, CHAPTER_DATASET.urls[0]), Path(path)
     for candidate in (ROOT / "instruction-data.json", SHARED_DATA / "instruction-data.json"):
         if candidate.exists():
-            return download_and_load_file(candidate, DATA_URL), candidate
-    return download_and_load_file(ROOT / "instruction-data.json", DATA_URL), ROOT / "instruction-data.json"
+            return download_and_load_file(candidate, CHAPTER_DATASET.urls[0]), candidate
+    path = ROOT / CHAPTER_DATASET.file_name
+    return download_and_load_file(path, CHAPTER_DATASET.urls[0]), path
 
 
 def cpu_name():
@@ -221,8 +226,12 @@ def matmul_params(model):
 
 def training_batches(train_data, val_data, tokenizer, device, n_steps):
     """The chapter's loaders (batch 8, train shuffled with seed 123): the first batches of each."""
-    train_loader, val_loader = build_loaders(train_data, val_data, tokenizer, device,
-                                                BATCH_SIZE, allowed_max_length=1024)
+    collate = functools.partial(custom_collate_fn, device=device, allowed_max_length=1024)
+    torch.manual_seed(123)
+    train_loader = DataLoader(InstructionDataset(train_data, tokenizer), batch_size=BATCH_SIZE,
+                              collate_fn=collate, shuffle=True, drop_last=True)
+    val_loader = DataLoader(InstructionDataset(val_data, tokenizer), batch_size=BATCH_SIZE,
+                            collate_fn=collate, shuffle=False, drop_last=False)
     train = [batch for _, batch in zip(range(n_steps), train_loader, strict=False)]
     val = [batch for _, batch in zip(range(EVAL_ITER), val_loader, strict=False)]
     return train, val
@@ -532,9 +541,9 @@ def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
         f"one): {how}: {'OK' if ok else 'FAILED'}")
 
     if args.check_generate_responses:
-        # The chapter's own function must give what the batched path above gives.
+        # The answering function the command line uses must give what the batched path above gives.
         entries = [test_data[i] for i in subset]
-        responses = generate_responses(fast, entries, tokenizer, max_new,
+        responses = generate_responses(fast, entries, tokenizer, ALPACA, max_new,
                                        batch_size=bs, progress=False)
         ok = responses == texts
         checks_ok &= ok

@@ -109,7 +109,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from instructkit.finetune import get_tokenizer
+    from instructkit.gpt2_tokenizer import get_tokenizer
 
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -122,7 +122,8 @@ def interactive(chat, args):
 
 def main(argv=None):
     args = build_arg_parser().parse_args(argv)
-    from instructkit.finetune import choose_device, get_tokenizer
+    from instructkit.devices import choose_device
+    from instructkit.gpt2_tokenizer import get_tokenizer
 
     try:
         device = choose_device(args.device)

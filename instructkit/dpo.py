@@ -307,11 +307,12 @@ def compare_responses(entries, models, tokenizer, max_new_tokens=256):
     Returns copies of the entries with a "<name>_response" key per model, e.g.
     {"sft": sft_model, "dpo": policy_model} gives "sft_response" and "dpo_response".
     """
-    from gpt_instruction_finetuning import generate_responses
+    from gpt_instruction_finetuning import ALPACA
+    from instructkit.answers import generate_responses
 
     answered = [dict(entry) for entry in entries]
     for name, model in models.items():
-        responses = generate_responses(model, entries, tokenizer, max_new_tokens=max_new_tokens,
+        responses = generate_responses(model, entries, tokenizer, ALPACA, max_new_tokens=max_new_tokens,
                                        progress=False)
         for entry, response in zip(answered, responses, strict=True):
             entry[f"{name}_response"] = response

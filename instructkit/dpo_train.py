@@ -134,7 +134,7 @@ def load_data(config):
         data = load_instruction_file(path, keys=PREFERENCE_KEYS)
     train_data, test_data, val_data = split_data(data)
     if config.test_mode:
-        from instructkit.finetune import TEST_MODE_ENTRIES as n
+        from instructkit.finetune_config import TEST_MODE_ENTRIES as n
 
         train_data, test_data, val_data = train_data[:n], test_data[:n], val_data[:n]
     if len(train_data) < config.batch_size:
@@ -240,7 +240,9 @@ def train(policy, reference, config, datasets, collate, paths, identity):
 
 def main(config):
     """The DPO stage: data, SFT model and its frozen copy, training, answers, saved files."""
-    from instructkit.finetune import choose_device, get_tokenizer, package_versions
+    from instructkit.devices import choose_device
+    from instructkit.gpt2_tokenizer import get_tokenizer
+    from instructkit.run_record import package_versions
 
     if config.sft_model is None and not config.test_mode:
         raise SetupError("pass --sft-model (the finetuned model, e.g. gpt2-medium355M-sft.pth)")
@@ -351,7 +353,8 @@ def cli(argv=None):
     import matplotlib
 
     matplotlib.use("Agg")  # plots go to files
-    from instructkit.finetune import DeviceError, TokenizerError
+    from instructkit.devices import DeviceError
+    from instructkit.gpt2_tokenizer import TokenizerError
     from instructkit.model_files import ModelFileError
 
     try:

@@ -9,7 +9,37 @@ same vocabulary along: OpenAI's `encoder.json` + `vocab.bpe`, or the hub's `voca
 import json
 from pathlib import Path
 
+from instructkit.errors import BadInputError, DownloadError
+
 TOKENIZER_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+
+
+class TokenizerError(DownloadError):
+    """tiktoken could not fetch GPT-2's vocabulary (offline, or a proxy in the way)."""
+
+
+class TokenizerFilesError(BadInputError):
+    """A tokenizer folder without GPT-2's two vocabulary files."""
+
+
+def get_tokenizer(tokenizer_dir=None):
+    """GPT-2's tokenizer: from `tokenizer_dir` when given (OpenAI's encoder.json + vocab.bpe, or
+    the hub's vocab.json + merges.txt), else tiktoken's, which downloads its files once.
+
+    Every weights download puts those files in e.g. gpt2/355M/, so a machine that has the
+    weights builds the tokenizer offline too.
+    """
+    if tokenizer_dir is not None:
+        return tokenizer_from_folder(tokenizer_dir)
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # tiktoken downloads its vocabulary on first use
+        raise TokenizerError(
+            f"tiktoken could not download GPT-2's vocabulary ({e}). Connect to the internet "
+            "once, or pass a folder holding encoder.json and vocab.bpe (--tokenizer-dir)."
+        ) from None
 
 
 def tokenizer_from_folder(folder):
@@ -22,7 +52,7 @@ def tokenizer_from_folder(folder):
 
     pair = tokenizer_files(folder)
     if pair is None:
-        raise FileNotFoundError(f"{folder} holds neither encoder.json + vocab.bpe nor vocab.json + "
+        raise TokenizerFilesError(f"{folder} holds neither encoder.json + vocab.bpe nor vocab.json + "
                                 "merges.txt (GPT-2's tokenizer files); download the weights first")
     ranks = gpt2_bpe_ranks(*pair)
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,

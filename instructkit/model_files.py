@@ -166,7 +166,7 @@ def add_adapters(model, adapters, path, base_path):
 
 def record_style(*records):
     """The prompt style of the first run record that names one, else the chapter's Alpaca."""
-    from exercise_variants import PROMPT_STYLES
+    from gpt_instruction_finetuning import PROMPT_STYLES
 
     for path, record in records:
         style = (record or {}).get("config", {}).get("prompt_style")
@@ -298,9 +298,9 @@ class ChatModel:
 
     @property
     def style(self):
-        from exercise_variants import prompt_style
+        from gpt_instruction_finetuning import PROMPT_STYLES
 
-        return prompt_style(self.style_name)
+        return PROMPT_STYLES[self.style_name]
 
     @property
     def context_size(self):
@@ -384,7 +384,7 @@ class ChatModel:
 
 def load_chat_model(path, device="cpu", adapters=None, base=None, tokenizer=None):
     """load_finetuned_model wrapped as a ChatModel; returns (ChatModel, info)."""
-    from instructkit.finetune import get_tokenizer
+    from instructkit.gpt2_tokenizer import get_tokenizer
 
     model, style, info = load_finetuned_model(path, device, adapters=adapters, base=base)
     label = Path(adapters).name if adapters is not None else Path(path).name

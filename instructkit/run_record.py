@@ -19,6 +19,21 @@ RUN_RECORD_KEYS = ("config", "model_config", "versions", "device", "precision", 
                    "wall_seconds", "final_losses")
 
 
+def package_version(name):
+    """The installed version of package `name`, or "not installed" (TensorFlow is optional)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def package_versions(names=("matplotlib", "tiktoken", "torch", "tensorflow", "tqdm", "psutil")):
+    """{name: version} of the packages a run record lists."""
+    return {name: package_version(name) for name in names}
+
+
 def run_record_path(model_path):
     """gpt2-medium355M-sft.pth -> gpt2-medium355M-sft.run.json (same folder)."""
     model_path = Path(model_path)

@@ -40,7 +40,7 @@ EMPTY_NOTE = "Note: the message was empty. Type an instruction, then press Enter
 def load_models(model_path, device="cpu", adapters=None, compare=None, compare_pretrained=False,
                 compare_adapters=None, tokenizer_dir=None):
     """The ChatModels (and their info) to serve: the model, then the comparison if any."""
-    from instructkit.finetune import get_tokenizer
+    from instructkit.gpt2_tokenizer import get_tokenizer
     from instructkit.model_files import load_pretrained_model, model_name_for
 
     tokenizer = get_tokenizer(tokenizer_dir)
@@ -169,7 +169,7 @@ def launch(model_path, compare=None, compare_pretrained=False, adapters=None, de
     """
     import os
 
-    from instructkit.finetune import choose_device
+    from instructkit.devices import choose_device
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: nothing sent out
     if models is None:
@@ -203,7 +203,7 @@ def main(argv=None):
         print("error: the web chat needs Gradio: pip install -r requirements-app.txt",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    from instructkit.finetune import choose_device
+    from instructkit.devices import choose_device
 
     try:
         models = load_models(args.model, choose_device(args.device), args.adapters, args.compare,

@@ -1,0 +1,141 @@
+"""Every setting of a finetuning run, and the command line built from them.
+
+`FinetuneConfig` holds each flag's default (the chapter's values) and its help text; the
+flags of `python gpt_instruction_finetuning.py` (the same as `python -m instructkit.finetune`)
+are built from its fields, so a new setting is one field here. `parse_finetune_args` reads
+the command line.
+"""
+
+import typing
+from dataclasses import dataclass, field, fields
+
+from gpt_download import WEIGHT_SOURCES
+from instructkit.gpt2_sizes import GPT2_SIZES, book_model_name
+from instructkit.precision import PRECISIONS
+from instructkit.training import RESUME_NEWEST
+
+TEST_MODE_ENTRIES = 10  # entries per split in test mode, as the book's script takes
+# --prompt-style's choices: the chapter's style and exercise 7.1's (the styles themselves are
+# gpt_instruction_finetuning.PROMPT_STYLES, which imports this module)
+PROMPT_STYLE_NAMES = ("alpaca", "phi3")
+
+
+def option(default, help, **argparse_kwargs):
+    """A config field with its command-line help (and e.g. `choices`, `aliases`)."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a run, with the chapter's values as defaults."""
+
+    model: str = option("gpt2-medium", "GPT-2 size (the chapter's: gpt2-medium)",
+                        choices=list(GPT2_SIZES))
+    data: str | None = option(None, "instruction JSON: a list of {instruction, input, output} "
+                                    "(default: the chapter's dataset, downloaded on first run)")
+    data_url: str | None = option(None, "download --data from this URL when the file is missing "
+                                        "(default: the chapter's dataset URL without --data)")
+    val_fraction: float = option(0.05, "share of the entries for validation: the last ones, as "
+                                       "in the chapter's 85/10/5 split")
+    test_fraction: float = option(0.1, "share of the entries for the test split, which follows "
+                                       "the training split")
+    shuffle_split: int | None = option(None, "shuffle the entries with this seed before splitting "
+                                             "(default: the file's order, as in the chapter)",
+                                       metavar="SEED")
+    max_test_answers: int | None = option(None, "answer only the first N test entries, 0 for "
+                                                "none (default: all)", metavar="N")
+    epochs: int = option(2, "training epochs")
+    batch_size: int = option(8, "entries per training batch")
+    lr: float = option(5e-5, "AdamW learning rate")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    max_length: int = option(1024, "truncate training sequences to this many tokens")
+    seed: int = option(123, "random seed for the model (test mode), shuffling and training")
+    eval_freq: int = option(5, "print the training and validation losses every this many steps")
+    eval_iter: int = option(5, "batches each of those losses averages over")
+    device: str | None = option(None, "cuda, mps or cpu (default: the best available)")
+    models_dir: str | None = option(None, "where GPT-2 checkpoints are stored "
+                                          "(default: gpt2/ next to this file)")
+    output_dir: str | None = option(None, "where responses, model and plot go "
+                                          "(default: next to this file)")
+    weights_source: str = option("auto", "where GPT-2's weights come from: openai (TensorFlow "
+                                         "checkpoint, needs tensorflow), hub-book or hub-openai "
+                                         "(Hugging Face hub; HF_ENDPOINT names a mirror); auto: "
+                                         "what is complete on disk, else hub-openai",
+                                 choices=list(WEIGHT_SOURCES))
+    tokenizer_dir: str | None = option(None, "a folder with GPT-2's encoder.json and vocab.bpe, "
+                                             "or vocab.json and merges.txt (default: those beside "
+                                             "the weights, else tiktoken's download)")
+    prompt_style: str = option("alpaca", "exercise 7.1: the prompt style",
+                               choices=list(PROMPT_STYLE_NAMES))
+    mask_instructions: bool = option(False, "exercise 7.2: compute the loss on the response "
+                                            "tokens only")
+    lora_rank: int | None = option(None, "exercise 7.4: train LoRA adapters of this rank "
+                                         "instead of all weights")
+    lora_alpha: float | None = option(None, "LoRA scaling (default: equal to the rank)")
+    max_new_tokens: int = option(256, "the longest answer generated for a test entry")
+    compile: bool = option(False, "torch.compile the transformer blocks (worth it on a GPU)")
+    precision: str = option("auto", "auto: bf16 autocast on GPUs with bf16 hardware, fp16 with a "
+                                    "gradient scaler on older CUDA GPUs, fp32 on the CPU and MPS",
+                            choices=list(PRECISIONS))
+    save_every: int | None = option(None, "write a checkpoint every N training steps (Ctrl-C "
+                                          "always writes one)", metavar="N")
+    keep: int = option(3, "checkpoints kept (the newest) in OUTPUT_DIR/checkpoints")
+    resume: str | None = option(None, "continue from a checkpoint: PATH, or without PATH the "
+                                      "newest of this run in OUTPUT_DIR/checkpoints",
+                                nargs="?", const=RESUME_NEWEST, metavar="PATH")
+    fsdp: bool = option(False, "under torchrun: shard the weights, gradients and optimizer state "
+                               "over the processes (FSDP) instead of a whole copy on each (DDP)")
+    max_steps: int | None = option(None, "stop after this many training steps in all, with a "
+                                         "checkpoint (continue with --resume)", metavar="N")
+    test_mode: bool = option(False, "a tiny random GPT and ~10 entries per split on the CPU: "
+                                    "the whole pipeline in seconds, for checking the setup",
+                             aliases=["--test-mode"], flag="--test_mode")
+
+    def __post_init__(self):
+        book_model_name(self.model)  # ValueError naming the choices
+        if self.prompt_style not in PROMPT_STYLE_NAMES:
+            raise ValueError(f"Unknown prompt style {self.prompt_style!r}; choose one of "
+                             f"{', '.join(PROMPT_STYLE_NAMES)}")
+
+
+def build_arg_parser():
+    """argparse from FinetuneConfig's fields: `--batch-size` for `batch_size`, and so on."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="gpt_instruction_finetuning.py",
+        description="Finetune GPT-2 to follow instructions (chapter 7), end to end.")
+    hints = typing.get_type_hints(FinetuneConfig)
+    for f in fields(FinetuneConfig):
+        meta = dict(f.metadata)
+        if f.default not in (None, False) and "default" not in meta["help"]:
+            meta["help"] += f" (default: {f.default})"
+        names = [meta.pop("flag", "--" + f.name.replace("_", "-")), *meta.pop("aliases", [])]
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, action="store_true", **meta)
+        else:
+            kind = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            parser.add_argument(*names, dest=f.name, type=kind, default=f.default, **meta)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an OSError (a permission, a failing disk, ...)")
+    return parser
+
+
+def parse_finetune_args(argv=None):
+    """(FinetuneConfig, debug) from the command line (sys.argv when `argv` is None)."""
+    args = vars(build_arg_parser().parse_args(argv))
+    debug = args.pop("debug")
+    return FinetuneConfig(**args), debug
+
+
+def run_finetune_command(main, argv=None):
+    """The finetuning command line: parse `argv` (sys.argv when None), call `main(config=...)`
+    (gpt_instruction_finetuning.main), and return the exit code (instructkit/errors.py)."""
+    import matplotlib
+
+    from instructkit.errors import run_command
+
+    matplotlib.use("Agg")  # plots go to files; no window
+    config, debug = parse_finetune_args(argv)
+    return run_command(lambda: main(config=config), debug=debug)
