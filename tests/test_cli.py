@@ -93,7 +93,7 @@ def hub_server_files(tmp_path):
     """{url path: bytes} of a tiny GPT-2 in the "hub-openai" layout for 124M, and its arrays."""
     from hub_checkpoint import write_hub_model_folder
 
-    from gpt_download import OPENAI_HUB_REPOS
+    from instructkit.hub import OPENAI_HUB_REPOS
 
     arrays = write_hub_model_folder(tmp_path / "served", TOKENIZER_DIR, n_ctx=8, n_layer=1)
     repo = OPENAI_HUB_REPOS["124M"]
