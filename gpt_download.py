@@ -1,291 +1,169 @@
-"""Download GPT-2's weights and read them into NumPy arrays (chapter 7, section 7.5).
+"""Download OpenAI's pretrained GPT-2 and read its weights into NumPy arrays (chapter 7,
+section 7.5, with the code of chapter 5).
 
-`download_and_load_gpt2("355M", "gpt2")` fetches the weights into `gpt2/355M` (resuming
-interrupted downloads, reusing finished ones without touching the network) and returns
-`(settings, params)`: the model's `hparams.json` and a nested dict of weight arrays, in
-OpenAI's layout, whichever source the weights came from, so the book's
-`load_weights_into_gpt(gpt, params)` loads them all.
+`download_and_load_gpt2(model_size="355M", models_dir="gpt2")` fetches the seven files OpenAI
+publishes for one GPT-2 size into `gpt2/355M` and returns `(settings, params)`: the model's
+settings from `hparams.json`, and every weight as a NumPy array in nested dicts laid out as in
+OpenAI's checkpoint, which the book's `load_weights_into_gpt(gpt, params)` (previous_chapters.py)
+copies into a GPTModel. `download_file` fetches one file, from a backup URL when the first
+fails; `load_gpt2_params_from_tf_ckpt` reads the TensorFlow checkpoint.
 
-Not in the book: three sources (`WEIGHT_SOURCES`):
-- "openai": OpenAI's TensorFlow checkpoint (seven files; TensorFlow needed to read it);
-- "hub-book": the book's PyTorch state dicts on the Hugging Face hub
-  (`rasbt/gpt2-from-scratch-pytorch`, `.safetensors` preferred, `.pth` read with weights_only);
-- "hub-openai": OpenAI's weights as converted on the hub (`openai-community/gpt2`, ...).
-"auto" takes whatever is complete on disk, else "hub-openai", which needs no TensorFlow.
-This file holds the choice and OpenAI's source; the hub sources are in hub_weights.py
-(`HF_ENDPOINT` names a mirror), the resumable downloads in downloads.py, and the tokenizer
-built from the vocabulary files downloaded with the weights in gpt2_tokenizer.py. Their
-public names stay importable from here.
+Not in the book (each change is marked `# Not in the book:` where it is made):
+- `source=` picks where the weights come from: "openai" (the default, the book's checkpoint,
+  which needs TensorFlow), "hub-openai" or "hub-book" (copies on the Hugging Face hub, read
+  without TensorFlow; `HF_ENDPOINT` names a mirror of the hub), or "auto", what the project's
+  commands and notebook pass: whatever is complete on disk, else "hub-openai";
+- downloads go through urllib, not `requests`: resumed after a cut, checked against the known
+  sizes of OpenAI's files, named only once whole; files already complete are used without
+  any network access; a mirror can go first (`GPT2_MIRROR_URL` or `mirror_url=`);
+- problems are one clear error (DownloadError, CheckpointError) instead of a printed message
+  or TensorFlow's traceback.
+That machinery lives in the package: instructkit/gpt2_weights.py (the sources, OpenAI's hosts
+and file sizes, the checks), instructkit/hub.py and instructkit/downloads.py.
 """
 
-import json
 import os
-import re
-from pathlib import Path
 
 import numpy as np
 
-from instructkit.downloads import (  # noqa: F401 (importable from here, as before the split)
-    CheckpointError,
-    DownloadError,
-    describe_failure,
-    download_file,
-    download_first,
-    file_sha256,
+# Not in the book: no `json`, `requests`, `tqdm` or `tensorflow` imported here: the package
+# reads hparams.json and does the downloads (with their progress bars), and TensorFlow is
+# imported only to read a checkpoint.
+from instructkit.gpt2_weights import (  # Not in the book: the machinery behind these functions
+    checked_tf_checkpoint,
+    choose_weights_source,
+    download_gpt2_file,
+    import_tensorflow,
+    openai_base_urls,
+    openai_file_sizes,
+    read_hparams,
 )
-from instructkit.gpt2_sizes import GPT2_SIZES
-from instructkit.gpt2_tokenizer import GPT2_PAT_STR, gpt2_bpe_ranks, tokenizer_from_folder  # noqa: F401
-from instructkit.hub import (  # noqa: F401
-    BOOK_HUB_REPO,
-    HF_DEFAULT_ENDPOINT,
-    HF_ENDPOINT_ENV_VAR,
-    HUB_OPENAI_WEIGHTS,
-    HUB_SOURCES,
-    HUB_TOKENIZER_FILES,
-    OPENAI_HUB_REPOS,
-    download_hub_files,
-    files_present,
-    hub_files,
-    load_hub_weights,
-)
-
-MODEL_SIZES = ("124M", "355M", "774M", "1558M")
-FILENAMES = (
-    "checkpoint",
-    "encoder.json",
-    "hparams.json",
-    "model.ckpt.data-00000-of-00001",
-    "model.ckpt.index",
-    "model.ckpt.meta",
-    "vocab.bpe",
-)
-PRIMARY_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
-BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
-MIRROR_ENV_VAR = "GPT2_MIRROR_URL"
-# Byte sizes of OpenAI's files, checked before a download gets its final name. From the book's
-# own download tests (rasbt/LLMs-from-scratch, ch05/01_main-chapter-code/tests.py) for 124M
-# and 355M. encoder.json, vocab.bpe and checkpoint are the same three files in every folder
-# (equal sizes in both lists; the checkpoint file's 77 bytes are two fixed lines). For 774M and
-# 1558M two more sizes follow from the published ones (tests/test_gpt_download.py checks that they
-# give the 124M and 355M numbers): model.ckpt.data holds the float32 parameters and nothing
-# else (4 bytes x 124,439,808 and x 354,823,168 parameters), and hparams.json is the five
-# settings as json.dumps(..., indent=2) writes them, with a newline. Their .index and .meta
-# files are checked against the length the server announces only. No sha256 is published.
-_SAME_IN_EVERY_FOLDER = {"checkpoint": 77, "encoder.json": 1042301, "vocab.bpe": 456318}
-OPENAI_FILE_SIZES = {
-    "124M": {**_SAME_IN_EVERY_FOLDER, "hparams.json": 90, "model.ckpt.data-00000-of-00001": 497759232,
-             "model.ckpt.index": 5215, "model.ckpt.meta": 471155},
-    "355M": {**_SAME_IN_EVERY_FOLDER, "hparams.json": 91, "model.ckpt.data-00000-of-00001": 1419292672,
-             "model.ckpt.index": 10399, "model.ckpt.meta": 926519},
-    "774M": {**_SAME_IN_EVERY_FOLDER, "hparams.json": 91,
-             "model.ckpt.data-00000-of-00001": 3096120320},  # 774,030,080 parameters
-    "1558M": {**_SAME_IN_EVERY_FOLDER, "hparams.json": 91,
-              "model.ckpt.data-00000-of-00001": 6230444800},  # 1,557,611,200 parameters
-}
-
-WEIGHT_SOURCES = ("auto", "openai") + HUB_SOURCES
+from instructkit.hub import download_and_load_from_hub  # Not in the book: the hub sources
 
 
-def download_and_load_gpt2(model_size, models_dir, mirror_url=None, *, base_urls=None, source="auto",
+def download_and_load_gpt2(model_size, models_dir, mirror_url=None, *, base_urls=None, source="openai",
                            hub_endpoint=None, expected_sizes=None):
-    """Fetch GPT-2 `model_size` ('124M' ... '1558M') into `models_dir/model_size` and load it.
+    """Download GPT-2 `model_size` into `models_dir/model_size` and return `(settings, params)`.
 
-    `source` is one of WEIGHT_SOURCES (see `choose_weights_source`). For "openai" the sources
-    are, in order: `mirror_url` (else the GPT2_MIRROR_URL environment variable), then
-    `base_urls` (default: OpenAI's server, then the book's backup), each serving
-    `<base>/<model_size>/<file>`, each file checked against `expected_sizes` (default: the
-    known sizes, OPENAI_FILE_SIZES). The hub sources use `hub_endpoint` (else HF_ENDPOINT,
-    else huggingface.co). Returns `(settings, params)` in OpenAI's layout for every source.
+    `model_size` is the name of OpenAI's folder: "124M", "355M", "774M" or "1558M". Files
+    already complete there are used as they are, with no network access.
+
+    Not in the book: the arguments after `models_dir`. `source` is one of
+    instructkit.gpt2_weights.WEIGHT_SOURCES ("openai" by default, as in the book); the hub
+    sources use `hub_endpoint` (else HF_ENDPOINT, else huggingface.co). For "openai",
+    `mirror_url` (else GPT2_MIRROR_URL) is tried first, `base_urls` replaces OpenAI's host and
+    the book's backup, and each file is checked against `expected_sizes` (default: the known
+    sizes). Every source returns `(settings, params)` in OpenAI's layout.
     """
-    source, path = download_gpt2(model_size, models_dir, source, mirror_url=mirror_url,
-                                 base_urls=base_urls, hub_endpoint=hub_endpoint,
-                                 expected_sizes=expected_sizes)
-    return load_gpt2(path) if source == "openai" else load_hub_weights(path)
+    # Refuse a size OpenAI never published before touching the disk or the network
+    allowed_sizes = ("124M", "355M", "774M", "1558M")
+    if model_size not in allowed_sizes:
+        # Not in the book: the message also names the size that was asked for
+        raise ValueError(f"Model size not in {allowed_sizes}; got {model_size!r}")
 
-
-def download_gpt2(model_size, models_dir, source="auto", *, mirror_url=None, base_urls=None,
-                  hub_endpoint=None, expected_sizes=None):
-    """The download half of `download_and_load_gpt2` (same arguments): `(source, path)`, the
-    concrete source and its files on disk (OpenAI's folder, or a hub weights file), with
-    the tokenizer's files beside them. Nothing is read, so no TensorFlow is needed yet."""
+    # Not in the book: another source than OpenAI's checkpoint (which "auto" may choose) is
+    # downloaded and read by the package, without TensorFlow
     source = choose_weights_source(source, model_size, models_dir)
-    if source == "openai":
-        return source, download_gpt2_files(model_size, models_dir, mirror_url, base_urls=base_urls,
-                                           expected_sizes=expected_sizes)
-    return source, download_hub_files(model_size, models_dir, source, hub_endpoint)
+    if source != "openai":
+        return download_and_load_from_hub(model_size, models_dir, source, hub_endpoint)
+
+    # Where the files go, the two hosts that serve them (OpenAI's, then the book's copy), and
+    # the seven files of one model size
+    model_dir = os.path.join(models_dir, model_size)
+    base_url = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+    backup_base_url = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
+    filenames = [
+        "checkpoint", "encoder.json", "hparams.json",
+        "model.ckpt.data-00000-of-00001", "model.ckpt.index",
+        "model.ckpt.meta", "vocab.bpe"
+    ]
+
+    # Not in the book: a mirror (mirror_url, else GPT2_MIRROR_URL) goes before the hosts,
+    # base_urls replaces the two hosts above (the tests point it at a local server), and every
+    # file must have its size in expected_sizes (by default the known sizes of OpenAI's files)
+    base_url, *backup_base_urls = openai_base_urls((base_url, backup_base_url), mirror_url, base_urls)
+    expected_sizes = openai_file_sizes(model_size, expected_sizes)
+
+    # Fetch every file; when the main host fails, the backup serves it
+    os.makedirs(model_dir, exist_ok=True)
+    for filename in filenames:
+        # Not in the book: URLs joined with "/" (os.path.join would write "\" on Windows), and
+        # the backup is the list of the remaining hosts
+        file_url = f"{base_url}/{model_size}/{filename}"
+        backup_url = [f"{url}/{model_size}/{filename}" for url in backup_base_urls]
+        file_path = os.path.join(model_dir, filename)
+        # Not in the book: expected_size, the size the file must have
+        download_file(file_url, file_path, backup_url, expected_size=expected_sizes.get(filename))
+
+    # Read the settings, then the weights, from the files now on disk.
+    # Not in the book: the folder is passed on, and load_gpt2_params_from_tf_ckpt finds the
+    # checkpoint in it with tf.train.latest_checkpoint (with a clear error when it cannot);
+    # a missing or damaged hparams.json is a CheckpointError, and the file gets closed
+    tf_ckpt_path = model_dir
+    settings = read_hparams(model_dir)
+    params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
+
+    return settings, params
 
 
-def choose_weights_source(source, model_size, models_dir):
-    """The concrete source for `source`: itself, or for "auto" the first source complete on
-    disk in `models_dir/model_size` (no network needed), else "hub-openai" (no TensorFlow)."""
-    if source not in WEIGHT_SOURCES:
-        raise ValueError(f"source must be one of {', '.join(WEIGHT_SOURCES)}; got {source!r}")
-    _check_model_size(model_size)
-    if source != "auto":
-        return source
-    model_dir = Path(models_dir) / model_size
-    for candidate in WEIGHT_SOURCES[1:]:
-        files = [(name,) for name in FILENAMES] if candidate == "openai" else hub_files(candidate, model_size)
-        if all(files_present(model_dir, names) for names in files):
-            return candidate
-    return "hub-openai"
+def download_file(url, destination, backup_url=None, *, expected_size=None):
+    """Download `url` to `destination`, from `backup_url` when `url` fails.
 
-
-def download_gpt2_files(model_size, models_dir, mirror_url=None, *, base_urls=None, expected_sizes=None):
-    """Make sure OpenAI's seven checkpoint files are complete in `models_dir/model_size`.
-
-    Files already there are kept as they are (no network access at all): a file only ever
-    gets its final name after a complete download of the expected size. Returns the folder.
+    Not in the book: `backup_url` may also be a list of URLs, tried in order, and
+    `expected_size` is the number of bytes the file must have.
     """
-    _check_model_size(model_size)
-    model_dir = Path(models_dir) / model_size
-    missing = [name for name in FILENAMES if not (model_dir / name).is_file()]
-    if not missing:
-        return model_dir
-
-    if mirror_url is None:
-        mirror_url = os.environ.get(MIRROR_ENV_VAR) or None
-    if base_urls is None:
-        base_urls = (PRIMARY_BASE_URL, BACKUP_BASE_URL)
-    if expected_sizes is None:
-        expected_sizes = OPENAI_FILE_SIZES[model_size]
-    sources = ([mirror_url] if mirror_url else []) + list(base_urls)
-    advice = (f"or set the {MIRROR_ENV_VAR} environment variable (or pass mirror_url=) to a mirror "
-              f"serving <mirror>/<model size>/<file>, or choose a hub source (source='hub-openai')")
-    for name in missing:
-        urls = [f"{base.rstrip('/')}/{model_size}/{name}" for base in sources]
-        download_first(urls, model_dir / name, expected_size=expected_sizes.get(name), advice=advice)
-    return model_dir
-
-
-def _check_model_size(model_size):
-    if model_size not in MODEL_SIZES:
-        raise ValueError(f"model_size must be one of {', '.join(MODEL_SIZES)}; got {model_size!r}")
-
-
-def load_gpt2(model_dir):
-    """Read `hparams.json` and the TensorFlow checkpoint in `model_dir`: `(settings, params)`."""
-    model_dir = Path(model_dir)
-    hparams = model_dir / "hparams.json"
-    try:
-        settings = json.loads(hparams.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{hparams} does not exist: no GPT-2 model in {model_dir}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(
-            f"{hparams} is corrupt ({err}); delete the folder {model_dir} to download it again"
-        ) from None
-    return settings, load_gpt2_params_from_tf_ckpt(model_dir, settings)
+    # Not in the book: urllib through the package instead of `requests`. A file already at
+    # `destination` is complete (a download gets its name only once whole), so it is kept
+    # without asking any server (the book compares its size with the server's). A download
+    # goes through `<destination>.part`, resumes after a cut, even from the backup, and is
+    # checked against the announced length and `expected_size`. When every URL fails, a
+    # DownloadError lists them all and what to do (the book prints a message and returns).
+    download_gpt2_file(url, destination, backup_url, expected_size=expected_size)
 
 
 def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
-    """Read every `model/...` variable of a GPT-2 TensorFlow checkpoint into nested dicts.
+    """Read every weight of a GPT-2 TensorFlow checkpoint into nested dicts of NumPy arrays.
 
-    `ckpt_path` is a checkpoint prefix (`.../model.ckpt`) or the folder holding it. Returns
-    `{"wte", "wpe", "g", "b", "blocks": [per-layer dicts]}` with singleton dimensions squeezed.
+    `ckpt_path` is the checkpoint's prefix, e.g. "gpt2/355M/model.ckpt", as
+    `tf.train.latest_checkpoint` returns it; `settings` are the model's hparams, whose
+    `n_layer` is the number of transformer blocks. Returns `{"wte", "wpe", "g", "b",
+    "blocks": [one dict per block]}`, each array without its dimensions of size one.
+
+    Not in the book: `ckpt_path` may also be the folder holding the checkpoint.
     """
-    tf = _import_tensorflow()
-    ckpt_path = Path(ckpt_path)
-    if ckpt_path.is_dir():
-        model_dir = ckpt_path
-        latest = tf.train.latest_checkpoint(str(model_dir))
-        if latest is None:
-            raise CheckpointError(
-                f"no TensorFlow checkpoint in {model_dir} (it needs the files 'checkpoint' and "
-                "'model.ckpt.*'); download it with download_and_load_gpt2"
-            )
-        ckpt_path = Path(latest)
-    else:
-        model_dir = ckpt_path.parent
+    # Not in the book: TensorFlow is imported when a checkpoint is read, not with the module,
+    # so that the hub sources work without it; without it, the error says how to install it
+    tf = import_tensorflow()
 
-    n_layer = settings["n_layer"]
-    params = {"blocks": [{} for _ in range(n_layer)]}
-    try:
-        for name, _ in tf.train.list_variables(str(ckpt_path)):
-            if not name.startswith("model/"):
-                continue
-            array = np.squeeze(tf.train.load_variable(str(ckpt_path), name))
-            _insert(params, name, array, n_layer)
-    except CheckpointError:
-        raise
-    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as err:
-        # TensorFlow's reader raises OpError subclasses, or ValueError, IndexError (a short
-        # read) or RuntimeError translated from its C++ status codes.
-        summary = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot read the checkpoint {ckpt_path} ({type(err).__name__}: {summary}). "
-            f"The files in {model_dir} are probably truncated or corrupt: "
-            "delete that folder and run the download again."
-        ) from None
+    # One empty dict per transformer block, for the loop below to fill
+    params = {"blocks": [{} for _ in range(settings["n_layer"])]}
 
-    missing = [key for key in ("wte", "wpe", "g", "b") if key not in params]
-    missing += [f"model/h{i}" for i, block in enumerate(params["blocks"]) if not block]
-    if missing:
-        raise CheckpointError(
-            f"the checkpoint {ckpt_path} lacks {', '.join(missing)}; is it a GPT-2 checkpoint "
-            f"with n_layer={n_layer}?"
-        )
+    # Not in the book: a folder becomes its checkpoint's prefix; names of another model or
+    # depth, a cut or damaged file, and a checkpoint that leaves a part of params empty are
+    # one CheckpointError saying what to do, not TensorFlow's traceback
+    with checked_tf_checkpoint(ckpt_path, settings, params) as ckpt_path:
+        # Visit every variable stored in the checkpoint, by name
+        for name, _ in tf.train.list_variables(ckpt_path):
+            # Its values as a NumPy array; a matrix stored as (1, d_in, d_out) becomes (d_in, d_out)
+            variable_array = np.squeeze(tf.train.load_variable(ckpt_path, name))
+
+            # "model/h3/attn/c_attn/w" -> ["h3", "attn", "c_attn", "w"]: drop the "model" scope
+            variable_name_parts = name.split("/")[1:]
+
+            # A block's weights ("h0", "h1", ...) go into that block's dict; the embeddings and
+            # the final norm ("wte", "wpe", "ln_f/g", "ln_f/b") stay at the top level
+            target_dict = params
+            if variable_name_parts[0].startswith("h"):
+                layer_number = int(variable_name_parts[0][1:])
+                target_dict = params["blocks"][layer_number]
+
+            # Go down one nested dict per name part between the first and the last, making the
+            # dicts that do not exist yet ("attn" -> "c_attn"); "ln_f" itself is left out
+            for key in variable_name_parts[1:-1]:
+                target_dict = target_dict.setdefault(key, {})
+
+            # The last part names the array: "w" or "b" (weight, bias), "g" (a norm's scale)
+            last_key = variable_name_parts[-1]
+            target_dict[last_key] = variable_array
+
     return params
-
-
-def check_hparams(settings, model, where="hparams.json"):
-    """Raise CheckpointError when `settings` (OpenAI's hparams) are not GPT-2 size `model`.
-
-    `model` is any name of a GPT-2 size ('gpt2-small', 'gpt2-small (124M)' or '124M').
-    """
-    short = next(s for s, (book, folder, *_) in GPT2_SIZES.items() if model in (s, book, folder))
-    _, _, emb_dim, n_layers, n_heads = GPT2_SIZES[short]
-    found = (settings.get("n_embd"), settings.get("n_layer"), settings.get("n_head"))
-    if found != (emb_dim, n_layers, n_heads):
-        actual = next((s for s, (_, _, e, n, h) in GPT2_SIZES.items() if (e, n, h) == found), None)
-        advice = f"choose {actual}, or" if actual else "not a GPT-2 size:"
-        raise CheckpointError(
-            f"{where} says n_embd {found[0]}, n_layer {found[1]}, n_head {found[2]} "
-            f"({actual or 'no GPT-2 size'}), but {short} was chosen: {advice} delete that "
-            f"folder to download {short}"
-        )
-
-
-def check_checkpoint_folder(model_dir, model):
-    """Before any download: if `model_dir` holds an `hparams.json`, it must be GPT-2 size `model`.
-
-    Cheap, so a command line can run it first. Returns the settings, or None without the file.
-    """
-    hparams = Path(model_dir) / "hparams.json"
-    if not hparams.is_file():
-        return None
-    try:
-        settings = json.loads(hparams.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{hparams} is corrupt ({err}); delete the folder {model_dir}") from None
-    check_hparams(settings, model, where=str(hparams))
-    return settings
-
-
-def _insert(params, name, array, n_layer):
-    """Put one checkpoint variable, e.g. `model/h3/attn/c_attn/w`, in its place in `params`."""
-    parts = name.split("/")[1:]
-    target = params
-    if re.fullmatch(r"h\d+", parts[0]):
-        layer = int(parts[0][1:])
-        if layer >= n_layer:
-            raise CheckpointError(f"checkpoint variable {name} but hparams say n_layer={n_layer}")
-        target, parts = params["blocks"][layer], parts[1:]
-    elif parts[0] == "ln_f":  # the final layer norm goes to params["g"], params["b"]
-        parts = parts[1:]
-    for key in parts[:-1]:
-        target = target.setdefault(key, {})
-    target[parts[-1]] = array
-
-
-def _import_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's start-up chatter
-    try:
-        import tensorflow as tf
-    except ImportError as err:
-        raise ImportError(
-            "Reading OpenAI's TensorFlow checkpoint (weights source 'openai') needs TensorFlow: "
-            "pip install -r requirements-tf.txt (Python 3.10-3.13). Or choose a source that needs "
-            "no TensorFlow: source='hub-openai' or 'hub-book' (command line: --weights-source hub-openai)."
-        ) from err
-    return tf

@@ -3,7 +3,7 @@
 Not in the book. `download_file(url, destination)` downloads through `<destination>.part`,
 resumes that partial file on the next attempt (HTTP Range), and checks the size the server
 announced and, when given, an expected size and sha256. `download_first(urls, destination)`
-tries a list of sources in order. Used for GPT-2's weights (gpt_download.py, hub_weights.py),
+tries a list of sources in order. Used for GPT-2's weights (gpt2_weights.py, hub.py),
 the instruction datasets (instruction_data.py) and the test data (tests/conftest.py).
 """
 

@@ -1,13 +1,14 @@
 """GPT-2's weights from the Hugging Face hub, read into OpenAI's layout without TensorFlow.
 
-Not in the book. Two hub sources (gpt_download.py chooses among all sources):
+Not in the book. Two hub sources (gpt2_weights.py chooses among all sources):
 - "hub-book": the book's PyTorch state dicts (`rasbt/gpt2-from-scratch-pytorch`,
   `.safetensors` preferred, `.pth` read with weights_only);
 - "hub-openai": OpenAI's weights as converted on the hub (`openai-community/gpt2`, ...).
 Files come from `<endpoint>/<repo>/resolve/main/<file>`; the `HF_ENDPOINT` environment
 variable names a mirror, as for the hub's own tools. The tokenizer's `vocab.json` and
 `merges.txt` come along (gpt2_tokenizer.py reads them). `load_hub_weights` turns either
-layout into the nested dict of NumPy arrays that the book's `load_weights_into_gpt` takes.
+layout into the nested dict of NumPy arrays that the book's `load_weights_into_gpt` takes;
+`download_and_load_from_hub` does both steps for gpt_download.download_and_load_gpt2.
 """
 
 import os
@@ -33,6 +34,12 @@ OPENAI_HUB_REPOS = {
 HUB_OPENAI_WEIGHTS = "model.safetensors"
 HUB_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 GPT2_HEAD_DIM = 64  # every GPT-2 size has 64-wide heads: n_head = n_embd // 64
+
+
+def download_and_load_from_hub(model_size, models_dir, source, hub_endpoint=None):
+    """A hub source's GPT-2 `model_size`, downloaded into `models_dir/model_size` unless complete
+    there, and read: `(settings, params)` in OpenAI's layout, as from OpenAI's checkpoint."""
+    return load_hub_weights(download_hub_files(model_size, models_dir, source, hub_endpoint))
 
 
 def download_hub_files(model_size, models_dir, source, hub_endpoint=None):

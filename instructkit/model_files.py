@@ -271,7 +271,7 @@ def load_pretrained_model(model_name, device="cpu", models_dir=HERE / "gpt2", cf
     from previous_chapters import load_weights_into_gpt
 
     cfg = dict(cfg or gpt2_config(model_name))
-    _, params = download_and_load_gpt2(model_folder(model_name), models_dir)
+    _, params = download_and_load_gpt2(model_folder(model_name), models_dir, source="auto")
     model = new_model(cfg)
     try:
         load_weights_into_gpt(model, params)

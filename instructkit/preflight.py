@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from instructkit.errors import BadInputError
+from instructkit.errors import BadInputError, CheckpointError
 
 MB = 1024 * 1024
 
@@ -273,8 +273,8 @@ def check_disk_space(needs, flag="--output-dir"):
 def gpt2_download_needed(models_dir, model, source="auto"):
     """True when the files of GPT-2 `model` from `source` ("auto": from any source) are not
     complete in `models_dir`."""
-    from gpt_download import FILENAMES, WEIGHT_SOURCES
     from instructkit.gpt2_sizes import model_folder
+    from instructkit.gpt2_weights import FILENAMES, WEIGHT_SOURCES
     from instructkit.hub import files_present, hub_files
 
     folder = model_folder(model)
@@ -288,8 +288,8 @@ def gpt2_download_needed(models_dir, model, source="auto"):
 
 def check_checkpoint(models_dir, model):
     """PreflightError when the checkpoint folder's hparams.json is another GPT-2 size."""
-    from gpt_download import CheckpointError, check_checkpoint_folder
     from instructkit.gpt2_sizes import model_folder
+    from instructkit.gpt2_weights import check_checkpoint_folder
 
     try:
         check_checkpoint_folder(Path(models_dir) / model_folder(model), model)

@@ -304,14 +304,15 @@ def test_adapters_alone_go_on_the_pretrained_gpt2_of_their_run(tmp_path, tokeniz
     from gpt2_checkpoint import write_gpt2_checkpoint
 
     from exercise_variants import lora_state_dict
-    from gpt_download import load_gpt2
+    from gpt_download import download_and_load_gpt2
     from previous_chapters import load_weights_into_gpt
 
     cfg = TEST_MODE_CONFIG
     write_gpt2_checkpoint(tmp_path / "gpt2" / "124M", n_vocab=cfg["vocab_size"], n_embd=cfg["emb_dim"],
                           n_ctx=cfg["context_length"], n_head=cfg["n_heads"], n_layer=cfg["n_layers"])
     reference = GPTModel(cfg).eval()
-    load_weights_into_gpt(reference, load_gpt2(tmp_path / "gpt2" / "124M")[1])
+    _, params = download_and_load_gpt2("124M", tmp_path / "gpt2")  # complete on disk: no network
+    load_weights_into_gpt(reference, params)
     reference.requires_grad_(False)
     replace_linear_with_lora(reference, rank=4, alpha=8)
     torch.manual_seed(3)

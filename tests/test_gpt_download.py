@@ -1,4 +1,5 @@
-"""gpt_download.py against a real HTTP server on 127.0.0.1 serving small GPT-2 checkpoints.
+"""gpt_download.py (the book's three functions) and instructkit/gpt2_weights.py (their machinery)
+against a real HTTP server on 127.0.0.1 serving small GPT-2 checkpoints.
 
 The server (tests/loopback_server.py) serves OpenAI's files under three prefixes, /primary,
 /backup and /mirror, so one server stands in for every source; hub tests serve
@@ -23,22 +24,20 @@ from hub_checkpoint import (
 from loopback_server import closed_port_url, serving
 
 import gpt_download
-from gpt_download import (
+from gpt_download import download_and_load_gpt2, download_file, load_gpt2_params_from_tf_ckpt
+from instructkit import downloads, gpt2_weights
+from instructkit.errors import CheckpointError, DownloadError
+from instructkit.gpt2_sizes import GPT2_SIZES
+from instructkit.gpt2_tokenizer import tokenizer_from_folder
+from instructkit.gpt2_weights import (
     FILENAMES,
     OPENAI_FILE_SIZES,
-    CheckpointError,
-    DownloadError,
     check_checkpoint_folder,
     check_hparams,
     choose_weights_source,
-    download_and_load_gpt2,
-    download_file,
-    load_gpt2,
-    load_gpt2_params_from_tf_ckpt,
-    load_hub_weights,
-    tokenizer_from_folder,
+    read_hparams,
 )
-from instructkit.gpt2_sizes import GPT2_SIZES
+from instructkit.hub import BOOK_HUB_REPO, OPENAI_HUB_REPOS, load_hub_weights
 
 SIZE = "124M"
 DATA = "model.ckpt.data-00000-of-00001"
@@ -218,7 +217,7 @@ def test_complete_files_are_reused_without_any_network(server, checkpoint, tmp_p
 
     settings, params = fetch(tmp_path, base_urls=base_urls)
     assert_params_equal(settings, params, arrays)
-    settings, _ = download_and_load_gpt2(SIZE, tmp_path)  # "auto": complete on disk, no network
+    settings, _ = download_and_load_gpt2(SIZE, tmp_path, source="auto")  # complete on disk: no network
     assert settings == HPARAMS
     assert_files_identical(tmp_path / SIZE, files)
 
@@ -277,12 +276,12 @@ def test_short_download_is_never_renamed(server, checkpoint, tmp_path):
     destination = tmp_path / DATA
     server.fail(f"/primary/{SIZE}/{DATA}", ("cut", 10), ("cut", 0))
     with pytest.raises(DownloadError, match=f"10 of {len(files[DATA]):,} bytes"):
-        download_file(url, destination)
+        downloads.download_file(url, destination)
     with pytest.raises(DownloadError, match=f"10 of {len(files[DATA]):,} bytes"):
-        download_file(url, destination)  # resumed, but no byte arrived
+        downloads.download_file(url, destination)  # resumed, but no byte arrived
     assert not destination.exists()
     assert server.requests[-1][1] == "bytes=10-"
-    download_file(url, destination)
+    downloads.download_file(url, destination)
     assert destination.read_bytes() == files[DATA]
 
 
@@ -312,7 +311,7 @@ def test_truncated_checkpoint_on_disk_gives_a_clear_error(checkpoint, tmp_path, 
 
 
 def test_unknown_model_size_lists_the_sizes(tmp_path):
-    with pytest.raises(ValueError, match="124M, 355M, 774M, 1558M") as excinfo:
+    with pytest.raises(ValueError, match=r"not in \('124M', '355M', '774M', '1558M'\)") as excinfo:
         download_and_load_gpt2("345M", tmp_path)
     assert "'345M'" in str(excinfo.value)
     assert list(tmp_path.iterdir()) == []
@@ -330,7 +329,7 @@ def test_empty_folder_gives_a_clear_error(tmp_path):
         load_gpt2_params_from_tf_ckpt(tmp_path, HPARAMS)
     assert str(tmp_path) in str(excinfo.value)
     with pytest.raises(CheckpointError, match="hparams.json does not exist"):
-        load_gpt2(tmp_path)
+        read_hparams(tmp_path)
 
 
 def test_checkpoint_prefix_and_folder_give_the_same_params(checkpoint, tmp_path):
@@ -340,7 +339,7 @@ def test_checkpoint_prefix_and_folder_give_the_same_params(checkpoint, tmp_path)
     settings = json.loads(files["hparams.json"])
     from_prefix = load_gpt2_params_from_tf_ckpt(tmp_path / "model.ckpt", settings)
     assert_params_equal(settings, from_prefix, arrays)
-    assert_params_equal(*load_gpt2(tmp_path), arrays)
+    assert_params_equal(read_hparams(tmp_path), load_gpt2_params_from_tf_ckpt(tmp_path, settings), arrays)
 
 
 def test_layer_count_mismatch_is_reported(checkpoint, tmp_path):
@@ -353,9 +352,118 @@ def test_layer_count_mismatch_is_reported(checkpoint, tmp_path):
 
 
 def test_module_constants_are_the_books_urls():
-    assert gpt_download.PRIMARY_BASE_URL == "https://openaipublic.blob.core.windows.net/gpt-2/models"
-    assert gpt_download.BACKUP_BASE_URL == ("https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
+    assert gpt2_weights.PRIMARY_BASE_URL == "https://openaipublic.blob.core.windows.net/gpt-2/models"
+    assert gpt2_weights.BACKUP_BASE_URL == ("https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")
     assert Path(gpt_download.__file__).parent == Path(__file__).resolve().parent.parent
+
+
+# ---- the book's calls: its three functions, called as the chapter calls them ----
+
+
+def test_book_call_downloads_the_seven_files_and_returns_settings_and_params(server, checkpoint, tmp_path):
+    """`download_and_load_gpt2(model_size=..., models_dir=...)`, no source given: OpenAI's
+    checkpoint, as in the book (only its two hosts are replaced by the loopback server)."""
+    files, arrays = checkpoint
+    result = download_and_load_gpt2(model_size=SIZE, models_dir=str(tmp_path),
+                                    base_urls=sources(server, "primary", "backup"),
+                                    expected_sizes=sizes_of(files))
+    assert type(result) is tuple and len(result) == 2
+    settings, params = result
+    assert_params_equal(settings, params, arrays)
+    assert server.paths() == [f"/primary/{SIZE}/{name}" for name in FILENAMES]  # the book's order
+    assert_files_identical(tmp_path / SIZE, files)
+
+    server.fail(f"/primary/{SIZE}/encoder.json", ("status", 503))
+    server.requests.clear()
+    settings, params = download_and_load_gpt2(model_size=SIZE, models_dir=str(tmp_path / "again"),
+                                              base_urls=sources(server, "primary", "backup"),
+                                              expected_sizes=sizes_of(files))
+    assert server.paths("/backup") == [f"/backup/{SIZE}/encoder.json"]  # the backup, for that file only
+    assert_params_equal(settings, params, arrays)
+
+
+@pytest.fixture
+def offline_proxy(monkeypatch):
+    """urllib sends every request to a proxy on a closed loopback port: each one fails at once,
+    with no network, and the download errors name the URLs that were asked for."""
+    import urllib.request
+
+    proxy = closed_port_url()
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy, "https": proxy}))
+    monkeypatch.setattr(urllib.request, "_opener", opener)  # what urlopen uses; restored afterwards
+
+
+def test_book_call_asks_openais_host_then_the_books_backup(offline_proxy, tmp_path):
+    primary = f"https://openaipublic.blob.core.windows.net/gpt-2/models/{SIZE}/checkpoint"
+    backup = f"https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2/{SIZE}/checkpoint"
+    with pytest.raises(DownloadError) as excinfo:
+        download_and_load_gpt2(model_size=SIZE, models_dir=str(tmp_path))
+    message = str(excinfo.value)
+    assert f"Tried:\n  {primary}: cannot connect" in message
+    assert message.index(primary) < message.index(f"  {backup}: cannot connect")
+    # the package's download-only half (for the command lines) asks the same two hosts
+    with pytest.raises(DownloadError) as excinfo:
+        gpt2_weights.download_gpt2(SIZE, tmp_path / "b", "openai")
+    assert f"Tried:\n  {primary}: cannot connect" in str(excinfo.value)
+    assert f"  {backup}: cannot connect" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("main_down", ["HTTP 500", "connection refused"])
+def test_book_download_file_falls_back_to_the_backup_url(server, checkpoint, tmp_path, main_down):
+    files, _ = checkpoint
+    name = "vocab.bpe"
+    url = f"{server.url}/primary/{SIZE}/{name}"
+    if main_down == "connection refused":
+        url = f"{closed_port_url()}/{name}"
+    server.fail(f"/primary/{SIZE}/{name}", ("status", 500))
+    destination = str(tmp_path / name)
+    assert download_file(url, destination, f"{server.url}/backup/{SIZE}/{name}") is None  # as the book's
+    assert Path(destination).read_bytes() == files[name]
+    assert server.paths("/backup") == [f"/backup/{SIZE}/{name}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no .part left
+
+    server.requests.clear()  # a complete file is kept without asking any server
+    download_file(url, destination, f"{server.url}/backup/{SIZE}/{name}")
+    assert server.requests == []
+
+
+def test_book_download_file_without_a_working_url_raises(server, tmp_path):
+    """The book prints a message and returns; here a DownloadError names both URLs."""
+    url, backup = (f"{server.url}/{prefix}/{SIZE}/missing" for prefix in ("primary", "backup"))
+    with pytest.raises(DownloadError) as excinfo:
+        download_file(url, str(tmp_path / "missing"), backup)
+    assert f"{url}: HTTP 404" in str(excinfo.value) and f"{backup}: HTTP 404" in str(excinfo.value)
+    with pytest.raises(DownloadError, match=f"{url}: HTTP 404"):
+        download_file(url, str(tmp_path / "missing"))  # no backup_url, as the book allows
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_book_reader_on_the_prefix_from_latest_checkpoint(checkpoint, tmp_path):
+    import tensorflow as tf  # the checkpoint fixture has already skipped without it
+
+    files, arrays = checkpoint
+    for name, body in files.items():
+        (tmp_path / name).write_bytes(body)
+    with open(tmp_path / "hparams.json", encoding="utf-8") as file:
+        settings = json.load(file)
+    tf_ckpt_path = tf.train.latest_checkpoint(str(tmp_path))
+    assert tf_ckpt_path == str(tmp_path / "model.ckpt")
+    params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
+    assert_params_equal(settings, params, arrays)  # the book's nested dict, every array equal
+
+
+def test_download_only_needs_no_tensorflow(server, checkpoint, tmp_path, monkeypatch):
+    """gpt2_weights.download_gpt2, which the command lines run before reading the weights."""
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
+    files, _ = checkpoint
+    source, path = gpt2_weights.download_gpt2(SIZE, tmp_path, "openai", base_urls=sources(server, "primary"),
+                                              expected_sizes=sizes_of(files))
+    assert (source, path) == ("openai", tmp_path / SIZE)
+    assert_files_identical(path, files)
+    with pytest.raises(ImportError, match="requirements-tf.txt"):
+        download_and_load_gpt2(SIZE, tmp_path)  # reading OpenAI's checkpoint does need it
 
 
 # ---- known sizes: a mirror serving the wrong bytes moves on, never a bad file in place ----
@@ -368,7 +476,7 @@ def sizes_of(files):
 def test_known_sizes_of_the_real_files():
     assert OPENAI_FILE_SIZES["355M"][DATA] == 1_419_292_672
     assert OPENAI_FILE_SIZES["124M"][DATA] == 497_759_232
-    assert set(OPENAI_FILE_SIZES) == set(gpt_download.MODEL_SIZES)
+    assert set(OPENAI_FILE_SIZES) == set(gpt2_weights.MODEL_SIZES)
     assert all(set(sizes) <= set(FILENAMES) for sizes in OPENAI_FILE_SIZES.values())
     assert all(sizes["encoder.json"] == 1042301 for sizes in OPENAI_FILE_SIZES.values())
 
@@ -418,9 +526,9 @@ def test_wrong_size_without_announced_length_is_caught_after_the_download(server
     files, _ = checkpoint
     url = f"{server.url}/primary/{SIZE}/hparams.json"
     with pytest.raises(DownloadError, match=r"serves \d+ bytes for hparams.json, expected 7 bytes"):
-        download_file(url, tmp_path / "hparams.json", expected_size=7)
+        downloads.download_file(url, tmp_path / "hparams.json", expected_size=7)
     assert list(tmp_path.iterdir()) == []
-    download_file(url, tmp_path / "hparams.json", expected_size=len(files["hparams.json"]))
+    downloads.download_file(url, tmp_path / "hparams.json", expected_size=len(files["hparams.json"]))
     assert (tmp_path / "hparams.json").read_bytes() == files["hparams.json"]
 
 
@@ -430,10 +538,11 @@ def test_sha256_mismatch_deletes_the_download(server, checkpoint, tmp_path):
     files, _ = checkpoint
     url = f"{server.url}/primary/{SIZE}/vocab.bpe"
     with pytest.raises(DownloadError, match="vocab.bpe has sha256 .* expected 00"):
-        download_file(url, tmp_path / "vocab.bpe", sha256="00" * 32)
+        downloads.download_file(url, tmp_path / "vocab.bpe", sha256="00" * 32)
     assert list(tmp_path.iterdir()) == []
     right = hashlib.sha256(files["vocab.bpe"]).hexdigest()
-    assert download_file(url, tmp_path / "vocab.bpe", sha256=right).read_bytes() == files["vocab.bpe"]
+    destination = downloads.download_file(url, tmp_path / "vocab.bpe", sha256=right)
+    assert destination.read_bytes() == files["vocab.bpe"]
 
 
 # ---- hparams.json against the chosen model size ----
@@ -472,8 +581,8 @@ def test_check_checkpoint_folder(tmp_path):
 
 # 64-wide heads, as in every GPT-2 size: the hub files do not store the head count.
 HUB_HPARAMS = {"n_vocab": 64, "n_ctx": 16, "n_embd": 128, "n_head": 2, "n_layer": 2}
-BOOK_REPO = gpt_download.BOOK_HUB_REPO
-OPENAI_REPO = gpt_download.OPENAI_HUB_REPOS[SIZE]
+BOOK_REPO = BOOK_HUB_REPO
+OPENAI_REPO = OPENAI_HUB_REPOS[SIZE]
 BOOK_STEM = "gpt2-small-124M"
 
 
@@ -553,7 +662,7 @@ def test_every_source_gives_the_same_parameters_and_logits(hub_checkpoints, tmp_
     import torch
 
     openai_dir = hub_checkpoints[0]
-    settings, expected = load_gpt2(openai_dir)
+    settings, expected = download_and_load_gpt2(SIZE, openai_dir.parent)  # complete: read, no network
     source = "hub-book" if layout.startswith("hub-book") else "hub-openai"
     with serving(hub_files(hub_checkpoints, layout)) as httpd:
         got_settings, params = download_and_load_gpt2(SIZE, tmp_path, source=source, hub_endpoint=httpd.url)
@@ -571,7 +680,7 @@ def test_every_source_gives_the_same_parameters_and_logits(hub_checkpoints, tmp_
     assert on_disk == sorted([weights, "merges.txt", "vocab.json"])
     # complete on disk: "auto" picks this source and loads it with no network at all
     assert choose_weights_source("auto", SIZE, tmp_path) == source
-    assert_same_params(download_and_load_gpt2(SIZE, tmp_path)[1], expected)
+    assert_same_params(download_and_load_gpt2(SIZE, tmp_path, source="auto")[1], expected)
 
 
 def test_book_state_dict_loads_into_gptmodel_as_saved(hub_checkpoints, tmp_path, one_thread):
@@ -599,7 +708,7 @@ def test_auto_downloads_from_the_hub_without_tensorflow(hub_checkpoints, tmp_pat
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
     with serving(hub_files(hub_checkpoints, "hub-openai")) as httpd:
         monkeypatch.setenv("HF_ENDPOINT", httpd.url)
-        settings, _ = download_and_load_gpt2(SIZE, tmp_path)
+        settings, _ = download_and_load_gpt2(SIZE, tmp_path, source="auto")
     assert settings == HUB_HPARAMS
     assert httpd.paths()[0] == f"/{OPENAI_REPO}/resolve/main/model.safetensors"
 
@@ -690,7 +799,7 @@ def test_a_hub_model_folder_made_without_tensorflow_loads_offline(shared_data, t
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now fails
     arrays = write_hub_model_folder(tmp_path / SIZE, shared_data / "gpt2-tokenizer", n_vocab=50257,
                                     n_ctx=8, n_embd=64, n_layer=1)
-    settings, params = download_and_load_gpt2(SIZE, tmp_path, hub_endpoint=closed_port_url())
+    settings, params = download_and_load_gpt2(SIZE, tmp_path, source="auto", hub_endpoint=closed_port_url())
     assert settings == {"n_vocab": 50257, "n_ctx": 8, "n_embd": 64, "n_head": 1, "n_layer": 1}
     np.testing.assert_array_equal(params["blocks"][0]["mlp"]["c_fc"]["w"], arrays["model/h0/mlp/c_fc/w"][0])
     assert tokenizer_from_folder(tmp_path / SIZE).encode("Hello, world") == [15496, 11, 995]

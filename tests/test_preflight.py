@@ -197,7 +197,7 @@ def test_checkpoint_estimate_covers_a_real_checkpoint(tmp_path, lora_rank):
 
 
 def test_gpt2_download_estimate_covers_every_source():
-    from gpt_download import OPENAI_FILE_SIZES
+    from instructkit.gpt2_weights import OPENAI_FILE_SIZES
 
     estimate = pf.gpt2_download_bytes(gpt2_config("gpt2-small"))
     # 124,439,808 weights (OpenAI's model.ckpt.data) and 12 float32 masks of 1024 x 1024 (the
@@ -207,7 +207,7 @@ def test_gpt2_download_estimate_covers_every_source():
 
 
 def test_download_needed_unless_one_source_is_complete(tmp_path):
-    from gpt_download import FILENAMES
+    from instructkit.gpt2_weights import FILENAMES
 
     assert pf.gpt2_download_needed(tmp_path, "gpt2-small")
     folder = tmp_path / "124M"

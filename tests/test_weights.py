@@ -1,7 +1,8 @@
 """OpenAI's weights in GPTModel give the logits of an independent NumPy GPT-2 forward pass.
 
-A tiny random checkpoint in OpenAI's layout goes through the real reader
-(`load_gpt2_params_from_tf_ckpt`) and `load_weights_into_gpt`; the reference below is
+A tiny random checkpoint in OpenAI's layout goes through the real reader (the book's
+`download_and_load_gpt2` on a complete folder, so `load_gpt2_params_from_tf_ckpt`) and
+`load_weights_into_gpt`; the reference below is
 written from GPT-2's definition, straight from the raw parameter arrays, in float64.
 """
 
@@ -11,7 +12,7 @@ import torch
 from gpt2_checkpoint import write_gpt2_checkpoint
 
 import fast_gpt
-from gpt_download import load_gpt2
+from gpt_download import download_and_load_gpt2
 from previous_chapters import GPTModel, assign, load_weights_into_gpt
 
 HPARAMS = {"n_vocab": 96, "n_ctx": 16, "n_embd": 16, "n_head": 4, "n_layer": 2}
@@ -21,7 +22,7 @@ HPARAMS = {"n_vocab": 96, "n_ctx": 16, "n_embd": 16, "n_head": 4, "n_layer": 2}
 def gpt2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpt2") / "124M"
     write_gpt2_checkpoint(folder, **HPARAMS, seed=1)
-    settings, params = load_gpt2(folder)
+    settings, params = download_and_load_gpt2(model_size="124M", models_dir=folder.parent)  # no network
     assert settings == HPARAMS
     return settings, params
 
