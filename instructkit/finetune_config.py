@@ -9,8 +9,8 @@ the command line.
 import typing
 from dataclasses import dataclass, field, fields
 
-from gpt_download import WEIGHT_SOURCES
 from instructkit.gpt2_sizes import GPT2_SIZES, book_model_name
+from instructkit.gpt2_weights import WEIGHT_SOURCES
 from instructkit.precision import PRECISIONS
 from instructkit.training import RESUME_NEWEST
 

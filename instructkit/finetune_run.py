@@ -196,7 +196,7 @@ class FinetuneRun:
         the tokenizer's files; None in test mode, which needs no weights."""
         if self.config.test_mode:
             return None
-        from gpt_download import download_gpt2
+        from instructkit.gpt2_weights import download_gpt2
 
         folder = self.models_dir / model_folder(self.config.model)
         download_gpt2(model_folder(self.config.model), self.models_dir, self.config.weights_source)
