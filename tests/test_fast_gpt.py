@@ -215,7 +215,18 @@ class Scale(torch.nn.Module):
         return 0.75 * x
 
 
-@pytest.mark.parametrize("kind, name", [("book_reference", "drop_shortcut")])
+def test_the_two_models_name_the_dropout_differently(small_cfg):
+    ours, ref = project_model(small_cfg, seed=0), book_model(small_cfg, seed=0)
+    for block in ours.trf_blocks:
+        assert not hasattr(block, "drop_shortcut") and fg.residual_dropout(block) is block.drop_resid
+    for block in ref.trf_blocks:
+        assert not hasattr(block, "drop_resid") and fg.residual_dropout(block) is block.drop_shortcut
+    del ours.trf_blocks[0].drop_resid
+    with pytest.raises(AttributeError, match="drop_resid, drop_shortcut"):
+        fg.hidden_states(ours, random_prompts(1, 4, seed=0))
+
+
+@pytest.mark.parametrize("kind, name", [("project", "drop_resid"), ("book_reference", "drop_shortcut")])
 def test_fast_paths_use_the_residual_dropout_by_either_name(small_cfg, kind, name):
     model = MODELS[kind](small_cfg, seed=20)
     prompts = [random_prompts(1, n, seed=20 + n)[0].tolist() for n in (5, 17, 9, 30)]
