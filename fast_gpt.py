@@ -2,12 +2,16 @@
 
 What it adds, for ANY model with the book's module layout (previous_chapters.GPTModel, the
 same model with LoRA layers, or any other book-style implementation with the same submodule
-names); it reads `tok_emb`, `pos_emb`, `drop_emb`, `trf_blocks[i].{norm1, att, ff, norm2,
-drop_shortcut}`, `final_norm` and `out_head` and runs its own forward pass over them, so it
-never subclasses or patches the model and state dicts are unchanged:
+names); it reads `tok_emb`, `pos_emb`, `drop_emb`, `trf_blocks[i].{norm1, att, ff, norm2}`
+and the block's residual dropout (`drop_resid` in the book's chapter 6 and 7 code and in
+previous_chapters.py, `drop_shortcut` in chapters 4 and 5: whichever the block has),
+`final_norm` and `out_head`, and runs its own forward pass over them, so it never subclasses
+or patches the model and state dicts are unchanged:
 
 - fused kernels: F.scaled_dot_product_attention, F.layer_norm (the module's scale, shift and
   eps) and F.gelu(approximate="tanh"), the same formulas as the book's explicit code;
+- its own sampling (`sample_next_token`: the top-k filter and temperature of
+  previous_chapters.generate, the same operations, so the same tokens for the same seed);
 - a key/value cache for generation (`generate`, `generate_stream`): each step computes one
   new position instead of the whole context;
 - batched generation of left-padded prompts (`generate_batch`, `generate_answer_ids`):
@@ -30,9 +34,10 @@ previous_chapters.generate, single, batched with per-row eos, left-padded, strea
 past the context length; the same sampled tokens for the same seed; the same losses and
 gradients within float tolerance; the same weights (to 1e-4) after AdamW steps of
 train_model_fast and train_model_simple. Generation, losses and gradients are checked on the
-project's GPTModel, on it with LoRA layers and on tests/book_reference.py's independent
-implementation; training on the first two. tests/test_weights.py: with GPT-2's weights
-loaded, this module's forward gives the logits of an independent NumPy GPT-2.
+project's GPTModel (the book's chapter 7 code, `drop_resid`), on it with LoRA layers and on
+tests/book_reference.py's independent implementation (`drop_shortcut`); training on the
+first two. tests/test_weights.py: with GPT-2's weights loaded, this module's forward gives
+the logits of an independent NumPy GPT-2.
 """
 
 import itertools
@@ -43,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from instructkit.precision import cuda_bf16_supported
-from previous_chapters import sample_next_token, text_to_token_ids, token_ids_to_text
+from previous_chapters import text_to_token_ids, token_ids_to_text
 
 # The compiled block function for the transformer blocks that compile_blocks was given. Weak
 # keys: the model is left untouched, and its blocks are forgotten here when it is deleted.
@@ -145,15 +150,32 @@ def attention(att, x, attn_mask=None, kv_cache=None, layer_idx=0):
     return att.out_proj(context_vec)
 
 
+# The residual dropout's names in the book: `drop_resid` in its chapter 6 and 7 code (and so
+# in previous_chapters.py), `drop_shortcut` in chapters 4 and 5. A dropout holds no
+# parameters, so the state dicts are the same either way.
+RESIDUAL_DROPOUT_NAMES = ("drop_resid", "drop_shortcut")
+
+
+def residual_dropout(block):
+    """The block's dropout before each residual addition, by whichever name the block has."""
+    for name in RESIDUAL_DROPOUT_NAMES:
+        dropout = getattr(block, name, None)
+        if dropout is not None:
+            return dropout
+    raise AttributeError(f"{type(block).__name__} has no residual dropout: expected one of "
+                         f"{', '.join(RESIDUAL_DROPOUT_NAMES)} (the book's TransformerBlock layout)")
+
+
 def transformer_block(block, x, attn_mask=None, kv_cache=None, layer_idx=0):
     """The book's TransformerBlock.forward, through the fused functions above."""
+    drop_resid = residual_dropout(block)
     shortcut = x  # pre-LayerNorm attention with a residual connection
     x = attention(block.att, layer_norm(block.norm1, x), attn_mask, kv_cache, layer_idx)
-    x = block.drop_shortcut(x) + shortcut
+    x = drop_resid(x) + shortcut
 
     shortcut = x  # pre-LayerNorm feed-forward with a residual connection
     x = feed_forward(block.ff, layer_norm(block.norm2, x))
-    return block.drop_shortcut(x) + shortcut
+    return drop_resid(x) + shortcut
 
 
 def transform(model, in_idx, positions, attn_mask=None, kv_cache=None):
@@ -221,6 +243,27 @@ def compile_blocks(model, **kwargs):
 #####################################
 # Generation
 #####################################
+
+def sample_next_token(logits, temperature=0.0, top_k=None):
+    """The next token (batch, 1) from the last position's logits (batch, vocab_size).
+
+    previous_chapters.generate's top-k filter and temperature sampling, the same operations
+    in the same order, so for the same seed both draw the same tokens: the k largest logits
+    of each row stay candidates (each row against its own k-th largest), then either the
+    largest logit (temperature 0) or a draw from softmax(logits / temperature), computed
+    after subtracting each row's largest logit so that exp() cannot overflow.
+    """
+    if top_k is not None:
+        top_logits, _ = torch.topk(logits, top_k)
+        min_val = top_logits[:, -1:]  # (batch, 1): each row's own k-th largest logit
+        logits = torch.where(logits < min_val, torch.tensor(float("-inf")).to(logits.device), logits)
+    if temperature > 0.0:
+        logits = logits / temperature
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1)  # (batch, vocab_size)
+        return torch.multinomial(probs, num_samples=1)  # (batch, 1)
+    return torch.argmax(logits, dim=-1, keepdim=True)  # (batch, 1)
+
 
 def last_position_logits(out_head, hidden):
     """The output head on the last position of `hidden` (batch, n_tokens, emb_dim).

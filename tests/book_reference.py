@@ -4,7 +4,9 @@ Written from the chapter's description, structured the way the book structures i
 module names, so the same state-dict keys), with none of the project's additions: no KV
 cache, no fused kernels, no padding masks. The tests load the same weights into this model
 and into `previous_chapters.GPTModel` and compare what both compute, and run fast_gpt.py
-on it: a model that fast_gpt was not written against.
+on it: a model that fast_gpt was not written against. Its residual dropout has chapter 4's
+name, `drop_shortcut`, where previous_chapters.py (the book's chapter 7 code) has
+`drop_resid`: the tests run fast_gpt on both names.
 """
 
 import math

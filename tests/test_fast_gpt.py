@@ -3,8 +3,9 @@
 Every speed-up must give what the book's code gives: the same greedy tokens (one prompt,
 batches with per-row end-of-text, left-padded prompts, the streamed tokens), the same loss
 and gradients within float tolerance, the same weights after AdamW steps. The models: the
-project's GPTModel, the same with LoRA layers, and tests/book_reference.py's independent
-implementation, which fast_gpt has never seen.
+project's GPTModel (the book's chapter 7 code: the residual dropout is `drop_resid`), the same
+with LoRA layers, and tests/book_reference.py's independent implementation, which fast_gpt
+has never seen (chapter 4's name, `drop_shortcut`).
 """
 
 import copy
@@ -156,6 +157,38 @@ def test_sampling_draws_the_plain_loops_tokens(small_cfg):
     assert not torch.equal(plain, greedy)  # it really sampled
 
 
+def test_sample_next_token_greedy_top_k_and_huge_logits():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 1.0, 4.0, 0.0]])
+    assert fg.sample_next_token(logits).tolist() == [[1], [0]]
+    assert fg.sample_next_token(logits, top_k=2).tolist() == [[1], [0]]
+    torch.manual_seed(0)
+    draws = torch.cat([fg.sample_next_token(logits, temperature=10.0, top_k=2) for _ in range(200)], 1)
+    assert set(draws[0].tolist()) == {1, 3} and set(draws[1].tolist()) == {0, 2}  # each row's own top 2
+
+    huge = torch.tensor([[1e4, 0.0, -1e4, 9990.0], [-1e4, 1e4, 1e4 - 1, 0.0]])
+    for temperature in (0.5, 1.0, 100.0):
+        for top_k in (None, 3):
+            with torch.no_grad():
+                tok = fg.sample_next_token(huge.clone(), temperature=temperature, top_k=top_k)
+            assert tok.shape == (2, 1)
+            assert tok[0, 0].item() in {0, 3} and tok[1, 0].item() in {1, 2}
+    # temperature 0.5 turns a gap of 10 into 20 nats: effectively certain
+    assert fg.sample_next_token(huge[:1], temperature=0.5).item() == 0
+
+
+def test_batched_sampling_draws_the_plain_loops_tokens(small_cfg):
+    """Top-k and temperature on a batch: fast_gpt's sampling and previous_chapters.generate's
+    inline code draw the same tokens for the same seed."""
+    model = project_model(small_cfg, seed=19)
+    prompts = random_prompts(3, 8, seed=19)
+    torch.manual_seed(7)
+    plain = pc.generate(model, prompts, 12, CONTEXT, temperature=1.2, top_k=8)
+    torch.manual_seed(7)
+    fast = fg.generate(model, prompts, 12, CONTEXT, temperature=1.2, top_k=8)
+    assert torch.equal(fast, plain)
+    assert not torch.equal(plain, pc.generate(model, prompts, 12, CONTEXT))  # it really sampled
+
+
 def test_hidden_states_with_cache_match_a_full_forward(small_cfg):
     model = project_model(small_cfg, seed=8)
     seq = random_prompts(2, 30, seed=8)
@@ -168,6 +201,61 @@ def test_hidden_states_with_cache_match_a_full_forward(small_cfg):
     assert cache.length == 30
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.out_head(full), logits, atol=1e-5, rtol=1e-5)
+
+
+########################################################################################
+# Both names of the residual dropout: drop_resid (chapters 6, 7) and drop_shortcut (4, 5)
+########################################################################################
+
+class Scale(torch.nn.Module):
+    """A deterministic stand-in for the residual dropout: a path that skipped it, or called
+    another module, would give other tokens and losses."""
+
+    def forward(self, x):
+        return 0.75 * x
+
+
+def test_the_two_models_name_the_dropout_differently(small_cfg):
+    ours, ref = project_model(small_cfg, seed=0), book_model(small_cfg, seed=0)
+    for block in ours.trf_blocks:
+        assert not hasattr(block, "drop_shortcut") and fg.residual_dropout(block) is block.drop_resid
+    for block in ref.trf_blocks:
+        assert not hasattr(block, "drop_resid") and fg.residual_dropout(block) is block.drop_shortcut
+    del ours.trf_blocks[0].drop_resid
+    with pytest.raises(AttributeError, match="drop_resid, drop_shortcut"):
+        fg.hidden_states(ours, random_prompts(1, 4, seed=0))
+
+
+@pytest.mark.parametrize("kind, name", [("project", "drop_resid"), ("book_reference", "drop_shortcut")])
+def test_fast_paths_use_the_residual_dropout_by_either_name(small_cfg, kind, name):
+    model = MODELS[kind](small_cfg, seed=20)
+    prompts = [random_prompts(1, n, seed=20 + n)[0].tolist() for n in (5, 17, 9, 30)]
+    unscaled = pc.generate(model, torch.tensor([prompts[0]]), 12, CONTEXT)
+    for block in model.trf_blocks:
+        setattr(block, name, Scale())
+    assert not torch.equal(pc.generate(model, torch.tensor([prompts[0]]), 12, CONTEXT), unscaled)
+
+    # Greedy answers, one prompt and batched (left-padded), as the plain loop gives them
+    alone = pc.generate(model, torch.tensor([prompts[0]]), 12, CONTEXT)
+    assert torch.equal(fg.generate(model, torch.tensor([prompts[0]]), 12, CONTEXT), alone)
+    eos = next(t for t, s in first_steps(alone[0, 5:].tolist()).items() if s >= 3)
+    expected = [pc.generate(model, torch.tensor([p]), 12, CONTEXT, eos_id=eos)[0, len(p):].tolist()
+                for p in prompts]
+    assert len(expected[0]) < 12  # one answer stops at eos
+    assert fg.generate_answer_ids(model, prompts, 12, CONTEXT, eos, batch_size=3) == expected
+
+    # The packed loss and its gradients
+    model.train()
+    inputs, targets = padded_batch(seed=20)
+    loss = pc.calc_loss_batch(inputs, targets, model, "cpu")
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    packed = fg.calc_loss_batch_packed(inputs, targets, model, "cpu")
+    packed.backward()
+    assert packed.item() == pytest.approx(loss.item(), abs=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
 
 
 ########################################################################################

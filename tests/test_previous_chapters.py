@@ -1,12 +1,18 @@
-"""previous_chapters.py: the book's GPT model, generation, loss, training, weight assignment, LoRA.
+"""previous_chapters.py: the book's data loader, GPT model, generation, loss, training, weight
+assignment and loss plot (and exercise 7.4's LoRA on that model).
 
-The book's own code lives in book_reference.py (written independently, structured as the
-book's chapter 4); the project's model must load its checkpoints and compute what it computes.
+An independent implementation of the book's model and loops lives in book_reference.py
+(structured as the book's chapter 4); the project's model must load its checkpoints and
+compute what it computes. A section calls every function of the book's file as the book's
+notebooks and scripts call it, and checks that it does what the book's does.
 """
 
+import ast
 import copy
+import itertools
 import math
 import re
+from pathlib import Path
 
 import book_reference as book
 import matplotlib
@@ -256,23 +262,22 @@ def test_sampling_is_reproducible_and_respects_top_k(small_cfg):
     assert (new != logits.argmax(-1)).any()  # it really sampled
 
 
-def test_sample_next_token_greedy_top_k_and_huge_logits():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 1.0, 4.0, 0.0]])
-    assert pc.sample_next_token(logits).tolist() == [[1], [0]]
-    assert pc.sample_next_token(logits, top_k=2).tolist() == [[1], [0]]
-    torch.manual_seed(0)
-    draws = torch.cat([pc.sample_next_token(logits, temperature=10.0, top_k=2) for _ in range(200)], 1)
-    assert set(draws[0].tolist()) == {1, 3} and set(draws[1].tolist()) == {0, 2}
+def test_batched_top_k_keeps_each_rows_own_candidates(small_cfg):
+    """The marked fix: the book's `top_logits[:, -1]` cannot broadcast against a batch's logits."""
+    model = make_model(small_cfg, seed=9)
+    prompts = random_prompts(3, 6, seed=9)
+    greedy = pc.generate(model, prompts, 10, 64)
+    torch.manual_seed(0)  # top_k=1 leaves one candidate per row: sampling is greedy
+    assert torch.equal(pc.generate(model, prompts, 10, 64, temperature=1.0, top_k=1), greedy)
 
-    huge = torch.tensor([[1e4, 0.0, -1e4, 9990.0], [-1e4, 1e4, 1e4 - 1, 0.0]])
-    for temperature in (0.5, 1.0, 100.0):
-        for top_k in (None, 3):
-            with torch.no_grad():
-                tok = pc.sample_next_token(huge.clone(), temperature=temperature, top_k=top_k)
-            assert tok.shape == (2, 1)
-            assert tok[0, 0].item() in {0, 3} and tok[1, 0].item() in {1, 2}
-    # temperature 0.5 turns a gap of 10 into 20 nats: effectively certain
-    assert pc.sample_next_token(huge[:1], temperature=0.5).item() == 0
+    torch.manual_seed(1)
+    sampled = pc.generate(model, prompts, 10, 64, temperature=2.0, top_k=4)
+    with torch.no_grad():
+        logits = model(sampled[:, :-1])[:, 5:]  # (3, 10, vocab): the logits of each new token
+    new = sampled[:, 6:]
+    kth = torch.topk(logits, 4).values[..., -1]
+    assert (logits.gather(-1, new[..., None])[..., 0] >= kth).all()  # each within its row's top 4
+    assert not torch.equal(sampled, greedy)  # it really sampled
 
 
 def test_generate_text_simple_equals_greedy_generate(small_cfg):
@@ -396,10 +401,12 @@ def test_train_model_simple_lowers_loss_and_reports(tiny_cfg, train_val_loaders,
     assert lines.index(samples[0]) == 2  # after epoch 1's two evaluations
 
 
-def test_plot_losses_writes_png_and_pdf(tmp_path):
+def test_plot_losses_writes_png_and_pdf(tmp_path, monkeypatch):
+    """The marked keywords: another file and format, no file at all, closed instead of shown."""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    monkeypatch.chdir(tmp_path)
     epochs = torch.linspace(0, 2, 5)
     args = (epochs, [0, 100, 200, 300, 400], [3.0, 2.0, 1.5, 1.2, 1.0], [3.1, 2.2, 1.9, 1.8, 1.8])
     fig = pc.plot_losses(*args, save_path=tmp_path / "loss.png", show=False)
@@ -410,6 +417,9 @@ def test_plot_losses_writes_png_and_pdf(tmp_path):
     assert fig.axes[1].get_xlabel() == "Tokens seen"
     pc.plot_losses(*args, save_path=str(tmp_path / "loss.pdf"), show=False)
     assert (tmp_path / "loss.pdf").read_bytes()[:5] == b"%PDF-"
+    fig = pc.plot_losses(*args, save_path=None, show=False)  # drawn, saved nowhere
+    assert fig.axes[0].get_ylabel() == "Loss"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.pdf", "loss.png"]
 
 
 ########################################################################################
@@ -417,19 +427,177 @@ def test_plot_losses_writes_png_and_pdf(tmp_path):
 ########################################################################################
 
 def test_assign_checks_shapes():
-    left = nn.Parameter(torch.zeros(2, 3))
-    with pytest.raises(ValueError) as err:
-        pc.assign(left, torch.zeros(3, 2))
-    assert "(2, 3)" in str(err.value) and "(3, 2)" in str(err.value)
-
     import numpy as np
 
-    right = np.arange(6, dtype=np.float64).reshape(2, 3)
+    left = nn.Parameter(torch.zeros(2, 3))
+    with pytest.raises(ValueError) as err:
+        pc.assign(left, np.zeros((3, 2), dtype=np.float32))
+    assert str(err.value) == "Shape mismatch. Left: torch.Size([2, 3]), Right: (3, 2)"  # the book's words
+
+    right = np.arange(6, dtype=np.float32).reshape(2, 3)
     new = pc.assign(left, right)
-    assert isinstance(new, nn.Parameter) and new.dtype == torch.float32
+    assert isinstance(new, nn.Parameter) and new.requires_grad and new.dtype == torch.float32
     assert new.tolist() == right.tolist()
     right[0, 0] = 99.0
     assert new[0, 0].item() == 0.0  # a copy, not a view of the array
+
+
+########################################################################################
+# The book's calls: each function called as the book's notebooks and scripts call it
+########################################################################################
+
+def test_create_dataloader_v1_gives_the_books_windows(instruction_data):
+    """Chapter 2: `create_dataloader_v1(raw_text, batch_size=8, max_length=4, stride=4,
+    shuffle=False)`: windows of max_length tokens every `stride` tokens, targets one ahead."""
+    import tiktoken
+
+    txt = "Every effort moves you forward. " + " ".join(e["output"] for e in instruction_data[:40])
+    ids = tiktoken.get_encoding("gpt2").encode(txt)
+    starts = range(0, len(ids) - 4, 4)
+    assert len(starts) > 3 * 8  # several full batches, and a partial one dropped
+
+    loader = pc.create_dataloader_v1(txt, batch_size=8, max_length=4, stride=4, shuffle=False)
+    batches = list(loader)
+    assert len(batches) == len(starts) // 8  # drop_last=True: the partial batch is dropped
+    inputs, targets = batches[0]
+    assert inputs.dtype == targets.dtype == torch.long and inputs.shape == (8, 4)
+    assert inputs[0].tolist() == [6109, 3626, 6100, 345]  # "Every effort moves you"
+    assert targets[0].tolist()[:3] == [3626, 6100, 345]
+    for b, (inputs, targets) in enumerate(batches):
+        for row in range(8):
+            i = starts[8 * b + row]
+            assert inputs[row].tolist() == ids[i:i + 4]
+            assert targets[row].tolist() == ids[i + 1:i + 5]
+
+    # The first example of chapter 2: batch_size=1, max_length=4, stride=1, shuffle=False
+    first, second = itertools.islice(pc.create_dataloader_v1(txt, batch_size=1, max_length=4, stride=1,
+                                                             shuffle=False), 2)
+    assert first[0].tolist() == [ids[0:4]] and first[1].tolist() == [ids[1:5]]
+    assert second[0].tolist() == [ids[1:5]]
+
+    # The defaults (batch 4, 256 tokens, stride 128, shuffled, drop_last) and the dataset itself
+    dataset = pc.GPTDatasetV1(txt, tiktoken.get_encoding("gpt2"), max_length=256, stride=128)
+    assert len(dataset) == len(range(0, len(ids) - 256, 128))
+    assert len(pc.create_dataloader_v1(txt)) == len(dataset) // 4
+    x, y = dataset[1]
+    assert x.tolist() == ids[128:384] and y.tolist() == ids[129:385]
+    torch.manual_seed(0)
+    shuffled = torch.cat([x for x, _ in pc.create_dataloader_v1(txt, batch_size=1, max_length=4, stride=4)])
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(tuple(ids[i:i + 4]) for i in starts)
+    assert shuffled.tolist() != [ids[i:i + 4] for i in starts]  # shuffle=True by default
+
+
+def test_generate_called_the_books_way_stops_like_the_book(tiny_cfg, tokenizer):
+    """Chapter 7: `generate(model=model, idx=text_to_token_ids(input_text, tokenizer),
+    max_new_tokens=..., context_size=..., eos_id=50256)`, one prompt: the text ends before the
+    end-of-text token, as the book's `if idx_next == eos_id: break` ends it."""
+    model = make_model(tiny_cfg, seed=17)
+    ref = book_copy(model, tiny_cfg)
+    input_text = "Below is an instruction that describes a task."
+    idx = pc.text_to_token_ids(input_text, tokenizer)
+    n = idx.shape[1]
+    new = pc.generate(model=model, idx=idx, max_new_tokens=20, context_size=tiny_cfg["context_length"])
+    new = new[0, n:].tolist()
+    eos, k = next((t, s) for t, s in first_steps(new).items() if s >= 3)
+
+    token_ids = pc.generate(model=model, idx=idx, max_new_tokens=20,
+                            context_size=tiny_cfg["context_length"], eos_id=eos)
+    assert token_ids[0].tolist() == idx[0].tolist() + new[:k]
+    assert torch.equal(token_ids, book.generate(ref, idx, 20, tiny_cfg["context_length"], eos_id=eos))
+    generated_text = pc.token_ids_to_text(token_ids, tokenizer)
+    assert generated_text == input_text + tokenizer.decode(new[:k])
+
+    # Chapter 5: top-k and temperature for one prompt; the same draws as the book's loop
+    torch.manual_seed(123)
+    sampled = pc.generate(model=model, idx=pc.text_to_token_ids("Every effort moves you", tokenizer),
+                          max_new_tokens=15, context_size=tiny_cfg["context_length"], top_k=25,
+                          temperature=1.4)
+    torch.manual_seed(123)
+    expected = book.generate(ref, pc.text_to_token_ids("Every effort moves you", tokenizer), 15,
+                             tiny_cfg["context_length"], temperature=1.4, top_k=25)
+    assert sampled.shape == (1, 4 + 15) and torch.equal(sampled, expected)
+
+
+def test_generate_text_simple_and_the_sample_called_the_books_way(tiny_cfg, tokenizer, capsys):
+    """Chapters 4 and 5: `generate_text_simple(model=model, idx=..., max_new_tokens=...,
+    context_size=...)` and `generate_and_print_sample(model, tokenizer, device, start_context)`."""
+    model = make_model(tiny_cfg, seed=18)
+    ref = book_copy(model, tiny_cfg)
+    start_context = "Every effort moves you"
+    encoded = pc.text_to_token_ids(start_context, tokenizer)
+    out = pc.generate_text_simple(model=model, idx=encoded, max_new_tokens=10,
+                                  context_size=tiny_cfg["context_length"])
+    assert torch.equal(out, book.generate(ref, encoded, 10, tiny_cfg["context_length"]))
+
+    model.train()
+    pc.generate_and_print_sample(model, tokenizer, "cpu", start_context)
+    sample = book.generate(ref, encoded, 50, tiny_cfg["context_length"])
+    assert capsys.readouterr().out == tokenizer.decode(sample[0].tolist()).replace("\n", " ") + "\n"
+    assert model.training  # back in training mode, as the book leaves it
+
+
+def test_plot_losses_called_the_books_way_saves_loss_plot_pdf_and_shows(tmp_path, monkeypatch):
+    """Chapter 7: `plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses)` writes
+    loss-plot.pdf into the working directory and calls plt.show(), leaving the figure open."""
+    matplotlib.use("Agg")  # plt.show() draws nowhere
+    import matplotlib.pyplot as plt
+
+    shown = []
+    real_show = plt.show
+    monkeypatch.setattr(plt, "show", lambda *a, **k: (shown.append(plt.gcf()), real_show(*a, **k)))
+    monkeypatch.chdir(tmp_path)
+    train_losses, val_losses = [3.0, 2.0, 1.5, 1.2, 1.0], [3.1, 2.2, 1.9, 1.8, 1.8]
+    tokens_seen = [0, 100, 200, 300, 400]
+    num_epochs = 2
+    epochs_tensor = torch.linspace(0, num_epochs, len(train_losses))
+    before = set(plt.get_fignums())
+
+    pc.plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses)
+
+    assert [p.name for p in tmp_path.iterdir()] == ["loss-plot.pdf"]
+    assert (tmp_path / "loss-plot.pdf").read_bytes()[:5] == b"%PDF-"
+    (new,) = set(plt.get_fignums()) - before  # the book's figure stays open after plt.show()
+    assert len(shown) == 1 and shown[0].number == new
+    fig = plt.figure(new)
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["Training loss", "Validation loss"]
+    assert fig.axes[0].get_xlabel() == "Epochs" and fig.axes[1].get_xlabel() == "Tokens seen"
+    plt.close(fig)
+
+
+def test_the_books_signatures_and_defaults():
+    """Every function and class of the book's file, with the book's parameters and defaults
+    (plot_losses' two extra keywords are marked changes)."""
+    import inspect
+
+    def signature(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    empty = inspect.Parameter.empty
+    assert signature(pc.GPTDatasetV1.__init__) == [(n, empty) for n in
+                                                   ("self", "txt", "tokenizer", "max_length", "stride")]
+    assert signature(pc.create_dataloader_v1) == [("txt", empty), ("batch_size", 4), ("max_length", 256),
+                                                  ("stride", 128), ("shuffle", True), ("drop_last", True),
+                                                  ("num_workers", 0)]
+    assert signature(pc.generate)[4:] == [("temperature", 0.0), ("top_k", None), ("eos_id", None)]
+    assert signature(pc.plot_losses) == [(n, empty) for n in
+                                         ("epochs_seen", "tokens_seen", "train_losses", "val_losses")] \
+        + [("save_path", "loss-plot.pdf"), ("show", True)]
+    assert signature(pc.MultiHeadAttention.__init__)[1:] == [
+        ("d_in", empty), ("d_out", empty), ("context_length", empty), ("dropout", empty),
+        ("num_heads", empty), ("qkv_bias", False)]
+    book_names = ["GPTDatasetV1", "create_dataloader_v1", "MultiHeadAttention", "LayerNorm", "GELU",
+                  "FeedForward", "TransformerBlock", "GPTModel", "generate_text_simple", "generate",
+                  "train_model_simple", "evaluate_model", "generate_and_print_sample", "assign",
+                  "load_weights_into_gpt", "text_to_token_ids", "token_ids_to_text", "calc_loss_batch",
+                  "calc_loss_loader", "plot_losses"]
+    tree = ast.parse(Path(pc.__file__).read_text(encoding="utf-8"))
+    defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    assert defined == book_names  # all of the book's definitions, in its order, and nothing else
+
+
+def test_the_residual_dropout_is_named_as_in_chapter_7(tiny_cfg):
+    block = pc.GPTModel(tiny_cfg).trf_blocks[0]
+    assert isinstance(block.drop_resid, nn.Dropout) and not hasattr(block, "drop_shortcut")
 
 
 ########################################################################################

@@ -146,7 +146,7 @@ def test_every_parameter_is_overwritten(gpt2):
 
 
 def test_assign_shape_mismatch_names_both_shapes():
-    with pytest.raises(ValueError, match=r"\(2, 3\).*\(3, 2\)"):
+    with pytest.raises(ValueError, match=r"Left: torch.Size\(\[2, 3\]\), Right: \(3, 2\)"):
         assign(torch.zeros(2, 3), np.zeros((3, 2), dtype=np.float32))
     assert tuple(assign(torch.zeros(2, 3), np.ones((2, 3))).shape) == (2, 3)
 
@@ -161,3 +161,50 @@ def test_loading_into_a_model_of_the_wrong_size_names_the_parameter(gpt2):
     deeper = GPTModel(model_config(settings, n_layers=settings["n_layer"] + 1))
     with pytest.raises(ValueError, match="blocks"):
         load_weights_into_gpt(deeper, params)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_layers": 1}, "The checkpoint has 2 blocks, the model 1: check the model size"),
+    ({"n_layers": 3}, "The checkpoint has 2 blocks, the model 3: check the model size"),
+    ({"vocab_size": 95}, "wte: the checkpoint's shape (96, 16) does not fit the model's (95, 16)"),
+    ({"context_length": 32}, "wpe: the checkpoint's shape (16, 16) does not fit the model's (32, 16)"),
+    ({"qkv_bias": False}, "blocks[0].attn.c_attn.b: the checkpoint has query/key/value biases and the "
+                          "model has none; GPT-2 needs a model built with qkv_bias=True"),
+], ids=["shallower", "deeper", "vocabulary", "context", "no-qkv-bias"])
+def test_a_checkpoint_that_does_not_fit_is_refused_before_any_copy(gpt2, change, message):
+    """One error naming the checkpoint's parameter (one line and exit 2 from a command: a
+    CheckpointError), and the model keeps its weights: nothing was half loaded."""
+    from instructkit.errors import CheckpointError
+
+    _, params = gpt2
+    torch.manual_seed(0)
+    model = GPTModel(model_config(HPARAMS, **change))
+    before = _state(model)
+    with pytest.raises(CheckpointError) as excinfo:
+        load_weights_into_gpt(model, params)
+    assert str(excinfo.value) == message
+    assert isinstance(excinfo.value, ValueError)  # what the book's assign raises, too
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_parameter_of_another_shape_deep_inside_is_named(gpt2):
+    """The checkpoint's parameter, by its place in OpenAI's layout, with both shapes."""
+    from instructkit.gpt2_params import WeightsMismatchError
+
+    settings, params = gpt2
+    model = GPTModel(model_config(settings))
+    blocks = [dict(block) for block in params["blocks"]]
+    blocks[1] = {**blocks[1], "mlp": {**blocks[1]["mlp"], "c_proj": {
+        "w": params["blocks"][1]["mlp"]["c_proj"]["w"][:-1], "b": params["blocks"][1]["mlp"]["c_proj"]["b"]}}}
+    with pytest.raises(WeightsMismatchError, match=r"^blocks\[1\]\.mlp\.c_proj\.w: the checkpoint's "
+                       r"shape \(63, 16\) does not fit the model's \(64, 16\)$"):
+        load_weights_into_gpt(model, {**params, "blocks": blocks})
+    without_g = {k: v for k, v in params.items() if k != "g"}
+    with pytest.raises(WeightsMismatchError, match="^The checkpoint has no g: not GPT-2's parameter layout$"):
+        load_weights_into_gpt(model, without_g)
+    load_weights_into_gpt(model, params)  # the untouched checkpoint fits
