@@ -110,17 +110,26 @@ class InstructionDatasetWithMasking(InstructionDatasetWithStyle):
         return self.instruction_lengths[index], self.encoded_texts[index]
 
 
-def with_instruction_masking(collate_fn, ignore_index=-100):
+def with_instruction_masking(collate_fn):
     """Exercise 7.2's collate function, made from the chapter's `collate_fn`.
 
     The batch's items are InstructionDatasetWithMasking's (instruction_length, token_ids).
-    `collate_fn` pads and shifts the token ids as in the chapter; then the targets that
-    predict a prompt token get `ignore_index` too. The target at position i is input token
-    i + 1, so targets 0 to instruction_length - 2 are prompt tokens and the first counted
-    target is the response's first token.
+    `collate_fn` (the chapter's custom_collate_fn) pads and shifts the token ids; then the
+    targets that predict a prompt token get `ignore_index` too. The target at position i is
+    input token i + 1, so targets 0 to instruction_length - 2 are prompt tokens and the first
+    counted target is the response's first token.
     """
-    def custom_collate_with_masking_fn(batch, **kwargs):
-        inputs, targets = collate_fn([item for _, item in batch], **kwargs)  # (batch, length) each
+    def custom_collate_with_masking_fn(
+        batch,
+        pad_token_id=50256,
+        ignore_index=-100,
+        allowed_max_length=None,
+        device="cpu"
+    ):
+        # New: the items are (instruction_length, token_ids) pairs; the chapter's collate pads
+        # the token ids
+        inputs, targets = collate_fn([item for _, item in batch], pad_token_id, ignore_index,
+                                     allowed_max_length, device)  # (batch, length) each
         for row, (instruction_length, _) in enumerate(batch):
             # New: the prompt's targets are ignored as well
             targets[row, :instruction_length-1] = ignore_index

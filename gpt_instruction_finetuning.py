@@ -46,7 +46,7 @@ from exercise_variants import (
     replace_linear_with_lora,
     with_instruction_masking,
 )
-from instructkit.downloads import download_file
+from instructkit.downloads import download_first
 from instructkit.finetune_config import FinetuneConfig, run_finetune_command
 from instructkit.finetune_run import FinetuneRun
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG, book_model_name
@@ -124,7 +124,7 @@ def download_and_load_file(file_path, url):
     if not os.path.exists(file_path):
         # Not in the book: downloaded with instructkit/downloads.py instead of requests: the
         # file gets its name only when complete, and a failure is one line saying what to do
-        download_file(url, file_path)
+        download_first([url], file_path)
 
     with open(file_path, "r", encoding="utf-8") as file:
         data = json.load(file)

@@ -71,7 +71,7 @@ def assert_one_line_error(proc, code, message):
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {message}"]
-    assert "Initial training loss" not in proc.stdout
+    assert "Initial losses" not in proc.stdout
 
 
 def modes(folder):
@@ -214,12 +214,12 @@ def test_case3_ctrl_c_while_answering_keeps_the_trained_model(tmp_path, data):
     out = tmp_path / "out"
     # 100,000 new tokens for each answer: answering takes far longer than the signal
     code, err = run_and_act(tmp_path, data, out, "--max-new-tokens", "100000",
-                            markers=["Run record saved as"], stderr_marker="Generating responses",
+                            markers=["Plot saved as"], stderr_marker="Generating responses",
                             act=lambda proc: proc.send_signal(signal.SIGINT))
     assert code == 130
     assert "Traceback" not in err
     assert (f"Answering the test set interrupted: saved the finetuned model ({out / MODEL}), the "
-            f"loss plot ({out / PLOT}), the run record ({out / RECORD}); not saved: the test "
+            f"run record ({out / RECORD}), the loss plot ({out / PLOT}); not saved: the test "
             f"answers.") in err.splitlines()
     # The work is on disk: a whole, loadable model, the plot and the run record, all with the
     # usual mode (the metrics file is appended to during training).
@@ -351,15 +351,16 @@ def test_case8_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume
 
 def test_lora_run_saves_adapters_and_merged_model_before_answering(tmp_path, data, one_thread,
                                                                    capsys):
-    from instructkit import finetune as fc
-    config = fc.FinetuneConfig(test_mode=True, data=str(data), output_dir=str(tmp_path),
-                               epochs=1, lora_rank=4, max_new_tokens=2,
-                               tokenizer_dir=str(TOKENIZER_DIR))
-    result = fc.main(config)
+    import gpt_instruction_finetuning as gif
+    from instructkit.finetune_config import FinetuneConfig
+
+    config = FinetuneConfig(test_mode=True, data=str(data), output_dir=str(tmp_path),
+                            epochs=1, lora_rank=4, max_new_tokens=2, tokenizer_dir=str(TOKENIZER_DIR))
+    result = gif.main(config=config)
     out = capsys.readouterr().out
     saves = [line.split(" saved as ")[0] for line in out.splitlines() if " saved as " in line]
-    assert saves == ["LoRA adapters", "Model", "Loss plot", "Run record", "Responses"]
-    assert out.index("Loss plot saved as") < out.index("Model response:") < out.index(
+    assert saves == ["LoRA adapters", "Model", "Plot", "Responses"]
+    assert out.index("Plot saved as") < out.index("Model response:") < out.index(
         "Responses saved as")
     stem = "gpt2-medium355M-sft-lora4-test"
     assert {k: p.name for k, p in result["paths"].items()} == {

@@ -28,7 +28,8 @@ import fast_gpt
 import gpt_download
 import gpt_instruction_finetuning as gif
 import previous_chapters as pc
-from instructkit import finetune as fc
+from instructkit import answers
+from instructkit.finetune_config import PROMPT_STYLE_NAMES
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
 from instructkit.instruction_data import split_data
 from instructkit.safe_files import save_state_dict
@@ -74,7 +75,7 @@ def test_phi3_training_texts(instruction_data, tokenizer):
     chapter = gif.InstructionDataset(entries, tokenizer)
     assert all(len(phi[i]) < len(chapter[i]) for i in range(2))  # the Phi-3 prompt is shorter
     # The style-taking dataset is the chapter's for Alpaca, exercise 7.1's for Phi-3.
-    assert ev.InstructionDatasetWithStyle(entries, tokenizer, ev.ALPACA).encoded_texts == \
+    assert ev.InstructionDatasetWithStyle(entries, tokenizer, gif.ALPACA).encoded_texts == \
         chapter.encoded_texts
     assert ev.InstructionDatasetWithStyle(entries, tokenizer, ev.PHI3).encoded_texts == \
         phi.encoded_texts
@@ -100,13 +101,13 @@ def test_phi3_extraction_strips_the_assistant_tag(instruction_data, index):
 
 
 def test_prompt_style_by_name():
-    assert ev.prompt_style("phi3") is ev.PHI3 and ev.prompt_style("alpaca") is ev.ALPACA
-    assert ev.ALPACA.format_input is gif.format_input  # the chapter's own function
-    with pytest.raises(ValueError, match=r"choose one of \['alpaca', 'phi3'\]"):
-        ev.prompt_style("chatml")
+    assert gif.PROMPT_STYLES["phi3"] is ev.PHI3 and gif.PROMPT_STYLES["alpaca"] is gif.ALPACA
+    assert gif.ALPACA.format_input is gif.format_input  # the chapter's own function
+    assert gif.ALPACA.extract_response is gif.extract_response
+    assert tuple(gif.PROMPT_STYLES) == PROMPT_STYLE_NAMES  # --prompt-style's choices
 
 
-@pytest.mark.parametrize("style", [ev.ALPACA, ev.PHI3], ids=lambda s: s.name)
+@pytest.mark.parametrize("style", [gif.ALPACA, ev.PHI3], ids=lambda s: s.name)
 def test_generate_responses_with_style_equals_one_by_one(instruction_data, tokenizer, tiny_cfg,
                                                           style):
     """Batched answers in a style: the book's one-at-a-time loop, cut by the style's extract."""
@@ -120,12 +121,9 @@ def test_generate_responses_with_style_equals_one_by_one(instruction_data, token
                                 tiny_cfg["context_length"], eos_id=EOT)
         expected.append(style.extract_response(pc.token_ids_to_text(token_ids, tokenizer),
                                                input_text))
-    got = ev.generate_responses_with_style(model, entries, tokenizer, style, max_new_tokens=6,
-                                           batch_size=2, progress=False)
+    got = answers.generate_responses(model, entries, tokenizer, style, max_new_tokens=6,
+                                     batch_size=2, progress=False)
     assert got == expected
-    if style is ev.ALPACA:
-        assert gif.generate_responses(model, entries, tokenizer, max_new_tokens=6,
-                                      progress=False) == expected
 
 
 ########################################################################################
@@ -139,23 +137,26 @@ HAND_MADE = [
 ]
 
 
+# Exercise 7.2's collate function, made from the chapter's
+MASKING_COLLATE = ev.with_instruction_masking(gif.custom_collate_fn)
+
+
 def test_custom_collate_with_masking_fn_hand_made():
     # (instruction_length, token ids) items, as InstructionDatasetWithMasking gives them
     batch = [(3, [0, 1, 2, 3, 4]), (2, [5, 6]), (1, [7, 8, 9])]
-    inputs, targets = ev.custom_collate_with_masking_fn(batch)
+    inputs, targets = MASKING_COLLATE(batch)
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, EOT, EOT, EOT], [7, 8, 9, EOT, EOT]]
     assert targets.tolist() == [
         [-100, -100, 3, 4, EOT],  # targets 1 and 2 are prompt tokens
         [-100, EOT, -100, -100, -100],  # target 6 is a prompt token; the end-of-text stays
         [8, 9, EOT, -100, -100],  # a one-token prompt predicts nothing of itself
     ]
-    inputs, targets = ev.custom_collate_with_masking_fn(batch, allowed_max_length=2,
-                                                        ignore_index=-1)
+    inputs, targets = MASKING_COLLATE(batch, allowed_max_length=2, ignore_index=-1)
     assert inputs.tolist() == [[0, 1], [5, 6], [7, 8]]
     assert targets.tolist() == [[-1, -1], [-1, EOT], [8, 9]]
 
 
-@pytest.mark.parametrize("style", [ev.ALPACA, ev.PHI3], ids=lambda s: s.name)
+@pytest.mark.parametrize("style", [gif.ALPACA, ev.PHI3], ids=lambda s: s.name)
 def test_masked_targets_exactly(style, tokenizer):
     """Prompt targets -100, the response and the first end-of-text kept, later padding -100."""
     prompts = [tokenizer.encode(style.format_input(e)) for e in HAND_MADE]
@@ -168,7 +169,7 @@ def test_masked_targets_exactly(style, tokenizer):
 
     dataset = ev.InstructionDatasetWithMasking(HAND_MADE, tokenizer, style)
     assert [dataset[i] for i in range(2)] == [(len(p), t) for p, t in zip(prompts, texts, strict=True)]
-    inputs, targets = ev.custom_collate_with_masking_fn([dataset[0], dataset[1]])
+    inputs, targets = MASKING_COLLATE([dataset[0], dataset[1]])
     assert inputs.tolist() == expected_inputs
     assert targets.tolist() == expected_targets
 
@@ -181,11 +182,14 @@ def test_masked_targets_exactly(style, tokenizer):
 
 
 def test_masked_loaders_on_the_real_data(instruction_data, tokenizer):
-    """Through build_loaders (what the CLI uses): every row's prompt is masked, nothing else."""
+    """The loaders as gpt_instruction_finetuning.main builds them for --prompt-style phi3
+    --mask-instructions: every row's prompt is masked, nothing else."""
     train, test, val = split_data(instruction_data[:60])
-    _, val_loader = fc.build_loaders(train, val, tokenizer, "cpu", 2, 1024, style=ev.PHI3,
-                                     mask_instructions=True)
-    rows = [row for _, targets in val_loader for row in targets.tolist()]  # not shuffled
+    collate = ev.with_instruction_masking(
+        functools.partial(gif.custom_collate_fn, device="cpu", allowed_max_length=1024))
+    dataset = functools.partial(ev.InstructionDatasetWithMasking, style=ev.PHI3)(val, tokenizer)
+    val_loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate)
+    rows = [row for _, targets in val_loader for row in targets.tolist()]
     assert len(rows) == len(val) == 3
     for entry, row in zip(val, rows, strict=True):
         prompt_length = len(tokenizer.encode(ev.format_input_phi(entry)))
@@ -195,23 +199,13 @@ def test_masked_loaders_on_the_real_data(instruction_data, tokenizer):
         assert set(row[prompt_length + len(response):]) <= {-100}
 
 
-def test_the_cli_uses_the_chapters_classes_without_switches(instruction_data, tokenizer):
-    entries = instruction_data[:4]
-    assert type(fc.make_dataset(entries, tokenizer)) is gif.InstructionDataset
-    assert type(fc.make_dataset(entries, tokenizer, ev.PHI3)) is ev.InstructionDatasetWithStyle
-    assert type(fc.make_dataset(entries, tokenizer, ev.PHI3, mask_instructions=True)) is \
-        ev.InstructionDatasetWithMasking
-    train_loader, _ = fc.build_loaders(entries, entries, tokenizer, "cpu", 2, 1024)
-    assert train_loader.collate_fn.func is gif.custom_collate_fn
-
-
 def test_masking_leaves_only_response_tokens_in_the_loss(tokenizer, tiny_cfg):
     """The loss on masked targets ignores the prompt: changing the instruction's logits
     changes nothing, changing a response position's logits does."""
     torch.manual_seed(3)
     model = pc.GPTModel(tiny_cfg).eval()
-    dataset = ev.InstructionDatasetWithMasking(HAND_MADE, tokenizer)
-    inputs, targets = ev.custom_collate_with_masking_fn([dataset[0], dataset[1]])
+    dataset = ev.InstructionDatasetWithMasking(HAND_MADE, tokenizer, gif.ALPACA)
+    inputs, targets = MASKING_COLLATE([dataset[0], dataset[1]])
     with torch.no_grad():
         logits = model(inputs)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -359,7 +353,7 @@ def run_variant(out_dir, *switches, data, cwd):
 
 
 def initial_training_loss(stdout):
-    return float(re.search(r"Initial training loss: ([0-9.]+)", stdout).group(1))
+    return float(re.search(r"   Training loss: ([0-9.]+)", stdout).group(1))
 
 
 def variant_files(suffix):
@@ -465,7 +459,7 @@ def test_cli_data_url_downloads_the_dataset(tmp_path, instruction_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert requests == ["/small.json"]
     assert json.loads(target.read_text(encoding="utf-8")) == entries
-    assert "Number of entries: 40" in proc.stdout
+    assert "Test set length: 4" in proc.stdout  # 10% of the 40 entries
     assert (tmp_path / "out" / "gpt2-medium355M-sft-downloaded-test.pth").exists()
 
 
@@ -482,7 +476,7 @@ def test_notebook_sections_and_helpers():
         assert f"## Exercise 7.{n}:" in markdown
 
     # The notebook imports the modules' functions; its own helpers have new names.
-    module_names = set().union(*(dir(m) for m in (gif, ev, fc, pc, fast_gpt, gpt_download)))
+    module_names = set().union(*(dir(m) for m in (gif, ev, pc, fast_gpt, gpt_download)))
     defined = {node.name for c in code for node in ast.walk(ast.parse(c.source))
                if isinstance(node, ast.FunctionDef | ast.ClassDef)}
     assert defined and not defined & module_names
@@ -505,7 +499,7 @@ def test_exercise_notebook_runs_in_smoke_mode(tmp_path):
         "gpt2-medium (355M), rank 16: 7,898,384 trainable LoRA parameters of 406,286,336 (1.94%)",
         "By hand: 24 x 294,912 + 820,496 = 7,898,384",
         "Reloaded adapters, same outputs: True",
-        "Loads into a plain GPTModel",
+        "Loads into a plain GPTModel, same outputs: True",
     ):
         assert line in out, line
     assert "\"The correct spelling is 'Occasion.'\"" in out  # extracted Phi-3 answer

@@ -21,9 +21,14 @@ import torch
 from conftest import ROOT, TOKENIZER_DIR
 from interrupting import run_and_act
 
-from instructkit import finetune as fc
-from instructkit.finetune import FinetuneConfig
-from instructkit.instruction_data import DatasetError, split_data
+import gpt_instruction_finetuning as gif
+from instructkit import finetune
+from instructkit.errors import BadInputError, CheckpointError
+from instructkit.finetune_config import FinetuneConfig
+from instructkit.finetune_files import data_name, split_entries
+from instructkit.finetune_run import FinetuneRun
+from instructkit.gpt2_sizes import TEST_MODE_CONFIG
+from instructkit.instruction_data import split_data
 from instructkit.run_record import read_metrics, read_run_record
 from instructkit.training import RESUME_NEWEST
 
@@ -82,7 +87,7 @@ def uninterrupted(data_file, tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("uninterrupted")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = fc.main(settings(data_file, folder))
+        result = gif.main(config=settings(data_file, folder))
     return {"folder": folder, "result": result, "printed": out.getvalue()}
 
 
@@ -102,7 +107,7 @@ def test_metrics_rows_equal_the_printed_losses_and_the_record_holds_the_data_has
     data = data_file.read_bytes()
     assert record["dataset"] == {"path": str(data_file.resolve()),
                                  "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    assert record["model_config"] == fc.TEST_MODE_CONFIG
+    assert record["model_config"] == TEST_MODE_CONFIG
     assert record["config"]["model"] == "gpt2-medium" and record["config"]["epochs"] == EPOCHS
     assert record["precision"] == "fp32" and record["device"] == "cpu" and record["seed"] == 123
     assert record["final_losses"] == {"train_loss": rows[-1]["train_loss"], "val_loss": rows[-1]["val_loss"]}
@@ -114,14 +119,14 @@ def test_metrics_rows_equal_the_printed_losses_and_the_record_holds_the_data_has
 
 def test_max_steps_stop_then_resume_equals_the_uninterrupted_run(uninterrupted, data_file, tmp_path,
                                                                  capsys):
-    stopped = fc.main(settings(data_file, tmp_path, max_steps=7, save_every=3, keep=2))
+    stopped = gif.main(config=settings(data_file, tmp_path, max_steps=7, save_every=3, keep=2))
     assert not stopped["finished"] and stopped["steps"] == 7
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == [f"{STEM}-step0000006.pth", f"{STEM}-step0000007.pth"]  # keep 2
     assert not (tmp_path / f"{STEM}.pth").exists()  # no model from a stopped run
     assert "Stopped after 7 steps (--max-steps)" in capsys.readouterr().out
 
-    resumed = fc.main(settings(data_file, tmp_path, resume=RESUME_NEWEST))
+    resumed = gif.main(config=settings(data_file, tmp_path, resume=RESUME_NEWEST))
     assert f"Resuming from {tmp_path / 'checkpoints' / checkpoints[-1]}: epoch 2, after step 7." in (
         capsys.readouterr().out)
     assert resumed["finished"] and resumed["initial_losses"] is None
@@ -157,44 +162,57 @@ def test_real_sigint_to_the_command_then_resume_equals_the_uninterrupted_run(uni
 
 def test_a_checkpoint_of_other_settings_or_data_is_refused(uninterrupted, data_file, tmp_path,
                                                            instruction_data, capsys):
-    fc.main(settings(data_file, tmp_path, max_steps=2))
+    gif.main(config=settings(data_file, tmp_path, max_steps=2))
     checkpoint = tmp_path / "checkpoints" / f"{STEM}-step0000002.pth"
 
-    code = fc.cli(command(data_file, tmp_path, "--resume", str(checkpoint), "--lr", "1e-4")[3:])
+    code = finetune.cli(command(data_file, tmp_path, "--resume", str(checkpoint), "--lr", "1e-4")[3:])
     err = capsys.readouterr().err
     assert code == 2
     assert "belongs to a different run:\n  config.lr: 5e-05 in the checkpoint, 0.0001 now" in err
 
     other = tmp_path / "data.json"  # the same name, other entries: other sha256
     other.write_text(json.dumps(instruction_data[1:41]), encoding="utf-8")
-    with pytest.raises(fc.CheckpointError, match="dataset_sha256: '[0-9a-f]{64}' in the checkpoint"):
-        fc.main(settings(other, tmp_path, resume=str(checkpoint)))
-    with pytest.raises(fc.CheckpointError, match=f"No checkpoint named {STEM[:-5]}-lora2-test-step"):
-        fc.main(settings(data_file, tmp_path, resume=RESUME_NEWEST, lora_rank=2))
+    with pytest.raises(CheckpointError, match="dataset_sha256: '[0-9a-f]{64}' in the checkpoint"):
+        gif.main(config=settings(other, tmp_path, resume=str(checkpoint)))
+    with pytest.raises(CheckpointError, match=f"No checkpoint named {STEM[:-5]}-lora2-test-step"):
+        gif.main(config=settings(data_file, tmp_path, resume=RESUME_NEWEST, lora_rank=2))
+
+
+def answers_of(model_file, config):
+    """FinetuneRun's answers to the test entries, by the model saved in `model_file`."""
+    from previous_chapters import GPTModel
+
+    run = FinetuneRun(config)
+    _, test_data, _ = run.split(run.load_data("unused.json", None))
+    model = GPTModel(TEST_MODE_CONFIG)
+    model.load_state_dict(model_weights(model_file))
+    return run.generate_responses(model, test_data[:10], run.tokenizer(), gif.ALPACA)
 
 
 def test_answer_limit(uninterrupted, data_file, tmp_path):
     model_file = uninterrupted["folder"] / f"{STEM}.pth"
-    config = settings(data_file, tmp_path, max_test_answers=2)
-    data = fc.prepare_data(config)
-    model = fc.build_model(config, data.device)
-    model.load_state_dict(model_weights(model_file))
-    results = fc.answer_test_set(model, data, config)
     expected = json.loads((uninterrupted["folder"] / "instruction-data-with-response-data-test.json")
                           .read_text())
-    assert results == expected[:2]
-    config = settings(data_file, tmp_path, max_test_answers=0)
-    assert fc.answer_test_set(model, data, config) == []
+    assert answers_of(model_file, settings(data_file, tmp_path, max_test_answers=2)) == expected[:2]
+    assert answers_of(model_file, settings(data_file, tmp_path, max_test_answers=0)) == []
 
 
 ########################################################################################
 # Data a practitioner brings
 ########################################################################################
 
-def prepared(path, tmp_path, **changes):
-    config = FinetuneConfig(data=str(path), output_dir=str(tmp_path), device="cpu",
-                            tokenizer_dir=str(TOKENIZER_DIR), **changes)
-    return fc.prepare_data(config)
+class Prepared:
+    """A run's data as gpt_instruction_finetuning.main reads and splits it (FinetuneRun)."""
+
+    def __init__(self, path, tmp_path, **changes):
+        config = FinetuneConfig(data=str(path), output_dir=str(tmp_path), device="cpu",
+                                tokenizer_dir=str(TOKENIZER_DIR), **changes)
+        run = FinetuneRun(config)
+        self.train_data, self.test_data, self.val_data = run.split(run.load_data("unused.json", None))
+        self.data_name = data_name(config)
+
+
+prepared = Prepared
 
 
 def test_jsonl_and_missing_input(instruction_data, tmp_path):
@@ -213,10 +231,10 @@ def test_jsonl_and_missing_input(instruction_data, tmp_path):
     assert prepared(json_path, tmp_path).train_data == data.train_data
 
     path.write_text(json.dumps(entries[0]) + "\n{oops\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match=r"mine.jsonl: line 2 is not valid JSON Lines"):
+    with pytest.raises(BadInputError, match=r"mine.jsonl: line 2 is not valid JSON Lines"):
         prepared(path, tmp_path)
     path.write_text(json.dumps(entries[0]) + "\n" + json.dumps({"instruction": "x"}) + "\n")
-    with pytest.raises(DatasetError, match=r"mine.jsonl: entry 1 has no 'output' key"):
+    with pytest.raises(BadInputError, match=r"mine.jsonl: entry 1 has no 'output' key"):
         prepared(path, tmp_path)
 
 
@@ -238,11 +256,11 @@ def test_split_fractions_and_shuffled_split(instruction_data, tmp_path):
     assert shuffled.train_data != chapter.train_data
 
     for val, test in ((0, 0.1), (0.5, 0.5), (0.1, -0.1)):
-        with pytest.raises(DatasetError, match="must each be above 0 and add up to less than 1"):
+        with pytest.raises(BadInputError, match="must each be above 0 and add up to less than 1"):
             prepared(path, tmp_path, val_fraction=val, test_fraction=test)
 
 
 def test_default_split_is_the_chapters_on_the_full_dataset(instruction_data):
     config = FinetuneConfig()
-    assert [len(part) for part in fc.split_entries(instruction_data, config)] == [935, 110, 55]
-    assert fc.split_entries(instruction_data, config) == split_data(instruction_data)
+    assert [len(part) for part in split_entries(instruction_data, config)] == [935, 110, 55]
+    assert split_entries(instruction_data, config) == split_data(instruction_data)

@@ -28,7 +28,7 @@ from gpt_download import download_and_load_gpt2, download_file, load_gpt2_params
 from instructkit import downloads, gpt2_weights
 from instructkit.errors import CheckpointError, DownloadError
 from instructkit.gpt2_sizes import GPT2_SIZES
-from instructkit.gpt2_tokenizer import tokenizer_from_folder
+from instructkit.gpt2_tokenizer import TokenizerFilesError, tokenizer_from_folder
 from instructkit.gpt2_weights import (
     FILENAMES,
     OPENAI_FILE_SIZES,
@@ -834,7 +834,7 @@ def test_tokenizer_from_either_pair_of_files_equals_tiktoken(shared_data, tokeni
 
 
 def test_tokenizer_files_missing_or_mismatched(shared_data, tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither encoder.json"):
+    with pytest.raises(TokenizerFilesError, match="neither encoder.json"):
         tokenizer_from_folder(tmp_path)
     write_hub_tokenizer_files(shared_data / "gpt2-tokenizer", tmp_path)
     merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()

@@ -132,7 +132,8 @@ def test_data_file_read_and_validated(tmp_path, instruction_data):
     with pytest.raises(pf.PreflightError, match="The test split is empty: 5 entries are too few"):
         pf.check_data_file(few)
     # The run's own split decides: 5 entries split 60/20/20 leave no part empty.
-    from instructkit.finetune import FinetuneConfig, split_entries
+    from instructkit.finetune_config import FinetuneConfig
+    from instructkit.finetune_files import split_entries
 
     wide = FinetuneConfig(test_mode=True, val_fraction=0.2, test_fraction=0.2)
     assert pf.check_data_file(few, split=lambda entries: split_entries(entries, wide)) \
@@ -350,7 +351,7 @@ def test_every_numeric_setting_of_the_command_line_has_a_limit():
     import dataclasses
     import typing
 
-    from instructkit.finetune import FinetuneConfig
+    from instructkit.finetune_config import FinetuneConfig
 
     hints = typing.get_type_hints(FinetuneConfig)
     numeric = {f.name for f in dataclasses.fields(FinetuneConfig)
