@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from instructkit.precision import cuda_bf16_supported
+from instructkit.precision import cuda_bf16_supported  # Not in the book: which GPUs compute in bfloat16
 from previous_chapters import text_to_token_ids, token_ids_to_text
 
 # The compiled block function for the transformer blocks that compile_blocks was given. Weak

@@ -258,21 +258,22 @@ def main(test_mode=False, config=None):
     print("Device:", device)
     print(50*"-")
 
-    # Not in the book: --max-length, cut to the model's context
-    customized_collate_fn = partial(custom_collate_fn, device=device, allowed_max_length=run.max_length)
-
-    num_workers = 0
-    batch_size = run.batch_size  # Not in the book: --batch-size (the book's 8; 2 in test mode)
-
     # Not in the book: exercise 7.1's prompt style and 7.2's masked instructions as flags
     # (--prompt-style phi3, --mask-instructions), with the classes of exercise_variants.py
     style = PROMPT_STYLES[config.prompt_style]
-    CustomDataset = InstructionDataset
+    CustomDataset, collate_fn = InstructionDataset, custom_collate_fn
     if style is not ALPACA:
         CustomDataset = partial(InstructionDatasetWithStyle, style=style)
     if config.mask_instructions:
         CustomDataset = partial(InstructionDatasetWithMasking, style=style)
-        customized_collate_fn = with_instruction_masking(customized_collate_fn)
+        collate_fn = with_instruction_masking(custom_collate_fn)
+
+    # Not in the book: `collate_fn` (the chapter's, or exercise 7.2's), and --max-length cut to
+    # the model's context
+    customized_collate_fn = partial(collate_fn, device=device, allowed_max_length=run.max_length)
+
+    num_workers = 0
+    batch_size = run.batch_size  # Not in the book: --batch-size (the book's 8; 2 in test mode)
 
     torch.manual_seed(config.seed)  # Not in the book: --seed (the book's 123)
 

@@ -1,14 +1,14 @@
 """Talk to a finetuned model from a terminal.
 
-    python chat.py MODEL.pth "Rewrite the sentence using a simile." --input "The car is fast."
-    python chat.py MODEL.pth < instructions.txt      # one instruction a line, answered in batches
-    python chat.py MODEL.pth < entries.jsonl         # {"instruction": ..., "input": ...} a line
-    python chat.py MODEL.pth                         # an interactive prompt (Ctrl-D to leave)
-    python chat.py MODEL-adapters.pth "..."   # a LoRA run's adapters on the pretrained GPT-2
-    python chat.py BASE.pth --adapters MODEL-adapters.pth "..."   # ... or on a base .pth
+    python -m instructkit.chat MODEL.pth "Rewrite the sentence using a simile." --input "The car is fast."
+    python -m instructkit.chat MODEL.pth < instructions.txt      # one instruction a line, answered in batches
+    python -m instructkit.chat MODEL.pth < entries.jsonl         # {"instruction": ..., "input": ...} a line
+    python -m instructkit.chat MODEL.pth                         # an interactive prompt (Ctrl-D to leave)
+    python -m instructkit.chat MODEL-adapters.pth "..."   # a LoRA run's adapters on the pretrained GPT-2
+    python -m instructkit.chat BASE.pth --adapters MODEL-adapters.pth "..."   # ... or on a base .pth
 
 Not in the book. Any GPT-2 size: the config comes from the run record beside the weights, or
-from the weights' shapes (finetuned_model.py). Answers stream token by token through the KV
+from the weights' shapes (model_files.py). Answers stream token by token through the KV
 cache (fast_gpt.generate_stream); greedy is the default, and then an answer equals the one
 `generate` gives for the prompt. Many instructions from stdin are answered in batches
 (fast_gpt.generate_answer_ids), the same answers as one at a time. JSONL in gives JSONL out

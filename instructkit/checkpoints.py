@@ -13,7 +13,7 @@ crash loses it all. A checkpoint is one file, written atomically (safe_files), h
      "identity": {"model_config": ..., "dataset_sha256": ..., "config": ...}}
 
 `position` is the next batch in epoch `epoch`'s data order, the permutation of `epoch_seed`
-(drawn from torch's RNG as DataLoader(shuffle=True) draws it: resumable_training.epoch_order),
+(drawn from torch's RNG as DataLoader(shuffle=True) draws it: training.epoch_order),
 so neither the order nor the checkpoint depends on how many processes trained. Only plain
 Python values and tensors are stored, so `torch.load(weights_only=True)` reads it.
 

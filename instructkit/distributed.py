@@ -34,7 +34,7 @@ the CPU) with a timeout, so a dead peer ends the run instead of hanging it, and 
 - `local_main_first()`: a download done once per machine;
 - `is_main` (rank 0): only it prints (`main_prints_only()`), writes files and shows bars.
 
-resumable_training.TrainingRun and finetune_cli's stages call these methods; the methods of
+training.TrainingRun and finetune_run.FinetuneRun call these methods; the methods of
 `SingleProcess` are the plain loop's steps, so one process computes what it always did.
 
 One process failing: its error is printed, it exits non-zero, and torchrun's agent stops the

@@ -17,7 +17,7 @@ order of the lesson:
     train_model_dpo_simple                      the training loop, logging losses and margins
     plot_dpo_metrics, compare_responses         what changed
 
-Faster paths with the same numbers are in `fast_dpo.py`; the command line is `dpo_cli.py`.
+Faster paths with the same numbers are in `fast_dpo.py`; the command line is `dpo_train.py`.
 """
 
 import copy
@@ -204,7 +204,7 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
     `start_context` (None skips it). The batches are already on the device (the collate puts
     them there). Not in the book: `loss_fn`, the batch loss, which fast_dpo replaces; the
     logging is in `log_dpo_evaluation`; its line, `dpo_evaluation_line`, is also what the
-    resumable loop of dpo_cli.py prints.
+    resumable loop of dpo_train.py prints.
     Returns a dict of lists: train/val losses, chosen and rejected rewards, tokens seen.
     """
     from previous_chapters import generate_and_print_sample

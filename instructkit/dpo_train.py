@@ -3,7 +3,7 @@
 Not in the book. After `python gpt_instruction_finetuning.py` has saved
 `gpt2-medium355M-sft.pth`:
 
-    python dpo_cli.py --sft-model gpt2-medium355M-sft.pth
+    python -m instructkit.dpo_train --sft-model gpt2-medium355M-sft.pth
 
 downloads the book's preference data (instruction-data-with-preference.json) if it is not
 there, trains one epoch of DPO (dpo.py, through fast_dpo's faster batch loss) and writes, next to
@@ -39,7 +39,7 @@ from instructkit import CHAPTER_DIR as HERE  # noqa: E402
 from instructkit import dpo, fast_dpo
 from instructkit.checkpoints import CheckpointError
 from instructkit.errors import BadInputError
-from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, gpt2_config
+from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG
 from instructkit.instruction_data import (
     PREFERENCE_DATASET,
     PREFERENCE_KEYS,
@@ -48,6 +48,7 @@ from instructkit.instruction_data import (
     load_known_dataset,
     split_data,
 )
+from instructkit.model_files import load_sft_model
 from instructkit.precision import resolve_precision
 from instructkit.run_guard import exit_code, signals_interrupt
 from instructkit.run_record import dataset_fingerprint, metrics_path, write_run_record
@@ -90,32 +91,6 @@ class DPOConfig:
 #####################################
 # The SFT model
 #####################################
-
-def load_sft_model(path, model=None, model_config=None, device="cpu"):
-    """The finetuned GPTModel saved at `path`, and its config.
-
-    The config: `model_config` when given, else the GPT-2 size `model` (e.g. "gpt2-medium"),
-    else the run record `<stem>.run.json` beside the file, else the state dict's shapes. The
-    files are read and checked by finetuned_model.py, as for the chat.
-    """
-    from instructkit.model_files import (
-        infer_model_config,
-        load_weights,
-        new_model,
-        read_run_record_if_any,
-        read_state_dict,
-    )
-
-    state_dict = read_state_dict(path, "finetuned model file")
-    if model_config is None and model is not None:
-        model_config = gpt2_config(model)
-    if model_config is None:
-        model_config = ((read_run_record_if_any(path) or {}).get("model_config")
-                        or infer_model_config(state_dict, path))
-    gpt = new_model(model_config)
-    load_weights(gpt, model_config, state_dict, path)
-    return gpt.to(device).eval(), model_config
-
 
 #####################################
 # Data
@@ -180,7 +155,7 @@ def tracking_from_rows(tracking, rows):
 
 
 class DPOTrainingRun(TrainingRun):
-    """resumable_training.TrainingRun's loop (batch order, checkpoints, Ctrl-C, progress bar,
+    """training.TrainingRun's loop (batch order, checkpoints, Ctrl-C, progress bar,
     metrics file) with train_model_dpo_simple's step and evaluation; one process, float32."""
 
     def __init__(self, policy, reference, beta, loss_fn, optimizer, train_loader, val_loader,
@@ -364,7 +339,7 @@ def cli(argv=None):
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TokenizerError as e:  # the network, as a failed download in finetune_cli
+    except TokenizerError as e:  # the network, as a failed download in the finetuning command
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

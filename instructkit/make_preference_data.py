@@ -7,7 +7,7 @@ be more impolite; the polite rewrite is stored as `chosen`, the rude one as `rej
 
     ollama serve                      # in another terminal, or start the desktop app
     ollama pull llama3
-    python make_preference_data.py --file_path instruction-data.json
+    python -m instructkit.make_preference_data --file_path instruction-data.json
     # -> instruction-data-with-preference.json beside the input
 
 Design: the book asks for one rewrite per entry, polite or impolite at random, and keeps the

@@ -6,7 +6,7 @@ Here the model's config comes from the run record saved next to the weights
 itself; LoRA adapters (`<stem>-adapters.pth`) load on top of their base model: the pretrained
 GPT-2 their run record names, or a given .pth. Whatever is wrong with a file (missing, not a
 state dict, another size, adapters of another model) becomes a `ModelFileError` whose
-message names the file and the problem; the commands (chat.py, chat_app.py) print it and
+message names the file and the problem; the commands (chat.py, web_chat.py) print it and
 exit with code 2.
 
 `ChatModel` is one turn of a chat, shared by the terminal and the web app: the prompt in the
@@ -201,7 +201,7 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
     if adapters is not None and config.get("lora_rank"):
         raise ModelFileError(f"{path} is a LoRA run's model with its adapters merged in "
                              f"already: use it alone, or put the adapters on the pretrained "
-                             f"GPT-2 they were trained on: python chat.py {adapters}")
+                             f"GPT-2 they were trained on: python -m instructkit.chat {adapters}")
 
     inline_adapters = None
     if any(".lora." in k for k in state):  # saved with its LoRA layers in place
@@ -236,7 +236,7 @@ def load_adapters_on_pretrained(path, adapters, device="cpu"):
     config = (record or {}).get("config", {})
     if config.get("model") is None:
         raise ModelFileError(f"{path} holds only LoRA adapters, and no run record beside it "
-                             f"names their base model. Load them on it: python chat.py "
+                             f"names their base model. Load them on it: python -m instructkit.chat "
                              f"BASE.pth --adapters {path}")
     if config.get("test_mode"):
         raise ModelFileError(f"{path} comes from a test-mode run, trained on a tiny random GPT "
@@ -281,6 +281,24 @@ def load_pretrained_model(model_name, device="cpu", models_dir=HERE / "gpt2", cf
     _, _, info = finish(model, device, None, Path(models_dir) / model_folder(model_name), None,
                         f"{model_name} (pretrained)", cfg, "GPT-2 sizes")
     return model, info
+
+
+def load_sft_model(path, model=None, model_config=None, device="cpu"):
+    """The finetuned GPTModel saved at `path`, and its config.
+
+    The config: `model_config` when given, else the GPT-2 size `model` (e.g. "gpt2-medium"),
+    else the run record `<stem>.run.json` beside the file, else the state dict's shapes. The
+    files are read and checked as for the chat.
+    """
+    state_dict = read_state_dict(path, "finetuned model file")
+    if model_config is None and model is not None:
+        model_config = gpt2_config(model)
+    if model_config is None:
+        model_config = ((read_run_record_if_any(path) or {}).get("model_config")
+                        or infer_model_config(state_dict, path))
+    gpt = new_model(model_config)
+    load_weights(gpt, model_config, state_dict, path)
+    return gpt.to(device).eval(), model_config
 
 
 #####################################
@@ -392,7 +410,7 @@ def load_chat_model(path, device="cpu", adapters=None, base=None, tokenizer=None
 
 
 def add_model_arguments(parser):
-    """The command-line arguments that pick a model, shared by chat.py and chat_app.py."""
+    """The command-line arguments that pick a model, shared by chat.py and web_chat.py."""
     parser.add_argument("model", help="the finetuned model's .pth (or its base model's, with --adapters)")
     parser.add_argument("--adapters", help="LoRA adapter file (<stem>-adapters.pth) to load on MODEL")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")

@@ -190,7 +190,7 @@ class TrainingRun:
 
     What one step and one evaluation compute are the methods `_train_step`, `_evaluate` (a dict
     of metrics for the row) and `_evaluation_line`: a subclass overrides them to train another
-    objective with the same loop (dpo_cli.DPOTrainingRun).
+    objective with the same loop (dpo_train.DPOTrainingRun).
     """
 
     def __init__(self, model, optimizer, train_loader, val_loader, device, seed=None,

@@ -1,16 +1,16 @@
 """A web chat for the finetuned model, with another model side by side (Gradio).
 
     pip install -r requirements-app.txt
-    python chat_app.py gpt2-medium355M-sft.pth --compare-pretrained   # vs. GPT-2 before finetuning
-    python chat_app.py MODEL.pth --compare OTHER.pth --port 7861
-    python chat_app.py MODEL-adapters.pth      # a LoRA run's adapters on the pretrained GPT-2
+    python -m instructkit.web_chat gpt2-medium355M-sft.pth --compare-pretrained  # vs. GPT-2 unfinetuned
+    python -m instructkit.web_chat MODEL.pth --compare OTHER.pth --port 7861
+    python -m instructkit.web_chat MODEL-adapters.pth      # a LoRA run's adapters on the pretrained GPT-2
 
-or, inline in a notebook cell: `from chat_app import launch; demo, url = launch("MODEL.pth")`.
+or, inline in a notebook cell: `from instructkit.web_chat import launch; demo, url = launch("MODEL.pth")`.
 
 Not in the book. The book's bonus app (Chainlit) hard-codes gpt2-medium, answers only once
 the whole response is generated, and shows one model. Here, Gradio (it streams, renders
 inline in Jupyter, and is what the Hugging Face hub uses):
-- any GPT-2 size, read from the run record or the weights (finetuned_model.py); LoRA adapters;
+- any GPT-2 size, read from the run record or the weights (model_files.py); LoRA adapters;
 - each answer streams token by token through the KV cache (fast_gpt.generate_stream), and a
   Stop button ends it; each message is a new instruction in the model's prompt style (the
   chapter's Alpaca prompt or Phi-3), with an optional `### Input:`;
@@ -31,7 +31,7 @@ import sys
 from instructkit.errors import ExpectedError
 from instructkit.model_files import ChatModel, ModelFileError, add_model_arguments, describe, load_chat_model
 
-log = logging.getLogger("chat_app")
+log = logging.getLogger("instructkit.web_chat")
 EXIT_BAD_INPUT = 2
 DEFAULT_MAX_NEW_TOKENS = 256
 EMPTY_NOTE = "Note: the message was empty. Type an instruction, then press Enter or Send."

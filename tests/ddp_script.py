@@ -9,7 +9,7 @@ Rows have very different lengths, so the processes' token counts differ in every
 writes OUT_DIR/result.json: per strategy, the global batch loss of each step (`losses`), the
 mean of the processes' own mean losses (`naive_losses`, what plain DDP averaging would
 optimise), the evaluation losses, the generated answers (in order) and OUT_DIR/<strategy>.pth,
-the final weights. `--trainer` runs resumable_training.TrainingRun the same way: to the end
+the final weights. `--trainer` runs training.TrainingRun the same way: to the end
 ("full"), stopped after 2 steps with a checkpoint ("stop"), or resumed from it ("resume").
 `--fail-rank` makes that process raise before step K's backward.
 """
@@ -94,7 +94,7 @@ def train(group, strategy, batch_size, fail_rank, fail_at_step):
 
 
 def train_with_trainer(group, out_dir, checkpoints, scenario):
-    """resumable_training.TrainingRun for 2 epochs of 3 steps: "full", "stop" (after 2 steps,
+    """training.TrainingRun for 2 epochs of 3 steps: "full", "stop" (after 2 steps,
     with a checkpoint in checkpoints/ddp) or "resume" (the newest checkpoint there, to the
     end); "fsdp-full", "fsdp-stop" and "fsdp-resume" the same with FSDP (checkpoints/fsdp)."""
     from torch.utils.data import DataLoader

@@ -1,4 +1,4 @@
-"""The terminal chat (chat.py) and the model loader behind it (finetuned_model.py).
+"""The terminal chat (chat.py) and the model loader behind it (model_files.py).
 
 Real files in a temporary folder, the real tokenizer, chat.py run as a real subprocess; the
 reference answers come from the book's `generate` (previous_chapters.py), not from the code

@@ -1,4 +1,4 @@
-"""The web chat (chat_app.py), served on loopback and driven in a real headless Chromium.
+"""The web chat (instructkit/web_chat.py), served on loopback and driven in a real headless Chromium.
 
 Two tiny random models, saved to real files with their run records, answer side by side.
 The browser is Debian's (`apt-get install chromium`), driven by Playwright with
@@ -268,7 +268,7 @@ def test_missing_model_is_an_error_before_any_server(tmp_path):
 
 
 def test_the_command_serves_on_loopback(tmp_path):
-    """`python chat_app.py MODEL.pth --port N`: the one command a reader runs."""
+    """`python -m instructkit.web_chat MODEL.pth --port N`: the one command a reader runs."""
     import urllib.request
 
     torch.manual_seed(1)

@@ -242,7 +242,7 @@ def test_case4_numeric_flags_out_of_range(tmp_path, data, flag, value, message):
     out = tmp_path / "out"
     proc = run(data, out, flag, value)
     assert_one_line_error(proc, 2, message)
-    assert "Number of entries" not in proc.stdout  # before even the data
+    assert "Training set length" not in proc.stdout  # before even the data
     assert not out.exists()
 
 
@@ -268,7 +268,7 @@ def test_case5_data_naming_a_folder(tmp_path, data):
 
 def test_case5_a_utf8_bom_is_accepted(tmp_path, data):
     data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())  # as Windows editors save it
-    code, err = run_and_act(tmp_path, data, tmp_path / "out", markers=["Number of entries: 1100"],
+    code, err = run_and_act(tmp_path, data, tmp_path / "out", markers=["Training set length: 10"],
                             act=lambda proc: proc.kill())  # loaded and validated: enough
     assert code == -signal.SIGKILL and "error" not in err
 

@@ -143,7 +143,7 @@ def test_answers_gathered_in_order(runs, strategy):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_training_run_equals_one_process(runs, strategy):
-    """resumable_training.TrainingRun under torchrun: the printed losses, tokens seen (the
+    """training.TrainingRun under torchrun: the printed losses, tokens seen (the
     global batch's padded size) and final weights of one process."""
     name = "trainer_full" if strategy == "ddp" else "trainer_fsdp_full"
     one, two = runs[1]["trainer_full"], runs[2][name]
@@ -345,7 +345,7 @@ def test_cli_refuses_a_batch_that_does_not_divide(tmp_path, shared_data):
     assert process.returncode != 0
     assert "error: --batch-size 1 is the global batch, shared by 2 processes, and does not divide by 2" \
         in output
-    assert "Number of entries" not in output  # refused before any work
+    assert "Training set length" not in output  # refused before any work
     assert not list((tmp_path / "out").rglob("*"))  # (the settings check made the folder)
 
 

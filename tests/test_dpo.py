@@ -20,7 +20,7 @@ from instructkit import dpo, fast_dpo
 from instructkit import dpo_train as dpo_cli
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG
 from instructkit.instruction_data import PREFERENCE_KEYS, load_instruction_file
-from instructkit.model_files import ModelFileError
+from instructkit.model_files import ModelFileError, load_sft_model
 from instructkit.run_record import read_metrics
 from instructkit.safe_files import write_json
 from previous_chapters import GPTModel
@@ -277,13 +277,13 @@ def test_sft_model_loads_with_its_config_from_record_size_or_shapes(tmp_path):
     for record in (None, {"model_config": TEST_MODE_CONFIG}):
         if record is not None:
             write_json(tmp_path / "tiny-sft.run.json", record)
-        loaded, cfg = dpo_cli.load_sft_model(path)
+        loaded, cfg = load_sft_model(path)
         assert cfg == TEST_MODE_CONFIG and not loaded.training
         with torch.no_grad():
             assert torch.equal(loaded(ids), saved(ids))
     # --model names a size, which wins over the record: this file is not gpt2-small.
     with pytest.raises(ModelFileError, match="does not fit a GPTModel with emb_dim 768, 12 layers"):
-        dpo_cli.load_sft_model(path, model="gpt2-small")
+        load_sft_model(path, model="gpt2-small")
 
 
 @pytest.fixture
@@ -364,7 +364,7 @@ def test_cli_resumes_with_the_same_result(one_thread, sft_file, shared_data, tmp
 @pytest.mark.slow
 def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
         one_thread, sft_file, shared_data, tmp_path, capsys):
-    """A real Ctrl-C to `python dpo_cli.py`: it stops after the step, saves a checkpoint, says
+    """A real Ctrl-C to `python -m instructkit.dpo_train`: it stops after the step, saves a checkpoint, says
     how to resume, and the resumed run ends with the weights of an uninterrupted one."""
     extra = ("--epochs", "20", "--save-every", "100")  # 40 steps; no checkpoint but Ctrl-C's
     whole_args = dpo_cli.build_arg_parser().parse_args(

@@ -185,8 +185,8 @@ def test_masked_loaders_on_the_real_data(instruction_data, tokenizer):
     """The loaders as gpt_instruction_finetuning.main builds them for --prompt-style phi3
     --mask-instructions: every row's prompt is masked, nothing else."""
     train, test, val = split_data(instruction_data[:60])
-    collate = ev.with_instruction_masking(
-        functools.partial(gif.custom_collate_fn, device="cpu", allowed_max_length=1024))
+    collate = functools.partial(ev.with_instruction_masking(gif.custom_collate_fn), device="cpu",
+                                allowed_max_length=1024)
     dataset = functools.partial(ev.InstructionDatasetWithMasking, style=ev.PHI3)(val, tokenizer)
     val_loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate)
     rows = [row for _, targets in val_loader for row in targets.tolist()]

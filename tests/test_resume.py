@@ -1,4 +1,4 @@
-"""resumable_training.TrainingRun: the chapter's loop, stopped and resumed, equals one run.
+"""training.TrainingRun: the chapter's loop, stopped and resumed, equals one run.
 
 Tiny real GPTs on the chapter's real data and the real tokenizer, on the CPU in float32:
 interrupted runs (by `max_steps`, by a real SIGINT in the middle of a step, from a periodic
