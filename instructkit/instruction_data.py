@@ -3,7 +3,8 @@
 Not in the book: the book's `download_and_load_file` trusts the file. Here a malformed entry
 is an error that names the entry and the key, before any model is built, and
 `load_instruction_file` downloads a missing file from several sources (GitHub, then a CDN
-mirror), checks its sha256 and validates it before it gets its name.
+mirror), checks its sha256 and validates it before it gets its name. `format_input`, the
+chapter's prompt, is here too, for the package's code that must not import torch.
 """
 
 import json
@@ -42,6 +43,24 @@ def validate_entries(data, source="dataset", keys=REQUIRED_KEYS):
                     f"got {type(entry[key]).__name__}"
                 )
     return data
+
+
+def format_input(entry):
+    """The chapter's Alpaca-style prompt for an entry (section 7.2): preamble, instruction, input.
+
+    The same code as `gpt_instruction_finetuning.format_input` and the book's own copy in
+    `ollama_evaluate.py` (a test compares the three), kept here so that the package's judge and
+    preference-data code build the chapter's prompts without importing torch or a root file.
+    """
+    instruction_text = (
+        f"Below is an instruction that describes a task. "
+        f"Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+
+    input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
+
+    return instruction_text + input_text
 
 
 def split_data(data, train_frac=0.85, test_frac=0.1):

@@ -22,7 +22,7 @@ are the same text, is reported, and that entry is left out of the output rather 
 with a made-up answer; the next run tries it again. The output is written (atomically) once
 every entry has been tried, and validated to hold instruction, input, output, chosen and
 rejected. The server options (--host, --model, --num-ctx, --timeout) are those of
-ollama_evaluate.py.
+ollama_evaluate.py (instructkit.judge_cli); the client is instructkit.judge.
 """
 
 import argparse
@@ -31,23 +31,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from instructkit.instruction_data import REQUIRED_KEYS, validate_entries
+from instructkit.errors import ExpectedError, run_command
+from instructkit.instruction_data import REQUIRED_KEYS, format_input, validate_entries
+from instructkit.judge import NUM_CTX, SEED, ask_judge
+from instructkit.judge_cli import add_server_arguments, run_server_job
+from instructkit.judge_results import load_entries, run_resumable, work_fingerprint
 from instructkit.safe_files import write_json
-from ollama_evaluate import (
-    DEFAULT_TIMEOUT,
-    InputDataError,
-    add_server_arguments,
-    format_input,
-    load_entries,
-    query_model,
-    run_resumable,
-    run_server_job,
-    work_fingerprint,
-)
 
 PREFERENCE_KEYS = (*REQUIRED_KEYS, "chosen", "rejected")
 PROGRESS_FORMAT = 1  # version of the progress file layout
-SEED = 123  # the book's; a second try after an empty reply uses SEED + 1
 
 
 def build_rewrite_prompt(entry, politeness):
@@ -78,11 +70,12 @@ def clean_rewrite(reply):
 
 
 def ask_rewrite(entry, politeness, model, url, timeout, num_ctx):
-    """The model's rewrite, or None when two tries (seeds 123 and 124) gave nothing usable."""
+    """The model's rewrite, or None when two tries (the book's seed 123, then 124) gave nothing
+    usable."""
     prompt = build_rewrite_prompt(entry, politeness)
     for seed in (SEED, SEED + 1):
-        reply = query_model(prompt, model=model, url=url, seed=seed, num_ctx=num_ctx,
-                            timeout=timeout)
+        reply = ask_judge(prompt, model=model, url=url, seed=seed, num_ctx=num_ctx,
+                          timeout=timeout)
         text = clean_rewrite(reply)
         if text is not None:
             return text
@@ -102,7 +95,7 @@ def progress_fingerprint(json_data, model):
 
 
 def make_preference_data(json_data, model="llama3", url=None, progress_path=None,
-                         timeout=DEFAULT_TIMEOUT, num_ctx=2048):
+                         timeout=None, num_ctx=NUM_CTX):
     """Return (entries with `chosen` and `rejected` added, indices of the entries left out).
 
     Each returned entry is a copy of the input entry with the polite rewrite of its output as
@@ -178,32 +171,28 @@ def main(argv=None):
     output = Path(args.output) if args.output else file_path.with_name(
         f"{file_path.stem}-with-preference.json")
     progress_path = output.with_name(f"{output.stem}-progress.json")
-    try:
-        data = load_entries(file_path, json_key=None)
-    except InputDataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
-    def rewrite(base, **options):
-        print(f"Rewriting {len(data)} entries of {file_path} with {args.model} at {base}")
-        pairs, missing = make_preference_data(data, url=base, progress_path=progress_path,
-                                              **options)
+    def run():
+        data = load_entries(file_path, json_key=None)  # bad input: exit 2 before any request
+
+        def rewrite(base, **options):
+            print(f"Rewriting {len(data)} entries of {file_path} with {args.model} at {base}")
+            pairs, missing = make_preference_data(data, url=base, progress_path=progress_path,
+                                                  **options)
+            if pairs:
+                save_preference_data(pairs, output)
+            return pairs, missing
+
+        pairs, missing = run_server_job(args, rewrite, progress_path)
         if pairs:
-            save_preference_data(pairs, output)
-        return pairs, missing
+            print(f"Saved {len(pairs)} of {len(data)} entries with chosen and rejected to {output}")
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+            raise ExpectedError(
+                f"{len(missing)} of {len(data)} entries got no usable rewrite and are not in "
+                f"the output (entries {shown}); run again to retry them.")
 
-    code, result = run_server_job(args, rewrite, progress_path)
-    if code:
-        return code
-    pairs, missing = result
-    if pairs:
-        print(f"Saved {len(pairs)} of {len(data)} entries with chosen and rejected to {output}")
-    if missing:
-        shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
-        print(f"error: {len(missing)} of {len(data)} entries got no usable rewrite and are not in "
-              f"the output (entries {shown}); run again to retry them.", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ this real HTTP server instead. It answers
 Replies are scripted: one string, a list used in turn (round-robin), or a function
 ``f(prompt, body) -> reply``; `rewrite_reply` is such a function that answers the
 preference-data prompts ("rewrite the output to be more polite/impolite") deterministically.
-A reply can also be ``Fail(...)``, ``StreamError(...)`` or ``Hangup(...)`` to act out a broken
-server, and ``die_after=N`` makes the server stop listening after N answers, as a server that
-crashes mid-run. Every request is recorded.
+A reply can also be ``Fail(...)``, ``StreamError(...)``, ``Hangup(...)`` or ``Crash(...)`` to act
+out a broken server. ``die_after=N`` makes the server stop listening after N answers, as a
+server that crashes between two answers; ``crash_after=N`` makes it crash in the middle of the
+answer after those N (it stops listening, then drops the connection). Every request is recorded.
 
 In a test::
 
@@ -27,8 +28,10 @@ As a process (the notebook tests start it this way)::
 
     python tests/fake_ollama.py --port 0 --port-file PORT.txt --replies 85 "Score: 90"
     python tests/fake_ollama.py --port 0 --port-file PORT.txt --rewrites --die-after 3
+    python tests/fake_ollama.py --port 0 --port-file PORT.txt --rewrites --crash-after 3
 
-prints ``Fake Ollama listening on http://127.0.0.1:PORT`` and serves until it is terminated.
+prints ``Fake Ollama listening on http://127.0.0.1:PORT`` and serves until it is terminated,
+or (with --die-after or --crash-after) exits once its last answer, whole or cut, is out.
 """
 
 import argparse
@@ -69,6 +72,11 @@ class Hangup:
     def __init__(self, text="85", after=1):
         self.text = text
         self.after = after
+
+
+class Crash(Hangup):
+    """A Hangup by a server that crashes: it stops listening before the connection drops, so
+    the client's next request is refused."""
 
 
 _REWRITE = re.compile(
@@ -170,9 +178,11 @@ class _Handler(BaseHTTPRequestHandler):
             if isinstance(reply, StreamError | Hangup):
                 self._send_json(500, {"error": getattr(reply, "error", "simulated hangup")})
                 return
-            dying = self.fake._answered()
-            self._send_json(200, self._message(model, str(reply), done=True))
-            self.fake._finished(dying)
+            self.dying = self.fake._answered()
+            try:
+                self._send_json(200, self._message(model, str(reply), done=True))
+            finally:
+                self.fake._finished(self.dying)
             return
         self._stream(model, reply)
 
@@ -193,6 +203,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _stream(self, model, reply):
+        self.dying = False  # set when this answer is the server's last
+        try:
+            self._stream_pieces(model, reply)
+        finally:  # even if the client went away: a dying script waits for this before it exits
+            self.fake._finished(self.dying)
+
+    def _stream_pieces(self, model, reply):
         text = reply.text if isinstance(reply, StreamError | Hangup) else str(reply)
         pieces = self.fake.split(text)
         if isinstance(reply, StreamError | Hangup):
@@ -207,16 +224,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunk(self._message(model, piece, done=False))
         if isinstance(reply, Hangup):
             self.close_connection = True  # no final object, no terminating chunk
+            if isinstance(reply, Crash):
+                self.dying = True
+                self.fake._stop_listening()
             return
         if isinstance(reply, StreamError):
             self._write_chunk({"error": reply.error})
-            dying = False
         else:
-            dying = self.fake._answered()
+            self.dying = self.fake._answered()
             self._write_chunk(self._message(model, "", done=True))
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
-        self.fake._finished(dying)
 
 
 class _Server(ThreadingHTTPServer):
@@ -232,7 +250,7 @@ class FakeOllama:
     """A threaded loopback HTTP server that acts as Ollama; use it as a context manager."""
 
     def __init__(self, replies="85", models=("llama3",), port=0, chunk_size=2, delay=0.0,
-                 version="0.6.5", fail_after=None, die_after=None):
+                 version="0.6.5", fail_after=None, die_after=None, crash_after=None):
         self.replies = replies
         self.models = list(models)
         self.chunk_size = chunk_size
@@ -240,6 +258,8 @@ class FakeOllama:
         self.version = version
         self.fail_after = fail_after  # chat requests after this many answers get HTTP 500
         self.die_after = die_after  # stop listening after this many answers (a crash)
+        self.crash_after = crash_after  # crash mid-answer after this many answers
+        self.dying = False  # set when it stops listening to die
         self.died = threading.Event()
         self.requests = []
         self.answered = 0
@@ -292,14 +312,19 @@ class FakeOllama:
         with self._lock:
             self.answered += 1
             dying = self.answered == self.die_after
-        if dying:  # in a handler thread: shutdown() waits for the serving loop to return
-            self._httpd.shutdown()
-            self._httpd.server_close()
+        if dying:
+            self._stop_listening()
         return dying
+
+    def _stop_listening(self):
+        self.dying = True
+        # In a handler thread: shutdown() waits for the serving loop to return.
+        self._httpd.shutdown()
+        self._httpd.server_close()
 
     def _finished(self, dying):
         if dying:
-            self.died.set()  # the last answer is out: a script may exit now
+            self.died.set()  # the last answer is out, whole or cut: a script may exit now
 
     # what it answers -------------------------------------------------------------------
     def pulled(self):
@@ -327,13 +352,15 @@ class FakeOllama:
         with self._lock:
             if self.fail_after is not None and self.answered >= self.fail_after:
                 return Fail(500, "simulated failure: the server stopped answering")
+            if self.crash_after is not None and self.answered >= self.crash_after:
+                return Crash(text="Half an answer", after=2)
             count = self._reply_count
             self._reply_count += 1
         replies = self.replies
         if callable(replies):
             messages = body.get("messages") or [{}]
             return replies(messages[-1].get("content"), body)
-        if isinstance(replies, str | Fail | StreamError | Hangup):
+        if isinstance(replies, str | Fail | StreamError | Hangup):  # Crash is a Hangup
             return replies
         return replies[count % len(replies)]
 
@@ -402,6 +429,8 @@ def main(argv=None):
                         help="answer HTTP 500 to chat requests after this many answers")
     parser.add_argument("--die-after", type=int, default=None,
                         help="exit after this many answers, as a server that crashes")
+    parser.add_argument("--crash-after", type=int, default=None,
+                        help="after this many answers, exit in the middle of the next one")
     args = parser.parse_args(argv)
 
     replies = args.replies
@@ -411,7 +440,7 @@ def main(argv=None):
         replies = rewrite_reply
     fake = FakeOllama(replies=replies, models=args.models, port=args.port,
                       chunk_size=args.chunk_size, delay=args.delay, fail_after=args.fail_after,
-                      die_after=args.die_after)
+                      die_after=args.die_after, crash_after=args.crash_after)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
@@ -420,7 +449,10 @@ def main(argv=None):
     print(f"Fake Ollama listening on {fake.url}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         fake.serve_forever()
-    fake.died.wait(timeout=5 if args.die_after else 0)  # let the last answer go out
+    if fake.dying:
+        # Let the last answer (or half answer) go out first. No time limit: a limit that ran
+        # out on a busy machine would cut that answer short, a crash the test did not ask for.
+        fake.died.wait()
     return 0
 
 

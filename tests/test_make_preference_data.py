@@ -20,8 +20,9 @@ from fake_ollama import (
 )
 from test_ollama_evaluate import WITHOUT_TORCH, write_json
 
-import ollama_evaluate as oe
 from instructkit import make_preference_data as mpd
+from instructkit.instruction_data import DatasetError
+from instructkit.judge import OllamaError
 
 ENTRIES = [
     {"instruction": "Evaluate the following phrase by transforming it into the spelling given.",
@@ -148,7 +149,7 @@ def test_resume_after_the_server_dies_mid_run(tmp_path):
     data = entries(6)
     progress = tmp_path / "progress.json"
     with FakeOllama(replies=rewrite_reply, die_after=7) as server:
-        with pytest.raises(oe.OllamaError, match="No Ollama server answered"):
+        with pytest.raises(OllamaError, match="No Ollama server answered"):
             mpd.make_preference_data(data, url=server.url, progress_path=progress)
         assert server.answered == 7
     saved = json.loads(progress.read_text("utf-8"))
@@ -177,7 +178,7 @@ def test_another_model_starts_fresh(tmp_path, capsys):
 
 def test_output_is_validated_before_it_is_written(tmp_path):
     path = tmp_path / "out.json"
-    with pytest.raises(oe.InputDataError, match="entry 0 has no 'rejected' key"):
+    with pytest.raises(DatasetError, match="entry 0 has no 'rejected' key"):
         mpd.save_preference_data([{**ENTRIES[0], "chosen": "x"}], path)
     assert not path.exists()
     mpd.save_preference_data([expected_pair(ENTRIES[0])], path)
@@ -243,17 +244,21 @@ def run_cli(args):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_subprocess_resumes_after_the_server_process_dies(tmp_path):
-    """Real processes, torch made unimportable: the server exits after 5 answers, then a new
-    one finishes the job."""
+@pytest.mark.parametrize("death", ["--die-after", "--crash-after"])
+def test_cli_subprocess_resumes_after_the_server_process_dies(tmp_path, death):
+    """Real processes, torch made unimportable: the server exits after 5 answers (between two
+    answers, or in the middle of the 6th), then a new one finishes the job."""
     data = entries(5)
     path = write_json(tmp_path / "data.json", data)
     out = tmp_path / "pairs.json"
-    with fake_ollama_process(tmp_path, "--rewrites", "--die-after", "5") as (process, url):
+    with fake_ollama_process(tmp_path, "--rewrites", death, "5") as (process, url):
         first = run_cli(["--file_path", str(path), "--host", url, "--output", str(out)])
-        process.wait(timeout=10)
+        process.wait(timeout=30)
     assert first.returncode == 1, first.stderr
-    assert "No Ollama server answered" in first.stderr and "run again to resume" in first.stderr
+    assert f"error: No Ollama server answered at {url} (" in first.stderr
+    if death == "--crash-after":
+        assert "(it stopped in the middle of an answer" in first.stderr
+    assert "run again to resume" in first.stderr
     assert "Traceback" not in first.stderr and not out.exists()
 
     with fake_ollama_process(tmp_path, "--rewrites") as (process, url):
