@@ -23,10 +23,8 @@ from tqdm import tqdm
 
 # Not in the book: the standard library's HTTP through instructkit.judge instead of
 # `requests` (no extra dependency); the scores file and the histogram are in judge_results.
-# ollama_is_reachable is imported for the notebooks that take it from here, until they
-# import it from instructkit.judge.
 from instructkit import judge, judge_results
-from instructkit.judge import ensure_ollama, get_ollama_url, ollama_is_reachable  # noqa: F401
+from instructkit.judge import ensure_ollama, get_ollama_url
 
 
 def query_model(prompt, model="llama3", url="http://localhost:11434/api/chat", num_ctx=2048,
