@@ -220,7 +220,12 @@ class FinetuneRun:
     #####################################
 
     def describe_cost(self, model):
-        """Print the precision, the memory the model needs, and the book's time for it."""
+        """Print the processes (under torchrun), the precision, the memory the model needs,
+        and the book's time for it."""
+        world = self.processes.world_size
+        if world > 1:
+            print(f"Processes: {world} ({'FSDP' if self.config.fsdp else 'DDP'}), "
+                  f"{self.batch_size // world} of each batch of {self.batch_size} on each")
         print(self.precision.describe())
         describe_expected_cost(model, self.config.model, self.device, self.config.epochs,
                                self.config.test_mode)
