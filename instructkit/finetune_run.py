@@ -302,9 +302,14 @@ class FinetuneRun:
         if self.is_main:
             self._write_record()
 
+    def _written_paths(self):
+        """{key: path} of the outputs written so far, the metrics file (written during
+        training) included."""
+        return {key: path for key, path in self.paths.items()
+                if path in self.progress.saved.values() or key == "metrics"}
+
     def _write_record(self):
-        written = {key: path for key, path in self.paths.items()
-                   if path in self.progress.saved.values() or key in ("metrics", "run_record")}
+        written = {**self._written_paths(), "run_record": self.paths["run_record"]}
         write_run_record(self.paths["model"], run_record(
             self.config, self.training, written, device=self.device,
             processes=self.processes.world_size, precision=self.training.precision.name,
@@ -348,10 +353,9 @@ class FinetuneRun:
         """What main returns: the losses, the answers, the files written, and the model; this
         process leaves torchrun's group."""
         state = self.training.state
-        written = {key: path for key, path in self.paths.items()
-                   if path in self.progress.saved.values() or key == "metrics"}
-        if not self.finished:
-            written = {"checkpoint": self.training.last_checkpoint}
+        # a run stopped by --max-steps leaves a checkpoint, not the outputs
+        written = (self._written_paths() if self.finished
+                   else {"checkpoint": self.training.last_checkpoint})
         self._quiet.close()
         self.processes.close()
         return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
