@@ -8,8 +8,8 @@ finetune runs unchanged under PyTorch's own launcher:
 `init_processes()` reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK). Without it,
 it returns `SingleProcess()`, whose methods do nothing, so one process runs as before. Under
 torchrun it joins the process group (NCCL on CUDA, each process on GPU `LOCAL_RANK`; gloo on
-the CPU) with a timeout, so a dead peer ends the run instead of hanging it, and returns a
-`ProcessGroup` with the same methods:
+the CPU, and on Windows, whose PyTorch has no NCCL) with a timeout, so a dead peer ends the
+run instead of hanging it, and returns a `ProcessGroup` with the same methods:
 
 - `check_batch_size(b)`: `--batch-size` is the GLOBAL batch; it must divide by the number
   of processes (checked before any work);
@@ -403,12 +403,18 @@ class _TokenLoss(nn.Module):
         return loss_sum, (target_batch != -100).sum()
 
 
+def process_group_backend(device_type, nccl_available):
+    """NCCL for CUDA GPUs where this PyTorch has it; gloo on the CPU, and for CUDA on Windows,
+    whose PyTorch builds come without NCCL (gloo moves CUDA tensors itself, more slowly)."""
+    return "nccl" if device_type == "cuda" and nccl_available else "gloo"
+
+
 def init_processes(device=None, timeout_s=DEFAULT_TIMEOUT_S, environ=None):
     """SingleProcess() without torchrun; under torchrun, join the process group and return
     this process's ProcessGroup.
 
     device: "cuda", "cpu" or None (CUDA when available). Under torchrun, CUDA means GPU
-    LOCAL_RANK and the NCCL backend; the CPU uses gloo.
+    LOCAL_RANK and the NCCL backend (gloo where NCCL is missing); the CPU uses gloo.
     """
     env = torchrun_env(environ)
     if env is None:
@@ -426,13 +432,17 @@ def init_processes(device=None, timeout_s=DEFAULT_TIMEOUT_S, environ=None):
                 f"Process LOCAL_RANK={local_rank} needs GPU {local_rank}, but this machine shows "
                 f"{torch.cuda.device_count()} GPU(s): start at most that many processes per machine "
                 f"(--nproc_per_node).")
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif kind == "cpu":
-        device, backend = torch.device("cpu"), "gloo"
+        device = torch.device("cpu")
     else:
         raise DistributedError(f"torchrun runs on CUDA GPUs or the CPU, not {kind}: "
                                f"use --device cpu, or run without torchrun.")
+    backend = process_group_backend(kind, dist.is_nccl_available())
+    if os.name == "nt":
+        # Windows builds of PyTorch have no libuv, which the rendezvous store uses by default.
+        os.environ.setdefault("USE_LIBUV", "0")
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return ProcessGroup(rank, local_rank, world_size, device)

@@ -25,6 +25,7 @@ from instructkit.distributed import (
     ProcessGroup,
     SingleProcess,
     init_processes,
+    process_group_backend,
     torchrun_env,
 )
 
@@ -228,6 +229,13 @@ def test_torchrun_environment():
     assert torchrun_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == (3, 1, 4)
     with pytest.raises(DistributedError, match="start several processes with torchrun"):
         torchrun_env({"WORLD_SIZE": "4", "RANK": "x", "LOCAL_RANK": "0"})
+
+
+def test_backend_is_gloo_where_nccl_is_missing():
+    """Windows' PyTorch has no NCCL: CUDA processes then talk through gloo instead of failing."""
+    assert process_group_backend("cuda", nccl_available=True) == "nccl"
+    assert process_group_backend("cuda", nccl_available=False) == "gloo"
+    assert process_group_backend("cpu", nccl_available=True) == "gloo"
 
 
 def test_without_torchrun_nothing_changes():
