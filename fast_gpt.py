@@ -261,6 +261,13 @@ def sample_next_token(logits, temperature=0.0, top_k=None):
         logits = logits / temperature
         logits = logits - logits.max(dim=-1, keepdim=True).values
         probs = torch.softmax(logits, dim=-1)  # (batch, vocab_size)
+        # Not in the book: on Apple's GPU the draw runs on the CPU, where torch.multinomial never
+        # picks a token of probability zero (MPS's can); elsewhere the same call, no copies
+        from instructkit.devices import sampling_device
+
+        draw_on = sampling_device(probs.device)
+        if draw_on != probs.device:
+            return torch.multinomial(probs.to(draw_on), num_samples=1).to(probs.device)
         return torch.multinomial(probs, num_samples=1)  # (batch, 1)
     return torch.argmax(logits, dim=-1, keepdim=True)  # (batch, 1)
 

@@ -179,7 +179,9 @@ def get_device():
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif torch.backends.mps.is_available():
-        # MPS only where PyTorch computes its losses right (2.9 and later)
+        # MPS only where PyTorch computes its losses right (2.9 and later); the commands'
+        # --device mps checks the same minimum (instructkit.devices.MPS_MIN_TORCH, a test
+        # keeps the two equal)
         major, minor = map(int, torch.__version__.split(".")[:2])
         if (major, minor) >= (2, 9):
             device = torch.device("mps")

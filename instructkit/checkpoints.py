@@ -15,7 +15,11 @@ crash loses it all. A checkpoint is one file, written atomically (safe_files), h
 `position` is the next batch in epoch `epoch`'s data order, the permutation of `epoch_seed`
 (drawn from torch's RNG as DataLoader(shuffle=True) draws it: training.epoch_order),
 so neither the order nor the checkpoint depends on how many processes trained. Only plain
-Python values and tensors are stored, so `torch.load(weights_only=True)` reads it.
+Python values and CPU tensors are stored (safe_files.save_state_dict moves GPU tensors to the
+CPU), so `torch.load(path)` (weights_only=True) reads it on any machine. A checkpoint moves
+between machines: it loads onto the CPU, `restore` copies the weights onto the model's device
+and the optimizer puts its state beside its parameters, and `set_rng_states` restores as many
+GPUs' RNG states as both machines have.
 
 Files are named `<stem>-step<step>.pth` inside a checkpoint folder; `newest_checkpoint`
 finds the last one written and `prune_checkpoints` keeps the last K.
@@ -100,9 +104,24 @@ def rng_states():
 
 
 def set_rng_states(states):
+    """Put back the RNG states that rng_states() saved, on this machine's GPUs.
+
+    "cuda" holds one state per GPU the saving process saw (GPU 0's is the one a single
+    process draws from). A checkpoint moves between machines: each GPU that both machines
+    have gets its saved state back, the first min(saved, here) of them; GPUs beyond the saved
+    ones keep the state torch.manual_seed gave them at the start of the run, and saved states
+    beyond this machine's GPUs are left unused (a CPU-only machine uses none).
+
+    Under torchrun the main process saves, so the list holds the states that process saw: its
+    own GPU's as it drew from it, the other GPUs' as seeded. Every process restores the list
+    the same way, so the main process gets its GPU's state back and the others their seeded
+    one. Training draws nothing from the GPUs' generators (the chapter's models have no
+    dropout, drop_rate 0.0), so the losses resume the same either way.
+    """
     torch.set_rng_state(states["torch"])
     if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     if states["numpy"] is not None:

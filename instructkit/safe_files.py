@@ -86,8 +86,15 @@ def write_json(path, obj):
 
 
 def save_state_dict(state_dict, path):
-    """torch.save through a temporary file: the final name only ever holds a whole file."""
+    """torch.save through a temporary file: the final name only ever holds a whole file.
+
+    Its tensors are saved from the CPU (devices.to_cpu), so the book's plain torch.load(path)
+    reads the file on any machine, also one without the GPU it was trained on."""
     import torch
+
+    from instructkit.devices import to_cpu
+
+    state_dict = to_cpu(state_dict)
 
     def write(tmp):
         # A Python file object, so that a full disk surfaces as an OSError (see _disk_full_cause).

@@ -63,16 +63,19 @@ def book_answer(model, tokenizer, entry, max_new_tokens=MAX_NEW, prompt_fn=None)
 
 
 def run_chat(*args, stdin=None):
-    """chat.py in a real subprocess (as a reader runs it)."""
-    return subprocess.run([sys.executable, "-m", "instructkit.chat", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    """chat.py in a real subprocess (as a reader runs it), on the CPU (--device cpu): the
+    answers are compared token for token with the book's generate on the CPU, and without the
+    flag a Mac would run the chat on its GPU (MPS)."""
+    return subprocess.run([sys.executable, "-m", "instructkit.chat", *map(str, args), "--device", "cpu"],
+                          input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def chat_main(capsys, monkeypatch, *args, stdin=""):
-    """chat.main in this process (each subprocess costs seconds of imports): (code, out, err)."""
+    """chat.main in this process (each subprocess costs seconds of imports): (code, out, err).
+    On the CPU, as run_chat."""
     from instructkit import chat
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = chat.main([str(a) for a in args])
+    code = chat.main([str(a) for a in args] + ["--device", "cpu"])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -283,7 +286,7 @@ def test_interactive_prompt_on_a_terminal(model_file, tiny_model, tokenizer):
     expected = book_answer(tiny_model, tokenizer, ENTRIES[0])
     main_fd, terminal_fd = pty.openpty()
     process = subprocess.Popen([sys.executable, "-m", "instructkit.chat", str(model_file),
-                                "--max-new-tokens", str(MAX_NEW)], stdin=terminal_fd,
+                                "--max-new-tokens", str(MAX_NEW), "--device", "cpu"], stdin=terminal_fd,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     os.close(terminal_fd)
     # Typed ahead: an empty line, an instruction and its input, then Ctrl-D to leave.
