@@ -296,7 +296,12 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
             probs = torch.softmax(logits, dim=-1)  # (batch_size, vocab_size)
 
             # Draw the next token from them
-            idx_next = torch.multinomial(probs, num_samples=1)  # (batch_size, 1)
+            # Not in the book: on Apple's GPU the draw runs on the CPU, because MPS's multinomial
+            # can return tokens of probability zero (outside the top k)
+            if probs.device.type == "mps":
+                idx_next = torch.multinomial(probs.cpu(), num_samples=1).to(probs.device)
+            else:
+                idx_next = torch.multinomial(probs, num_samples=1)  # (batch_size, 1)
 
         # Without temperature, greedy decoding as before: the largest logit
         else:
