@@ -1,7 +1,9 @@
 """A run that is stopped or fails says what it saved, what it did not, and how to go on.
 
 Not in the book. Ctrl-C raises KeyboardInterrupt wherever the program is; `signals_interrupt`
-makes SIGTERM (what `kill`, `timeout` and job schedulers send) do the same, as `Terminated`.
+makes SIGTERM (what `kill`, `timeout` and job schedulers send) do the same, as `Terminated`,
+and on Windows Ctrl-Break (SIGBREAK) too, as Ctrl-C: it is the one console event a program can
+send another (a test, a job runner), and a person pressing it means what Ctrl-C means.
 `RunProgress` keeps the stage and the files saved so far, for the message an interruption
 prints. `os_error_line` turns an unexpected OSError (a full disk, a permission) into one line.
 """
@@ -9,6 +11,14 @@ prints. `os_error_line` turns an unexpected OSError (a full disk, a permission) 
 import contextlib
 import signal
 from pathlib import Path
+
+# Windows' Ctrl-Break; None where the platform has no such signal (everywhere else).
+SIGBREAK = getattr(signal, "SIGBREAK", None)
+
+
+def as_ctrl_c(signum):
+    """The signal a handler reports: SIGBREAK counts as Ctrl-C's SIGINT (its message, exit 130)."""
+    return signal.SIGINT if SIGBREAK is not None and signum == SIGBREAK else signum
 
 
 class Terminated(KeyboardInterrupt):
@@ -26,16 +36,22 @@ def exit_code(interrupt):
 
 @contextlib.contextmanager
 def signals_interrupt():
-    """Within the block, SIGTERM raises Terminated (a KeyboardInterrupt) where the program is."""
+    """Within the block, SIGTERM raises Terminated (a KeyboardInterrupt) where the program is,
+    and SIGBREAK (Windows) a plain KeyboardInterrupt, as Ctrl-C does."""
 
     def handler(signum, frame):
         raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    handlers = {signal.SIGTERM: handler, **({SIGBREAK: ctrl_c} if SIGBREAK is not None else {})}
+    previous = {signum: signal.signal(signum, h) for signum, h in handlers.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, h in previous.items():
+            signal.signal(signum, h)
 
 
 class RunProgress:

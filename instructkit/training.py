@@ -49,6 +49,7 @@ from instructkit.checkpoints import (
 )
 from instructkit.distributed import SingleProcess
 from instructkit.precision import resolve_precision
+from instructkit.run_guard import SIGBREAK, as_ctrl_c
 from instructkit.run_record import MetricsLog
 from instructkit.safe_files import retry_while_disk_full
 
@@ -155,7 +156,8 @@ class _StopOnCtrlC:
     after the current step (a step cut halfway would leave the weights and optimizer out of
     step); a second one stops at once."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # Windows' Ctrl-Break (SIGBREAK) too, as Ctrl-C (see run_guard).
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *([SIGBREAK] if SIGBREAK is not None else []))
 
     def __init__(self, enabled):
         self.enabled, self.requested, self.signum, self._previous = enabled, False, None, {}
@@ -163,8 +165,8 @@ class _StopOnCtrlC:
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.requested, self.signum = True, as_ctrl_c(signum)
+        name = "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(signum).name
         print(f"\n{name}: stopping after this step to save a checkpoint "
               "(press Ctrl-C again to stop at once, without one).", file=sys.stderr, flush=True)
 

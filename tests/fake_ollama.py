@@ -441,6 +441,8 @@ def main(argv=None):
     fake = FakeOllama(replies=replies, models=args.models, port=args.port,
                       chunk_size=args.chunk_size, delay=args.delay, fail_after=args.fail_after,
                       die_after=args.die_after, crash_after=args.crash_after)
+    # terminate() on POSIX: a clean exit (Windows' terminate() ends the process at once; the
+    # output, flushed line by line, is read all the same).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")

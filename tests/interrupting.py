@@ -1,13 +1,15 @@
 """Start a real command, wait for lines it prints, then act on it (a signal, a full disk).
 
 Shared by the tests that interrupt the finetuning and DPO commands. stderr goes to a file, not
-a pipe: a progress bar on a pipe nobody reads would fill it and block the command.
+a pipe: a progress bar on a pipe nobody reads would fill it and block the command. The command
+starts in a process group of its own on Windows, so that `portable.send_interrupt` reaches it.
 """
 
 import subprocess
 import time
 
 import pytest
+from portable import new_group_kwargs
 
 
 def wait_for_line(proc, prefix):
@@ -26,6 +28,7 @@ def run_and_act(command, stderr_path, markers, act, stderr_marker=None, timeout=
     (and stderr holds `stderr_marker`), call `act(proc)`; wait for the end.
     Returns (exit code, stderr)."""
     popen_kwargs.setdefault("stdin", subprocess.DEVNULL)  # no terminal, unless a test gives one
+    popen_kwargs = {**new_group_kwargs(), **popen_kwargs}
     with open(stderr_path, "w+") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 **popen_kwargs)

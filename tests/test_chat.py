@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from portable import import_or_skip
 
 from exercise_variants import replace_linear_with_lora
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
@@ -281,8 +282,8 @@ def test_a_model_saved_with_its_lora_layers(tmp_path, tiny_model, tokenizer, one
 def test_interactive_prompt_on_a_terminal(model_file, tiny_model, tokenizer):
     """No instruction and a terminal on stdin (a real pseudo-terminal): the chat prompt."""
     import os
-    import pty
 
+    pty = import_or_skip("pty")
     expected = book_answer(tiny_model, tokenizer, ENTRIES[0])
     main_fd, terminal_fd = pty.openpty()
     process = subprocess.Popen([sys.executable, "-m", "instructkit.chat", str(model_file),

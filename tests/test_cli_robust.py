@@ -8,9 +8,7 @@ the cases that used to lose work, the work on disk.
 import errno
 import json
 import os
-import pty
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -21,6 +19,15 @@ import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
 from loopback_server import closed_port_url, serving
+from portable import (
+    WINDOWS,
+    import_or_skip,
+    is_root,
+    killed_returncode,
+    needs_sigterm,
+    send_interrupt,
+    send_sigterm,
+)
 from small_disk import small_tmpfs, unwritable_folder
 
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG
@@ -47,8 +54,7 @@ def command(data, output_dir, *extra):
             "--output-dir", str(output_dir), *extra]
 
 
-def usual_umask():
-    os.umask(0o022)
+USUAL_UMASK = 0o022  # the child's umask, so the modes written are known (ignored on Windows)
 
 
 def run(*args, timeout=600):
@@ -57,13 +63,13 @@ def run(*args, timeout=600):
 
 def run_command(argv, timeout=600):
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=usual_umask, stdin=subprocess.DEVNULL)
+                          umask=USUAL_UMASK, stdin=subprocess.DEVNULL)
 
 
 def run_and_act(tmp_path, data, output_dir, *extra, markers, act, stderr_marker=None):
     """interrupting.run_and_act on the finetuning command, with the usual umask."""
     return interrupting.run_and_act(command(data, output_dir, *extra), tmp_path / "stderr",
-                                    markers, act, stderr_marker, preexec_fn=usual_umask)
+                                    markers, act, stderr_marker, umask=USUAL_UMASK)
 
 
 def assert_one_line_error(proc, code, message):
@@ -76,6 +82,12 @@ def assert_one_line_error(proc, code, message):
 
 def modes(folder):
     return {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+
+
+def usual_modes(names):
+    """What `modes` gives for files written under umask 022: 0o644; on Windows, whose files
+    have no such modes, whatever they have (their names are still compared)."""
+    return {name: stat.S_IMODE(0o666 if WINDOWS else 0o644) for name in names}
 
 
 ########################################################################################
@@ -93,7 +105,7 @@ def test_case1_output_dir_that_is_a_file(tmp_path, data):
 def test_case1_output_dir_that_cannot_be_written(tmp_path, data):
     with unwritable_folder(tmp_path / "locked") as folder:
         proc = run(data, folder)
-    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    reason = "Read-only file system" if is_root() else "Permission denied"
     assert_one_line_error(proc, 2, f"--output-dir {folder} is not writable ({reason}): choose "
                                    f"another --output-dir or fix its permissions")
 
@@ -148,6 +160,7 @@ def test_case1_full_disk_at_a_terminal_waits_for_space_and_keeps_the_model(
         tmp_path, data, extra, disk_size, what, first_file):
     """At a terminal (a real pty as stdin) the trained model is not lost: the command says the
     disk is full, waits, and writes the files once space is freed and Enter pressed."""
+    pty = import_or_skip("pty")
     with small_tmpfs(tmp_path / "disk", size=disk_size) as disk:
         terminal, user_side = pty.openpty()
         try:
@@ -161,7 +174,7 @@ def test_case1_full_disk_at_a_terminal_waits_for_space_and_keeps_the_model(
 
             code, err = interrupting.run_and_act(
                 command(data, disk, *extra), tmp_path / "stderr", ["Ep 1 (Step"], free_space_and_press_enter,
-                stdin=user_side, preexec_fn=usual_umask)
+                stdin=user_side, umask=USUAL_UMASK)
         finally:
             os.close(terminal)
             os.close(user_side)
@@ -201,7 +214,7 @@ def test_case2_epochs_0_writes_under_another_name(tmp_path, data):
            "instruction-data-with-response-test-untrained.json"}
     assert set(modes(out)) == set(earlier) | new
     # 8. Files written through a temporary file get the usual mode (0o644 under umask 022).
-    assert {name: mode for name, mode in modes(out).items() if name in new} == dict.fromkeys(new, 0o644)
+    assert {name: mode for name, mode in modes(out).items() if name in new} == usual_modes(new)
     assert len(json.loads((out / "instruction-data-with-response-test-untrained.json").read_text())) == 10
 
 
@@ -215,7 +228,7 @@ def test_case3_ctrl_c_while_answering_keeps_the_trained_model(tmp_path, data):
     # 100,000 new tokens for each answer: answering takes far longer than the signal
     code, err = run_and_act(tmp_path, data, out, "--max-new-tokens", "100000",
                             markers=["Plot saved as"], stderr_marker="Generating responses",
-                            act=lambda proc: proc.send_signal(signal.SIGINT))
+                            act=send_interrupt)
     assert code == 130
     assert "Traceback" not in err
     assert (f"Answering the test set interrupted: saved the finetuned model ({out / MODEL}), the "
@@ -223,7 +236,7 @@ def test_case3_ctrl_c_while_answering_keeps_the_trained_model(tmp_path, data):
             f"answers.") in err.splitlines()
     # The work is on disk: a whole, loadable model, the plot and the run record, all with the
     # usual mode (the metrics file is appended to during training).
-    assert modes(out) == {MODEL: 0o644, PLOT: 0o644, RECORD: 0o644, METRICS: 0o644}
+    assert modes(out) == usual_modes([MODEL, PLOT, RECORD, METRICS])
     GPTModel(TEST_MODE_CONFIG).load_state_dict(
         torch.load(out / MODEL, map_location="cpu", weights_only=True))
     assert (out / PLOT).read_bytes().startswith(b"%PDF")
@@ -270,7 +283,7 @@ def test_case5_a_utf8_bom_is_accepted(tmp_path, data):
     data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())  # as Windows editors save it
     code, err = run_and_act(tmp_path, data, tmp_path / "out", markers=["Training set length: 10"],
                             act=lambda proc: proc.kill())  # loaded and validated: enough
-    assert code == -signal.SIGKILL and "error" not in err
+    assert code == killed_returncode() and "error" not in err
 
 
 def test_case5_an_html_page_is_never_saved_as_the_dataset(tmp_path):
@@ -330,10 +343,11 @@ def test_case7_checkpoint_folder_of_another_size(tmp_path, data):
 ########################################################################################
 
 @pytest.mark.slow
+@needs_sigterm
 def test_case8_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume(tmp_path, data):
     out = tmp_path / "out"
     code, err = run_and_act(tmp_path, data, out, "--epochs", "10000", markers=["Ep 1 (Step"],
-                            act=lambda proc: proc.send_signal(signal.SIGTERM))
+                            act=send_sigterm)
     assert code == 143
     assert "Traceback" not in err
     assert "SIGTERM: stopping after this step to save a checkpoint" in err

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 from functools import partial
@@ -13,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 from interrupting import run_and_act
+from portable import send_interrupt
 from torch.utils.data import DataLoader
 
 from gpt_instruction_finetuning import format_input
@@ -375,7 +375,7 @@ def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
     command = [sys.executable, "-u", "-m", "instructkit.dpo_train",
                *cli_args(sft_file, shared_data, *extra, "--output-dir", str(out))]
     code, stderr = run_and_act(command, tmp_path / "stderr", ["Ep 1 (Step 000001)"],
-                               lambda proc: proc.send_signal(signal.SIGINT), timeout=120,
+                               send_interrupt, timeout=120,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert code == 130, stderr
     assert "Ctrl-C: stopping after this step to save a checkpoint" in stderr

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
 from interrupting import run_and_act
+from portable import send_interrupt
 
 import gpt_instruction_finetuning as gif
 from instructkit import finetune
@@ -141,7 +141,7 @@ def test_real_sigint_to_the_command_then_resume_equals_the_uninterrupted_run(uni
                                                                             tmp_path):
     # Interrupt once training is under way (stderr's file lies outside the output folder).
     code, stderr = run_and_act(command(data_file, tmp_path), tmp_path.with_suffix(".stderr"),
-                               ["Ep 1 (Step 000002)"], lambda proc: proc.send_signal(signal.SIGINT),
+                               ["Ep 1 (Step 000002)"], send_interrupt,
                                timeout=120, cwd=tmp_path, env=one_thread_env())
     assert code == 130, stderr
     assert "stopping after this step to save a checkpoint" in stderr

@@ -3,7 +3,6 @@ answer, against the loopback fake Ollama server, with resume and bad replies."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from fake_ollama import (
     rewrite_reply,
     unused_port,
 )
+from portable import new_group_kwargs, send_interrupt
 from test_ollama_evaluate import WITHOUT_TORCH, write_json
 
 from instructkit import make_preference_data as mpd
@@ -276,11 +276,11 @@ def test_cli_ctrl_c_keeps_the_finished_pairs(tmp_path):
         process = subprocess.Popen(
             [sys.executable, "-m", "instructkit.make_preference_data", "--file_path", str(path), "--host",
              server.host, "--output", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
+            stderr=subprocess.PIPE, text=True, **new_group_kwargs())
         deadline = time.monotonic() + 60
         while not progress.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        send_interrupt(process)
         _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert f"Interrupted. Results so far are in {progress}; run again to resume." in err

@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import runpy
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import psutil
 import pytest
 from conftest import ROOT
 from fake_ollama import FakeOllama, fake_ollama_process, unused_port
+from portable import new_group_kwargs, send_interrupt
 from test_one_source import top_level_definitions, without_docstrings
 
 import ollama_evaluate as oe
@@ -454,11 +454,11 @@ def test_cli_ctrl_c_says_where_the_scores_are(tmp_path):
     with FakeOllama(replies="85", delay=0.5) as server:  # about 0.5 s per reply
         process = subprocess.Popen(
             [sys.executable, "ollama_evaluate.py", "--file_path", str(path), "--host", server.host],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **new_group_kwargs())
         deadline = time.monotonic() + 60
         while not scores.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        send_interrupt(process)
         _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert f"Interrupted. Results so far are in {scores}; run again to resume." in err

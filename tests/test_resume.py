@@ -1,13 +1,12 @@
 """training.TrainingRun: the chapter's loop, stopped and resumed, equals one run.
 
 Tiny real GPTs on the chapter's real data and the real tokenizer, on the CPU in float32:
-interrupted runs (by `max_steps`, by a real SIGINT in the middle of a step, from a periodic
+interrupted runs (by `max_steps`, by Ctrl-C in the middle of a step, from a periodic
 checkpoint) continue to the same losses and bit-identical weights as an uninterrupted run.
 """
 
 import contextlib
 import io
-import os
 import signal
 from functools import partial
 
@@ -217,29 +216,35 @@ def test_stop_after_k_steps_then_resume_equals_uninterrupted(baseline, instructi
         baseline["run"].optimizer.state_dict()["state"][0]["exp_avg"])
 
 
-class SigintAtStep(torch.optim.AdamW):
-    """AdamW that sends this process a real SIGINT in the middle of its 5th step."""
+class CtrlCAtStep(torch.optim.AdamW):
+    """AdamW during whose 5th step Ctrl-C arrives: the SIGINT handler that training installed
+    runs there, as the interpreter runs it when the signal comes. (No real signal: it would go
+    to pytest's own process. A real one goes to the command in test_finetune_resume.)"""
 
     calls = 0
 
     def step(self, closure=None):
-        SigintAtStep.calls += 1
-        if SigintAtStep.calls == 5:
-            os.kill(os.getpid(), signal.SIGINT)  # delivered while this step runs
+        CtrlCAtStep.calls += 1
+        if CtrlCAtStep.calls == 5:
+            handler = signal.getsignal(signal.SIGINT)
+            assert handler not in (signal.default_int_handler, signal.SIG_DFL, signal.SIG_IGN, None), \
+                "training installed no Ctrl-C handler"
+            handler(signal.SIGINT, None)  # in the middle of this step
         return super().step(closure)
 
 
-def test_real_sigint_mid_step_saves_after_that_step_and_resumes_exactly(
+def test_ctrl_c_mid_step_saves_after_that_step_and_resumes_exactly(
         baseline, instruction_data, tokenizer, tmp_path, capsys):
-    SigintAtStep.calls = 0
+    CtrlCAtStep.calls = 0
     handler_before = signal.getsignal(signal.SIGINT)
-    first = make_run(instruction_data, tokenizer, tmp_path, optimizer_class=SigintAtStep)
+    first = make_run(instruction_data, tokenizer, tmp_path, optimizer_class=CtrlCAtStep)
     with pytest.raises(TrainingInterrupted) as stopped:
         first.train(EPOCHS, EVAL_FREQ, EVAL_ITER, None, None)
     saved = tmp_path / "tiny-sft-step0000005.pth"
     assert stopped.value.checkpoint == saved and stopped.value.step == 5
+    assert stopped.value.signum == signal.SIGINT
     assert f"--resume {saved}" in str(stopped.value)
-    assert "stopping after this step" in capsys.readouterr().err
+    assert "Ctrl-C: stopping after this step" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is restored
 
     second = make_run(instruction_data, tokenizer, tmp_path)

@@ -2,11 +2,11 @@
 
 import errno
 import os
-import pty
 import stat
 
 import pytest
 import torch
+from portable import import_or_skip, posix_only
 from small_disk import small_tmpfs
 
 from instructkit.safe_files import (
@@ -44,6 +44,7 @@ def small_figure():
     return fig
 
 
+@posix_only
 @pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_get_the_usual_mode(tmp_path, umask, mask, expected):
     umask(mask)
@@ -133,6 +134,7 @@ def test_without_a_terminal_a_full_disk_fails_at_once(tmp_path):
 
 def test_at_a_terminal_a_full_disk_waits_for_enter_and_ctrl_d_gives_up(tmp_path):
     """A real pty: the first Enter retries (the disk is still full), Ctrl-D then gives up."""
+    pty = import_or_skip("pty")
     terminal, user_side = pty.openpty()
     try:
         os.write(terminal, b"\n\x04")  # what the user types: Enter, then Ctrl-D
