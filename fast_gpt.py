@@ -16,6 +16,13 @@ or patches the model and state dicts are unchanged:
   new position instead of the whole context;
 - batched generation of left-padded prompts (`generate_batch`, `generate_answer_ids`):
   positions and attention ignore the padding, so each answer is the one-prompt answer;
+- decode steps at the memory limit: a step reads every weight for a few rows, and its
+  matrix-vector products (the output head included) are split over the CPU's cores where a
+  short measurement on the first steps finds that faster (instructkit/parallel_matvec.py;
+  forced by --decode-matvec or INSTRUCTKIT_DECODE_MATVEC); `decode_dtype=torch.bfloat16`
+  decodes with bfloat16 copies of the weights (half the bytes; off by default, tokens may
+  differ). The functions below take a `linear(module, x)` argument for this; `call_module`,
+  the default, is the plain path;
 - the packed training loss (`calc_loss_batch_packed`): no compute for padding, output-head
   logits only where a target counts;
 - a trainer (`train_model_fast`) with train_model_simple's signature, printed lines and
@@ -36,8 +43,10 @@ gradients within float tolerance; the same weights (to 1e-4) after AdamW steps o
 train_model_fast and train_model_simple. Generation, losses and gradients are checked on the
 project's GPTModel (the book's chapter 7 code, `drop_resid`), on it with LoRA layers and on
 tests/book_reference.py's independent implementation (`drop_shortcut`); training on the
-first two. tests/test_weights.py: with GPT-2's weights loaded, this module's forward gives
-the logits of an independent NumPy GPT-2.
+first two. tests/test_decode_matvec.py: the split and the plain decode products, each forced,
+give previous_chapters.generate's greedy tokens (batch 1, batched, left-padded, past the
+context length; the project's model and a LoRA model). tests/test_weights.py: with GPT-2's
+weights loaded, this module's forward gives the logits of an independent NumPy GPT-2.
 """
 
 import itertools
