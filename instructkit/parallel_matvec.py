@@ -54,7 +54,7 @@ BLOCK_ALIGN = 16  # block boundaries on multiples of 16 rows (whole cache lines 
 _mode = None  # set_mode's choice, None: the environment variable's or "auto"
 CHOICES = {}  # (device type, dtype, rows, threads) -> "parallel" or "plain", for the process
 _timings = {}  # the same keys -> {"plain": [seconds, ...], "parallel": [...]}, while calibrating
-_pool, _pool_size = None, 0
+_pool, _pool_key = None, None  # the thread pool, and (its size, the process that made it)
 _pool_lock = threading.Lock()
 # bfloat16 copies of nn.Linear weights, made once per module (again only if its weight changes)
 _LOW_PRECISION = weakref.WeakKeyDictionary()
@@ -134,14 +134,15 @@ def apply_decode_arguments(args):
 #####################################
 
 def _thread_pool(workers):
-    """The persistent pool of `workers` threads (made again when the thread count changes)."""
-    global _pool, _pool_size
+    """The persistent pool of `workers` threads, made again when the thread count changes or
+    in a forked child process (which has none of its parent's threads)."""
+    global _pool, _pool_key
     with _pool_lock:
-        if _pool is None or _pool_size != workers:
-            if _pool is not None:
+        if _pool is None or _pool_key != (workers, os.getpid()):
+            if _pool is not None and _pool_key[1] == os.getpid():
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(workers, thread_name_prefix="decode-matvec")
-            _pool_size = workers
+            _pool_key = (workers, os.getpid())
         return _pool
 
 
