@@ -120,6 +120,12 @@ def call_module(module, x):
     return module(x)
 
 
+def linear_each(linear, modules, x):
+    """[linear(module, x) for module in modules]; a DecodeLinear hands them to its threads at once."""
+    many = getattr(linear, "many", None)
+    return many(modules, x) if many is not None else [linear(module, x) for module in modules]
+
+
 def feed_forward(ff, x, linear=call_module):
     """ff.layers = (Linear, GELU, Linear); the linears are called (LoRA-wrapped ones too)."""
     return linear(ff.layers[2], F.gelu(linear(ff.layers[0], x), approximate="tanh"))
@@ -135,7 +141,7 @@ def attention(att, x, attn_mask=None, kv_cache=None, layer_idx=0, linear=call_mo
     linear: how the linear layers are called, `linear(module, x)`: the module itself, or a
     decode step's parallel_matvec.DecodeLinear.
     """
-    queries, keys, values = linear(att.W_query, x), linear(att.W_key, x), linear(att.W_value, x)
+    queries, keys, values = linear_each(linear, (att.W_query, att.W_key, att.W_value), x)
     packed = attn_mask if isinstance(attn_mask, PackedRows) else None
     if packed is not None:  # back to (batch, n_tokens, d_out) for attention
         queries, keys, values = packed.unpack(queries), packed.unpack(keys), packed.unpack(values)

@@ -175,10 +175,18 @@ def _is_lora(module):
     return isinstance(getattr(module, "linear", None), nn.Linear) and hasattr(module, "lora")
 
 
-def _rows_block(weight, x_t, out_t, start, end):
-    """out_t[start:end] = weight[start:end] @ x_t, on a pool thread (grad modes are per thread)."""
+def _blocks(products, k):
+    """Block k of every product (weight, x_t, out_t, bounds): out_t[rows] = weight[rows] @ x_t."""
+    for weight, x_t, out_t, bounds in products:
+        if k < len(bounds):
+            start, end = bounds[k]
+            torch.mm(weight[start:end], x_t, out=out_t[start:end])
+
+
+def _pool_blocks(products, k):
+    """_blocks on a pool thread, in inference mode (grad modes are per thread)."""
     with torch.inference_mode():
-        torch.mm(weight[start:end], x_t, out=out_t[start:end])
+        _blocks(products, k)
 
 
 class DecodeLinear:
@@ -195,30 +203,49 @@ class DecodeLinear:
         self.is_reference = blocks == 1 and dtype is None
 
     def __call__(self, module, x):
-        if self.is_reference:
-            return module(x)
-        if isinstance(module, nn.Linear):
-            return self.linear(x, *decode_weights(module, self.dtype))
-        if _is_lora(module):  # the base layer through here, the small LoRA update as it is
-            return self(module.linear, x) + module.lora(x)
-        return module(x)
+        return self.many((module,), x)[0]
 
-    def linear(self, x, weight, bias):
-        """F.linear(x, weight, bias) in weight's dtype, split over the pool where it helps."""
+    def many(self, modules, x):
+        """[linear(module, x) for module in modules], handed to the pool together (one hand-out
+        for the attention's queries, keys and values instead of three)."""
+        if self.is_reference:
+            return [module(x) for module in modules]
+        outputs, linears = [None] * len(modules), []
+        for i, module in enumerate(modules):
+            base = module if isinstance(module, nn.Linear) else \
+                module.linear if _is_lora(module) else None
+            if base is None:  # not a layout known here: the module itself
+                outputs[i] = module(x)
+            else:
+                linears.append((i, module, *decode_weights(base, self.dtype)))
+        products = self.products(x, [(weight, bias) for _, _, weight, bias in linears])
+        for (i, module, _, _), y in zip(linears, products, strict=True):
+            # a LoRA layer: the base layer's product from here, the small update as it is
+            outputs[i] = y + module.lora(x) if _is_lora(module) else y
+        return outputs
+
+    def products(self, x, weights):
+        """[F.linear(x, weight, bias) for (weight, bias) in weights], in the weights' dtype
+        (the results in x's), split over the pool where it helps."""
         rows = x.numel() // x.shape[-1]
         if self.blocks == 1 or rows > MAX_ROWS:
-            return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-        # weight @ x^T, into an (out_features, rows) buffer whose row blocks are contiguous
-        x_t = x.reshape(rows, x.shape[-1]).to(weight.dtype).T  # (in_features, rows)
-        out_t = torch.empty(weight.shape[0], rows, dtype=weight.dtype, device=x.device)
-        first, *others = block_bounds(weight.shape[0], self.blocks)
+            return [F.linear(x.to(weight.dtype), weight, bias).to(x.dtype) for weight, bias in weights]
+        products = []
+        for weight, _ in weights:
+            # weight @ x^T, into an (out_features, rows) buffer whose row blocks are contiguous
+            x_t = x.reshape(rows, x.shape[-1]).to(weight.dtype).T  # (in_features, rows)
+            out_t = torch.empty(weight.shape[0], rows, dtype=weight.dtype, device=x.device)
+            products.append((weight, x_t, out_t, block_bounds(weight.shape[0], self.blocks)))
         pool = _thread_pool(self.blocks - 1)
-        futures = [pool.submit(_rows_block, weight, x_t, out_t, *bounds) for bounds in others]
-        torch.mm(weight[first[0]:first[1]], x_t, out=out_t[first[0]:first[1]])
+        futures = [pool.submit(_pool_blocks, products, k) for k in range(1, self.blocks)]
+        _blocks(products, 0)  # this thread takes the first block of each
         for future in futures:
             future.result()
-        out = out_t.T if bias is None else out_t.T + bias  # (rows, out_features)
-        return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]).contiguous()
+        results = []
+        for (weight, bias), (_, _, out_t, _) in zip(weights, products, strict=True):
+            out = out_t.T if bias is None else out_t.T + bias  # (rows, out_features)
+            results.append(out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]).contiguous())
+        return results
 
 
 class MatvecChooser:

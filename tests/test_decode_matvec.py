@@ -43,15 +43,16 @@ def small_cfg(tiny_cfg):
 
 @pytest.fixture
 def split_blocks(monkeypatch):
-    """Counts the row blocks computed on the pool (the real function still runs)."""
+    """Per hand-out to the pool, the shapes of the weights whose row blocks it computed (the
+    real function runs)."""
     calls = []
-    real = pm._rows_block
+    real = pm._pool_blocks
 
-    def counting(weight, x_t, out_t, start, end):
-        calls.append((weight.shape, start, end))
-        return real(weight, x_t, out_t, start, end)
+    def counting(products, k):
+        calls.append([tuple(weight.shape) for weight, *_ in products])
+        return real(products, k)
 
-    monkeypatch.setattr(pm, "_rows_block", counting)
+    monkeypatch.setattr(pm, "_pool_blocks", counting)
     return calls
 
 
@@ -70,7 +71,9 @@ def test_forced_paths_give_the_plain_loops_tokens(small_cfg, split_blocks, mode,
     if mode == "plain":
         assert split_blocks == []
     else:  # every linear layer was split, the output head (VOCAB rows) included
-        shapes = {shape for shape, _, _ in split_blocks}
+        shapes = {shape for call in split_blocks for shape in call}
+        d = small_cfg["emb_dim"]
+        assert [(d, d)] * 3 in split_blocks  # queries, keys and values in one hand-out
         assert (small_cfg["vocab_size"], small_cfg["emb_dim"]) in shapes
         assert (4 * small_cfg["emb_dim"], small_cfg["emb_dim"]) in shapes
         assert (small_cfg["emb_dim"], 4 * small_cfg["emb_dim"]) in shapes
@@ -95,7 +98,7 @@ def test_the_split_product_equals_f_linear():
     for shape in ((1, 1, 48), (3, 1, 48), (2, 48)):
         x = torch.randn(shape)
         for blocks in (2, 3):
-            got = pm.DecodeLinear(blocks).linear(x, weight, bias)
+            got, = pm.DecodeLinear(blocks).products(x, [(weight, bias)])
             assert got.shape == (*shape[:-1], 100) and got.is_contiguous()
             torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
     assert pm.block_bounds(100, 2) == [(0, 48), (48, 100)]
