@@ -11,6 +11,7 @@ rule is checked on given timings.
 import pytest
 import torch
 import torch.nn.functional as F
+from test_chat import ENTRIES, MAX_NEW, book_answer, chat_main, save_model
 from test_fast_gpt import CONTEXT, MODELS
 from test_previous_chapters import random_prompts
 
@@ -222,3 +223,27 @@ def test_bf16_answers_through_generate_responses(small_cfg, tokenizer):
     answers = generate_responses(model, entries, tokenizer, ALPACA, max_new_tokens=8,
                                  progress=False, decode_dtype=torch.bfloat16)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_the_chat_command_with_the_decode_flags(tmp_path, tokenizer, capsys, monkeypatch):
+    """chat --decode-matvec parallel: the book's answer; --decode-dtype bf16: an answer too."""
+    from instructkit.gpt2_sizes import TEST_MODE_CONFIG
+
+    torch.manual_seed(123)
+    tiny_model = pc.GPTModel(TEST_MODE_CONFIG).eval()
+    model_file = save_model(tmp_path, "tiny-sft", tiny_model)
+    entry = ENTRIES[1]
+    expected = book_answer(tiny_model, tokenizer, entry)
+    code, out, err = chat_main(capsys, monkeypatch, model_file, entry["instruction"],
+                               "--max-new-tokens", MAX_NEW, "--decode-matvec", "parallel")
+    assert code == 0, err
+    assert out == expected + "\n" and pm.current_mode() == "parallel"
+    code, out, err = chat_main(capsys, monkeypatch, model_file, entry["instruction"],
+                               "--max-new-tokens", MAX_NEW, "--decode-dtype", "bf16")
+    assert code == 0, err
+    assert out.endswith("\n") and len(out) > 1
+    monkeypatch.setenv(pm.ENV_VAR, "fastest")  # a bad variable: one line, exit 2
+    pm.set_mode(None)
+    code, out, err = chat_main(capsys, monkeypatch, model_file, entry["instruction"])
+    assert code == 2 and err.strip() == (f"error: {pm.ENV_VAR}='fastest': expected one of "
+                                         f"auto, parallel, plain")
