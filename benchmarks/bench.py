@@ -827,6 +827,8 @@ def main(argv=None):
         "generation 2N per new token")
 
     all_ok, table, decode_rows = True, [], []
+    if device.type != "cpu":
+        log("decode at batch 1 against the read bandwidth: measured on CPUs only (--device cpu)")
     if args.weights is not None:  # the decode section on a saved model
         from instructkit.model_files import load_finetuned_model
 
