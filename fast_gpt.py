@@ -16,6 +16,13 @@ or patches the model and state dicts are unchanged:
   new position instead of the whole context;
 - batched generation of left-padded prompts (`generate_batch`, `generate_answer_ids`):
   positions and attention ignore the padding, so each answer is the one-prompt answer;
+- decode steps at the memory limit: a step reads every weight for a few rows, and its
+  matrix-vector products (the output head included) are split over the CPU's cores where a
+  short measurement on the first steps finds that faster (instructkit/parallel_matvec.py;
+  forced by --decode-matvec or INSTRUCTKIT_DECODE_MATVEC); `decode_dtype=torch.bfloat16`
+  decodes with bfloat16 copies of the weights (half the bytes; off by default, tokens may
+  differ). The functions below take a `linear(module, x)` argument for this; `call_module`,
+  the default, is the plain path;
 - the packed training loss (`calc_loss_batch_packed`): no compute for padding, output-head
   logits only where a target counts;
 - a trainer (`train_model_fast`) with train_model_simple's signature, printed lines and
@@ -36,8 +43,10 @@ gradients within float tolerance; the same weights (to 1e-4) after AdamW steps o
 train_model_fast and train_model_simple. Generation, losses and gradients are checked on the
 project's GPTModel (the book's chapter 7 code, `drop_resid`), on it with LoRA layers and on
 tests/book_reference.py's independent implementation (`drop_shortcut`); training on the
-first two. tests/test_weights.py: with GPT-2's weights loaded, this module's forward gives
-the logits of an independent NumPy GPT-2.
+first two. tests/test_decode_matvec.py: the split and the plain decode products, each forced,
+give previous_chapters.generate's greedy tokens (batch 1, batched, left-padded, past the
+context length; the project's model and a LoRA model). tests/test_weights.py: with GPT-2's
+weights loaded, this module's forward gives the logits of an independent NumPy GPT-2.
 """
 
 import itertools
@@ -47,6 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from instructkit.parallel_matvec import MatvecChooser  # Not in the book: decode steps' matvecs
 from instructkit.precision import cuda_bf16_supported  # Not in the book: which GPUs compute in bfloat16
 from previous_chapters import text_to_token_ids, token_ids_to_text
 
@@ -105,20 +115,33 @@ def layer_norm(norm, x):
     return F.layer_norm(x, (x.shape[-1],), norm.scale, norm.shift, norm.eps)
 
 
-def feed_forward(ff, x):
+def call_module(module, x):
+    """The plain path's linear layer: the module itself (a LoRA-wrapped one too)."""
+    return module(x)
+
+
+def linear_each(linear, modules, x):
+    """[linear(module, x) for module in modules]; a DecodeLinear hands them to its threads at once."""
+    many = getattr(linear, "many", None)
+    return many(modules, x) if many is not None else [linear(module, x) for module in modules]
+
+
+def feed_forward(ff, x, linear=call_module):
     """ff.layers = (Linear, GELU, Linear); the linears are called (LoRA-wrapped ones too)."""
-    return ff.layers[2](F.gelu(ff.layers[0](x), approximate="tanh"))
+    return linear(ff.layers[2], F.gelu(linear(ff.layers[0], x), approximate="tanh"))
 
 
-def attention(att, x, attn_mask=None, kv_cache=None, layer_idx=0):
+def attention(att, x, attn_mask=None, kv_cache=None, layer_idx=0, linear=call_module):
     """The book's multi-head attention through F.scaled_dot_product_attention.
 
     x: (batch, n_tokens, d_in), or (1, kept, d_in) when attn_mask is a PackedRows.
     attn_mask: None for plain causal attention, a bool tensor (batch or 1, 1, n_tokens,
     n_keys) True where a query may attend, or a PackedRows (causal within each row).
     kv_cache: a KVCache these keys and values are appended to, attending over all of it.
+    linear: how the linear layers are called, `linear(module, x)`: the module itself, or a
+    decode step's parallel_matvec.DecodeLinear.
     """
-    queries, keys, values = att.W_query(x), att.W_key(x), att.W_value(x)
+    queries, keys, values = linear_each(linear, (att.W_query, att.W_key, att.W_value), x)
     packed = attn_mask if isinstance(attn_mask, PackedRows) else None
     if packed is not None:  # back to (batch, n_tokens, d_out) for attention
         queries, keys, values = packed.unpack(queries), packed.unpack(keys), packed.unpack(values)
@@ -147,7 +170,7 @@ def attention(att, x, attn_mask=None, kv_cache=None, layer_idx=0):
     context_vec = context_vec.transpose(1, 2).reshape(b, num_tokens, d_out)
     if packed is not None:
         context_vec = packed.pack(context_vec)
-    return att.out_proj(context_vec)
+    return linear(att.out_proj, context_vec)
 
 
 # The residual dropout's names in the book: `drop_resid` in its chapter 6 and 7 code (and so
@@ -166,37 +189,39 @@ def residual_dropout(block):
                          f"{', '.join(RESIDUAL_DROPOUT_NAMES)} (the book's TransformerBlock layout)")
 
 
-def transformer_block(block, x, attn_mask=None, kv_cache=None, layer_idx=0):
+def transformer_block(block, x, attn_mask=None, kv_cache=None, layer_idx=0, linear=call_module):
     """The book's TransformerBlock.forward, through the fused functions above."""
     drop_resid = residual_dropout(block)
     shortcut = x  # pre-LayerNorm attention with a residual connection
-    x = attention(block.att, layer_norm(block.norm1, x), attn_mask, kv_cache, layer_idx)
+    x = attention(block.att, layer_norm(block.norm1, x), attn_mask, kv_cache, layer_idx, linear)
     x = drop_resid(x) + shortcut
 
     shortcut = x  # pre-LayerNorm feed-forward with a residual connection
-    x = feed_forward(block.ff, layer_norm(block.norm2, x))
+    x = feed_forward(block.ff, layer_norm(block.norm2, x), linear)
     return drop_resid(x) + shortcut
 
 
-def transform(model, in_idx, positions, attn_mask=None, kv_cache=None):
+def transform(model, in_idx, positions, attn_mask=None, kv_cache=None, linear=call_module):
     """Embeddings, the transformer blocks and the final norm: (batch, n_tokens, emb_dim).
 
-    positions: (n_tokens,) or (batch, n_tokens) position ids for pos_emb.
+    positions: (n_tokens,) or (batch, n_tokens) position ids for pos_emb. linear: see attention.
     """
     x = model.drop_emb(model.tok_emb(in_idx) + model.pos_emb(positions))
+    compiled = kv_cache is None and linear is call_module  # compiled blocks: the plain path only
     for layer_idx, block in enumerate(model.trf_blocks):
-        run = _COMPILED_BLOCKS.get(block, transformer_block) if kv_cache is None else transformer_block
-        x = run(block, x, attn_mask, kv_cache, layer_idx)
+        run = _COMPILED_BLOCKS.get(block, transformer_block) if compiled else transformer_block
+        x = run(block, x, attn_mask, kv_cache, layer_idx, linear)
     if kv_cache is not None:
         kv_cache.length += in_idx.shape[1]
     return layer_norm(model.final_norm, x)
 
 
-def hidden_states(model, in_idx, kv_cache=None, pad_mask=None):
+def hidden_states(model, in_idx, kv_cache=None, pad_mask=None, linear=call_module):
     """Everything but the output head, continuing `kv_cache` when given.
 
     pad_mask: (batch, cached + n_tokens) bool, False at left-padding positions; each row's
         positions then count from its first real token, as if it had no padding.
+    linear: see attention.
     """
     batch_size, seq_len = in_idx.shape
     device = in_idx.device
@@ -212,7 +237,7 @@ def hidden_states(model, in_idx, kv_cache=None, pad_mask=None):
             & pad_mask[:, None, None, :start + seq_len]
         # A padding query would see no key at all (NaN); let every query see itself.
         attn_mask = attn_mask | _diagonal(start, seq_len, device)[None, None]
-    return transform(model, in_idx, positions, attn_mask, kv_cache)
+    return transform(model, in_idx, positions, attn_mask, kv_cache, linear)
 
 
 def _causal_mask(start, seq_len, device):
@@ -272,14 +297,17 @@ def sample_next_token(logits, temperature=0.0, top_k=None):
     return torch.argmax(logits, dim=-1, keepdim=True)  # (batch, 1)
 
 
-def last_position_logits(out_head, hidden):
+def last_position_logits(out_head, hidden, linear=call_module):
     """The output head on the last position of `hidden` (batch, n_tokens, emb_dim).
 
     On a CPU, for the few rows of a decoding step, weight @ hidden^T is the faster way round
     for MKL (it streams the 50,257 x emb_dim matrix instead of repacking it): about 15% less
-    time per step at batch 8. Elsewhere, and for a LoRA head, the plain module call.
+    time per step at batch 8. Elsewhere, and for a LoRA head, the plain module call. A decode
+    step's DecodeLinear (split over threads, or bfloat16 weights) does its own product.
     """
     last = hidden[:, -1, :]  # (batch, emb_dim)
+    if linear is not call_module and not getattr(linear, "is_reference", False):
+        return linear(out_head, last)
     if type(out_head) is nn.Linear and out_head.bias is None and last.device.type == "cpu":
         return (out_head.weight @ last.T).T.contiguous()
     return out_head(last)
@@ -287,27 +315,39 @@ def last_position_logits(out_head, hidden):
 
 @torch.inference_mode()
 def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
-                     eos_id=None, pad_mask=None):
+                     eos_id=None, pad_mask=None, decode_dtype=None):
     """Yield the next tokens (batch, 1), step after step, as previous_chapters.generate picks them.
 
     The prompt runs once (prefill), then only the newest token (KV cache). Past the context
     length the positions shift every step, so the cropped window is recomputed. With
     `eos_id`, a finished row gets `eos_id` while the others go on, and the steps end (without
     yielding) once every row has produced it. pad_mask: see hidden_states.
+
+    The decode steps read every weight once for a few rows: their matrix-vector products go
+    through instructkit/parallel_matvec.py, split over the CPU's cores where a measurement on
+    the first steps shows it faster (the same products, so the same tokens).
+    decode_dtype: torch.bfloat16 to decode with bfloat16 copies of the linear layers' weights
+    (half the bytes to read; tokens may differ); None (default) for the model's own weights.
+    The prefill always runs on the model's own weights.
     """
     kv_cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    matvec = MatvecChooser(idx.device, idx.shape[0], decode_dtype)
     for _ in range(max_new_tokens):
         if idx.shape[1] <= context_size:
             if kv_cache is None:  # prefill: the whole prompt once
                 kv_cache = KVCache(model, idx.shape[0], min(context_size, idx.shape[1] + max_new_tokens))
                 hidden = hidden_states(model, idx, kv_cache, pad_mask)
-            else:  # decode: only the newest token
-                hidden = hidden_states(model, idx[:, -1:], kv_cache, pad_mask)
+                logits = last_position_logits(model.out_head, hidden)  # (batch, vocab_size)
+            else:  # decode: only the newest token, with the chosen (or calibrating) products
+                with matvec.step() as linear:
+                    hidden = hidden_states(model, idx[:, -1:], kv_cache, pad_mask, linear)
+                    logits = last_position_logits(model.out_head, hidden, linear)
         else:
             mask_cond = None if pad_mask is None else pad_mask[:, -context_size:]
-            hidden = hidden_states(model, idx[:, -context_size:], pad_mask=mask_cond)
-        logits = last_position_logits(model.out_head, hidden)  # (batch, vocab_size)
+            linear = matvec.current()  # a whole window: not a step to time
+            hidden = hidden_states(model, idx[:, -context_size:], pad_mask=mask_cond, linear=linear)
+            logits = last_position_logits(model.out_head, hidden, linear)
 
         idx_next = sample_next_token(logits, temperature, top_k)  # (batch, 1)
         if eos_id is not None:
@@ -321,14 +361,18 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
             pad_mask = torch.cat((pad_mask, torch.ones_like(pad_mask[:, :1])), dim=1)
 
 
-def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
-    """KV-cached twin of previous_chapters.generate: the same tokens, prompt + new ones."""
-    steps = generation_steps(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id)
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
+             decode_dtype=None):
+    """KV-cached twin of previous_chapters.generate: the same tokens, prompt + new ones.
+
+    decode_dtype: see generation_steps (None, the default, for the same tokens)."""
+    steps = generation_steps(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id,
+                             decode_dtype=decode_dtype)
     return torch.cat([idx, *steps], dim=1)
 
 
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
-                    eos_id=None):
+                    eos_id=None, decode_dtype=None):
     """Yield each new token id (int) for one prompt idx (1, n_tokens), stopping before eos_id.
 
     The tokens are `generate`'s; a chat prints them as they come.
@@ -336,11 +380,12 @@ def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, t
     if idx.shape[0] != 1:
         raise ValueError(f"generate_stream takes one prompt (1, n_tokens), got {tuple(idx.shape)}")
     for idx_next in generation_steps(model, idx, max_new_tokens, context_size, temperature,
-                                     top_k, eos_id):
+                                     top_k, eos_id, decode_dtype=decode_dtype):
         yield idx_next.item()
 
 
-def generate_batch(model, prompts, max_new_tokens, context_size, eos_id, pad_id=None):
+def generate_batch(model, prompts, max_new_tokens, context_size, eos_id, pad_id=None,
+                   decode_dtype=None):
     """Greedy answers for token-id lists of different lengths, generated together.
 
     The prompts are left-padded into one batch; positions and attention ignore the padding,
@@ -356,13 +401,13 @@ def generate_batch(model, prompts, max_new_tokens, context_size, eos_id, pad_id=
         idx[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         pad_mask[row, longest - len(prompt):] = True
     steps = generation_steps(model, idx.to(device), max_new_tokens, context_size, eos_id=eos_id,
-                             pad_mask=pad_mask.to(device))
+                             pad_mask=pad_mask.to(device), decode_dtype=decode_dtype)
     new = torch.cat([idx[:, :0].to(device), *steps], dim=1)  # (batch, steps)
     return [row[:row.index(eos_id)] if eos_id in row else row for row in new.tolist()]
 
 
 def generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id, batch_size=16,
-                        progress=False):
+                        progress=False, decode_dtype=None):
     """`generate_batch` over many token-id prompts, `batch_size` at a time.
 
     Prompts are sorted by length so a batch holds similar lengths (less padding); the
@@ -376,7 +421,7 @@ def generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id, ba
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = generate_batch(model, [prompts[i] for i in rows], max_new_tokens,
-                                   context_size, eos_id=eos_id)
+                                   context_size, eos_id=eos_id, decode_dtype=decode_dtype)
             for i, answer in zip(rows, batch, strict=True):
                 answers[i] = answer
             bar.update(len(rows))

@@ -20,6 +20,16 @@ FLOP utilisation against a matmul peak measured here, and it checks that both pa
 (the same greedy tokens, the same losses). Where a run would take too long (the uncached
 loop on a CPU takes hours) it times a subset and scales, and says so. `--tiny` runs a tiny
 model in a few seconds (CI). The exit status is 1 when a check of agreement fails.
+
+On a CPU it also measures decoding at batch 1 against the hardware's limit (each token reads
+every weight once): the read bandwidth of a plain sum over the model's linear weights, and
+fast_gpt's decode tokens/s with those weights read as fp32 or bf16, through the library's
+matrix-vector products (plain) or split over the cores (parallel), as GB/s and as a fraction
+of that limit; the pick of the calibration (auto); Hugging Face transformers' GPT-2 side by
+side where it is installed; and how often bf16's greedy answers to the 110 test prompts equal
+fp32's (rows identical, the first differing position). Only that, in a few minutes:
+
+    python benchmarks/bench.py --decode-only [--models gpt2-small,gpt2-medium] [--weights PATH]
 """
 
 import argparse
@@ -554,6 +564,151 @@ def bench_generation(label, cfg, state, data, tokenizer, device, args, peaks):
 
 
 #####################################
+# Decode at the memory limit
+#####################################
+
+def linear_weights(model):
+    """The weights every decode step reads in full: each linear layer's, the output head's."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def read_bandwidth(weights, repeats):
+    """Bytes/s of a plain `sum` over `weights` (all of them, in turn), best of `repeats`."""
+    n_bytes = sum(w.numel() * w.element_size() for w in weights)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for w in weights:
+            w.sum()
+        best = min(best, time.perf_counter() - start)
+    return n_bytes / best
+
+
+def decode_rate(model, prompt, n_new, context_size, dtype):
+    """Decode tokens/s at batch 1: the time from the first new token (the prefill's) to the last."""
+    ids = torch.tensor([prompt])
+    stamps, tokens = [], []
+    for token in fast_gpt.generate_stream(model, ids, n_new, context_size, decode_dtype=dtype):
+        stamps.append(time.perf_counter())
+        tokens.append(token)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+def transformers_rate(cfg, prompt, n_new, dtype):
+    """The same decode with Hugging Face transformers' GPT2LMHeadModel (random weights of the
+    same shapes): (time for n_new tokens - time for 1) per token; None if not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    config = transformers.GPT2Config(
+        vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
+        n_layer=cfg["n_layers"], n_head=cfg["n_heads"])
+    model = transformers.GPT2LMHeadModel(config).to(dtype or torch.float32).eval()
+    ids = torch.tensor([prompt])
+
+    def run(n):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=EOS_ID)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    return (n_new - 1) / (run(n_new) - run(1))
+
+
+def bench_decode(label, cfg, model, data, tokenizer, args, agreement):
+    """Batch-1 decode tokens/s against the read-bandwidth limit; bf16's agreement with fp32."""
+    from instructkit import parallel_matvec
+
+    _, test_data, val_data = data
+    context_size = cfg["context_length"]
+    prompt = tokenizer.encode(format_input(val_data[0]))
+    weights = linear_weights(model)
+    n_bytes = {"fp32": sum(w.numel() * 4 for w in weights)}
+    n_bytes["bf16"] = n_bytes["fp32"] // 2
+    n_new = args.decode_tokens
+    log(f"-- decode at batch 1 ({label}): {n_new} greedy tokens after the chapter's first "
+        f"validation prompt ({len(prompt)} tokens); tokens/s from the first new token to the last "
+        f"(the prefill not counted), best of {args.decode_repeats} runs, the variants interleaved --")
+    variants = [(dtype, path) for dtype in ("fp32", "bf16") for path in ("plain", "parallel")]
+    best, tokens, bandwidth = {}, {}, 0.0
+    try:
+        for _ in range(args.decode_repeats):
+            # the limit measured between the runs too: the same conditions for all
+            bandwidth = max(bandwidth, read_bandwidth(weights, 3))
+            for dtype, path in variants:
+                parallel_matvec.set_mode(path)
+                rate, tokens[dtype, path] = decode_rate(
+                    model, prompt, n_new, context_size, parallel_matvec.DECODE_DTYPES[dtype])
+                best[dtype, path] = max(best.get((dtype, path), 0.0), rate)
+        parallel_matvec.set_mode("auto")
+        parallel_matvec.reset_calibration()
+        for _ in range(2):  # enough decode steps for the calibration to choose
+            decode_rate(model, prompt, 2 * parallel_matvec.CALIBRATION_STEPS + 1, context_size, None)
+        auto = ", ".join(parallel_matvec.calibration_report()) or "plain (one thread: nothing to split)"
+    finally:
+        parallel_matvec.set_mode(None)
+    log(f"  read bandwidth (measured): a plain sum over the {len(weights)} linear weights "
+        f"({n_bytes['fp32'] / 1e6:,.0f} MB in fp32), best of {3 * args.decode_repeats} passes "
+        f"between the runs: {bandwidth / 1e9:,.1f} GB/s")
+    log(f"  limit at batch 1: the weights read once per token: fp32 {n_bytes['fp32'] / 1e6:,.0f} "
+        f"MB -> {bandwidth / n_bytes['fp32']:,.1f} tokens/s, bf16 {n_bytes['bf16'] / 1e6:,.0f} MB "
+        f"-> {bandwidth / n_bytes['bf16']:,.1f} tokens/s (the KV cache, a few % more, not counted)")
+    rows = []
+    for dtype, path in variants:
+        rate = best[dtype, path]
+        read = rate * n_bytes[dtype]
+        rows.append((label, dtype, f"fast_gpt {path}", rate, read, read / bandwidth))
+    for dtype in ("fp32", "bf16"):
+        rate = transformers_rate(cfg, prompt, n_new, parallel_matvec.DECODE_DTYPES[dtype])
+        if rate is not None:
+            read = rate * n_bytes[dtype]
+            rows.append((label, dtype, "transformers", rate, read, read / bandwidth))
+    for _, dtype, path, rate, read, fraction in rows:
+        log(f"  {dtype} {path:22s}: {rate:7,.1f} tokens/s, reads {read / 1e9:5.1f} GB/s, "
+            f"{fraction:.0%} of the limit")
+    if not any(path == "transformers" for _, _, path, *_ in rows):
+        log("  transformers: not installed (pip install transformers for the side-by-side rows)")
+    log(f"  the calibration (auto) picks: {auto}")
+    same = sum(a == b for a, b in zip(tokens["fp32", "plain"], tokens["fp32", "parallel"], strict=True))
+    ok = same == len(tokens["fp32", "plain"])
+    log(f"CHECK {label} decode fp32 greedy tokens, parallel vs plain: {same}/{n_new} identical: "
+        f"{'OK' if ok else 'FAILED'}")
+
+    if agreement:
+        prompts = [tokenizer.encode(format_input(entry))[-context_size:] for entry in test_data]
+        answers = {}
+        for dtype in ("fp32", "bf16"):
+            answers[dtype] = fast_gpt.generate_answer_ids(
+                model, prompts, args.agreement_tokens, context_size, EOS_ID,
+                batch_size=args.gen_batch_size,
+                decode_dtype=parallel_matvec.DECODE_DTYPES[dtype])
+        firsts = [next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b),
+                       min(len(x), len(y))) for x, y in zip(answers["fp32"], answers["bf16"],
+                                                              strict=True)]
+        differing = sorted(f for f, x, y in zip(firsts, answers["fp32"], answers["bf16"],
+                                                strict=True) if x != y)
+        identical = len(prompts) - len(differing)
+        where = (f"; where they differ, the first differing new token is at position "
+                 f"{differing[0]}..{differing[-1]} (median {differing[len(differing) // 2]})"
+                 if differing else "")
+        log(f"AGREEMENT {label} bf16 vs fp32 greedy answers on the {len(prompts)} test prompts "
+            f"(up to {args.agreement_tokens} new tokens, batches of {args.gen_batch_size}): "
+            f"{identical}/{len(prompts)} rows identical{where}")
+    return rows, ok
+
+
+def decode_summary(rows):
+    log()
+    log("== Decode at batch 1: summary ==")
+    log(f"{'model':14s} {'weights':8s} {'path':22s} {'tokens/s':>9s} {'GB/s':>6s} {'limit':>6s}")
+    for label, dtype, path, rate, read, fraction in rows:
+        log(f"{label:14s} {dtype:8s} {path:22s} {rate:9,.1f} {read / 1e9:6.1f} {fraction:6.0%}")
+
+
+#####################################
 # The run
 #####################################
 
@@ -587,17 +742,34 @@ def parse_args(argv=None):
                         "downloaded as the chapter does)")
     parser.add_argument("--seed", type=int, default=123, help="random weights")
     parser.add_argument("--output", default=None, help="also write everything printed to this file")
+    decode = parser.add_argument_group("decode at batch 1 (CPU)")
+    decode.add_argument("--decode-only", action="store_true",
+                        help="run only the decode section: batch-1 tokens/s against the measured "
+                             "read bandwidth, plain and parallel, fp32 and bf16, and bf16's "
+                             "agreement with fp32 (a few minutes for gpt2-small and gpt2-medium)")
+    decode.add_argument("--decode-tokens", type=int, default=None,
+                        help="new tokens per timed decode run (default 64)")
+    decode.add_argument("--decode-repeats", type=int, default=None,
+                        help="timed runs of each variant, interleaved; the best counts (default 3)")
+    decode.add_argument("--agreement-tokens", type=int, default=None,
+                        help="new tokens per test prompt for bf16's agreement with fp32 (default 64)")
+    decode.add_argument("--weights", default=None,
+                        help="a model .pth (finetuned, any GPT-2 size) for the decode section "
+                             "instead of random weights; its answers make the agreement figure "
+                             "meaningful (random weights stop at no <|endoftext|>)")
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu = args.device == "cpu"
     if args.tiny:
         args.models = "tiny"
-        defaults = {"train_steps": 5, "max_new_tokens": 24, "prompts": 16, "uncached": "full"}
+        defaults = {"train_steps": 5, "max_new_tokens": 24, "prompts": 16, "uncached": "full",
+                    "decode_tokens": 16, "decode_repeats": 2, "agreement_tokens": 8}
         args.check_generate_responses = True
     else:
         defaults = {"train_steps": 5 if cpu else 20, "max_new_tokens": 256, "prompts": None,
-                    "uncached": "sampled" if cpu else "full"}
+                    "uncached": "sampled" if cpu else "full", "decode_tokens": 64,
+                    "decode_repeats": 3, "agreement_tokens": 64}
         args.check_generate_responses = False
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -639,7 +811,9 @@ def main(argv=None):
         f"{'; compiled blocks' if args.compile else ''}), generate with the KV cache, "
         f"test prompts sorted by length in batches of {args.gen_batch_size} (generate_answer_ids)")
     log(f"weights: random (seed {args.seed}), float32; random weights never produce "
-        f"<|endoftext|>, so every prompt generates all {args.max_new_tokens} new tokens")
+        f"<|endoftext|>, so every prompt generates all {args.max_new_tokens} new tokens; the "
+        f"decode section's bandwidth does not depend on the values (its bf16 agreement does: "
+        f"--weights PATH for a finetuned model's)")
     n_peak = 1024 if args.tiny else (8192 if device.type == "cuda" else 3072)
     peaks = {"fp32": matmul_peak(device, torch.float32, n_peak, 3)}
     log(f"matmul peak (measured): {n_peak}x{n_peak} float32 matmul: {peaks['fp32'] / 1e9:,.1f} "
@@ -652,8 +826,21 @@ def main(argv=None):
         "training 6N per trained token + 2N per evaluated token (padding not counted), "
         "generation 2N per new token")
 
-    all_ok, table = True, []
-    for name in names:
+    all_ok, table, decode_rows = True, [], []
+    if device.type != "cpu":
+        log("decode at batch 1 against the read bandwidth: measured on CPUs only (--device cpu)")
+    if args.weights is not None:  # the decode section on a saved model
+        from instructkit.model_files import load_finetuned_model
+
+        model, _, info = load_finetuned_model(args.weights)
+        log()
+        log(f"== {Path(args.weights).name} ({info['model']}) ==")
+        rows, ok = bench_decode(Path(args.weights).stem, info["model_config"], model, data,
+                                tokenizer, args, agreement=True)
+        decode_rows += rows
+        all_ok &= ok
+        names = [] if args.decode_only else names
+    for index, name in enumerate(names):
         cfg = TINY_CONFIG if name == "tiny" else gpt2_config(name)
         label = name.split(" ")[0]
         log()
@@ -662,6 +849,14 @@ def main(argv=None):
         state = {k: v.to(device) for k, v in GPTModel(cfg).state_dict().items()}
         n_params = sum(v.numel() for k, v in state.items() if not k.endswith(".mask"))
         log(f"parameters: {n_params:,} (output head separate from the token embedding)")
+        if device.type == "cpu" and args.weights is None:
+            # the first model's bf16 agreement (each model's takes minutes on a CPU)
+            rows, ok = bench_decode(label, cfg, build_model(cfg, state, device, True).eval(),
+                                    data, tokenizer, args, agreement=index == 0)
+            decode_rows += rows
+            all_ok &= ok
+        if args.decode_only:
+            continue
         model_start = time.perf_counter()
         training, ok = bench_training(label, cfg, state, data, tokenizer, device, args, peaks)
         all_ok &= ok
@@ -696,6 +891,12 @@ def main(argv=None):
             log(f"MFU {label} {metric}: simple {simple:.1f}%, fast {fast:.1f}%")
             table.append((label, f"MFU, {metric}", simple, fast, "%", fast / simple, None))
 
+    if decode_rows:
+        decode_summary(decode_rows)
+    if args.decode_only:
+        log(f"checks of agreement: {'all OK' if all_ok else 'SOME FAILED'}")
+        log(f"total time: {time.perf_counter() - started:.0f} s")
+        return 0 if all_ok else 1
     log()
     log("== Summary ==")
     log("ratio: how many times faster (or less memory, or higher MFU) the fast path is")

@@ -9,11 +9,12 @@ answer is cut from the generated text as the prompt style's `extract_response` c
 
 
 def generate_answer_texts(model, input_texts, tokenizer, max_new_tokens=256, batch_size=16,
-                          progress=True):
+                          progress=True, decode_dtype=None):
     """The text greedy decoding adds to each prompt text, up to the end-of-text token.
 
     Prompts longer than the model's context keep their last `context_length` tokens, as the
-    book's `generate` crops them.
+    book's `generate` crops them. decode_dtype: torch.bfloat16 decodes with bf16 copies of the
+    weights (--decode-dtype bf16; answers may differ), None with the model's own.
     """
     from fast_gpt import generate_answer_ids
 
@@ -22,16 +23,17 @@ def generate_answer_texts(model, input_texts, tokenizer, max_new_tokens=256, bat
     prompts = [tokenizer.encode(text)[-context_size:] for text in input_texts]
     model.eval()
     answers = generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id,
-                                  batch_size=batch_size, progress=progress)
+                                  batch_size=batch_size, progress=progress,
+                                  decode_dtype=decode_dtype)
     return [tokenizer.decode(ids) for ids in answers]
 
 
 def generate_responses(model, entries, tokenizer, style, max_new_tokens=256, batch_size=16,
-                       progress=True):
+                       progress=True, decode_dtype=None):
     """The greedy answer to every entry, its prompt written in `style` (a PromptStyle:
     the chapter's gpt_instruction_finetuning.ALPACA, or exercise 7.1's PHI3)."""
     input_texts = [style.format_input(entry) for entry in entries]
     answers = generate_answer_texts(model, input_texts, tokenizer, max_new_tokens, batch_size,
-                                    progress)
+                                    progress, decode_dtype)
     return [style.extract_response(input_text + answer, input_text)
             for input_text, answer in zip(input_texts, answers, strict=True)]

@@ -22,6 +22,7 @@ import sys
 
 from instructkit.errors import BadInputError, ExpectedError
 from instructkit.model_files import add_model_arguments, describe, load_chat_model
+from instructkit.parallel_matvec import add_decode_arguments, apply_decode_arguments
 
 EXIT_BAD_INPUT = 2
 
@@ -41,6 +42,7 @@ def build_arg_parser():
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, per answer")
     parser.add_argument("--batch-size", type=int, default=16, help="stdin: prompts per batch")
+    add_decode_arguments(parser)
     return parser
 
 
@@ -129,6 +131,7 @@ def main(argv=None):
         device = choose_device(args.device)
         chat, info = load_chat_model(args.model, device, adapters=args.adapters,
                                      tokenizer=get_tokenizer(args.tokenizer_dir))
+        chat.decode_dtype = apply_decode_arguments(args)
     except (ExpectedError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

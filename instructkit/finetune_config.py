@@ -9,6 +9,7 @@ the command line.
 import typing
 from dataclasses import dataclass, field, fields
 
+from instructkit import parallel_matvec
 from instructkit.gpt2_sizes import GPT2_SIZES, book_model_name
 from instructkit.gpt2_weights import WEIGHT_SOURCES
 from instructkit.precision import PRECISIONS
@@ -73,6 +74,13 @@ class FinetuneConfig:
                                          "instead of all weights")
     lora_alpha: float | None = option(None, "LoRA scaling (default: equal to the rank)")
     max_new_tokens: int = option(256, "the longest answer generated for a test entry")
+    decode_dtype: str = option("fp32", "weights for answering the test entries: fp32, or bf16 "
+                                       "copies read at half the bytes (answers may differ)",
+                               choices=list(parallel_matvec.DECODE_DTYPES))
+    decode_matvec: str | None = option(None, "decoding's matrix-vector products split over the "
+                                             "CPU's cores (parallel), not (plain), or chosen by "
+                                             f"a short measurement (auto; also {parallel_matvec.ENV_VAR})",
+                                       choices=list(parallel_matvec.MODES))
     compile: bool = option(False, "torch.compile the transformer blocks (worth it on a GPU)")
     precision: str = option("auto", "auto: bf16 autocast on GPUs with bf16 hardware, fp16 with a "
                                     "gradient scaler on older CUDA GPUs, fp32 on the CPU and MPS",

@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 import torch
 
-from instructkit import answers
+from instructkit import answers, parallel_matvec
 from instructkit.checkpoints import list_checkpoints
 from instructkit.devices import choose_device
 from instructkit.distributed import DistributedError, init_processes
@@ -325,11 +325,14 @@ class FinetuneRun:
                 print(f"Answering {max(limit, 0)} of the {len(entries)} test entries "
                       f"(--max-test-answers {limit}).")
                 entries = entries[:max(limit, 0)]
+            if self.config.decode_matvec is not None:  # --decode-matvec over the env variable
+                parallel_matvec.set_mode(self.config.decode_matvec)
+            decode_dtype = parallel_matvec.DECODE_DTYPES[self.config.decode_dtype]
             with self.processes.full_weights(model):  # under torchrun, a share each
                 responses = self.processes.map_in_order(
                     lambda shard: answers.generate_responses(
                         model, shard, tokenizer, style, self.config.max_new_tokens,
-                        progress=self.is_main),
+                        progress=self.is_main, decode_dtype=decode_dtype),
                     entries) if entries else []
             results = [dict(entry, model_response=response)
                        for entry, response in zip(entries, responses, strict=True)]

@@ -313,6 +313,8 @@ class ChatModel:
     tokenizer: object
     style_name: str = DEFAULT_STYLE
     label: str = "model"
+    # --decode-dtype: None decodes with the model's own weights; torch.bfloat16 with bf16 copies
+    decode_dtype: object = None
 
     @property
     def style(self):
@@ -377,7 +379,7 @@ class ChatModel:
         ids = []
         for token in generate_stream(self.model, idx, max_new_tokens, self.context_size,
                                      temperature=temperature, top_k=top_k or None,
-                                     eos_id=self.eos_id):
+                                     eos_id=self.eos_id, decode_dtype=self.decode_dtype):
             ids.append(token)
             text = self.tokenizer.decode(ids)
             if not text.endswith("\ufffd"):  # not halfway through a multi-byte character
@@ -395,7 +397,7 @@ class ChatModel:
                     for e in entries]
         answers = generate_answer_ids(self.model, [ids for _, ids, _ in prepared],
                                       max_new_tokens, self.context_size, self.eos_id,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, decode_dtype=self.decode_dtype)
         return [(self.visible_answer(prompt, self.tokenizer.decode(ids)), note)
                 for (prompt, _, note), ids in zip(prepared, answers, strict=True)]
 

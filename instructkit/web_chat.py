@@ -30,6 +30,7 @@ import sys
 
 from instructkit.errors import ExpectedError
 from instructkit.model_files import ChatModel, ModelFileError, add_model_arguments, describe, load_chat_model
+from instructkit.parallel_matvec import add_decode_arguments, apply_decode_arguments
 
 log = logging.getLogger("instructkit.web_chat")
 EXIT_BAD_INPUT = 2
@@ -191,6 +192,7 @@ def build_arg_parser():
                       help="OpenAI's GPT-2 of the same size side by side (downloaded once into gpt2/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, from 7860)")
+    add_decode_arguments(parser)
     return parser
 
 
@@ -208,6 +210,9 @@ def main(argv=None):
     try:
         models = load_models(args.model, choose_device(args.device), args.adapters, args.compare,
                              args.compare_pretrained, tokenizer_dir=args.tokenizer_dir)
+        decode_dtype = apply_decode_arguments(args)
+        for chat, _ in models:
+            chat.decode_dtype = decode_dtype
     except (ExpectedError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -68,9 +68,10 @@ def test_tiny_run_checks_agreement(tiny_run):
     out = tiny_run[0].stdout
     checks = re.findall(r"^CHECK tiny (.*): (OK|FAILED)$", out, re.MULTILINE)
     names = " | ".join(name for name, _ in checks)
-    assert len(checks) == 4, names
+    assert len(checks) == 5, names
     assert all(status == "OK" for _, status in checks), checks
     assert "training losses" in names and "batch-1 greedy tokens" in names
+    assert "decode fp32 greedy tokens, parallel vs plain" in names
     assert "test-prompt answers" in names and "generate_responses" in names
     assert "checks of agreement: all OK" in out
 
@@ -92,3 +93,30 @@ def test_sampled_estimate_runs(shared_data):
     assert out.count("ESTIMATED, not run in full") == 2
     assert re.search(r"CHECK tiny batch-1 greedy tokens.*24/24 identical.*: OK", out)
     assert re.search(r"CHECK tiny test-prompt answers.*4/4 sampled uncached steps equal.*: OK", out)
+
+
+def test_decode_only_reports_rates_bandwidth_and_bf16_agreement(shared_data):
+    """--decode-only: batch-1 decode against the measured read bandwidth, plain and parallel,
+    fp32 and bf16, the calibration's pick, and bf16's agreement with fp32 on the test prompts."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--decode-only", "--device", "cpu",
+         "--decode-tokens", "8", "--decode-repeats", "1", "--agreement-tokens", "4",
+         "--data", str(shared_data / "instruction-data.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "-- training:" not in out and "== Summary ==" not in out  # the decode section only
+    assert re.search(r"read bandwidth \(measured\): .* [\d.]+ GB/s", out)
+    for dtype in ("fp32", "bf16"):
+        for path in ("plain", "parallel"):
+            assert re.search(rf"^  {dtype} fast_gpt {path} +: +[\d,.]+ tokens/s, reads +[\d.]+ GB/s, "
+                             rf"\d+% of the limit$", out, re.MULTILINE), (dtype, path)
+            assert re.search(rf"^tiny +{dtype} +fast_gpt {path} +[\d,.]+ +[\d.]+ +\d+%$", out,
+                             re.MULTILINE), (dtype, path)
+    assert re.search(r"the calibration \(auto\) picks: .*(plain|parallel)", out)
+    assert re.search(r"^CHECK tiny decode fp32 greedy tokens, parallel vs plain: 8/8 identical: OK$",
+                     out, re.MULTILINE)
+    match = re.search(r"^AGREEMENT tiny bf16 vs fp32 greedy answers on the 110 test prompts .*: "
+                      r"(\d+)/110 rows identical", out, re.MULTILINE)
+    assert match and 0 <= int(match[1]) <= 110
+    assert "checks of agreement: all OK" in out

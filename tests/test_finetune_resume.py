@@ -197,6 +197,27 @@ def test_answer_limit(uninterrupted, data_file, tmp_path):
     assert answers_of(model_file, settings(data_file, tmp_path, max_test_answers=0)) == []
 
 
+def test_answers_with_the_decode_flags(uninterrupted, data_file, tmp_path):
+    """--decode-matvec parallel gives the same fp32 answers; --decode-dtype bf16 answers too."""
+    from instructkit import parallel_matvec
+
+    model_file = uninterrupted["folder"] / f"{STEM}.pth"
+    expected = json.loads((uninterrupted["folder"] / "instruction-data-with-response-data-test.json")
+                          .read_text())
+    try:
+        forced = answers_of(model_file, settings(data_file, tmp_path, max_test_answers=3,
+                                                 decode_matvec="parallel"))
+        assert parallel_matvec.current_mode() == "parallel"
+        assert forced == expected[:3]
+        bf16 = answers_of(model_file, settings(data_file, tmp_path, max_test_answers=3,
+                                               decode_dtype="bf16"))
+        assert [{k: v for k, v in e.items() if k != "model_response"} for e in bf16] == \
+            [{k: v for k, v in e.items() if k != "model_response"} for e in expected[:3]]
+        assert all(isinstance(e["model_response"], str) for e in bf16)
+    finally:
+        parallel_matvec.set_mode(None)
+
+
 ########################################################################################
 # Data a practitioner brings
 ########################################################################################

@@ -1,0 +1,292 @@
+"""Decoding's matrix-vector products split over the CPU's cores, chosen by measurement.
+
+At batch 1 every new token reads every weight once, so a decode step is bound by how fast the
+CPU reads memory. Some BLAS libraries leave cores idle there: on the project's 2-core AMD EPYC
+(MKL), `torch.mv` or `F.linear` on one row reads about 14 GB/s with 1 thread or 2, while the
+same rows cut in two halves, one half per thread, read about 22 GB/s. On an Intel Xeon the
+library already reads near the limit and a split only adds overhead. So the split is kept
+only where it is measured to be faster:
+
+- `DecodeLinear` calls a model's linear layers for a decode step: the modules themselves (the
+  reference), or each weight's output rows cut into blocks computed on a persistent thread
+  pool (the calling thread takes the first block), or either of these on bfloat16 copies of
+  the weights (`--decode-dtype bf16`, off by default since tokens may differ).
+- `MatvecChooser` picks, for one generation, which of the two each decode step uses. In the
+  mode "auto" the first decode steps alternate between them and are timed: they are real
+  steps, so the calibration costs nothing beyond the slower path's few steps. Once each path
+  has CALIBRATION_STEPS timings, the split is kept only when clearly faster (its best step at
+  least 5% faster than the plain path's best, and its median step faster too), so it is never
+  chosen on noise. The choice is cached for the process, per device, weight dtype, batch size
+  and thread count (`CHOICES`); generations too short to finish the calibration add their
+  timings to the next one's.
+- The mode: "auto", "parallel" or "plain" (the last two forced, no calibration). `set_mode`
+  (the commands' --decode-matvec flag) wins over the environment variable
+  INSTRUCTKIT_DECODE_MATVEC, which wins over "auto".
+
+The split changes no formula: each output element is still one row of the weight times the
+input, so greedy tokens equal the plain path's (tests/test_fast_gpt.py forces each path).
+"""
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from instructkit.errors import BadInputError
+
+MODES = ("auto", "parallel", "plain")
+ENV_VAR = "INSTRUCTKIT_DECODE_MATVEC"
+# --decode-dtype's choices: the weights' dtype for the decode steps (None: the model's own)
+DECODE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+CALIBRATION_STEPS = 4  # timed decode steps of each path before choosing
+MARGIN = 0.95  # the split's best step must take at most this share of the plain path's best
+# Inputs with more rows than this are matrix products, which BLAS spreads over the cores itself.
+MAX_ROWS = 16
+BLOCK_ALIGN = 16  # block boundaries on multiples of 16 rows (whole cache lines of outputs)
+
+_mode = None  # set_mode's choice, None: the environment variable's or "auto"
+CHOICES = {}  # (device type, dtype, rows, threads) -> "parallel" or "plain", for the process
+_timings = {}  # the same keys -> {"plain": [seconds, ...], "parallel": [...]}, while calibrating
+_pool, _pool_key = None, None  # the thread pool, and (its size, the process that made it)
+_pool_lock = threading.Lock()
+# bfloat16 copies of nn.Linear weights, made once per module (again only if its weight changes)
+_LOW_PRECISION = weakref.WeakKeyDictionary()
+
+
+#####################################
+# The mode and the calibration's choices
+#####################################
+
+def set_mode(mode):
+    """Force "parallel" or "plain", or "auto" (calibrate); None goes back to the env variable."""
+    global _mode
+    if mode is not None and mode not in MODES:
+        raise BadInputError(f"unknown decode matvec mode {mode!r}: choose one of {', '.join(MODES)}")
+    _mode = mode
+
+
+def current_mode():
+    """set_mode's mode, else the environment variable's, else "auto"."""
+    if _mode is not None:
+        return _mode
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if value not in MODES:
+        raise BadInputError(f"{ENV_VAR}={value!r}: expected one of {', '.join(MODES)}")
+    return value
+
+
+def reset_calibration():
+    """Forget every cached choice and timing (tests; or after moving to other hardware)."""
+    CHOICES.clear()
+    _timings.clear()
+
+
+def record(key, path, seconds):
+    """One timed decode step of `path`; chooses once both paths have enough timings."""
+    times = _timings.setdefault(key, {"plain": [], "parallel": []})
+    times[path].append(seconds)
+    if min(len(t) for t in times.values()) >= CALIBRATION_STEPS:
+        plain, parallel = times["plain"], times["parallel"]
+        faster = (min(parallel) <= MARGIN * min(plain)
+                  and statistics.median(parallel) < statistics.median(plain))
+        CHOICES[key] = "parallel" if faster else "plain"
+        del _timings[key]
+
+
+def calibration_report():
+    """One line per cached choice, for the benchmark's output."""
+    return [f"{device} {dtype}, batch {rows}, {threads} threads: {choice}"
+            for (device, dtype, rows, threads), choice in CHOICES.items()]
+
+
+#####################################
+# The command-line flags
+#####################################
+
+def add_decode_arguments(parser):
+    """--decode-dtype and --decode-matvec, for the chat, the web chat and the benchmark."""
+    parser.add_argument("--decode-dtype", choices=list(DECODE_DTYPES), default="fp32",
+                        help="weights for decoding: fp32 (default), or bf16 copies read at half "
+                             "the bytes (faster where memory bandwidth limits; tokens may differ)")
+    parser.add_argument("--decode-matvec", choices=list(MODES), default=None,
+                        help="matrix-vector products of decoding: split over the CPU's cores "
+                             "(parallel), not (plain), or chosen by a short measurement (auto, "
+                             f"the default; also set by the environment variable {ENV_VAR})")
+
+
+def apply_decode_arguments(args):
+    """Applies --decode-matvec; returns --decode-dtype's torch dtype (None for fp32)."""
+    if args.decode_matvec is not None:
+        set_mode(args.decode_matvec)
+    current_mode()  # a bad environment variable is an error now, not at the first answer
+    return DECODE_DTYPES[args.decode_dtype]
+
+
+#####################################
+# The linear layers of a decode step
+#####################################
+
+def _thread_pool(workers):
+    """The persistent pool of `workers` threads, made again when the thread count changes or
+    in a forked child process (which has none of its parent's threads)."""
+    global _pool, _pool_key
+    with _pool_lock:
+        if _pool is None or _pool_key != (workers, os.getpid()):
+            if _pool is not None and _pool_key[1] == os.getpid():
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="decode-matvec")
+            _pool_key = (workers, os.getpid())
+        return _pool
+
+
+def block_bounds(n_rows, n_blocks):
+    """[(start, end), ...]: n_rows cut into n_blocks nearly equal runs, on BLOCK_ALIGN rows."""
+    cuts = [0] + [min(n_rows, round(k * n_rows / n_blocks / BLOCK_ALIGN) * BLOCK_ALIGN)
+                  for k in range(1, n_blocks)] + [n_rows]
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+
+
+def decode_weights(linear, dtype):
+    """(weight, bias) of an nn.Linear in `dtype`: its own, or copies made once and kept."""
+    if dtype is None or linear.weight.dtype == dtype:
+        return linear.weight, linear.bias
+    try:
+        version = linear.weight._version  # changes when the weights are updated in place
+    except RuntimeError:  # an inference tensor keeps no version: it is never updated
+        version = 0
+    key = (dtype, version, linear.weight.data_ptr())
+    cached = _LOW_PRECISION.get(linear)
+    if cached is None or cached[0] != key:
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        cached = (key, linear.weight.detach().to(dtype), bias)
+        _LOW_PRECISION[linear] = cached
+    return cached[1], cached[2]
+
+
+def _is_lora(module):
+    """exercise_variants.LinearWithLoRA's layout: `linear` (nn.Linear) plus `lora`."""
+    return isinstance(getattr(module, "linear", None), nn.Linear) and hasattr(module, "lora")
+
+
+def _blocks(products, k):
+    """Block k of every product (weight, x_t, out_t, bounds): out_t[rows] = weight[rows] @ x_t."""
+    for weight, x_t, out_t, bounds in products:
+        if k < len(bounds):
+            start, end = bounds[k]
+            torch.mm(weight[start:end], x_t, out=out_t[start:end])
+
+
+def _pool_blocks(products, k):
+    """_blocks on a pool thread, in inference mode (grad modes are per thread)."""
+    with torch.inference_mode():
+        _blocks(products, k)
+
+
+class DecodeLinear:
+    """`linear(module, x)` for the linear layers of a decode step.
+
+    blocks: 1 for the library's own product, more to split each weight's output rows into
+    that many blocks on the thread pool. dtype: None for the module's own weights, or
+    torch.bfloat16 for copies (computed in bfloat16, the result back in x's dtype). With
+    blocks=1 and dtype=None it is exactly `module(x)`.
+    """
+
+    def __init__(self, blocks=1, dtype=None):
+        self.blocks, self.dtype = blocks, dtype
+        self.is_reference = blocks == 1 and dtype is None
+
+    def __call__(self, module, x):
+        return self.many((module,), x)[0]
+
+    def many(self, modules, x):
+        """[linear(module, x) for module in modules], handed to the pool together (one hand-out
+        for the attention's queries, keys and values instead of three)."""
+        if self.is_reference:
+            return [module(x) for module in modules]
+        outputs, linears = [None] * len(modules), []
+        for i, module in enumerate(modules):
+            base = module if isinstance(module, nn.Linear) else \
+                module.linear if _is_lora(module) else None
+            if base is None:  # not a layout known here: the module itself
+                outputs[i] = module(x)
+            else:
+                linears.append((i, module, *decode_weights(base, self.dtype)))
+        products = self.products(x, [(weight, bias) for _, _, weight, bias in linears])
+        for (i, module, _, _), y in zip(linears, products, strict=True):
+            # a LoRA layer: the base layer's product from here, the small update as it is
+            outputs[i] = y + module.lora(x) if _is_lora(module) else y
+        return outputs
+
+    def products(self, x, weights):
+        """[F.linear(x, weight, bias) for (weight, bias) in weights], in the weights' dtype
+        (the results in x's), split over the pool where it helps."""
+        rows = x.numel() // x.shape[-1]
+        if self.blocks == 1 or rows > MAX_ROWS:
+            return [F.linear(x.to(weight.dtype), weight, bias).to(x.dtype) for weight, bias in weights]
+        products = []
+        for weight, _ in weights:
+            # weight @ x^T, into an (out_features, rows) buffer whose row blocks are contiguous
+            x_t = x.reshape(rows, x.shape[-1]).to(weight.dtype).T  # (in_features, rows)
+            out_t = torch.empty(weight.shape[0], rows, dtype=weight.dtype, device=x.device)
+            products.append((weight, x_t, out_t, block_bounds(weight.shape[0], self.blocks)))
+        pool = _thread_pool(self.blocks - 1)
+        futures = [pool.submit(_pool_blocks, products, k) for k in range(1, self.blocks)]
+        _blocks(products, 0)  # this thread takes the first block of each
+        for future in futures:
+            future.result()
+        results = []
+        for (weight, bias), (_, _, out_t, _) in zip(weights, products, strict=True):
+            out = out_t.T if bias is None else out_t.T + bias  # (rows, out_features)
+            results.append(out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]).contiguous())
+        return results
+
+
+class MatvecChooser:
+    """Which DecodeLinear each decode step of one generation uses (see the module's notes).
+
+    device: where the model runs (the split is for CPUs only); n_rows: the batch size;
+    dtype: --decode-dtype's torch dtype (None: the model's own weights).
+    """
+
+    def __init__(self, device, n_rows, dtype=None):
+        threads = torch.get_num_threads()
+        self.plain = DecodeLinear(1, dtype)
+        # forced, the split runs even with one thread (on one pool thread besides this one)
+        self.parallel = DecodeLinear(max(2, threads), dtype)
+        mode = current_mode()
+        if device.type != "cpu" or n_rows > MAX_ROWS:
+            self.fixed = "plain"
+        elif mode != "auto":
+            self.fixed = mode
+        else:
+            self.fixed = "plain" if threads < 2 else None
+        self.key = (device.type, str(dtype or "model's dtype").replace("torch.", ""), n_rows,
+                    threads)
+        self._turn = 0
+
+    def choice(self):
+        """"parallel" or "plain", or None while calibrating."""
+        return self.fixed or CHOICES.get(self.key)
+
+    def current(self):
+        """The DecodeLinear to use without timing (the plain one while calibrating)."""
+        return self.parallel if self.choice() == "parallel" else self.plain
+
+    @contextlib.contextmanager
+    def step(self):
+        """Gives this decode step's DecodeLinear; times the step while calibrating."""
+        if self.choice() is not None:
+            yield self.current()
+            return
+        path = ("plain", "parallel")[self._turn % 2]  # alternating: both see the same load
+        self._turn += 1
+        start = time.perf_counter()
+        yield getattr(self, path)
+        record(self.key, path, time.perf_counter() - start)
