@@ -43,7 +43,7 @@ from instructkit.finetune_files import (
 from instructkit.gpt2_sizes import book_model_name, model_folder, short_model_name
 from instructkit.gpt2_tokenizer import get_tokenizer, tokenizer_files
 from instructkit.instruction_data import CHAPTER_DATASET, DatasetError
-from instructkit.precision import resolve_precision
+from instructkit.precision import enable_tf32, resolve_precision
 from instructkit.preflight import check_run, untrained_note
 from instructkit.run_guard import RunProgress
 from instructkit.run_record import dataset_fingerprint, write_run_record
@@ -239,8 +239,7 @@ class FinetuneRun:
         from fast_gpt import compile_blocks
 
         if self.device.type == "cuda":  # TensorFloat-32 matrix products on the GPU
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            enable_tf32()
         if self.config.compile:
             compile_blocks(model, dynamic=True)  # batch lengths vary from batch to batch
         return self.processes.prepare_model(model, "fsdp" if self.config.fsdp else "ddp")
