@@ -44,7 +44,7 @@ from instructkit.gpt2_sizes import book_model_name, model_folder, short_model_na
 from instructkit.gpt2_tokenizer import get_tokenizer, tokenizer_files
 from instructkit.instruction_data import CHAPTER_DATASET, DatasetError
 from instructkit.precision import enable_tf32, resolve_precision
-from instructkit.preflight import check_run, untrained_note
+from instructkit.preflight import check_compile, check_run, untrained_note
 from instructkit.run_guard import RunProgress
 from instructkit.run_record import dataset_fingerprint, write_run_record
 from instructkit.safe_files import ask_at_terminal, retry_while_disk_full, save_state_dict, write_json
@@ -103,6 +103,10 @@ class FinetuneRun:
                                    "weights, so DDP (the default under torchrun) fits wherever "
                                    "the model does.")
         self.precision = resolve_precision(config.precision, self.device)
+        if config.compile:  # before any download: a missing compiler would fail at step 1
+            note = check_compile(self.device)
+            if note:
+                print(note)
         self.dataset = None  # the data file's fingerprint (run_record.dataset_fingerprint)
         self.training = None  # the TrainingRun, once training starts
         self.finished = False
