@@ -47,7 +47,13 @@ from instructkit.precision import enable_tf32, resolve_precision
 from instructkit.preflight import check_compile, check_run, untrained_note
 from instructkit.run_guard import RunProgress
 from instructkit.run_record import dataset_fingerprint, write_run_record
-from instructkit.safe_files import ask_at_terminal, retry_while_disk_full, save_state_dict, write_json
+from instructkit.safe_files import (
+    ask_at_terminal,
+    optional_output,
+    retry_while_disk_full,
+    save_state_dict,
+    write_json,
+)
 from instructkit.training import CheckpointPlan, TrainingInterrupted, TrainingRun
 
 # The book's measured minutes for 2 epochs (section 7.6).
@@ -298,6 +304,18 @@ class FinetuneRun:
             retry_while_disk_full(lambda: save_state_dict(weights, self.paths["model"]), wait_for_space)
             self.saved("model")
             return self.paths["model"]
+
+    @contextlib.contextmanager
+    def plot_file(self):
+        """Around the loss plot's drawing: once it is written, the run record names it. A plot
+        that another program holds (a PDF viewer showing the last run's, on Windows) is not
+        worth the answers still to come: one warning line on stderr, and the run goes on."""
+        then = (f"The run goes on to the answers; the losses are in {self.paths['metrics']} "
+                f"(run_record.plot_metrics draws the plot from it).")
+        with optional_output("the loss plot", then) as plot:
+            yield
+        if plot.written:
+            self.saved("plot")
 
     def saved(self, key):
         """Record that the output `key` ("plot", ...) is written, in the run record too."""

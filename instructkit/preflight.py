@@ -107,7 +107,7 @@ def check_ranges(config, limits=NUMERIC_LIMITS):
 
 def check_output_dir(folder, flag="--output-dir"):
     """Create `folder` if needed and write a file into it; PreflightError saying why not."""
-    from instructkit.safe_files import write_atomically
+    from instructkit.safe_files import remove_file, write_atomically
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -122,7 +122,7 @@ def check_output_dir(folder, flag="--output-dir"):
     probe = folder / f".write-test-{secrets.token_hex(8)}"
     try:
         write_atomically(probe, lambda tmp: Path(tmp).write_bytes(b"ok"))  # as the outputs will be
-        probe.unlink()
+        remove_file(probe)  # a probe held by a virus scan: FileInUseError, naming it
     except OSError as e:
         raise PreflightError(f"{flag} {folder} is not writable ({e.strerror}): "
                              f"choose another {flag} or fix its permissions") from None
