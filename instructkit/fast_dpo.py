@@ -101,8 +101,9 @@ def cache_reference_logprobs(reference_model, dataset, batch_size=8, precision=N
     "reference_rejected_logprob"; collate them with `collate_with_reference` and the same
     `collate_kwargs` (allowed_max_length, ...) so the cached numbers match the batches.
     `precision`: the one the policy trains in (pass the same to compute_dpo_loss_batch_fast),
-    so that a policy still equal to its reference gets a loss of exactly ln 2 and rewards of 0;
-    by default the same autocast as compute_dpo_loss_batch_fast's default.
+    so that a policy still equal to its reference gets, on the batches cached here, a loss of
+    ln 2 and rewards of exactly 0; by default the same autocast as compute_dpo_loss_batch_fast's
+    default.
     """
     from torch.utils.data import DataLoader
 
