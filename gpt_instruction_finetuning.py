@@ -402,8 +402,10 @@ def main(test_mode=False, config=None):
     # Not in the book: --epochs 0 trains nothing to plot; under torchrun, process 0 plots
     if train_losses and run.is_main:
         epochs_tensor = torch.linspace(0, num_epochs, len(train_losses))
-        plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses, plot_name=run.paths["plot"])
-        run.saved("plot")  # Not in the book: the run record names the plot
+        # Not in the book: the run record names the plot; a plot that another program holds
+        # open (a PDF viewer, on Windows) is a warning, and the answers still follow
+        with run.plot_file():
+            plot_losses(epochs_tensor, tokens_seen, train_losses, val_losses, plot_name=run.paths["plot"])
     print(50*"-")
 
     #######################################

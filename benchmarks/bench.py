@@ -199,15 +199,12 @@ class PeakMemory:
         return f"{what} {self.peak / 2**20:,.0f} MiB (+{self.growth / 2**20:,.0f} MiB in this phase)"
 
 
-@contextlib.contextmanager
 def tf32(enabled):
-    """TF32 for float32 matmuls on CUDA inside the block (the fast path), restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """TF32 for float32 matmuls on CUDA inside the block (the fast path), restored after,
+    through torch's current API (instructkit.precision.tf32)."""
+    from instructkit.precision import tf32 as tf32_block
+
+    return tf32_block(enabled)
 
 
 #####################################

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from instructkit.errors import CheckpointError  # noqa: F401 (raised here, importable)
-from instructkit.safe_files import save_state_dict
+from instructkit.safe_files import remove_file, save_state_dict
 
 FORMAT = "ch07-training-checkpoint"
 VERSION = 2  # 2: the epoch order is the DataLoader's, drawn with "epoch_seed"
@@ -77,7 +77,7 @@ def prune_checkpoints(folder, stem, keep):
         raise ValueError(f"keep must be at least 1 (got {keep})")
     old = list_checkpoints(folder, stem)[:-keep]
     for path in old:
-        path.unlink(missing_ok=True)
+        remove_file(path, missing_ok=True)  # retried while Windows' virus scan holds it
     return old
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from instructkit.errors import CheckpointError, DownloadError  # noqa: F401 (raised here, importable)
+from instructkit.safe_files import remove_file, replace_file
 
 TIMEOUT_S = 30  # per connection attempt and per read, not for the whole file
 CHUNK_SIZE = 1 << 20
@@ -64,7 +65,7 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
         except urllib.error.HTTPError as err:
             if err.code == 416 and offset:  # the partial file is not a prefix of this file
                 err.close()
-                part.unlink()
+                remove_file(part)
                 continue
             raise
         with response:
@@ -72,7 +73,7 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
             if offset and response.status == 206:
                 start, total = _parse_content_range(response.headers.get("Content-Range"))
                 if start != offset:
-                    part.unlink()
+                    remove_file(part)
                     continue
                 if total is None and length is not None:
                     total = offset + length
@@ -80,7 +81,7 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
             else:  # 200: the server ignored the Range header, so start again from zero
                 offset, total, mode = 0, length, "wb"
             if expected_size is not None and total is not None and total != expected_size:
-                part.unlink(missing_ok=True)
+                remove_file(part, missing_ok=True)
                 raise DownloadError(_wrong_size(destination, total, expected_size))
             with (
                 open(part, mode) as file,
@@ -95,12 +96,12 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
         if total is not None and size != total:
             raise DownloadError(f"incomplete download: {size:,} of {total:,} bytes")
         if expected_size is not None and size != expected_size:
-            part.unlink()
+            remove_file(part)
             raise DownloadError(_wrong_size(destination, size, expected_size))
         if sha256 is not None and (digest := file_sha256(part)) != sha256:
-            part.unlink()
+            remove_file(part)
             raise DownloadError(f"{destination.name} has sha256 {digest}, expected {sha256}")
-        part.replace(destination)
+        replace_file(part, destination)  # retried while Windows' virus scan holds it
         return destination
     raise DownloadError("the server rejected resuming the partial download twice")
 

@@ -21,6 +21,9 @@ chapter's command (checkpoints.py): every `--save-every` steps it writes a check
 OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the newest one
 (same data order, same numbers); one saved with other settings is refused, naming them.
 `--max-steps N` stops after N steps with a checkpoint, to split a long run into sessions.
+`--precision` works as in the finetuning command (auto: bf16 from compute capability 8.0, fp16
+with a gradient scaler at 7.x, else fp32); the reference model's cached log-probabilities are
+computed in the same precision, and the run record says which.
 `--test-mode` runs the whole stage in seconds on a tiny random GPT and 10 entries per split.
 Exit codes: 0 done, 1 tiktoken's vocabulary could not be fetched (pass --tokenizer-dir), 2 bad
 input (missing file, mismatched sizes, bad data, a checkpoint of another run), 130 Ctrl-C
@@ -38,7 +41,7 @@ import torch
 from instructkit import CHAPTER_DIR as HERE  # noqa: E402
 from instructkit import dpo, fast_dpo
 from instructkit.checkpoints import CheckpointError
-from instructkit.errors import BadInputError
+from instructkit.errors import BadInputError, ExpectedError
 from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG
 from instructkit.instruction_data import (
     PREFERENCE_DATASET,
@@ -49,10 +52,16 @@ from instructkit.instruction_data import (
     split_data,
 )
 from instructkit.model_files import load_sft_model
-from instructkit.precision import resolve_precision
+from instructkit.precision import PRECISIONS, resolve_precision
 from instructkit.run_guard import exit_code, signals_interrupt
 from instructkit.run_record import dataset_fingerprint, metrics_path, write_run_record
-from instructkit.safe_files import ask_at_terminal, retry_while_disk_full, save_state_dict, write_json
+from instructkit.safe_files import (
+    ask_at_terminal,
+    optional_output,
+    retry_while_disk_full,
+    save_state_dict,
+    write_json,
+)
 from instructkit.training import RESUME_NEWEST, CheckpointPlan, TrainingInterrupted, TrainingRun
 
 
@@ -81,6 +90,7 @@ class DPOConfig:
     resume: str | None = None
     seed: int = 123
     device: str | None = None
+    precision: str = "auto"
     output_dir: str | None = None
     tokenizer_dir: str | None = None
     max_new_tokens: int = 256
@@ -156,32 +166,43 @@ def tracking_from_rows(tracking, rows):
 
 class DPOTrainingRun(TrainingRun):
     """training.TrainingRun's loop (batch order, checkpoints, Ctrl-C, progress bar,
-    metrics file) with train_model_dpo_simple's step and evaluation; one process, float32."""
+    metrics file) with train_model_dpo_simple's step and evaluation; one process.
+
+    `precision` (precision.Precision; float32 when None): the autocast that the loss, the
+    policy's and the reference's log-probabilities alike, runs under, with fp16's scaler.
+    """
 
     def __init__(self, policy, reference, beta, loss_fn, optimizer, train_loader, val_loader,
-                 device, **run_kwargs):
+                 device, precision=None, **run_kwargs):
         super().__init__(policy, optimizer, train_loader, val_loader, device,
-                         precision=resolve_precision("fp32", device), **run_kwargs)
+                         precision=precision or resolve_precision("fp32", device), **run_kwargs)
         self.reference, self.beta, self.loss_fn = reference, beta, loss_fn
 
     def _train_step(self, batch_indices):
         dataset, collate = self.train_loader.dataset, self.train_loader.collate_fn
         batch = collate([dataset[i] for i in batch_indices])
         self.optimizer.zero_grad()
-        loss, _, _ = self.loss_fn(batch, self.model, self.reference, self.beta)
-        loss.backward()
-        self.optimizer.step()
+        with self.precision.autocast():
+            loss, _, _ = self.loss_fn(batch, self.model, self.reference, self.beta)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:  # fp16: scaled, so that small gradients do not underflow
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.state.tokens_seen += batch["chosen"].numel() + batch["rejected"].numel()
 
     def _evaluate(self, eval_iter):
-        return dpo.evaluate_dpo_loss_loader(self.model, self.reference, self.train_loader,
-                                            self.val_loader, self.beta, eval_iter, self.loss_fn)
+        with self.precision.autocast():
+            return dpo.evaluate_dpo_loss_loader(self.model, self.reference, self.train_loader,
+                                                self.val_loader, self.beta, eval_iter, self.loss_fn)
 
     def _evaluation_line(self, row):
         return dpo.dpo_evaluation_line(row, row["epoch"] - 1, row["step"])
 
 
-def train(policy, reference, config, datasets, collate, paths, identity):
+def train(policy, reference, config, datasets, collate, paths, identity, precision=None):
     """train_model_dpo_simple's loop as a DPOTrainingRun: the book's loaders (shuffled, the last
     partial batch dropped), checkpoints to resume from, Ctrl-C saves one.
 
@@ -192,7 +213,8 @@ def train(policy, reference, config, datasets, collate, paths, identity):
 
     from fast_gpt import make_optimizer
 
-    loss_fn = dpo.compute_dpo_loss_batch if config.plain else fast_dpo.compute_dpo_loss_batch_fast
+    loss_fn = (dpo.compute_dpo_loss_batch if config.plain
+               else partial(fast_dpo.compute_dpo_loss_batch_fast, precision=precision))
     optimizer = make_optimizer(policy, config.lr, config.weight_decay)  # fused AdamW where available
     train_set, val_set = datasets
     train_loader = DataLoader(train_set, batch_size=config.batch_size, collate_fn=collate,
@@ -202,7 +224,8 @@ def train(policy, reference, config, datasets, collate, paths, identity):
                           config.keep, wait_for_space=ask_at_terminal("The training state"))
     # seed: torch.manual_seed(config.seed) right before training, as the book's notebook does
     run = DPOTrainingRun(policy, reference, config.beta, loss_fn, optimizer, train_loader,
-                         val_loader, policy.pos_emb.weight.device, seed=config.seed,
+                         val_loader, policy.pos_emb.weight.device, precision=precision,
+                         seed=config.seed,
                          checkpoints=plan, metrics_path=paths["metrics"])
     run.resume_or_start(config.resume)
     run.train(config.epochs, config.eval_freq, config.eval_iter, start_context=None,
@@ -222,6 +245,7 @@ def main(config):
     if config.sft_model is None and not config.test_mode:
         raise SetupError("pass --sft-model (the finetuned model, e.g. gpt2-medium355M-sft.pth)")
     device = choose_device(config.device, config.test_mode)
+    precision = resolve_precision(config.precision, device)  # bf16 where the GPU has it
     if config.sft_model is None:  # test mode: a tiny random GPT stands in for the SFT model
         from previous_chapters import GPTModel
 
@@ -237,6 +261,7 @@ def main(config):
     sft_model = reference  # the SFT model, for the answers before DPO
     print(f"Device: {device}; model: {model_config['n_layers']} layers, "
           f"emb_dim {model_config['emb_dim']}, {model_config['n_heads']} heads")
+    print(precision.describe())
 
     tokenizer = get_tokenizer(config.tokenizer_dir)
     allowed = min(config.max_length, model_config["context_length"])
@@ -244,8 +269,10 @@ def main(config):
     train_set = dpo.PreferenceDataset(train_data, tokenizer)
     val_set = dpo.PreferenceDataset(val_data, tokenizer)
     if not config.plain:  # the reference model's log-probabilities, once per entry
+        # in the policy's precision: a policy still equal to its reference must match it exactly
         train_set, val_set = (fast_dpo.cache_reference_logprobs(
-            reference, dataset, config.batch_size, allowed_max_length=allowed, device=device)
+            reference, dataset, config.batch_size, precision=precision,
+            allowed_max_length=allowed, device=device)
             for dataset in (train_set, val_set))
         collate = partial(fast_dpo.collate_with_reference, allowed_max_length=allowed,
                           device=device)
@@ -253,7 +280,7 @@ def main(config):
     paths = output_paths(config)
     dataset = dataset_fingerprint(data_path)
     run, tracking = train(policy, reference, config, (train_set, val_set), collate, paths,
-                          checkpoint_identity(config, model_config, dataset["sha256"]))
+                          checkpoint_identity(config, model_config, dataset["sha256"]), precision)
     if not run.finished:  # stopped early by --max-steps: the checkpoint holds the run
         return {"tracking": None, "paths": paths}
     seconds = run.state.wall_seconds
@@ -264,8 +291,11 @@ def main(config):
     retry_while_disk_full(lambda: save_state_dict(policy.state_dict(), paths["model"]),
                           ask_at_terminal("The DPO-tuned model"))
     print(f"Model saved as {paths['model']}")
-    if tracking["train_losses"]:
-        dpo.plot_dpo_metrics(tracking, config.epochs, save_path=paths["plot"], show=False)
+    # A plot held open by another program (a PDF viewer, on Windows) must not cost the answers
+    then = f"The answers follow; the losses are in {paths['metrics']}."
+    with optional_output("the DPO plot", then):
+        if tracking["train_losses"]:
+            dpo.plot_dpo_metrics(tracking, config.epochs, save_path=paths["plot"], show=False)
     max_new = min(config.max_new_tokens, 16) if config.test_mode else config.max_new_tokens
     answered = dpo.compare_responses(test_data, {"sft": sft_model, "dpo": policy}, tokenizer, max_new)
     write_json(paths["responses"], answered)
@@ -276,7 +306,8 @@ def main(config):
         if tracking[f"{split}_losses"]:
             final[f"{split}_reward_margin"] = dpo.reward_margins(tracking, split)[-1]
     record = {"config": asdict(config), "model_config": model_config,
-              "versions": package_versions(), "device": str(device), "precision": "fp32",
+              "versions": package_versions(), "device": str(device),
+              "precision": precision.name, "reference_precision": precision.name,
               "dataset": dataset, "seed": config.seed, "wall_seconds": seconds,
               "final_losses": final, "sft_model": config.sft_model}
     paths["record"] = write_run_record(paths["model"], record)
@@ -311,6 +342,10 @@ def build_arg_parser():
         default = getattr(defaults, name.replace("-", "_"))
         add(f"--{name}", type=kind, default=default, help=f"{text} (default: {default})")
     add("--device", help="cuda, mps or cpu (default: the best available)")
+    add("--precision", choices=list(PRECISIONS), default=defaults.precision,
+        help="auto: bf16 autocast on GPUs of compute capability 8.0 and above, fp16 with a "
+             "gradient scaler at 7.x, fp32 below 7.0 and on the CPU and MPS; the reference "
+             "model's log-probabilities are computed in the same precision")
     add("--output-dir", help="where the outputs go (default: next to the SFT model)")
     add("--tokenizer-dir", help="a folder with GPT-2's encoder.json and vocab.bpe (offline use)")
     add("--plain", action="store_true", help="the plain loss of dpo.py instead of fast_dpo's")
@@ -342,6 +377,9 @@ def cli(argv=None):
     except TokenizerError as e:  # the network, as a failed download in the finetuning command
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ExpectedError as e:  # any other problem the user can fix (a file another program holds)
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt as e:
         # Ctrl-C during training saved a checkpoint (TrainingInterrupted says where); later
         # (the answers), the model is saved already.

@@ -74,24 +74,36 @@ def reference_logprobs(reference_model, batch):
     return chosen.clone(), rejected.clone()  # normal tensors again, usable next to autograd
 
 
-def compute_dpo_loss_batch_fast(batch, policy_model, reference_model, beta):
+def _precision_context(precision, device):
+    """`precision.autocast()`, or without a Precision fast_gpt's autocast for `device` (bfloat16
+    on a CUDA GPU with bfloat16 hardware, else float32)."""
+    return autocast(device) if precision is None else precision.autocast()
+
+
+def compute_dpo_loss_batch_fast(batch, policy_model, reference_model, beta, precision=None):
     """Same as dpo.compute_dpo_loss_batch (within float tolerance), with less work.
 
-    On a CUDA GPU with bfloat16 the model runs under bfloat16 autocast (weights stay float32;
-    the log-softmax is computed in float32).
+    The policy and the reference (when not cached) run under the same autocast: `precision`'s
+    (a precision.Precision), or by default bfloat16 on a CUDA GPU with bfloat16 hardware.
+    Weights stay float32; the log-softmax is computed in float32.
     """
-    with autocast(batch["chosen"].device):
+    with _precision_context(precision, batch["chosen"].device):
         policy_chosen, policy_rejected = dpo_logprobs(policy_model, batch)
         ref_chosen, ref_rejected = reference_logprobs(reference_model, batch)
     return compute_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
 
 
-def cache_reference_logprobs(reference_model, dataset, batch_size=8, **collate_kwargs):
+def cache_reference_logprobs(reference_model, dataset, batch_size=8, precision=None,
+                             **collate_kwargs):
     """The dataset's items with the reference log-probabilities added, computed once.
 
     Returns a list of items (dicts) carrying "reference_chosen_logprob" and
     "reference_rejected_logprob"; collate them with `collate_with_reference` and the same
     `collate_kwargs` (allowed_max_length, ...) so the cached numbers match the batches.
+    `precision`: the one the policy trains in (pass the same to compute_dpo_loss_batch_fast),
+    so that a policy still equal to its reference gets, on the batches cached here, a loss of
+    ln 2 and rewards of exactly 0; by default the same autocast as compute_dpo_loss_batch_fast's
+    default.
     """
     from torch.utils.data import DataLoader
 
@@ -99,7 +111,8 @@ def cache_reference_logprobs(reference_model, dataset, batch_size=8, **collate_k
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     cached = []
     for batch in loader:
-        chosen, rejected = reference_logprobs(reference_model, batch)
+        with _precision_context(precision, batch["chosen"].device):
+            chosen, rejected = reference_logprobs(reference_model, batch)
         for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
             cached.append({**dataset[len(cached)], "reference_chosen_logprob": c,
                            "reference_rejected_logprob": r})

@@ -82,8 +82,9 @@ class FinetuneConfig:
                                              f"a short measurement (auto; also {parallel_matvec.ENV_VAR})",
                                        choices=list(parallel_matvec.MODES))
     compile: bool = option(False, "torch.compile the transformer blocks (worth it on a GPU)")
-    precision: str = option("auto", "auto: bf16 autocast on GPUs with bf16 hardware, fp16 with a "
-                                    "gradient scaler on older CUDA GPUs, fp32 on the CPU and MPS",
+    precision: str = option("auto", "auto: bf16 autocast on GPUs of compute capability 8.0 and "
+                                    "above, fp16 with a gradient scaler at 7.x, fp32 below 7.0 "
+                                    "and on the CPU and MPS",
                             choices=list(PRECISIONS))
     save_every: int | None = option(None, "write a checkpoint every N training steps (Ctrl-C "
                                           "always writes one)", metavar="N")

@@ -43,11 +43,17 @@ from instructkit.finetune_files import (
 from instructkit.gpt2_sizes import book_model_name, model_folder, short_model_name
 from instructkit.gpt2_tokenizer import get_tokenizer, tokenizer_files
 from instructkit.instruction_data import CHAPTER_DATASET, DatasetError
-from instructkit.precision import resolve_precision
-from instructkit.preflight import check_run, untrained_note
+from instructkit.precision import enable_tf32, resolve_precision
+from instructkit.preflight import check_compile, check_run, untrained_note
 from instructkit.run_guard import RunProgress
 from instructkit.run_record import dataset_fingerprint, write_run_record
-from instructkit.safe_files import ask_at_terminal, retry_while_disk_full, save_state_dict, write_json
+from instructkit.safe_files import (
+    ask_at_terminal,
+    optional_output,
+    retry_while_disk_full,
+    save_state_dict,
+    write_json,
+)
 from instructkit.training import CheckpointPlan, TrainingInterrupted, TrainingRun
 
 # The book's measured minutes for 2 epochs (section 7.6).
@@ -103,6 +109,10 @@ class FinetuneRun:
                                    "weights, so DDP (the default under torchrun) fits wherever "
                                    "the model does.")
         self.precision = resolve_precision(config.precision, self.device)
+        if config.compile:  # before any download: a missing compiler would fail at step 1
+            note = check_compile(self.device)
+            if note:
+                print(note)
         self.dataset = None  # the data file's fingerprint (run_record.dataset_fingerprint)
         self.training = None  # the TrainingRun, once training starts
         self.finished = False
@@ -239,8 +249,7 @@ class FinetuneRun:
         from fast_gpt import compile_blocks
 
         if self.device.type == "cuda":  # TensorFloat-32 matrix products on the GPU
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            enable_tf32()
         if self.config.compile:
             compile_blocks(model, dynamic=True)  # batch lengths vary from batch to batch
         return self.processes.prepare_model(model, "fsdp" if self.config.fsdp else "ddp")
@@ -295,6 +304,18 @@ class FinetuneRun:
             retry_while_disk_full(lambda: save_state_dict(weights, self.paths["model"]), wait_for_space)
             self.saved("model")
             return self.paths["model"]
+
+    @contextlib.contextmanager
+    def plot_file(self):
+        """Around the loss plot's drawing: once it is written, the run record names it. A plot
+        that another program holds (a PDF viewer showing the last run's, on Windows) is not
+        worth the answers still to come: one warning line on stderr, and the run goes on."""
+        then = (f"The run goes on to the answers; the losses are in {self.paths['metrics']} "
+                f"(run_record.plot_metrics draws the plot from it).")
+        with optional_output("the loss plot", then) as plot:
+            yield
+        if plot.written:
+            self.saved("plot")
 
     def saved(self, key):
         """Record that the output `key` ("plot", ...) is written, in the run record too."""

@@ -8,7 +8,6 @@ chapter's prompt, is here too, for the package's code that must not import torch
 """
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -132,6 +131,7 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
         raise DatasetError(f"{path} does not exist")
 
     from instructkit.downloads import DownloadError, describe_failure, download_file, file_sha256
+    from instructkit.safe_files import remove_file, replace_file
 
     download = path.with_name(path.name + ".download")  # its .part file resumes a cut download
     failures = []
@@ -143,10 +143,10 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
                                    "this source serves another file")
             data = parse_instruction_bytes(download.read_bytes(), f"{path.name} from {url}", keys)
         except (OSError, DownloadError, DatasetError) as err:
-            download.unlink(missing_ok=True)
+            remove_file(download, missing_ok=True)
             failures.append(f"  {url}: {err if isinstance(err, DatasetError) else describe_failure(err)}")
             continue
-        os.replace(download, path)
+        replace_file(download, path)  # retried while Windows' virus scan holds it
         return data
     tried = "\n".join(failures)
     raise DatasetError(

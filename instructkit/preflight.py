@@ -6,7 +6,10 @@ Not in the book. Before any download, model build or training, the command line 
 - that no output file's name is taken by a folder;
 - the data file, read and validated (a file still to be downloaded is validated on download);
 - a GPT-2 checkpoint folder's hparams.json against the chosen model;
-- free disk space against the files about to be written, with the estimate in the message.
+- free disk space against the files about to be written, with the estimate in the message;
+- `--compile`, once the device is known (`check_compile`): torch.compile itself, and the
+  compiler its backend needs on that device (Triton on a CUDA GPU, a C++ compiler on the CPU),
+  which would otherwise fail only at the first training step.
 
 Each failure is a `PreflightError`: one line, for `error: ...` and exit code 2.
 
@@ -16,8 +19,10 @@ and plot) with an untrained one, its outputs carry `-untrained` in their names, 
 """
 
 import math
+import os
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +107,7 @@ def check_ranges(config, limits=NUMERIC_LIMITS):
 
 def check_output_dir(folder, flag="--output-dir"):
     """Create `folder` if needed and write a file into it; PreflightError saying why not."""
-    from instructkit.safe_files import write_atomically
+    from instructkit.safe_files import remove_file, write_atomically
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -117,7 +122,7 @@ def check_output_dir(folder, flag="--output-dir"):
     probe = folder / f".write-test-{secrets.token_hex(8)}"
     try:
         write_atomically(probe, lambda tmp: Path(tmp).write_bytes(b"ok"))  # as the outputs will be
-        probe.unlink()
+        remove_file(probe)  # a probe held by a virus scan: FileInUseError, naming it
     except OSError as e:
         raise PreflightError(f"{flag} {folder} is not writable ({e.strerror}): "
                              f"choose another {flag} or fix its permissions") from None
@@ -295,6 +300,98 @@ def check_checkpoint(models_dir, model):
         check_checkpoint_folder(Path(models_dir) / model_folder(model), model)
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
+
+
+#####################################
+# --compile
+#####################################
+
+def _dynamo_supported():
+    """Whether torch.compile runs on this Python and torch at all."""
+    import torch
+
+    if not hasattr(torch, "compile"):
+        return False
+    try:
+        import torch._dynamo
+    except ImportError:
+        return False
+    return bool(torch._dynamo.is_dynamo_supported())
+
+
+def _triton_installed():
+    """Whether the Triton package (inductor's GPU code generator) can be imported."""
+    try:
+        from torch.utils._triton import has_triton_package
+    except ImportError:  # a torch that moved it: look for the package itself
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return has_triton_package()
+
+
+def _cpp_compiler_candidates():
+    """The C++ compilers inductor would try for CPU code, in its order."""
+    if sys.platform == "win32":
+        return [os.environ.get("CXX", "cl")]  # MSVC's cl.exe, from a Developer Command Prompt
+    try:
+        from torch._inductor import config as inductor_config
+
+        cxx = inductor_config.cpp.cxx
+    except ImportError:
+        cxx = (os.environ.get("CXX", "g++"),)
+    return [name for name in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if name]
+
+
+def _cpp_compiler():
+    """The path of the first C++ compiler inductor would find, or None."""
+    for name in _cpp_compiler_candidates():
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+def check_compile(device):
+    """PreflightError (one line) when `--compile` cannot work on `device`; else a note or None.
+
+    torch.compile's default backend, inductor, generates code at the first step: Triton kernels
+    on a CUDA GPU (Triton needs compute capability 7.0 or newer), C++ on the CPU, built with the
+    machine's C++ compiler. Without them the run would fail after the downloads and the model
+    build, at its first training step. On Apple's MPS, inductor writes Metal shaders that the
+    OS compiles itself (no extra install), but that backend is younger: the note says so.
+    """
+    import torch
+
+    from instructkit.precision import cuda_capability
+
+    device = torch.device(device)
+    drop = "or run without --compile"
+    if not _dynamo_supported():
+        raise PreflightError(f"--compile: torch.compile does not run on this Python "
+                             f"{sys.version_info.major}.{sys.version_info.minor} with torch "
+                             f"{torch.__version__}; install a newer torch {drop}")
+    if device.type == "cuda":
+        if not _triton_installed():
+            package = "triton-windows" if sys.platform == "win32" else "triton"
+            raise PreflightError(f"--compile on a CUDA GPU needs Triton, which is not installed: "
+                                 f"pip install {package}, {drop}")
+        major, minor = cuda_capability(device)
+        if major < 7:
+            raise PreflightError(f"--compile: Triton needs a GPU of compute capability 7.0 or "
+                                 f"newer, this one has {major}.{minor}; run without --compile")
+    elif device.type == "cpu":
+        if _cpp_compiler() is None:
+            names = " or ".join(_cpp_compiler_candidates()) or "a C++ compiler"
+            how = ("install Visual Studio's Build Tools (C++) and run from a Developer Command "
+                   "Prompt" if sys.platform == "win32" else
+                   "install the Xcode command line tools (xcode-select --install)"
+                   if sys.platform == "darwin" else "install g++ (e.g. apt install g++)")
+            raise PreflightError(f"--compile on the CPU needs a C++ compiler ({names}), none "
+                                 f"was found: {how}, {drop}")
+    elif device.type == "mps":
+        return ("Note: --compile on MPS uses torch's newer Metal backend; if the first step "
+                "fails, run without --compile.")
+    return None
 
 
 def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, models_dir=None,

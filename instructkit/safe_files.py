@@ -5,14 +5,24 @@ model weights, plots) goes through a temporary file in the same folder, renamed 
 The temporary file is created with the usual mode (0o666 less the umask, 0o644 as a rule), so
 the renamed file has the mode a plain `open(path, "w")` would give it. A full disk leaves the
 old file as it was and raises `DiskFullError`, one line that names the file.
+
+On Windows a file that another program holds open cannot be replaced or deleted: an antivirus
+scan or OneDrive's sync holds a new file for a moment, a PDF viewer holds the plot for as long
+as it shows it. `replace_file` and `remove_file` (used for every final file of the package)
+try again for about a second on PermissionError, then raise `FileInUseError`, one line that
+names the file and the likely holder.
 """
 
+import contextlib
 import errno
 import json
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
+
+from instructkit.errors import ExpectedError
 
 # A disk that is full, or a quota that is used up.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -26,6 +36,79 @@ class DiskFullError(OSError):
 
     def __str__(self):
         return self.strerror
+
+
+# Pauses between attempts, growing: about a second in all, long enough for a virus scan or a
+# sync client to let go of a new file, short enough not to stall a run that really failed.
+RETRY_PAUSES = (0.02, 0.05, 0.1, 0.15, 0.25, 0.45)
+_ON_WINDOWS = os.name == "nt"
+
+
+class FileInUseError(ExpectedError):
+    """A file could not be replaced or removed for a second: another program holds it."""
+
+    def __init__(self, action, path):
+        self.action, self.path = action, Path(path)
+        if _ON_WINDOWS:
+            self.holder = ("it is held by another program (an open PDF viewer, OneDrive or an "
+                           "antivirus scan?)")
+            advice = "close it and run again"
+        else:
+            self.holder = ("permission denied for a second (the permissions of the file or its "
+                           "folder, or another program holding it?)")
+            advice = "fix that and run again"
+        super().__init__(f"cannot {action} {self.path}: {self.holder}; {advice}")
+
+
+def _retry_on_permission_error(operation, action, path):
+    """`operation()`, tried again after each of RETRY_PAUSES while it raises PermissionError."""
+    for pause in (*RETRY_PAUSES, None):
+        try:
+            return operation()
+        except PermissionError as e:
+            if pause is None:
+                raise FileInUseError(action, path) from e
+            time.sleep(pause)
+
+
+def replace_file(source, destination):
+    """`os.replace(source, destination)`, retried for about a second on PermissionError
+    (Windows: another program holds one of them); then FileInUseError naming the file."""
+    _retry_on_permission_error(lambda: os.replace(source, destination), "replace", destination)
+
+
+def remove_file(path, missing_ok=False):
+    """`Path(path).unlink()`, retried for about a second on PermissionError; then
+    FileInUseError naming the file."""
+    path = Path(path)
+    _retry_on_permission_error(lambda: path.unlink(missing_ok=missing_ok), "remove", path)
+
+
+def _discard(path):
+    """Remove a temporary file if it is there; one that stays held is left (a hidden .tmp)."""
+    with contextlib.suppress(FileInUseError):
+        remove_file(path, missing_ok=True)
+
+
+@contextlib.contextmanager
+def optional_output(what, then, stderr=None):
+    """For an output a run can do without (a plot): a FileInUseError inside the block becomes
+    one warning line on stderr, naming the file and what happens next, and the run goes on.
+
+    Yields an object whose `written` is True once the block has finished.
+    """
+    outcome = _Outcome()
+    try:
+        yield outcome
+    except FileInUseError as e:
+        print(f"warning: {what} {e.path} was not written: {e.holder}. {then}",
+              file=stderr or sys.stderr, flush=True)
+        return
+    outcome.written = True
+
+
+class _Outcome:
+    written = False
 
 
 def _disk_full_cause(exc):
@@ -64,7 +147,7 @@ def write_atomically(path, write):
     tmp = _create_temporary(path)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except Exception as e:  # only a full disk is translated; anything else goes on as it is
         cause = _disk_full_cause(e)
         if cause is None:
@@ -73,8 +156,7 @@ def write_atomically(path, write):
         raise DiskFullError(f"no space left on the disk while writing {path} ({kept}): "
                             f"free some space and run again") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _discard(tmp)
 
 
 def write_json(path, obj):

@@ -423,3 +423,87 @@ def test_every_numeric_setting_of_the_command_line_has_a_limit():
                if {int, float} & set(typing.get_args(hints[f.name]) or (hints[f.name],))}
     assert numeric == set(pf.NUMERIC_LIMITS)
     pf.check_ranges(FinetuneConfig())  # the defaults pass
+
+
+########################################################################################
+# --compile
+########################################################################################
+
+def test_compile_needs_triton_on_a_cuda_gpu(monkeypatch):
+    monkeypatch.setattr(pf, "_triton_installed", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(pf.PreflightError) as caught:
+        pf.check_compile("cuda")
+    message = str(caught.value)
+    assert message.startswith("--compile on a CUDA GPU needs Triton, which is not installed")
+    assert "pip install triton" in message and "without --compile" in message
+    assert "\n" not in message
+
+
+def test_compile_with_triton_needs_compute_capability_7(monkeypatch):
+    monkeypatch.setattr(pf, "_triton_installed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    with pytest.raises(pf.PreflightError, match=r"compute capability 7\.0 or newer, this one has 6\.1"):
+        pf.check_compile("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert pf.check_compile("cuda:0") is None  # a T4 with Triton: nothing to say
+
+
+def test_compile_on_the_cpu_needs_a_cpp_compiler(monkeypatch):
+    monkeypatch.setattr(pf.shutil, "which", lambda name: None)  # no compiler on the PATH
+    with pytest.raises(pf.PreflightError) as caught:
+        pf.check_compile("cpu")
+    message = str(caught.value)
+    assert message.startswith("--compile on the CPU needs a C++ compiler (")
+    assert "none was found" in message and "without --compile" in message
+    assert "\n" not in message
+
+
+def test_compile_on_windows_looks_for_msvc(monkeypatch):
+    monkeypatch.setattr(pf.sys, "platform", "win32")
+    monkeypatch.delenv("CXX", raising=False)
+    assert pf._cpp_compiler_candidates() == ["cl"]
+    monkeypatch.setattr(pf.shutil, "which", lambda name: None)
+    with pytest.raises(pf.PreflightError, match=r"C\+\+ compiler \(cl\).*Visual Studio's Build Tools"):
+        pf.check_compile("cpu")
+
+
+def test_compile_where_torch_compile_does_not_run(monkeypatch):
+    monkeypatch.setattr(pf, "_dynamo_supported", lambda: False)
+    with pytest.raises(pf.PreflightError, match="torch.compile does not run on this Python"):
+        pf.check_compile("cpu")
+
+
+def test_compile_on_mps_is_allowed_with_a_note():
+    assert "run without --compile" in pf.check_compile("mps")
+
+
+def test_compile_on_this_machine_cpu_passes_when_it_has_a_compiler():
+    """The real probes: inductor's own compiler list, looked up on this machine's PATH."""
+    import shutil
+
+    from torch._inductor import config as inductor_config
+
+    names = [c for c in inductor_config.cpp.cxx if c] if isinstance(
+        inductor_config.cpp.cxx, (list, tuple)) else [inductor_config.cpp.cxx]
+    if not any(shutil.which(name) for name in names):
+        pytest.skip(f"no C++ compiler ({', '.join(names)}) on this machine")
+    assert pf._dynamo_supported() is True
+    assert pf.check_compile("cpu") is None
+
+
+def test_finetuning_with_compile_and_no_compiler_stops_before_any_work(tmp_path, monkeypatch,
+                                                                       capsys, instruction_data):
+    from instructkit.finetune import cli
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(instruction_data[:40]), encoding="utf-8")
+    monkeypatch.setattr(pf, "_cpp_compiler", lambda: None)
+    code = cli(["--test_mode", "--compile", "--device", "cpu", "--data", str(data),
+                "--output-dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compile on the CPU needs a C++ compiler")
+    assert "Training" not in captured.out and "Ep 1" not in captured.out
+    assert not list((tmp_path / "out").glob("*.pth"))  # nothing was trained or saved
