@@ -375,7 +375,11 @@ def generate_and_print_sample(model, tokenizer, device, start_context):
             max_new_tokens=50, context_size=context_size
         )
         decoded_text = token_ids_to_text(token_ids, tokenizer)
-        print(decoded_text.replace("\n", " "))  # all on one line
+        # Not in the book: print_text prints "?" for a character the console cannot show (a
+        # Windows code page with output redirected) instead of ending the training
+        from instructkit.console import print_text
+
+        print_text(decoded_text.replace("\n", " "))  # all on one line
     model.train()
 
 
