@@ -143,17 +143,41 @@ def test_finetune_test_mode_with_cp1252_streams_and_foreign_text(foreign_data, t
     assert first["instruction"] in text and f"Correct response:\n>> {first['output']}" in text
 
 
+def save_chat_model(folder, model):
+    path = folder / "tiny-sft.pth"
+    save_state_dict(model.state_dict(), path)
+    write_json(path.with_suffix(".run.json"), {
+        "config": {"model": None, "prompt_style": "alpaca", "lora_rank": None, "lora_alpha": None},
+        "model_config": TEST_MODE_CONFIG})
+    return path
+
+
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     from previous_chapters import GPTModel
 
     torch.manual_seed(123)
-    path = tmp_path_factory.mktemp("chat") / "tiny-sft.pth"
-    save_state_dict(GPTModel(TEST_MODE_CONFIG).state_dict(), path)
-    write_json(path.with_suffix(".run.json"), {
-        "config": {"model": None, "prompt_style": "alpaca", "lora_rank": None, "lora_alpha": None},
-        "model_config": TEST_MODE_CONFIG})
-    return path
+    return save_chat_model(tmp_path_factory.mktemp("chat"), GPTModel(TEST_MODE_CONFIG))
+
+
+CYRILLIC_I = 18849  # GPT-2's token for "и", a whole character in one token
+
+
+@pytest.fixture(scope="module")
+def cyrillic_model_file(tmp_path_factory, tokenizer):
+    """A model whose every greedy token is "и": the final norm outputs a constant vector v, and
+    only the output head's row for "и" is v, so that token alone gets a positive logit."""
+    from previous_chapters import GPTModel
+
+    assert tokenizer.decode([CYRILLIC_I]) == "и"
+    torch.manual_seed(123)
+    model = GPTModel(TEST_MODE_CONFIG)
+    with torch.no_grad():
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.fill_(1.0)
+        model.out_head.weight.zero_()
+        model.out_head.weight[CYRILLIC_I] = 1.0
+    return save_chat_model(tmp_path_factory.mktemp("cyrillic"), model)
 
 
 @pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["no-bom", "bom"])
@@ -177,11 +201,11 @@ def test_chat_reads_and_writes_utf8_with_cp1252_streams(model_file, bom):
     assert out.decode("utf-8") == "\n\n".join(expected) + "\n"
 
 
-def test_chat_streams_one_answer_in_utf8(model_file):
-    code, out, err = run(["-m", "instructkit.chat", model_file, "Скажи «привет» 你好",
+def test_chat_streams_one_answer_in_utf8(cyrillic_model_file):
+    code, out, err = run(["-m", "instructkit.chat", cyrillic_model_file, "Скажи «привет» 你好",
                           "--max-new-tokens", 12])
     assert code == 0, err.decode("utf-8", "replace")
-    out.decode("utf-8")  # a random model's tokens, streamed: whatever they are, UTF-8
+    assert out.decode("utf-8") == "и" * 12 + "\n"  # streamed token by token, in UTF-8
 
 
 # Each command states a problem with a file whose name cp1252 cannot write: with the console
