@@ -69,6 +69,8 @@ def ssl_context(cafile=None):
         return ssl.create_default_context()  # the system's store (and OpenSSL's defaults)
     name, path = source
     try:
+        if os.path.isdir(path):  # a folder of hashed certificates, as requests also accepts
+            return ssl.create_default_context(capath=path)
         return ssl.create_default_context(cafile=path)
     except (OSError, ssl.SSLError) as err:
         raise BadInputError(f"{name} names {path!r}, which is not a readable file of PEM "
