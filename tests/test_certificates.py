@@ -206,7 +206,7 @@ def test_certifi_is_the_fallback_when_the_system_store_fails(server, self_signed
     monkeypatch.setattr(certifi, "where", lambda: str(self_signed[0]))  # certifi trusts it
     destination = downloads.download_file(f"{server.url}/data.json", tmp_path / "data.json")
     assert destination.read_bytes() == DATA_BYTES
-    # two requests: the system's store failed the handshake first, so only certifi's got the file
+    # one request reached the server: the handshake with the system's store failed before it
     assert server.paths() == ["/data.json"]
     with pytest.raises(urllib.error.URLError) as excinfo:  # (the system's store alone fails)
         urllib.request.urlopen(f"{server.url}/data.json", timeout=10, context=downloads.ssl_context())
@@ -230,3 +230,16 @@ def test_an_https_judge_trusts_the_same_bundle(server, self_signed, monkeypatch)
     monkeypatch.setenv("SSL_CERT_FILE", str(self_signed[0]))
     with judge_http.open_url(url, timeout=10) as response:
         assert json.loads(response.read()) == {"version": "0.0.0"}
+
+
+def test_a_folder_of_hashed_certificates_is_trusted_too(server, self_signed, tmp_path, monkeypatch):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command names the certificate by its subject hash")
+    subject_hash = subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", str(self_signed[0])],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+    folder = tmp_path / "certs"
+    folder.mkdir()
+    shutil.copyfile(self_signed[0], folder / f"{subject_hash}.0")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(folder))
+    destination = downloads.download_file(f"{server.url}/data.json", tmp_path / "data.json")
+    assert destination.read_bytes() == DATA_BYTES
