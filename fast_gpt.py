@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from instructkit.console import print_text  # Not in the book: prints that never crash a run
 from instructkit.parallel_matvec import MatvecChooser  # Not in the book: decode steps' matvecs
 from instructkit.precision import cuda_bf16_supported  # Not in the book: which GPUs compute in bfloat16
 from previous_chapters import text_to_token_ids, token_ids_to_text
@@ -509,7 +510,9 @@ def print_sample(model, tokenizer, device, start_context):
     context_size = model.pos_emb.weight.shape[0]
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
     token_ids = generate(model, encoded, max_new_tokens=50, context_size=context_size)
-    print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))  # compact one-line print
+    # print_text: "?" for a character the console cannot encode (a Windows code page into a
+    # file or a pipe) rather than a UnicodeEncodeError that ends the training
+    print_text(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))  # compact one-line print
     model.train()
 
 

@@ -12,6 +12,9 @@ The project's few changes are marked `# Not in the book:` where they sit:
 - `generate` with `eos_id` stops every row of a batch on its own (the book's stop works for
   a batch of one), and its top-k filter keeps each row's own k-th largest logit;
 - `train_model_simple` skips the per-epoch sample when `start_context` is None;
+- `generate_and_print_sample` prints "?" for a character the console cannot encode (a
+  Windows code page, output redirected) instead of ending the training
+  (instructkit/console.py);
 - `load_weights_into_gpt` first checks that the checkpoint fits the model
   (instructkit/gpt2_params.py) and names the checkpoint's parameter when it does not;
 - `plot_losses` takes where to save (`save_path`, the book's "loss-plot.pdf" by default)
@@ -375,7 +378,11 @@ def generate_and_print_sample(model, tokenizer, device, start_context):
             max_new_tokens=50, context_size=context_size
         )
         decoded_text = token_ids_to_text(token_ids, tokenizer)
-        print(decoded_text.replace("\n", " "))  # all on one line
+        # Not in the book: print_text prints "?" for a character the console cannot show (a
+        # Windows code page with output redirected) instead of ending the training
+        from instructkit.console import print_text
+
+        print_text(decoded_text.replace("\n", " "))  # all on one line
     model.train()
 
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 
+from instructkit.console import read_stdin, use_utf8_console
 from instructkit.errors import BadInputError, ExpectedError
 from instructkit.model_files import add_model_arguments, describe, load_chat_model
 from instructkit.parallel_matvec import add_decode_arguments, apply_decode_arguments
@@ -84,7 +85,7 @@ def stream_to(out, chat, instruction, input_text, args):
 
 
 def answer_stdin(chat, args):
-    entries, jsonl = read_entries(sys.stdin.read())
+    entries, jsonl = read_entries(read_stdin())  # UTF-8, without a leading BOM
     if args.temperature > 0:  # sampling: one at a time (batches are greedy)
         answers = []
         for entry in entries:
@@ -123,6 +124,7 @@ def interactive(chat, args):
 
 
 def main(argv=None):
+    use_utf8_console()  # answers in any script, even into a file or a pipe on Windows
     args = build_arg_parser().parse_args(argv)
     from instructkit.devices import choose_device
     from instructkit.gpt2_tokenizer import get_tokenizer

@@ -5,23 +5,132 @@ resumes that partial file on the next attempt (HTTP Range), and checks the size 
 announced and, when given, an expected size and sha256. `download_first(urls, destination)`
 tries a list of sources in order. Used for GPT-2's weights (gpt2_weights.py, hub.py),
 the instruction datasets (instruction_data.py) and the test data (tests/conftest.py).
+
+Certificates: `ssl_context()` is the one place that decides which certificate authorities a
+download trusts: the bundle named by SSL_CERT_FILE or REQUESTS_CA_BUNDLE when one is set (a
+company proxy's CA), else the system's store. When the system's store cannot verify a server
+(a python.org Python on macOS before "Install Certificates.command" ran), `open_url` tries
+certifi's bundle once, where certifi is installed. A certificate that still fails is a
+CertificateError that says so and how to fix it, not a hint to check the internet connection.
 """
 
 import hashlib
 import http.client
+import os
 import re
+import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
-from instructkit.errors import CheckpointError, DownloadError  # noqa: F401 (raised here, importable)
+from instructkit.errors import BadInputError, CheckpointError, DownloadError  # noqa: F401 (raised here, importable)
 from instructkit.safe_files import remove_file, replace_file
 
 TIMEOUT_S = 30  # per connection attempt and per read, not for the whole file
 CHUNK_SIZE = 1 << 20
 PART_SUFFIX = ".part"
+CA_BUNDLE_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")  # the first one set wins
+CERTIFICATE_ADVICE = (
+    "On macOS with Python from python.org, run 'Install Certificates.command' (in the "
+    "Applications folder, under your Python version) or 'pip install certifi'; behind a "
+    "company proxy, set SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) to your company's CA bundle.")
+
+
+class CertificateError(DownloadError):
+    """A server's certificate that the trusted certificate authorities do not vouch for.
+
+    `reason` is the short form for a list of sources, e.g. "certificate not verified
+    (CERTIFICATE_VERIFY_FAILED: self-signed certificate)".
+    """
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
+def ca_bundle_from_env():
+    """(variable, path) of the CA bundle the environment names, or None."""
+    for name in CA_BUNDLE_ENV_VARS:
+        if value := os.environ.get(name, "").strip():
+            return name, value
+    return None
+
+
+def ssl_context(cafile=None):
+    """The SSL context downloads use: certificates verified against `cafile`, else the bundle
+    that SSL_CERT_FILE or REQUESTS_CA_BUNDLE names, else the system's store.
+
+    A bundle that cannot be read is a BadInputError naming the variable that points to it.
+    """
+    source = ("cafile", cafile) if cafile else ca_bundle_from_env()
+    if source is None:
+        return ssl.create_default_context()  # the system's store (and OpenSSL's defaults)
+    name, path = source
+    try:
+        if os.path.isdir(path):  # a folder of hashed certificates, as requests also accepts
+            return ssl.create_default_context(capath=path)
+        return ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as err:
+        raise BadInputError(f"{name} names {path!r}, which is not a readable file of PEM "
+                            f"certificates ({err}); fix it or unset it") from None
+
+
+def certifi_context():
+    """An SSL context trusting certifi's bundle, or None where certifi is not installed."""
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def open_url(request, timeout=TIMEOUT_S):
+    """urllib's `urlopen(request)` with this module's certificate policy (see the docstring).
+
+    Raises CertificateError when no trusted authority vouches for the server, and urllib's
+    errors otherwise.
+    """
+    try:
+        return urllib.request.urlopen(request, timeout=timeout, context=ssl_context())
+    except urllib.error.URLError as err:
+        if not _is_certificate_failure(err):
+            raise
+        failure = err.reason
+    fallback = certifi_context() if ca_bundle_from_env() is None else None
+    if fallback is not None:  # e.g. a python.org Python on macOS without its certificates
+        try:
+            return urllib.request.urlopen(request, timeout=timeout, context=fallback)
+        except urllib.error.URLError as err:
+            if not _is_certificate_failure(err):
+                raise
+            failure = err.reason
+    raise certificate_error(request.full_url, failure, certifi_tried=fallback is not None)
+
+
+def _is_certificate_failure(err):
+    return isinstance(getattr(err, "reason", None), ssl.SSLCertVerificationError)
+
+
+def certificate_error(url, failure, certifi_tried=False):
+    """The CertificateError for `url`, whose certificate failed with `failure` (one line)."""
+    host = urllib.parse.urlsplit(url).hostname or url
+    detail = getattr(failure, "verify_message", None) or str(failure)
+    reason = f"{getattr(failure, 'reason', None) or 'CERTIFICATE_VERIFY_FAILED'}: {detail}"
+    env = ca_bundle_from_env()
+    if env is not None:
+        trusted = f"the CA bundle that {env[0]} names ({env[1]})"
+        advice = (f"Point {env[0]} at the CA bundle that signed it (your company's, behind a "
+                  "proxy), or unset it to use the system's certificates.")
+    else:
+        trusted = "this system's certificates" + (" nor certifi's" if certifi_tried else "")
+        trusted = ("neither " if certifi_tried else "") + trusted
+        advice = CERTIFICATE_ADVICE
+    message = (f"the certificate of {host} could not be verified ({reason}) with {trusted}. "
+               f"{advice}")
+    return CertificateError(message, f"certificate not verified ({reason})")
 
 
 def download_first(urls, destination, *, expected_size=None, sha256=None, advice=None):
@@ -30,14 +139,16 @@ def download_first(urls, destination, *, expected_size=None, sha256=None, advice
     A cut download resumes from the next URL; a file of the wrong size or sha256 is dropped
     and the next URL tried. Raises DownloadError listing every URL and why it failed.
     """
-    failures, not_found = [], True
+    failures, errors, not_found = [], [], True
     for url in urls:
         try:
             return download_file(url, destination, expected_size=expected_size, sha256=sha256)
         except (OSError, http.client.HTTPException, DownloadError) as err:
             failures.append((url, describe_failure(err)))
+            errors.append(err)
             not_found &= isinstance(err, urllib.error.HTTPError) and err.code == 404
-    error = DownloadError(_failure_message(destination, failures, advice))
+    error = only_certificate_failures(errors) or DownloadError(
+        _failure_message(destination, failures, advice, errors))
     error.not_found = not_found  # every source answered 404: the file does not exist there
     raise error
 
@@ -61,7 +172,7 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
             headers["Range"] = f"bytes={offset}-"
         request = urllib.request.Request(url, headers=headers)
         try:
-            response = urllib.request.urlopen(request, timeout=timeout)
+            response = open_url(request, timeout=timeout)
         except urllib.error.HTTPError as err:
             if err.code == 416 and offset:  # the partial file is not a prefix of this file
                 err.close()
@@ -133,8 +244,24 @@ def _parse_content_range(value):
     return int(match.group(1)), None if total == "*" else int(total)
 
 
+def only_certificate_failures(errors):
+    """The first of `errors` when every one is a CertificateError (one line says it all), else None."""
+    if errors and all(isinstance(err, CertificateError) for err in errors):
+        return errors[0]
+    return None
+
+
+def retry_advice(errors):
+    """What to do after `errors`: the certificate fix when a certificate failed, else the network."""
+    if any(isinstance(err, CertificateError) for err in errors):
+        return CERTIFICATE_ADVICE + " Then run it again"
+    return "Check your internet connection and run it again"
+
+
 def describe_failure(err):
     """One line on why a download failed, for a list of the sources tried."""
+    if isinstance(err, CertificateError):
+        return err.reason
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"
     if isinstance(err, urllib.error.URLError):
@@ -144,10 +271,10 @@ def describe_failure(err):
     return f"{type(err).__name__}: {err}"
 
 
-def _failure_message(destination, failures, advice):
+def _failure_message(destination, failures, advice, errors=()):
     tried = "\n".join(f"  {url}: {reason}" for url, reason in failures)
     return (
         f"could not download {destination.name!r} from any source. Tried:\n{tried}\n"
-        "Check your internet connection and run it again (a partial download resumes), "
+        f"{retry_advice(errors)} (a partial download resumes), "
         f"{advice + ', ' if advice else ''}or place the file by hand in {destination.parent}."
     )

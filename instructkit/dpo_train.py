@@ -41,6 +41,7 @@ import torch
 from instructkit import CHAPTER_DIR as HERE  # noqa: E402
 from instructkit import dpo, fast_dpo
 from instructkit.checkpoints import CheckpointError
+from instructkit.console import use_utf8_console
 from instructkit.errors import BadInputError, ExpectedError
 from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG
 from instructkit.instruction_data import (
@@ -359,6 +360,7 @@ def build_arg_parser():
 
 def cli(argv=None):
     """Parse, run `main`, turn known problems into a message and an exit code."""
+    use_utf8_console()  # UTF-8 out and in, even into a file or a pipe on Windows
     config = DPOConfig(**vars(build_arg_parser().parse_args(argv)))
     import matplotlib
 

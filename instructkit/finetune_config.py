@@ -141,6 +141,9 @@ def parse_finetune_args(argv=None):
 def run_finetune_command(main, argv=None):
     """The finetuning command line: parse `argv` (sys.argv when None), call `main(config=...)`
     (gpt_instruction_finetuning.main), and return the exit code (instructkit/errors.py)."""
+    from instructkit.console import use_utf8_console
+
+    use_utf8_console()  # UTF-8 out and in, even into a file or a pipe on Windows
     import matplotlib
 
     from instructkit.errors import run_command

@@ -26,6 +26,7 @@ import torch
 
 from instructkit import answers, parallel_matvec
 from instructkit.checkpoints import list_checkpoints
+from instructkit.console import print_text
 from instructkit.devices import choose_device
 from instructkit.distributed import DistributedError, init_processes
 from instructkit.finetune_files import (
@@ -357,10 +358,10 @@ class FinetuneRun:
                     entries) if entries else []
             results = [dict(entry, model_response=response)
                        for entry, response in zip(entries, responses, strict=True)]
-            for entry in results[:n_shown]:
-                print(style.format_input(entry))
-                print(f"\nCorrect response:\n>> {entry['output']}")
-                print(f"\nModel response:\n>> {entry['model_response']}")
+            for entry in results[:n_shown]:  # print_text: never a crash before they are saved
+                print_text(style.format_input(entry))
+                print_text(f"\nCorrect response:\n>> {entry['output']}")
+                print_text(f"\nModel response:\n>> {entry['model_response']}")
                 print("-------------------------------------")
             return results
 

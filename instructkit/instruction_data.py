@@ -130,11 +130,18 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
     if not sources:
         raise DatasetError(f"{path} does not exist")
 
-    from instructkit.downloads import DownloadError, describe_failure, download_file, file_sha256
+    from instructkit.downloads import (
+        DownloadError,
+        describe_failure,
+        download_file,
+        file_sha256,
+        only_certificate_failures,
+        retry_advice,
+    )
     from instructkit.safe_files import remove_file, replace_file
 
     download = path.with_name(path.name + ".download")  # its .part file resumes a cut download
-    failures = []
+    failures, errors = [], []
     for url in sources:
         try:
             download_file(url, download)
@@ -145,13 +152,16 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
         except (OSError, DownloadError, DatasetError) as err:
             remove_file(download, missing_ok=True)
             failures.append(f"  {url}: {err if isinstance(err, DatasetError) else describe_failure(err)}")
+            errors.append(err)
             continue
         replace_file(download, path)  # retried while Windows' virus scan holds it
         return data
+    if certificate_error := only_certificate_failures(errors):
+        raise certificate_error  # one line: the certificate and how to fix it (exit code 1)
     tried = "\n".join(failures)
     raise DatasetError(
         f"could not download {path.name} from any source. Tried:\n{tried}\n"
-        f"Check your internet connection and run it again, or download it by hand from one of "
+        f"{retry_advice(errors)}, or download it by hand from one of "
         f"those URLs and save it as {path}."
     )
 

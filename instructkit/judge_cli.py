@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from instructkit.console import use_utf8_console
 from instructkit.errors import run_command
 from instructkit.judge import NUM_CTX, JudgeServerError, ensure_ollama, get_ollama_url
 from instructkit.judge_http import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
@@ -117,6 +118,7 @@ def run_evaluation(main, args):
 
     The scores file and the histogram get their default names here (output_paths).
     """
+    use_utf8_console()  # UTF-8 out and in, even into a file or a pipe on Windows
     scores_path, plot_path = output_paths(args.file_path, args.model, args.scores_out, args.plot)
 
     def evaluate():

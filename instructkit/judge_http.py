@@ -5,7 +5,8 @@ reading; a judge on a slow machine may need minutes for an answer while a server
 there should be noticed in seconds. Here the connect timeout bounds the connection and the read
 timeout bounds the wait for each piece of the answer. A loopback address never goes through a
 proxy that the environment names (a proxy would not reach this machine's server). Standard
-library only.
+library only; an https judge trusts the certificate authorities the downloads trust
+(downloads.ssl_context: SSL_CERT_FILE or REQUESTS_CA_BUNDLE, else the system's store).
 """
 
 import http.client
@@ -57,8 +58,8 @@ class _HTTPHandler(urllib.request.HTTPHandler):
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, read_timeout):
-        super().__init__()
+    def __init__(self, read_timeout, context=None):
+        super().__init__(context=context)
         self._read_timeout = read_timeout
 
     def https_open(self, req):
@@ -80,7 +81,12 @@ def _is_local(url):
 def open_url(url, data=None, timeout=DEFAULT_TIMEOUT):
     """Open `url` (POST JSON when `data` is given); the caller closes the response."""
     connect_timeout, read_timeout = split_timeout(timeout)
-    handlers = [_HTTPHandler(read_timeout), _HTTPSHandler(read_timeout)]
+    https = _HTTPSHandler(read_timeout)
+    if urllib.parse.urlsplit(url).scheme == "https":  # a judge behind TLS: the downloads' CAs
+        from instructkit.downloads import ssl_context
+
+        https = _HTTPSHandler(read_timeout, context=ssl_context())
+    handlers = [_HTTPHandler(read_timeout), https]
     if _is_local(url):
         handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
     opener = urllib.request.build_opener(*handlers)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from instructkit.console import use_utf8_console
 from instructkit.errors import ExpectedError, run_command
 from instructkit.instruction_data import REQUIRED_KEYS, format_input, validate_entries
 from instructkit.judge import NUM_CTX, SEED, ask_judge
@@ -162,6 +163,7 @@ def main(argv=None):
 
     0: done; 1: server or model problems, or entries left out; 2: bad input; 130: interrupted.
     """
+    use_utf8_console()  # UTF-8 out and in, even into a file or a pipe on Windows
     try:
         args = _parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse already printed

@@ -28,6 +28,7 @@ import argparse
 import logging
 import sys
 
+from instructkit.console import use_utf8_console
 from instructkit.errors import ExpectedError
 from instructkit.model_files import ChatModel, ModelFileError, add_model_arguments, describe, load_chat_model
 from instructkit.parallel_matvec import add_decode_arguments, apply_decode_arguments
@@ -197,6 +198,7 @@ def build_arg_parser():
 
 
 def main(argv=None):
+    use_utf8_console()  # UTF-8 out and in, even into a file or a pipe on Windows
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -385,14 +385,13 @@ def test_book_call_downloads_the_seven_files_and_returns_settings_and_params(ser
 @pytest.fixture
 def offline_proxy(monkeypatch):
     """urllib sends every request to a proxy on a closed loopback port: each one fails at once,
-    with no network, and the download errors name the URLs that were asked for."""
-    import urllib.request
-
+    with no network, and the download errors name the URLs that were asked for. (Through the
+    environment, which every opener reads: downloads open URLs with their own SSL context.)"""
     proxy = closed_port_url()
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy, "https": proxy}))
-    monkeypatch.setattr(urllib.request, "_opener", opener)  # what urlopen uses; restored afterwards
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, proxy)
 
 
 def test_book_call_asks_openais_host_then_the_books_backup(offline_proxy, tmp_path):
