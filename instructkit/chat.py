@@ -3,7 +3,8 @@
     python -m instructkit.chat MODEL.pth "Rewrite the sentence using a simile." --input "The car is fast."
     python -m instructkit.chat MODEL.pth < instructions.txt      # one instruction a line, answered in batches
     python -m instructkit.chat MODEL.pth < entries.jsonl         # {"instruction": ..., "input": ...} a line
-    python -m instructkit.chat MODEL.pth                         # an interactive prompt (Ctrl-D to leave)
+    python -m instructkit.chat MODEL.pth                         # an interactive prompt (Ctrl-D leaves;
+                                                                 # Ctrl-Z then Enter on Windows)
     python -m instructkit.chat MODEL-adapters.pth "..."   # a LoRA run's adapters on the pretrained GPT-2
     python -m instructkit.chat BASE.pth --adapters MODEL-adapters.pth "..."   # ... or on a base .pth
 
@@ -105,8 +106,10 @@ def answer_stdin(chat, args):
 
 
 def interactive(chat, args):
+    from instructkit.console import end_of_input_keys
+
     print("Type an instruction, Enter, then an optional input (Enter for none). "
-          "Ctrl-C stops an answer; Ctrl-D leaves.", file=sys.stderr)
+          f"Ctrl-C stops an answer; {end_of_input_keys()} leaves.", file=sys.stderr)
     while True:
         try:
             instruction = input("\nInstruction> ").strip()

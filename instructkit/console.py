@@ -14,6 +14,7 @@ Standard library only.
 import codecs
 import contextlib
 import io
+import os
 import sys
 
 BOM = "\ufeff"  # the byte order mark, as text after decoding
@@ -68,3 +69,9 @@ def print_text(*values, file=None, **kwargs):
         text = (" " if sep is None else sep).join(map(str, values)) + ("\n" if end is None else end)
         safe = text.encode(encoding, errors="replace").decode(encoding, errors="replace")
         print(safe, file=file, end="", **kwargs)
+
+
+def end_of_input_keys(os_name=None):
+    """What a person types at a terminal to end the input (leave the chat, give up a prompt):
+    Ctrl-Z then Enter on Windows, Ctrl-D elsewhere. os_name: `os.name` unless given."""
+    return "Ctrl-Z then Enter" if (os_name or os.name) == "nt" else "Ctrl-D"

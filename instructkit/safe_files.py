@@ -211,15 +211,19 @@ def retry_while_disk_full(save, wait_for_space=None):
 def ask_at_terminal(what, stdin=None, stderr=None):
     """A `wait_for_space` for retry_while_disk_full when a person is at the terminal, else None.
 
-    It prints the error and waits for Enter; end of input (Ctrl-D) gives up.
+    It prints the error and waits for Enter; end of input (Ctrl-D, or Ctrl-Z then Enter on
+    Windows) gives up.
     """
+    from instructkit.console import end_of_input_keys
+
     stdin, stderr = stdin or sys.stdin, stderr or sys.stderr
     if stdin is None or not stdin.isatty():
         return None  # a job, a pipe or a notebook: nobody to free space, so fail at once
 
     def wait_for_space(error):
         print(f"error: {error}.\n{what} is still in memory: free some space on that disk, then "
-              f"press Enter to write it again (Ctrl-D or Ctrl-C gives up).", file=stderr, flush=True)
+              f"press Enter to write it again ({end_of_input_keys()} or Ctrl-C gives up).", file=stderr,
+              flush=True)
         return stdin.readline() != ""
 
     return wait_for_space

@@ -230,3 +230,27 @@ def test_every_command_writes_utf8_under_cp1252(command, tmp_path):
     message = err.decode("utf-8")
     assert MISSING in message, message
     assert "\\u" not in message
+
+
+def test_the_keys_that_end_input_are_the_platforms():
+    assert console.end_of_input_keys("nt") == "Ctrl-Z then Enter"
+    assert console.end_of_input_keys("posix") == "Ctrl-D"
+
+
+def test_the_chat_and_the_disk_full_prompt_say_ctrl_z_on_windows(monkeypatch, capsys):
+    """Ctrl-D does nothing in a Windows console: the prompts name the keys that work there."""
+    from instructkit import chat, safe_files
+
+    monkeypatch.setattr(console.os, "name", "nt")
+    monkeypatch.setattr("builtins.input", lambda prompt="": (_ for _ in ()).throw(EOFError))
+    chat.interactive(chat=None, args=None)  # end of input at once: only the greeting
+    assert "Ctrl-C stops an answer; Ctrl-Z then Enter leaves." in capsys.readouterr().err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = io.StringIO()
+    wait = safe_files.ask_at_terminal("The model", stdin=Terminal(""), stderr=err)
+    assert wait(OSError("disk full")) is False  # end of input: gives up
+    assert "(Ctrl-Z then Enter or Ctrl-C gives up)" in err.getvalue()
