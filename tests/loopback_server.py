@@ -77,7 +77,13 @@ class Handler(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def serving(files):
     """A FileServer for {url path: bytes} on a free loopback port, shut down afterwards."""
-    httpd = FileServer(files)
+    with running(FileServer(files)) as httpd:
+        yield httpd
+
+
+@contextlib.contextmanager
+def running(httpd):
+    """Serve `httpd` on a thread for the block, then shut it down."""
     thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:

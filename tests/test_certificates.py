@@ -17,13 +17,12 @@ import shutil
 import ssl
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
 import pytest
 from conftest import ROOT, TOKENIZER_DIR
-from loopback_server import FileServer
+from loopback_server import FileServer, running
 
 from gpt_download import download_file as book_download_file
 from instructkit import downloads, gpt2_weights, hub, judge_http
@@ -87,14 +86,8 @@ def https_serving(files, cert, key):
                                        do_handshake_on_connect=False)
     httpd.url = httpd.url.replace("http://", "https://")
     httpd.handle_error = lambda request, address: None  # a client refusing the certificate: expected
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    try:
+    with running(httpd):
         yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
 
 
 @pytest.fixture
