@@ -10,7 +10,8 @@ The comments are ours.
 
 The project's few changes are marked `# Not in the book:` where they sit:
 - `generate` with `eos_id` stops every row of a batch on its own (the book's stop works for
-  a batch of one), and its top-k filter keeps each row's own k-th largest logit;
+  a batch of one), its top-k filter keeps each row's own k-th largest logit, and on Apple's
+  GPU it draws sampled tokens on the CPU;
 - `train_model_simple` skips the per-epoch sample when `start_context` is None;
 - `generate_and_print_sample` prints "?" for a character the console cannot encode (a
   Windows code page, output redirected) instead of ending the training
