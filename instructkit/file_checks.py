@@ -256,7 +256,7 @@ def _check_tf_meta(file, size):
         pos += after
         fields.add(number)
     if pos != size:
-        return f"its last field ends at byte {pos:,}, past the file's {size:,} bytes (cut?)"
+        return f"cut: its last field ends at byte {pos:,}, past its {size:,} bytes"
     if META_GRAPH_FIELD not in fields:
         return "no graph in it"
     return None
