@@ -321,6 +321,8 @@ def describe_failure(err):
     """One line on why a download failed, for a list of the sources tried."""
     if isinstance(err, CertificateError):
         return err.reason
+    if isinstance(err, HtmlPageError):  # its message starts with the URL, already listed
+        return f"answered with an HTML page ({HTML_ADVICE})"
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"
     if isinstance(err, urllib.error.URLError):

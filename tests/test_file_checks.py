@@ -16,6 +16,7 @@ from loopback_server import closed_port_url, serving
 
 from instructkit import downloads, file_checks
 from instructkit.downloads import BadContentError, HtmlPageError
+from instructkit.errors import DownloadError
 from instructkit.gpt2_tokenizer import TokenizerFilesError, tokenizer_from_folder
 from instructkit.gpt2_weights import FILENAMES, download_gpt2_files
 from instructkit.hub import OPENAI_HUB_REPOS
@@ -194,6 +195,16 @@ def test_a_download_that_is_not_what_its_name_says_is_never_renamed(tmp_path, na
         downloads.download_file(f"{httpd.url}/{name}", tmp_path / name)
     assert phrase in str(excinfo.value)
     assert list(tmp_path.iterdir()) == []  # neither the final name nor a .part to resume
+
+
+def test_html_from_one_source_of_several_is_listed_with_the_others(tmp_path):
+    with serving({"/mirror/vocab.bpe": HTML}) as httpd, pytest.raises(DownloadError) as excinfo:
+        downloads.download_first([f"{httpd.url}/mirror/vocab.bpe", f"{httpd.url}/primary/vocab.bpe"],
+                                 tmp_path / "vocab.bpe", mirror_setting="GPT2_MIRROR_URL")
+    assert not isinstance(excinfo.value, HtmlPageError)  # one of two causes: the list of both
+    assert (f"  {httpd.url}/mirror/vocab.bpe: answered with an HTML page (a captive portal, a login "
+            f"page or a proxy's error?)\n  {httpd.url}/primary/vocab.bpe: HTTP 404") in str(excinfo.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_bad_source_moves_on_to_the_next_one(tmp_path, tf_files):
