@@ -12,6 +12,11 @@ company proxy's CA), else the system's store. When the system's store cannot ver
 (a python.org Python on macOS before "Install Certificates.command" ran), `open_url` tries
 certifi's bundle once, where certifi is installed. A certificate that still fails is a
 CertificateError that says so and how to fix it, not a hint to check the internet connection.
+
+Content: a file is also checked for what it is (file_checks.py: a safetensors header, JSON
+that parses, BPE merges, TensorFlow's index and meta files) before its `.part` file is
+renamed. An answer with an HTML content type or an HTML body (a captive portal, a login page,
+a proxy's error page) is refused before anything is written: an HtmlPageError that says so.
 """
 
 import hashlib
@@ -27,6 +32,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from instructkit.errors import BadInputError, CheckpointError, DownloadError  # noqa: F401 (raised here, importable)
+from instructkit.file_checks import (
+    HTML_ADVICE,
+    describe,
+    file_problem,
+    is_html_content_type,
+    kind_of,
+    looks_like_html,
+)
 from instructkit.safe_files import remove_file, replace_file
 
 TIMEOUT_S = 30  # per connection attempt and per read, not for the whole file
@@ -49,6 +62,22 @@ class CertificateError(DownloadError):
     def __init__(self, message, reason):
         super().__init__(message)
         self.reason = reason
+
+
+class HtmlPageError(DownloadError):
+    """A server that answered with an HTML page instead of the file (a captive portal, a login
+    page or a proxy's error page)."""
+
+
+class BadContentError(DownloadError):
+    """A download of the right size that is not what its name says (file_checks.py)."""
+
+
+def html_page_error(url, name, mirror_setting=None):
+    """The one-line HtmlPageError for `url`, which answered an HTML page instead of `name`."""
+    check = f"check {mirror_setting}" if mirror_setting else "check the URL"
+    return HtmlPageError(f"{url} answered with an HTML page ({HTML_ADVICE}) instead of {name}; open "
+                         f"a browser to sign in to the network, or {check}")
 
 
 def ca_bundle_from_env():
@@ -133,36 +162,46 @@ def certificate_error(url, failure, certifi_tried=False):
     return CertificateError(message, f"certificate not verified ({reason})")
 
 
-def download_first(urls, destination, *, expected_size=None, sha256=None, advice=None):
+def download_first(urls, destination, *, expected_size=None, sha256=None, advice=None, kind=None,
+                   mirror_setting=None):
     """Download `destination` from the first of `urls` that delivers it whole (and verified).
 
-    A cut download resumes from the next URL; a file of the wrong size or sha256 is dropped
-    and the next URL tried. Raises DownloadError listing every URL and why it failed.
+    A cut download resumes from the next URL; a file of the wrong size, sha256 or content
+    (`kind`: see download_file) is dropped and the next URL tried. Raises DownloadError listing
+    every URL and why it failed; when every URL failed one way (an untrusted certificate, an
+    HTML page), that one error, one line. `mirror_setting` names the setting that points at
+    the server (e.g. HF_ENDPOINT), for the HTML page's error.
     """
     failures, errors, not_found = [], [], True
     for url in urls:
         try:
-            return download_file(url, destination, expected_size=expected_size, sha256=sha256)
+            return download_file(url, destination, expected_size=expected_size, sha256=sha256, kind=kind,
+                                 mirror_setting=mirror_setting)
         except (OSError, http.client.HTTPException, DownloadError) as err:
             failures.append((url, describe_failure(err)))
             errors.append(err)
             not_found &= isinstance(err, urllib.error.HTTPError) and err.code == 404
-    error = only_certificate_failures(errors) or DownloadError(
+    error = only_certificate_failures(errors) or only_html_pages(errors) or DownloadError(
         _failure_message(destination, failures, advice, errors))
     error.not_found = not_found  # every source answered 404: the file does not exist there
     raise error
 
 
 def download_file(url, destination, *, expected_size=None, sha256=None, timeout=TIMEOUT_S,
-                  chunk_size=CHUNK_SIZE):
+                  chunk_size=CHUNK_SIZE, kind=None, mirror_setting=None, label=None):
     """Download `url` to `destination` through `<destination>.part`, resuming that if present.
 
     The temporary file is renamed to `destination` only once its size matches the size the
-    server announced, and `expected_size` and `sha256` when given. A cut download raises
-    DownloadError (or urllib's errors) and leaves the partial file for the next attempt to
-    resume; a file of the wrong size or hash is deleted, since this source serves another file.
+    server announced, and `expected_size` and `sha256` when given, and its content passes the
+    check for its kind (file_checks.py: `kind`, else by the destination's name). A cut
+    download raises DownloadError (or urllib's errors) and leaves the partial file for the
+    next attempt to resume; a file of the wrong size, hash or content is deleted, since this
+    source serves another file. An HTML answer (by its content type or its first bytes) is an
+    HtmlPageError before anything is written, the partial file left as it was. `label` names
+    the file in those errors (default: the destination's name).
     """
     destination = Path(destination)
+    label = label or destination.name
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + PART_SUFFIX)
     for _ in range(2):  # a second pass only after discarding a partial file the server rejects
@@ -180,6 +219,8 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
                 continue
             raise
         with response:
+            if is_html_content_type(response.headers.get("Content-Type")):
+                raise html_page_error(url, label, mirror_setting)
             length = _int_header(response, "Content-Length")
             if offset and response.status == 206:
                 start, total = _parse_content_range(response.headers.get("Content-Range"))
@@ -191,6 +232,9 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
                 mode = "ab"
             else:  # 200: the server ignored the Range header, so start again from zero
                 offset, total, mode = 0, length, "wb"
+            first = response.read(chunk_size)  # looked at before the partial file is touched
+            if mode == "wb" and looks_like_html(first):
+                raise html_page_error(url, label, mirror_setting)
             if expected_size is not None and total is not None and total != expected_size:
                 remove_file(part, missing_ok=True)
                 raise DownloadError(_wrong_size(destination, total, expected_size))
@@ -200,9 +244,11 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
                     total=total, initial=offset, unit="iB", unit_scale=True, desc=destination.name
                 ) as progress,
             ):
-                while chunk := response.read(chunk_size):
+                chunk = first
+                while chunk:
                     file.write(chunk)
                     progress.update(len(chunk))
+                    chunk = response.read(chunk_size)
         size = part.stat().st_size
         if total is not None and size != total:
             raise DownloadError(f"incomplete download: {size:,} of {total:,} bytes")
@@ -212,6 +258,12 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
         if sha256 is not None and (digest := file_sha256(part)) != sha256:
             remove_file(part)
             raise DownloadError(f"{destination.name} has sha256 {digest}, expected {sha256}")
+        kind = kind or kind_of(destination.name)
+        if problem := file_problem(part, kind):  # whole, but is it what its name says?
+            remove_file(part)
+            if problem == "an HTML page":
+                raise html_page_error(url, label, mirror_setting)
+            raise BadContentError(f"{label} is not {describe(kind)} ({problem})")
         replace_file(part, destination)  # retried while Windows' virus scan holds it
         return destination
     raise DownloadError("the server rejected resuming the partial download twice")
@@ -251,6 +303,13 @@ def only_certificate_failures(errors):
     return None
 
 
+def only_html_pages(errors):
+    """The first of `errors` when every one is an HtmlPageError (one line says it all), else None."""
+    if errors and all(isinstance(err, HtmlPageError) for err in errors):
+        return errors[0]
+    return None
+
+
 def retry_advice(errors):
     """What to do after `errors`: the certificate fix when a certificate failed, else the network."""
     if any(isinstance(err, CertificateError) for err in errors):
@@ -262,6 +321,8 @@ def describe_failure(err):
     """One line on why a download failed, for a list of the sources tried."""
     if isinstance(err, CertificateError):
         return err.reason
+    if isinstance(err, HtmlPageError):  # its message starts with the URL, already listed
+        return f"answered with an HTML page ({HTML_ADVICE})"
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"
     if isinstance(err, urllib.error.URLError):

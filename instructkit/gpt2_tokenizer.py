@@ -3,13 +3,15 @@
 Not in the book, which calls `tiktoken.get_encoding("gpt2")`; tiktoken downloads its two
 files on first use, from a host many readers cannot reach. Every weights source brings the
 same vocabulary along: OpenAI's `encoder.json` + `vocab.bpe`, or the hub's `vocab.json` +
-`merges.txt`. `tokenizer_from_folder(folder)` builds tiktoken's GPT-2 Encoding from either.
+`merges.txt`. `tokenizer_from_folder(folder)` builds tiktoken's GPT-2 Encoding from either, after the
+checks a download gets (file_checks.py): a damaged file is one TokenizerFilesError naming it.
 """
 
 import json
 from pathlib import Path
 
 from instructkit.errors import BadInputError, DownloadError
+from instructkit.file_checks import describe, file_problem, kind_of
 
 TOKENIZER_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 
@@ -19,7 +21,11 @@ class TokenizerError(DownloadError):
 
 
 class TokenizerFilesError(BadInputError):
-    """A tokenizer folder without GPT-2's two vocabulary files."""
+    """A tokenizer folder without GPT-2's two vocabulary files, or with damaged ones."""
+
+
+class TokenizerMismatchError(TokenizerFilesError, ValueError):
+    """Two vocabulary files that do not belong together (a ValueError, as it always was)."""
 
 
 def get_tokenizer(tokenizer_dir=None):
@@ -54,6 +60,10 @@ def tokenizer_from_folder(folder):
     if pair is None:
         raise TokenizerFilesError(f"{folder} holds neither encoder.json + vocab.bpe nor vocab.json + "
                                 "merges.txt (GPT-2's tokenizer files); download the weights first")
+    for path in pair:  # the checks a download gets: an HTML page or a cut file is named here
+        if problem := file_problem(path):
+            raise TokenizerFilesError(f"{path} is not {describe(kind_of(path.name))} ({problem}); "
+                                      "delete it and download the weights again")
     ranks = gpt2_bpe_ranks(*pair)
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": len(ranks)})
@@ -83,17 +93,23 @@ def gpt2_bpe_ranks(encoder_path, merges_path):
     char_to_byte = {chr(b): b for b in printable}
     char_to_byte |= {chr(256 + n): b for n, b in enumerate(byte_order[len(printable):])}
 
-    def to_bytes(text):
-        return bytes(char_to_byte[c] for c in text)
+    def to_bytes(text, path):
+        try:
+            return bytes(char_to_byte[c] for c in text)
+        except KeyError as err:
+            raise TokenizerFilesError(f"{path} holds {err.args[0]!r}, not a character of GPT-2's "
+                                      "byte alphabet: not GPT-2's tokenizer file") from None
 
     ranks = {bytes([b]): rank for rank, b in enumerate(byte_order)}
     lines = Path(merges_path).read_text(encoding="utf-8").split("\n")
     merges = [line.split() for line in lines if line.strip() and not line.startswith("#version")]
     for rank, (first, second) in enumerate(merges, start=len(ranks)):
-        ranks[to_bytes(first) + to_bytes(second)] = rank
+        ranks[to_bytes(first, merges_path) + to_bytes(second, merges_path)] = rank
     vocab = json.loads(Path(encoder_path).read_text(encoding="utf-8"))
-    ids = {to_bytes(token): i for token, i in vocab.items() if token not in ("<|endoftext|>",)}
+    if not isinstance(vocab, dict):
+        raise TokenizerFilesError(f"{encoder_path} is not a JSON object of tokens and ids")
+    ids = {to_bytes(token, encoder_path): i for token, i in vocab.items() if token not in ("<|endoftext|>",)}
     if ids != ranks:
-        raise ValueError(f"{encoder_path} and {merges_path} do not belong together "
+        raise TokenizerMismatchError(f"{encoder_path} and {merges_path} do not belong together "
                          "(the vocabulary's ids differ from the merge order)")
     return ranks

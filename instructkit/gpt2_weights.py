@@ -23,6 +23,7 @@ from pathlib import Path
 
 from instructkit.downloads import download_first
 from instructkit.errors import CheckpointError
+from instructkit.file_checks import check_reusable
 from instructkit.gpt2_sizes import GPT2_SIZES
 from instructkit.hub import HUB_SOURCES, download_hub_files, files_present, hub_files
 
@@ -116,8 +117,9 @@ def download_gpt2(model_size, models_dir, source="auto", *, mirror_url=None, bas
 def download_gpt2_files(model_size, models_dir, mirror_url=None, *, base_urls=None, expected_sizes=None):
     """Make sure OpenAI's seven checkpoint files are complete in `models_dir/model_size`.
 
-    Files already there are kept as they are (no network access at all): a file only ever
-    gets its final name after a complete download of the expected size. Returns the folder.
+    Files already there are kept as they are (no network access at all) once they pass their
+    checks: a file only ever gets its final name after a complete, checked download of the
+    expected size. Returns the folder.
     """
     check_model_size(model_size)
     model_dir = Path(models_dir) / model_size
@@ -153,15 +155,16 @@ def openai_file_sizes(model_size, expected_sizes=None):
 def download_gpt2_file(url, destination, backup_url=None, *, expected_size=None):
     """Make sure `destination` is complete: kept as it is when there, else downloaded.
 
-    A file already at `destination` is used without any network access: downloads.py gives a
-    file its name only once it is whole. Otherwise the file comes from `url`, else from
+    A file already at `destination` is used without any network access when it passes the
+    content checks a download gets (file_checks.py); a bad one is moved aside
+    with a line on stderr and downloaded again. Otherwise the file comes from `url`, else from
     `backup_url` (one URL, or a list tried in order), through `<destination>.part`: a cut
     download resumes on the next attempt, and a file of another size than the server
     announced or `expected_size` is never renamed. Raises DownloadError naming every URL
     tried and why each failed. Returns the path.
     """
     destination = Path(destination)
-    if destination.is_file():
+    if check_reusable(destination):
         return destination
     if backup_url is None:
         backups = []
@@ -169,7 +172,8 @@ def download_gpt2_file(url, destination, backup_url=None, *, expected_size=None)
         backups = [backup_url]
     else:
         backups = list(backup_url)
-    return download_first([url, *backups], destination, expected_size=expected_size, advice=OPENAI_ADVICE)
+    return download_first([url, *backups], destination, expected_size=expected_size, advice=OPENAI_ADVICE,
+                          mirror_setting=MIRROR_ENV_VAR)
 
 
 #####################################

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from instructkit.downloads import CheckpointError, DownloadError, download_first
+from instructkit.file_checks import check_reusable
 from instructkit.gpt2_sizes import GPT2_SIZES
 
 HUB_SOURCES = ("hub-book", "hub-openai")
@@ -46,20 +47,21 @@ def download_hub_files(model_size, models_dir, source, hub_endpoint=None):
     """Make sure a hub source's weights and tokenizer files are complete in `models_dir/model_size`.
 
     `source` is "hub-book" or "hub-openai". Files already there are used without any network
-    access. Returns the path of the weights file.
+    access once they pass file_checks.py's checks; a bad one is moved aside (with a line on
+    stderr) and downloaded again. Returns the path of the weights file.
     """
     endpoint = (hub_endpoint or os.environ.get(HF_ENDPOINT_ENV_VAR) or HF_DEFAULT_ENDPOINT).rstrip("/")
     model_dir = Path(models_dir) / model_size
     advice = (f"or set the {HF_ENDPOINT_ENV_VAR} environment variable to a mirror of the Hugging Face "
               "hub (e.g. HF_ENDPOINT=https://hf-mirror.com)")
     for names in hub_files(source, model_size):
-        if files_present(model_dir, names):
+        if any(check_reusable(model_dir / name) for name in names):
             continue
         failures = []
         for name in names:  # alternatives, in order of preference
             urls = [f"{endpoint}/{_hub_repo(source, model_size, name)}/resolve/main/{name}"]
             try:
-                download_first(urls, model_dir / name, advice=advice)
+                download_first(urls, model_dir / name, advice=advice, mirror_setting=HF_ENDPOINT_ENV_VAR)
                 break
             except DownloadError as err:
                 if not err.not_found:  # a cut or failing download: resume it, not another file

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from instructkit.errors import BadInputError
+from instructkit.file_checks import check_reusable
 
 REQUIRED_KEYS = ("instruction", "input", "output")
 
@@ -121,11 +122,14 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
     kept only if its sha256 equals `sha256` (when given) and it parses and validates; then it
     is renamed to `path`, so `path` never holds a bad or partial file. A UTF-8 BOM is fine;
     `input` may be left out (it means an empty input). Raises DatasetError with what to do.
+    With `sources`, `path` is a download: when it is there but not JSON (an HTML page, cut
+    text), it is moved aside with a line on stderr and downloaded again. Every source
+    answering an HTML page is one HtmlPageError (a DownloadError, exit code 1).
     """
     path = Path(path)
     if path.is_dir():
         raise DatasetError(f"{path} is a folder, not a data file: name the JSON file inside it")
-    if path.is_file():
+    if path.is_file() and (not sources or check_reusable(path, "dataset")):
         return parse_instruction_bytes(path.read_bytes(), str(path), keys)
     if not sources:
         raise DatasetError(f"{path} does not exist")
@@ -136,6 +140,7 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
         download_file,
         file_sha256,
         only_certificate_failures,
+        only_html_pages,
         retry_advice,
     )
     from instructkit.safe_files import remove_file, replace_file
@@ -144,7 +149,7 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
     failures, errors = [], []
     for url in sources:
         try:
-            download_file(url, download)
+            download_file(url, download, kind="dataset", label=path.name)
             if sha256 is not None and (digest := file_sha256(download)) != sha256:
                 raise DatasetError(f"sha256 {digest} is not the known {sha256} of {path.name}: "
                                    "this source serves another file")
@@ -156,8 +161,8 @@ def load_instruction_file(path, sources=None, sha256=None, keys=REQUIRED_KEYS):
             continue
         replace_file(download, path)  # retried while Windows' virus scan holds it
         return data
-    if certificate_error := only_certificate_failures(errors):
-        raise certificate_error  # one line: the certificate and how to fix it (exit code 1)
+    if one_cause := only_certificate_failures(errors) or only_html_pages(errors):
+        raise one_cause  # one line: the certificate or the captive portal, what to do (exit code 1)
     tried = "\n".join(failures)
     raise DatasetError(
         f"could not download {path.name} from any source. Tried:\n{tried}\n"

@@ -3,7 +3,8 @@
 It honours `Range: bytes=N-` and can be told to fail a path: answer an HTTP error, cut the
 connection after some bytes (having announced the full length), ignore the Range header,
 answer a Range request from the wrong offset, or serve a short body (with a matching
-Content-Length). It records every request.
+Content-Length). It records every request. `content_types` gives a path's Content-Type
+header (none is sent otherwise).
 """
 
 import contextlib
@@ -20,6 +21,7 @@ class FileServer(ThreadingHTTPServer):
         self.files = files  # {url path: bytes}
         self.faults = {}  # {url path: [fault, ...]}, each used by one request, in order
         self.requests = []  # (url path, Range header or None), in arrival order
+        self.content_types = {}  # {url path: Content-Type header}
         self.lock = threading.Lock()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
@@ -61,6 +63,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        if self.path in server.content_types:  # on a 200 and a 206 alike
+            self.send_header("Content-Type", server.content_types[self.path])
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         if fault and fault[0] == "cut":  # the full length announced, then only some bytes

@@ -297,7 +297,7 @@ def test_corrupt_file_from_a_server_gives_a_clear_error(server, tmp_path):
 
 
 @pytest.mark.parametrize(("name", "keep"), [(DATA, 0.5), ("model.ckpt.index", 0.3), ("hparams.json", 0.5)])
-def test_truncated_checkpoint_on_disk_gives_a_clear_error(checkpoint, tmp_path, name, keep):
+def test_truncated_checkpoint_on_disk_gives_a_clear_error(checkpoint, tmp_path, capsys, name, keep):
     files, _ = checkpoint
     model_dir = tmp_path / SIZE
     model_dir.mkdir()
@@ -305,9 +305,18 @@ def test_truncated_checkpoint_on_disk_gives_a_clear_error(checkpoint, tmp_path, 
         (model_dir / file_name).write_bytes(body)
     body = files[name]
     (model_dir / name).write_bytes(body[: int(len(body) * keep)])
-    with pytest.raises(CheckpointError, match="delete") as excinfo:
+    if name == DATA:  # only its size tells it is cut, and that only while downloading
+        with pytest.raises(CheckpointError, match="delete") as excinfo:
+            fetch(tmp_path, base_urls=[closed_port_url()])
+        assert str(model_dir) in str(excinfo.value)
+        return
+    # The index's footer and the JSON are checked before reuse: the file is moved aside and
+    # downloaded again, which offline is the download's clear error
+    with pytest.raises(DownloadError, match=f"could not download '{name}' from any source"):
         fetch(tmp_path, base_urls=[closed_port_url()])
-    assert str(model_dir) in str(excinfo.value)
+    assert f"{model_dir / name} is not a" in capsys.readouterr().err
+    assert (model_dir / f"{name}.bad").read_bytes() == body[: int(len(body) * keep)]
+    assert not (model_dir / name).exists()
 
 
 def test_unknown_model_size_lists_the_sizes(tmp_path):

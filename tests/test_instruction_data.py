@@ -8,6 +8,7 @@ import json
 import pytest
 from loopback_server import closed_port_url, serving
 
+from instructkit.errors import DownloadError
 from instructkit.instruction_data import (
     CHAPTER_DATASET,
     PREFERENCE_DATASET,
@@ -80,7 +81,6 @@ def test_sha256_mismatch_moves_on_and_is_an_error_naming_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(("body", "reason"), [
-    (HTML, "an HTML page, not JSON"),
     (b'{"not": "a list"}', "expected a JSON list of entries, got dict"),
     (b'[{"instruction": "x", "output": 3}]', "entry 0: 'output' must be a string, got int"),
     (BODY[: len(BODY) // 2], "not valid JSON"),
@@ -91,6 +91,34 @@ def test_bad_downloads_are_never_saved(tmp_path, body, reason):
         load_instruction_file(path, [f"{httpd.url}/a", f"{httpd.url}/b"])  # no sha256: validation only
     assert str(excinfo.value).count(reason) == 2  # both sources tried, both rejected
     assert list(tmp_path.iterdir()) == []
+
+
+def test_html_from_every_source_is_one_captive_portal_line(tmp_path):
+    path = tmp_path / "data.json"
+    with serving({"/a": HTML, "/b": HTML}) as httpd, pytest.raises(DownloadError) as excinfo:
+        load_instruction_file(path, [f"{httpd.url}/a", f"{httpd.url}/b"])
+    assert str(excinfo.value) == (
+        f"{httpd.url}/a answered with an HTML page (a captive portal, a login page or a proxy's "
+        "error?) instead of data.json; open a browser to sign in to the network, or check the URL")
+    assert httpd.paths() == ["/a", "/b"]  # both tried
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_download_already_on_disk_is_moved_aside_and_downloaded_again(tmp_path, capsys):
+    path = tmp_path / "instruction-data.json"
+    path.write_bytes(HTML)  # what an older version could leave behind
+    with serving({"/a": BODY}) as httpd:
+        assert load_instruction_file(path, [f"{httpd.url}/a"], sha256=SHA) == ENTRIES
+    assert path.read_bytes() == BODY
+    assert (tmp_path / "instruction-data.json.bad").read_bytes() == HTML
+    err = capsys.readouterr().err
+    assert (f"{path} is not a JSON or JSON Lines file (an HTML page): moved it aside to "
+            "instruction-data.json.bad and downloading it again") in err
+    # a file of one's own (no sources) is never moved: its problem is an error
+    (tmp_path / "mine.json").write_bytes(HTML)
+    with pytest.raises(DatasetError, match="an HTML page, not JSON"):
+        load_instruction_file(tmp_path / "mine.json")
+    assert (tmp_path / "mine.json").exists()
 
 
 def test_html_with_status_200_falls_through_to_a_good_source(tmp_path):
