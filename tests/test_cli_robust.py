@@ -368,19 +368,10 @@ def test_a_second_ctrl_c_while_a_checkpoint_is_written_names_the_latest_checkpoi
     out, stderr = tmp_path / "out", tmp_path / "stderr"
     checkpoints = out / "checkpoints"
 
-    def twice_during_a_write(proc):
-        # a checkpoint saved, and the next one being written: its temporary file is there
-        while not (list(checkpoints.glob("*.pth")) and list(checkpoints.glob(".*.tmp"))):
-            assert proc.poll() is None, "the command ended before its second checkpoint"
-            time.sleep(0.001)
-        send_interrupt(proc)
-        while "stopping after this step" not in stderr.read_text():
-            assert proc.poll() is None, "the command ended without taking the first Ctrl-C"
-            time.sleep(0.001)
-        send_interrupt(proc)  # while that checkpoint is still being written
-
-    code, err = run_and_act(tmp_path, data, out, "--epochs", "10000", "--save-every", "1",
-                            markers=["Ep 1 (Step 000000)"], act=twice_during_a_write)
+    code, err = run_and_act(
+        tmp_path, data, out, "--epochs", "10000", "--save-every", "1",
+        markers=["Ep 1 (Step 000000)"],
+        act=interrupting.twice_during_a_checkpoint_write(checkpoints, stderr))
     assert code == 130
     assert "Traceback" not in err and "start over" not in err
     assert list(checkpoints.glob(".*.tmp")) == []  # the cut write left nothing behind
