@@ -58,13 +58,6 @@ def build_arg_parser():
     return parser
 
 
-def read_entries(text):
-    """stdin's text -> entries: JSONL when every line is a JSON object, else one instruction a line."""
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    jsonl = bool(lines) and lines[0][1].lstrip().startswith("{")
-    return [parse_entry(number, line, jsonl) for number, line in lines], jsonl
-
-
 def parse_entry(number, line, jsonl):
     """One non-blank stdin line -> its entry: a JSON object with an "instruction" string when
     `jsonl`, else the line is the instruction."""
@@ -213,10 +206,10 @@ def answer_stdin(chat, args):
     in stdin's order. Ctrl-C or SIGTERM stops: every finished answer has been printed (a line
     being printed is finished first), stderr says how many were not answered, and the exit
     code is 130 or 143 (0 when all are answered)."""
-    stdin = StdinEntries()
-    answered = 0
+    stdin, answered = None, 0
     try:
         with signals_interrupt():  # SIGTERM stops as Ctrl-C does
+            stdin = StdinEntries()
             # sampling answers one at a time (batches are greedy)
             for batch in stdin.batches(1 if args.temperature > 0 else args.batch_size):
                 answers = answer_batch(chat, batch, args)
@@ -230,8 +223,8 @@ def answer_stdin(chat, args):
                         sys.stdout.flush()
                         answered += 1
     except KeyboardInterrupt as e:
-        read = stdin.count_waiting()
-        unread = "" if stdin.ended else " (stdin was still open: later lines were not read)"
+        read = 0 if stdin is None else stdin.count_waiting()
+        unread = "" if stdin and stdin.ended else " (stdin had not ended: later lines were not read)"
         print(f"\nstopped: {answered} of {read} answered; {read - answered} not answered{unread}",
               file=sys.stderr)
         return exit_code(e)

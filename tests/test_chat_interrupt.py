@@ -79,7 +79,7 @@ def test_a_signal_to_the_jsonl_pipe_keeps_every_finished_answer(model_file, tiny
         book_answer(tiny_model, tokenizer, e, MAX_NEW) for e in ENTRIES[:done]]
     assert err.splitlines()[-1] == (
         f"stopped: {done} of {len(ENTRIES)} answered; {len(ENTRIES) - done} not answered "
-        f"(stdin was still open: later lines were not read)")
+        f"(stdin had not ended: later lines were not read)")
 
 
 def test_ctrl_c_to_plain_lines_keeps_every_finished_answer(model_file, tiny_model, tokenizer,
@@ -111,3 +111,27 @@ def test_a_pipe_that_ends_is_answered_whole_and_counted_by_its_lines(model_file,
     assert [r["model_response"] for r in rows] == [
         book_answer(tiny_model, tokenizer, e, MAX_NEW) for e in ENTRIES[:3]]
     assert "stopped" not in result.stderr
+
+
+@pytest.mark.parametrize(("signum", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_inside_interrupts_deferred_waits_for_the_block_to_end(signum, code):
+    """run_guard.interrupts_deferred, in a real process that signals itself inside the block:
+    the block finishes its line, then the signal stops the command (130 or 143)."""
+    script = f"""
+import signal, sys
+from instructkit.errors import run_command
+from instructkit.run_guard import interrupts_deferred
+
+def main():
+    with interrupts_deferred():
+        signal.raise_signal(signal.{signum})
+        print("the block goes on to its end", flush=True)
+    print("after the block", flush=True)
+
+sys.exit(run_command(main))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert result.stdout == "the block goes on to its end\n"
+    assert "Traceback" not in result.stderr
