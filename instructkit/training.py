@@ -344,6 +344,8 @@ class TrainingRun:
         (train_losses, val_losses, tokens_seen), including those before a resume.
 
         Ctrl-C stops after the current step, saves a checkpoint and raises TrainingInterrupted.
+        A second Ctrl-C stops at once, in a step or a checkpoint's write, which is lost: the
+        TrainingInterrupted then says so (`cut`) and names the latest checkpoint saved before.
         `max_steps` stops the same way without an exception (a checkpoint is saved when planned).
         With `save_every`, the finished run is checkpointed too.
         """
