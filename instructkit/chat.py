@@ -12,19 +12,30 @@ Not in the book. Any GPT-2 size: the config comes from the run record beside the
 from the weights' shapes (model_files.py). Answers stream token by token through the KV
 cache (fast_gpt.generate_stream); greedy is the default, and then an answer equals the one
 `generate` gives for the prompt. Many instructions from stdin are answered in batches
-(fast_gpt.generate_answer_ids), the same answers as one at a time. JSONL in gives JSONL out
-(each entry with its "model_response"); plain lines give the answers, a blank line between.
+(fast_gpt.generate_answer_ids), the same answers as one at a time, each printed as soon as its
+batch is done (a pipe is read as it comes). JSONL in gives JSONL out (each entry with its
+"model_response"); plain lines give the answers, a blank line between. Ctrl-C or SIGTERM
+there keeps every finished answer, says how many were not answered, and exits 130 or 143.
 A missing or mismatched file is a message and exit code 2.
 """
 
 import argparse
+import codecs
+import contextlib
+import io
 import json
+import os
+import queue
+import stat
 import sys
+import threading
+import time
 
-from instructkit.console import read_stdin, use_utf8_console
+from instructkit.console import BOM, read_stdin, use_utf8_console
 from instructkit.errors import BadInputError, ExpectedError
 from instructkit.model_files import add_model_arguments, describe, load_chat_model
 from instructkit.parallel_matvec import add_decode_arguments, apply_decode_arguments
+from instructkit.run_guard import exit_code, interrupts_deferred, signals_interrupt
 
 EXIT_BAD_INPUT = 2
 
@@ -48,22 +59,128 @@ def build_arg_parser():
     return parser
 
 
-def read_entries(text):
-    """stdin's text -> entries: JSONL when every line is a JSON object, else one instruction a line."""
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if not lines or not lines[0][1].lstrip().startswith("{"):
-        return [{"instruction": line.strip(), "input": ""} for _, line in lines], False
-    entries = []
-    for number, line in lines:
+def parse_entry(number, line, jsonl):
+    """One non-blank stdin line -> its entry: a JSON object with an "instruction" string when
+    `jsonl`, else the line is the instruction."""
+    if not jsonl:
+        return {"instruction": line.strip(), "input": ""}
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"stdin line {number} is not JSON ({e}); give JSONL throughout, "
+                         f"or plain instructions, one a line") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("instruction"), str):
+        raise InputError(f"stdin line {number} has no \"instruction\" string: {line[:80]}")
+    return {**entry, "input": entry.get("input") or ""}
+
+
+class StdinEntries:
+    """The entries on stdin, taken a batch at a time as the lines arrive.
+
+    A pipe (`producer | chat`) is read by a thread as it comes, so the first answers need not
+    wait for the last line, and a pipe left open is answered line by line. A file, or a stream
+    without a file descriptor, is read at once. The first non-blank line says JSONL or plain
+    lines; each line is checked when it is read (a bad one is an InputError then).
+    `read`: the entries read so far; `ended`: whether stdin has been read to its end.
+    """
+
+    WAIT_FOR_MORE = 0.2  # seconds a batch waits for more lines before it is answered short
+
+    def __init__(self, stream=None):
+        stream = sys.stdin if stream is None else stream
+        self.jsonl, self.read, self.ended, self._number = None, 0, False, 0
+        self._lines = queue.Queue()
+        self._pending = []  # entries read and not yet handed out
+        if _is_pipe(stream):
+            threading.Thread(target=self._read_pipe, args=(stream,), daemon=True).start()
+        else:
+            for line in read_stdin(stream).split("\n"):  # UTF-8, without a leading BOM
+                self._lines.put(line)
+            self._lines.put(None)
+
+    def _read_pipe(self, stream):
+        """The thread: the pipe's lines into the queue as they arrive, then None (the end).
+        It reads the file descriptor itself: a thread blocked in sys.stdin's own reader would
+        hold its lock at the interpreter's exit."""
+        decoder = codecs.getincrementaldecoder(getattr(stream, "encoding", None) or "utf-8")(
+            getattr(stream, "errors", None) or "strict")
+        text, first = "", True
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"stdin line {number} is not JSON ({e}); give JSONL throughout, "
-                             f"or plain instructions, one a line") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("instruction"), str):
-            raise InputError(f"stdin line {number} has no \"instruction\" string: {line[:80]}")
-        entries.append({**entry, "input": entry.get("input") or ""})
-    return entries, True
+            while True:
+                data = os.read(stream.fileno(), 1 << 16)
+                text += decoder.decode(data, final=not data)
+                if first and text:
+                    text, first = text.removeprefix(BOM), False
+                *lines, text = text.split("\n")
+                for line in lines:
+                    self._lines.put(line)
+                if not data:
+                    break
+            self._lines.put(text)
+        except (OSError, UnicodeDecodeError) as e:
+            self._lines.put(InputError(f"stdin could not be read: {e}"))
+        self._lines.put(None)
+
+    def _take(self, timeout):
+        """Parse the next line into `_pending`; False once there is none within `timeout`
+        (None: until one comes) or stdin has ended."""
+        if self.ended:
+            return False
+        # in short waits: a lock that waits without a timeout is deaf to Ctrl-C on Windows
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = 0.5 if deadline is None else deadline - time.monotonic()
+            try:
+                line = self._lines.get(timeout=max(wait, 0))
+                break
+            except queue.Empty:
+                if deadline is not None:
+                    return False
+        if line is None:
+            self.ended = True
+            return False
+        if isinstance(line, Exception):
+            raise line
+        self._number += 1
+        if line.strip():
+            if self.jsonl is None:
+                self.jsonl = line.lstrip().startswith("{")
+            self._pending.append(parse_entry(self._number, line.rstrip("\r"), self.jsonl))
+            self.read += 1
+        return True
+
+    def batches(self, size):
+        """Lists of up to `size` entries, in stdin's order: a batch is handed out when it is
+        full, when stdin ends, or when no line has come for WAIT_FOR_MORE seconds."""
+        while True:
+            while not self._pending and self._take(None):
+                pass
+            while self._take(0):  # every line already there is read and checked
+                pass
+            while len(self._pending) < size and self._take(self.WAIT_FOR_MORE):
+                pass
+            if not self._pending:
+                return
+            batch, self._pending = self._pending[:size], self._pending[size:]
+            yield batch
+
+    def count_waiting(self):
+        """Read (and count) the lines that have arrived and not been handed out; a bad one is
+        counted too."""
+        with contextlib.suppress(InputError):
+            while self._take(0):
+                pass
+        return self.read
+
+
+def _is_pipe(stream):
+    """Whether `stream` is a pipe, a FIFO, a socket or a device: read as it comes. A regular
+    file, or a stream with no file descriptor (a test's), is read at once."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return not stat.S_ISREG(mode)
 
 
 def stream_to(out, chat, instruction, input_text, args):
@@ -86,23 +203,46 @@ def stream_to(out, chat, instruction, input_text, args):
 
 
 def answer_stdin(chat, args):
-    entries, jsonl = read_entries(read_stdin())  # UTF-8, without a leading BOM
-    if args.temperature > 0:  # sampling: one at a time (batches are greedy)
-        answers = []
-        for entry in entries:
-            prompt, ids, note = chat.prepare(entry["instruction"], entry["input"], args.max_new_tokens)
-            *_, text = chat.stream(prompt, ids, args.max_new_tokens, args.temperature,
-                                   args.top_k, args.seed)
-            answers.append((text, note))
-    else:
-        answers = chat.answer_all(entries, args.max_new_tokens, args.batch_size)
-    for i, (entry, (text, note)) in enumerate(zip(entries, answers, strict=True)):
-        if note:
-            print(f"Entry {i + 1}: {note}", file=sys.stderr)
-        if jsonl:
-            print(json.dumps({**entry, "model_response": text}, ensure_ascii=False))
-        else:
-            print(("\n" if i else "") + text)
+    """Answer stdin's instructions in batches, each answer printed as soon as its batch is done,
+    in stdin's order. Ctrl-C or SIGTERM stops: every finished answer has been printed (a line
+    being printed is finished first), stderr says how many were not answered, and the exit
+    code is 130 or 143 (0 when all are answered)."""
+    stdin, answered = None, 0
+    try:
+        with signals_interrupt():  # SIGTERM stops as Ctrl-C does
+            stdin = StdinEntries()
+            # sampling answers one at a time (batches are greedy)
+            for batch in stdin.batches(1 if args.temperature > 0 else args.batch_size):
+                answers = answer_batch(chat, batch, args)
+                with interrupts_deferred():  # the finished answers come out whole
+                    for entry, (text, note) in zip(batch, answers, strict=True):
+                        if note:
+                            print(f"Entry {answered + 1}: {note}", file=sys.stderr)
+                        line = (json.dumps({**entry, "model_response": text}, ensure_ascii=False)
+                                if stdin.jsonl else ("\n" if answered else "") + text)
+                        sys.stdout.write(line + "\n")
+                        sys.stdout.flush()
+                        answered += 1
+    except KeyboardInterrupt as e:
+        read = 0 if stdin is None else stdin.count_waiting()
+        unread = "" if stdin and stdin.ended else " (stdin had not ended: later lines were not read)"
+        print(f"\nstopped: {answered} of {read} answered; {read - answered} not answered{unread}",
+              file=sys.stderr)
+        return exit_code(e)
+    return 0
+
+
+def answer_batch(chat, entries, args):
+    """[(answer, note)] for `entries`: greedy ones as one batch, sampled ones one at a time."""
+    if args.temperature <= 0:
+        return chat.answer_all(entries, args.max_new_tokens, args.batch_size)
+    answers = []
+    for entry in entries:
+        prompt, ids, note = chat.prepare(entry["instruction"], entry["input"], args.max_new_tokens)
+        *_, text = chat.stream(prompt, ids, args.max_new_tokens, args.temperature,
+                               args.top_k, args.seed)
+        answers.append((text, note))
+    return answers
 
 
 def interactive(chat, args):
@@ -146,7 +286,7 @@ def main(argv=None):
         stream_to(sys.stdout, chat, args.instruction, args.input, args)
     elif not sys.stdin.isatty():
         try:
-            answer_stdin(chat, args)
+            return answer_stdin(chat, args)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT

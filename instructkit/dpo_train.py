@@ -383,12 +383,14 @@ def cli(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        # Ctrl-C during training saved a checkpoint (TrainingInterrupted says where); later
-        # (the answers), the model is saved already.
+        # Ctrl-C during training: TrainingInterrupted names the checkpoint to resume from (the
+        # one it saved, or after a second Ctrl-C the latest saved before); later (the
+        # answers), the model is saved already.
         told = f"{e} " if isinstance(e, TrainingInterrupted) else ""
-        print(f"\nInterrupted. {told}The same command with --resume continues from the newest "
-              f"checkpoint in {output_paths(config)['checkpoints']}, if one was saved.",
-              file=sys.stderr)
+        if getattr(e, "cut", None) is None:  # else `told` says it all
+            told += (f"The same command with --resume continues from the newest checkpoint in "
+                     f"{output_paths(config)['checkpoints']}, if one was saved.")
+        print(f"\nInterrupted. {told.strip()}", file=sys.stderr)
         return exit_code(e)  # 130 for Ctrl-C, 143 for SIGTERM
     return 0
 

@@ -154,9 +154,12 @@ class FinetuneRun:
         try:
             yield
         except KeyboardInterrupt as e:
-            if isinstance(e, TrainingInterrupted) and e.checkpoint is not None:
-                self.progress.record("a checkpoint", e.checkpoint)
-                self.progress.hint = self._resume_hint(e.checkpoint)
+            if isinstance(e, TrainingInterrupted):
+                # After a second Ctrl-C (`cut`), the checkpoint is the latest saved before it
+                if e.checkpoint is not None:
+                    what = "a checkpoint" if e.cut is None else f"the checkpoint of step {e.checkpoint_step}"
+                    self.progress.record(what, e.checkpoint)
+                self.progress.hint = self._resume_hint(e.checkpoint)  # the checkpoints there now
             if self.processes is None or self.is_main:
                 print(f"\n{self.progress.interrupted_message()}", file=sys.stderr)
             raise

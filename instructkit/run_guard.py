@@ -4,12 +4,15 @@ Not in the book. Ctrl-C raises KeyboardInterrupt wherever the program is; `signa
 makes SIGTERM (what `kill`, `timeout` and job schedulers send) do the same, as `Terminated`,
 and on Windows Ctrl-Break (SIGBREAK) too, as Ctrl-C: it is the one console event a program can
 send another (a test, a job runner), and a person pressing it means what Ctrl-C means.
+`interrupts_deferred` holds these signals back over a few lines that must not be cut halfway
+(an answer being printed) and delivers them after.
 `RunProgress` keeps the stage and the files saved so far, for the message an interruption
 prints. `os_error_line` turns an unexpected OSError (a full disk, a permission) into one line.
 """
 
 import contextlib
 import signal
+import threading
 from pathlib import Path
 
 # Windows' Ctrl-Break; None where the platform has no such signal (everywhere else).
@@ -52,6 +55,31 @@ def signals_interrupt():
     finally:
         for signum, h in previous.items():
             signal.signal(signum, h)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Within the block, Ctrl-C, SIGTERM (and SIGBREAK) are held back; at its end the first one
+    that came is delivered to the handler that was there before (KeyboardInterrupt, Terminated,
+    or the system's default), so that the block's work is never cut halfway: a line of output
+    stays whole. Only the main thread receives signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+
+    def hold(signum, frame):
+        arrived.append(signum)
+
+    signums = (signal.SIGINT, signal.SIGTERM, *([SIGBREAK] if SIGBREAK is not None else []))
+    previous = {signum: signal.signal(signum, hold) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if arrived:
+        signal.raise_signal(arrived[0])  # the handler runs now, as if the signal came now
 
 
 class RunProgress:

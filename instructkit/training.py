@@ -49,7 +49,7 @@ from instructkit.checkpoints import (
 )
 from instructkit.distributed import SingleProcess
 from instructkit.precision import resolve_precision
-from instructkit.run_guard import SIGBREAK, as_ctrl_c
+from instructkit.run_guard import SIGBREAK, Terminated, as_ctrl_c
 from instructkit.run_record import MetricsLog
 from instructkit.safe_files import retry_while_disk_full
 
@@ -138,16 +138,27 @@ class TrainState:
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) stopped training at a step boundary; `checkpoint` is the file
-    saved (or None); `signum` the signal, for the exit code (130 or 143)."""
+    saved (or None); `signum` the signal, for the exit code (130 or 143).
 
-    def __init__(self, step, checkpoint, signum=signal.SIGINT):
+    `cut`: None, or what a second Ctrl-C stopped halfway ("step 7", "the write of the
+    checkpoint of step 6"),
+    which was not saved; `checkpoint` is then the latest one that exists (saved earlier, or
+    resumed from), of step `checkpoint_step`, or None when there is none.
+    """
+
+    def __init__(self, step, checkpoint, signum=signal.SIGINT, cut=None, checkpoint_step=None):
         self.step, self.checkpoint, self.signum = step, checkpoint, signum
-        if checkpoint is None:
+        self.cut, self.checkpoint_step = cut, checkpoint_step
+        resume = (f"Resume from it: --resume {checkpoint} on the command line, or "
+                  f"TrainingRun.resume({str(checkpoint)!r}).")
+        if cut is not None:
+            message = f"Training stopped during {cut}, which was not saved; " + (
+                "no checkpoint was saved before it: start over." if checkpoint is None else
+                f"the latest checkpoint is the one of step {checkpoint_step}, {checkpoint}. {resume}")
+        elif checkpoint is None:
             message = f"Training stopped after step {step}; no checkpoint was configured."
         else:
-            message = (f"Training stopped after step {step}; checkpoint saved as {checkpoint}. "
-                       f"Resume from it: --resume {checkpoint} on the command line, or "
-                       f"TrainingRun.resume({str(checkpoint)!r}).")
+            message = f"Training stopped after step {step}; checkpoint saved as {checkpoint}. {resume}"
         super().__init__(message)
 
 
@@ -164,7 +175,7 @@ class _StopOnCtrlC:
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if as_ctrl_c(signum) == signal.SIGINT else Terminated(signum)
         self.requested, self.signum = True, as_ctrl_c(signum)
         name = "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(signum).name
         print(f"\n{name}: stopping after this step to save a checkpoint "
@@ -212,7 +223,9 @@ class TrainingRun:
         self.metrics = MetricsLog(metrics_path) if metrics_path is not None and self.is_main else None
         self.progress = progress
         self.state = TrainState()
-        self.last_checkpoint = None
+        self.last_checkpoint = None  # the latest checkpoint saved or resumed from
+        self.last_checkpoint_step = None  # its step
+        self.saving = False  # whether a checkpoint is being written
         self.resumed_from = None
         self.finished = False
 
@@ -227,13 +240,17 @@ class TrainingRun:
             raise CheckpointError("This run has no CheckpointPlan: nowhere to save.")
         path = checkpoint_path(plan.folder, plan.stem, self.state.step)
         model, optimizer = self.distributed.checkpoint_view(self.model, self.optimizer)
+        self.saving = True  # until it is done, a second Ctrl-C cuts this checkpoint, not a step
         if self.is_main:
             retry_while_disk_full(lambda: save_checkpoint(
                 path, model, optimizer, self.state.progress(), self.state.metrics, plan.identity,
                 self.scaler), plan.wait_for_space)
+            # whole on disk from here: the one a Ctrl-C during the pruning names
+            self.last_checkpoint, self.last_checkpoint_step = path, self.state.step
             prune_checkpoints(plan.folder, plan.stem, plan.keep)
         self.distributed.barrier()  # the file is whole before any process goes on
-        self.last_checkpoint = path
+        self.last_checkpoint, self.last_checkpoint_step = path, self.state.step
+        self.saving = False
         return path
 
     def resume(self, path=None):
@@ -249,6 +266,7 @@ class TrainingRun:
                 self.scaler)
         self.state = TrainState(**checkpoint["progress"], metrics=checkpoint["metrics"])
         self.resumed_from = self.last_checkpoint = path
+        self.last_checkpoint_step = self.state.step
         if self.is_main:
             print(f"Resuming from {path}: epoch {self.state.epoch + 1}, after step {self.state.step}.")
         return path
@@ -326,6 +344,8 @@ class TrainingRun:
         (train_losses, val_losses, tokens_seen), including those before a resume.
 
         Ctrl-C stops after the current step, saves a checkpoint and raises TrainingInterrupted.
+        A second Ctrl-C stops at once, in a step or a checkpoint's write, which is lost: the
+        TrainingInterrupted then says so (`cut`) and names the latest checkpoint saved before.
         `max_steps` stops the same way without an exception (a checkpoint is saved when planned).
         With `save_every`, the finished run is checkpointed too.
         """
@@ -339,7 +359,7 @@ class TrainingRun:
         if self.metrics is not None:
             self.metrics.start(state.metrics)
         clock = time.perf_counter() - state.wall_seconds
-        self.finished = False
+        self.finished, self.saving = False, False
         bar = tqdm(total=total, initial=min(state.step, total), desc="Training", unit="step",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
         with bar, _StopOnCtrlC(enabled=plan is not None) as ctrl_c:
@@ -378,11 +398,18 @@ class TrainingRun:
                                 print_sample(self.model, tokenizer, self.device, start_context)
                     state.epoch, state.position, state.epoch_seed = state.epoch + 1, 0, None
             except KeyboardInterrupt as e:
-                if not isinstance(e, TrainingInterrupted) and self.is_main:
-                    where = self.last_checkpoint or "none was saved"
-                    print(f"\nTraining interrupted during step {state.step + 1}, not saved; the last "
-                          f"checkpoint: {where}.", file=sys.stderr)
-                raise
+                if isinstance(e, TrainingInterrupted):
+                    raise
+                # A second Ctrl-C: what it cut is lost; the checkpoints saved before it are not
+                cut = (f"the write of the checkpoint of step {state.step}" if self.saving
+                       else f"step {state.step + 1}")
+                if self.is_main:
+                    print(f"\nTraining interrupted during {cut}; that was not saved.",
+                          file=sys.stderr)
+                self.saving = False
+                raise TrainingInterrupted(
+                    state.step, self.last_checkpoint, getattr(e, "signum", signal.SIGINT), cut=cut,
+                    checkpoint_step=self.last_checkpoint_step) from e
         state.wall_seconds = time.perf_counter() - clock
         self.finished = True
         if plan is not None and plan.save_every and state.step % plan.save_every:

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from portable import new_group_kwargs
+from portable import new_group_kwargs, send_interrupt
 
 
 def wait_for_line(proc, prefix):
@@ -44,3 +44,21 @@ def run_and_act(command, stderr_path, markers, act, stderr_marker=None, timeout=
             proc.kill()
         stderr.seek(0)
         return proc.returncode, stderr.read()
+
+
+def twice_during_a_checkpoint_write(checkpoints, stderr_path):
+    """An `act` for run_and_act: once a checkpoint is in the folder `checkpoints` and the next
+    one is being written (its temporary file is there), Ctrl-C; once the command has taken it
+    (it says it stops after this step), Ctrl-C again, while that checkpoint is still written."""
+
+    def act(proc):
+        while not (list(checkpoints.glob("*.pth")) and list(checkpoints.glob(".*.tmp"))):
+            assert proc.poll() is None, "the command ended before its second checkpoint"
+            time.sleep(0.001)
+        send_interrupt(proc)
+        while "stopping after this step" not in stderr_path.read_text():
+            assert proc.poll() is None, "the command ended without taking the first Ctrl-C"
+            time.sleep(0.001)
+        send_interrupt(proc)
+
+    return act

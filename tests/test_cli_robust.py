@@ -360,6 +360,33 @@ def test_case8_sigterm_during_training_saves_a_checkpoint_and_says_how_to_resume
 
 
 ########################################################################################
+# A second Ctrl-C during a checkpoint write names the checkpoints saved before (issue 24)
+########################################################################################
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_a_checkpoint_is_written_names_the_latest_checkpoint(tmp_path, data):
+    out, stderr = tmp_path / "out", tmp_path / "stderr"
+    checkpoints = out / "checkpoints"
+
+    code, err = run_and_act(
+        tmp_path, data, out, "--epochs", "10000", "--save-every", "1",
+        markers=["Ep 1 (Step 000000)"],
+        act=interrupting.twice_during_a_checkpoint_write(checkpoints, stderr))
+    assert code == 130
+    assert "Traceback" not in err and "start over" not in err
+    assert list(checkpoints.glob(".*.tmp")) == []  # the cut write left nothing behind
+    newest = max(checkpoints.glob("*.pth"))  # the names order by step
+    step = int(newest.stem.rsplit("step", 1)[1])
+    assert (f"Training interrupted during the write of the checkpoint of step {step + 1}; that "
+            f"was not saved.") in err.splitlines()
+    saved, how = err.strip().splitlines()[-2:]
+    assert saved == (f"Training interrupted: saved the checkpoint of step {step} ({newest}); not "
+                     f"saved: the finetuned model, the loss plot, the test answers, the run record.")
+    assert how == (f"To continue, run the same command with --resume (it takes the newest "
+                   f"checkpoint in {checkpoints}) or with --resume {newest}.")
+
+
+########################################################################################
 # In process: the order of the saves, LoRA included
 ########################################################################################
 

@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 import torch
 from conftest import ROOT
-from interrupting import run_and_act
+from interrupting import run_and_act, twice_during_a_checkpoint_write
 from portable import send_interrupt
 from torch.utils.data import DataLoader
 
@@ -446,3 +446,30 @@ def test_benchmark_tiny_run_agrees_and_prints_ratios(shared_data):
         for metric in ("training step", "evaluation batch", "book loop"):
             match = re.search(rf"^RATIO tiny {variant} {metric}: (\d+\.\d\d)x", out, re.M)
             assert match and float(match[1]) > 0, (variant, metric)
+
+
+@pytest.mark.slow
+def test_cli_second_ctrl_c_while_a_checkpoint_is_written_names_the_latest_checkpoint(
+        sft_file, shared_data, tmp_path):
+    """Two real Ctrl-Cs while a --save-every checkpoint is written: that checkpoint is lost,
+    and the message names the one saved before it and the --resume that continues it."""
+    out, stderr = tmp_path / "out", tmp_path / "stderr"
+    checkpoints = out / "checkpoints"
+
+    command = [sys.executable, "-u", "-m", "instructkit.dpo_train",
+               *cli_args(sft_file, shared_data, "--epochs", "1000", "--save-every", "1",
+                         "--output-dir", str(out))]
+    code, err = run_and_act(command, stderr, ["Ep 1 (Step 000000)"],
+                            twice_during_a_checkpoint_write(checkpoints, stderr),
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert code == 130, err
+    assert "Traceback" not in err and "start over" not in err
+    assert list(checkpoints.glob(".*.tmp")) == []  # the cut write left nothing behind
+    newest = max(checkpoints.glob("*.pth"))  # the names order by step
+    step = int(newest.stem.rsplit("step", 1)[1])
+    assert (f"Training interrupted during the write of the checkpoint of step {step + 1}; that "
+            f"was not saved.") in err.splitlines()
+    assert err.strip().splitlines()[-1] == (
+        f"Interrupted. Training stopped during the write of the checkpoint of step {step + 1}, "
+        f"which was not saved; the latest checkpoint is the one of step {step}, {newest}. Resume "
+        f"from it: --resume {newest} on the command line, or TrainingRun.resume({str(newest)!r}).")

@@ -254,6 +254,57 @@ def test_ctrl_c_mid_step_saves_after_that_step_and_resumes_exactly(
     assert_same_weights(second.model, baseline["weights"])
 
 
+class CtrlCTwiceWhileSaving(torch.optim.AdamW):
+    """AdamW whose state is read for its `at_save`-th checkpoint while two signals arrive, one
+    after the other: the handler training installed runs there twice, as the interpreter runs
+    it (see CtrlCAtStep). The first asks to stop after the step, the second stops at once."""
+
+    at_save, signum, saves = 2, signal.SIGINT, 0
+
+    def state_dict(self):
+        cls = type(self)
+        cls.saves += 1
+        if cls.saves == cls.at_save:
+            handler = signal.getsignal(cls.signum)
+            handler(cls.signum, None)  # asks to stop after this step
+            handler(cls.signum, None)  # stops at once: this checkpoint is not written
+        return super().state_dict()
+
+
+@pytest.mark.parametrize(("at_save", "signum"), [(2, signal.SIGINT), (1, signal.SIGTERM)])
+def test_a_second_signal_during_a_checkpoint_write_names_the_checkpoint_saved_before(
+        instruction_data, tokenizer, tmp_path, capsys, at_save, signum):
+    CtrlCTwiceWhileSaving.at_save, CtrlCTwiceWhileSaving.signum = at_save, signum
+    CtrlCTwiceWhileSaving.saves = 0
+    run = make_run(instruction_data, tokenizer, tmp_path, save_every=2,
+                   optimizer_class=CtrlCTwiceWhileSaving)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(run)
+    cut_step = 2 * at_save  # a checkpoint every 2 steps: the one cut is of step 2 * at_save
+    err = capsys.readouterr().err
+    assert (f"Training interrupted during the write of the checkpoint of step {cut_step}; that "
+            f"was not saved.") in err.splitlines()
+    assert stopped.value.signum == signum  # the exit code: 130 for Ctrl-C, 143 for SIGTERM
+    # nothing half-written is left; the checkpoint of the step before stays
+    saved = [tmp_path / f"tiny-sft-step{step:07d}.pth" for step in range(2, cut_step, 2)]
+    assert sorted(tmp_path.glob("*.pth")) == saved
+    assert list(tmp_path.glob(".*.tmp")) == []
+    if saved:
+        assert stopped.value.checkpoint == saved[-1] and stopped.value.checkpoint_step == cut_step - 2
+        assert str(stopped.value) == (
+            f"Training stopped during the write of the checkpoint of step {cut_step}, which was "
+            f"not saved; the latest checkpoint is the one of step {cut_step - 2}, {saved[-1]}. "
+            f"Resume from it: --resume {saved[-1]} on the command line, or "
+            f"TrainingRun.resume({str(saved[-1])!r}).")
+        resumed = make_run(instruction_data, tokenizer, tmp_path, save_every=2)
+        assert resumed.resume_if_any() == saved[-1]
+    else:
+        assert stopped.value.checkpoint is None
+        assert str(stopped.value) == (
+            f"Training stopped during the write of the checkpoint of step {cut_step}, which was "
+            f"not saved; no checkpoint was saved before it: start over.")
+
+
 def test_periodic_checkpoints_are_pruned_and_one_resumes_exactly(baseline, instruction_data,
                                                                  tokenizer, tmp_path):
     names = [p.name for p in list_checkpoints(baseline["folder"], "tiny-sft")]
