@@ -13,7 +13,10 @@ cache (fast_gpt.generate_stream); greedy is the default, and then an answer equa
 `generate` gives for the prompt. Many instructions from stdin are answered in batches
 (fast_gpt.generate_answer_ids), the same answers as one at a time. JSONL in gives JSONL out
 (each entry with its "model_response"); plain lines give the answers, a blank line between.
-A missing or mismatched file is a message and exit code 2.
+A missing, empty or mismatched file is a message and exit code 2, and so is a flag out of
+range (`--temperature` below 0 or not finite, `--top-k` below 0 or above the vocabulary,
+`--batch-size` or `--max-new-tokens` below 1), checked before the model loads (the vocabulary
+right after, before anything is generated).
 """
 
 import argparse

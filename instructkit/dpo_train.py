@@ -25,9 +25,13 @@ OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the 
 with a gradient scaler at 7.x, else fp32); the reference model's cached log-probabilities are
 computed in the same precision, and the run record says which.
 `--test-mode` runs the whole stage in seconds on a tiny random GPT and 10 entries per split.
+Every flag is checked before the data or the model is read (`check_config`): the numeric
+ranges (`--beta` above 0: at 0 DPO learns nothing, below 0 it trains toward the rejected
+answers), the SFT model file (missing, a folder, 0 bytes), `--data`, `--tokenizer-dir`, and
+the checkpoint `--resume` names (a DPO checkpoint of these settings, not a finetuning one).
 Exit codes: 0 done, 1 tiktoken's vocabulary could not be fetched (pass --tokenizer-dir), 2 bad
-input (missing file, mismatched sizes, bad data, a checkpoint of another run), 130 Ctrl-C
-(training stops after the step and saves a checkpoint), 143 SIGTERM.
+input (a flag out of range, a missing or empty file, mismatched sizes, bad data, a checkpoint
+of another run), 130 Ctrl-C (training stops after the step and saves a checkpoint), 143 SIGTERM.
 """
 
 import argparse

@@ -5,7 +5,8 @@ Not in the book. The book's `ollama_evaluate.py` takes one flag, `--file_path`. 
 through `run_evaluation`; `make_preference_data` shares the server options
 (`add_server_arguments`) and runs its work through `run_server_job`.
 
-Problems follow `instructkit.errors`: a bad input file is one line and exit code 2; no server,
+Problems follow `instructkit.errors`: a bad input file, or an output file that cannot be
+written (a folder at its path), is one line and exit code 2, before any request; no server,
 a model that is not pulled or a server error is one line and exit code 1; Ctrl-C exits with 130
 (SIGTERM with 143). When the work stops, the message says where the results so far are, and
 the same command run again continues from them.
@@ -43,13 +44,14 @@ def _positive(kind, most=None):
     return parse
 
 
-def check_outputs(*paths_and_flags):
+def check_outputs(*outputs):
     """PreflightError (exit code 2) for an output file that cannot be written (a folder at its
-    path, a file where its folder would be), before any server is asked: (path, flag) pairs."""
+    path, a file where its folder would be), before any server is asked. `outputs`: (path,
+    flag) or (path, flag, what) for preflight.check_output_file."""
     from instructkit.preflight import check_output_file
 
-    for path, flag in paths_and_flags:
-        check_output_file(path, flag)
+    for output in outputs:
+        check_output_file(*output)
 
 
 def add_server_arguments(parser, what):

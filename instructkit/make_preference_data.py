@@ -176,7 +176,8 @@ def main(argv=None):
 
     def run():
         data = load_entries(file_path, json_key=None)  # bad input: exit 2 before any request
-        check_outputs((output, "--output"), (progress_path, "--output (its progress file)"))
+        check_outputs((output, "--output"),
+                      (progress_path, "--output", "the progress file of --output,"))
 
         def rewrite(base, **options):
             print(f"Rewriting {len(data)} entries of {file_path} with {args.model} at {base}")

@@ -4,10 +4,10 @@ Not in the book: the book's chat app and load-finetuned-model.ipynb hard-code gp
 Here the model's config comes from the run record saved next to the weights
 (`<stem>.run.json`, written by the command line), or else from the shapes in the state dict
 itself; LoRA adapters (`<stem>-adapters.pth`) load on top of their base model: the pretrained
-GPT-2 their run record names, or a given .pth. Whatever is wrong with a file (missing, not a
-state dict, another size, adapters of another model) becomes a `ModelFileError` whose
-message names the file and the problem; the commands (chat.py, web_chat.py) print it and
-exit with code 2.
+GPT-2 their run record names, or a given .pth. Whatever is wrong with a file (missing, a
+folder, empty, not a state dict, another size, adapters of another model, a run record that
+cannot build a model) becomes a `ModelFileError` whose message names the file and the
+problem; the commands (chat.py, web_chat.py, dpo_train.py) print it and exit with code 2.
 
 `ChatModel` is one turn of a chat, shared by the terminal and the web app: the prompt in the
 model's own style (the chapter's Alpaca prompt or exercise 7.1's Phi-3 prompt, with an

@@ -141,16 +141,19 @@ def check_output_files(paths):
                                  f"move the folder away or choose another --output-dir")
 
 
-def check_output_file(path, flag):
-    """PreflightError when the file `flag` names cannot be written: a folder sits at its path,
-    or a file where one of its folders would be made."""
+def check_output_file(path, flag, what=None):
+    """PreflightError when an output file cannot be written: a folder sits at its path, or a
+    file where one of its folders would be made. `flag` chooses the file; `what`: how the
+    message names it (default: the flag)."""
     path = Path(path)
+    what = what or flag
     if path.is_dir():
-        raise PreflightError(f"{flag} {path} is a folder: name a file (in it, say)")
+        raise PreflightError(f"{what} {path} is a folder, where a file is to be written: move "
+                             f"it away or choose another {flag}")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise PreflightError(f"{flag} {path} cannot be written: {parent} is a file, "
+                raise PreflightError(f"{what} {path} cannot be written: {parent} is a file, "
                                      f"not a folder")
             break
     return path

@@ -222,7 +222,7 @@ def test_web_chat_refuses_a_bad_port_or_host(model_file, capsys, flags, line):
     assert one_line(err).startswith(f"error: {line}")
 
 
-def test_a_free_port_passes(model_file):
+def test_a_free_port_passes():
     from instructkit.web_chat import check_port
 
     with socket.socket() as probe:
@@ -417,7 +417,9 @@ def test_judge_refuses_a_folder_as_scores_file_before_asking_the_server(tmp_path
             cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert server.requests == []
     assert result.returncode == 2
-    assert one_line(result.stderr) == f"error: --scores-out {folder} is a folder: name a file (in it, say)"
+    assert one_line(result.stderr) == (f"error: --scores-out {folder} is a folder, where a file "
+                                       f"is to be written: move it away or choose another "
+                                       f"--scores-out")
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "86401"])
@@ -434,15 +436,28 @@ def test_judge_timeout_must_be_a_finite_number_of_seconds(value):
 
 
 def test_preference_data_refuses_an_output_under_a_file_before_asking(tmp_path, capsys):
-    from instructkit import make_preference_data
-
     blocker = tmp_path / "taken"
     blocker.write_text("a file")
     with FakeOllama() as server:
+        result = subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, "instructkit/make_preference_data.py",
+             "--file_path", str(entries_file(tmp_path)), "--host", server.host, "--output",
+             str(blocker / "prefs.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert server.requests == []
+    assert (result.returncode, result.stdout) == (2, "")
+    assert one_line(result.stderr) == (f"error: --output {blocker / 'prefs.json'} cannot be "
+                                       f"written: {blocker} is a file, not a folder")
+
+    # and a folder where its progress file goes, in this process
+    from instructkit import make_preference_data
+
+    output = tmp_path / "prefs.json"
+    (tmp_path / "prefs-progress.json").mkdir()
+    with FakeOllama() as server:
         code, out, err = main_of(make_preference_data, capsys, "--file_path",
-                                 entries_file(tmp_path), "--host", server.host, "--output",
-                                 blocker / "prefs.json")
+                                 entries_file(tmp_path), "--host", server.host, "--output", output)
         assert server.requests == []
     assert (code, out) == (2, "")
-    assert one_line(err) == (f"error: --output {blocker / 'prefs.json'} cannot be written: "
-                             f"{blocker} is a file, not a folder")
+    assert one_line(err) == (f"error: the progress file of --output, "
+                             f"{tmp_path / 'prefs-progress.json'} is a folder, where a file is "
+                             f"to be written: move it away or choose another --output")
