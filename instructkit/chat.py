@@ -16,7 +16,10 @@ cache (fast_gpt.generate_stream); greedy is the default, and then an answer equa
 batch is done (a pipe is read as it comes). JSONL in gives JSONL out (each entry with its
 "model_response"); plain lines give the answers, a blank line between. Ctrl-C or SIGTERM
 there keeps every finished answer, says how many were not answered, and exits 130 or 143.
-A missing or mismatched file is a message and exit code 2.
+A missing, empty or mismatched file is a message and exit code 2, and so is a flag out of
+range (`--temperature` below 0 or not finite, `--top-k` below 0 or above the vocabulary,
+`--batch-size` or `--max-new-tokens` below 1), checked before the model loads (the vocabulary
+right after, before anything is generated).
 """
 
 import argparse
@@ -33,11 +36,18 @@ import time
 
 from instructkit.console import BOM, read_stdin, use_utf8_console
 from instructkit.errors import BadInputError, ExpectedError
-from instructkit.model_files import add_model_arguments, describe, load_chat_model
+from instructkit.model_files import add_model_arguments, check_model_path, describe, load_chat_model
 from instructkit.parallel_matvec import add_decode_arguments, apply_decode_arguments
+from instructkit.preflight import Limit, PreflightError, check_ranges
 from instructkit.run_guard import exit_code, interrupts_deferred, signals_interrupt
 
 EXIT_BAD_INPUT = 2
+# The ranges of the numeric flags, checked before the model loads (--top-k's upper bound, the
+# vocabulary, once it has).
+LIMITS = {"max_new_tokens": Limit(1), "temperature": Limit(0),  # 0: greedy
+          "top_k": Limit(0),  # 0: every token, as leaving it out
+          "seed": Limit(0, 2**64 - 1),  # what torch.manual_seed accepts
+          "batch_size": Limit(1)}
 
 
 class InputError(BadInputError):
@@ -57,6 +67,23 @@ def build_arg_parser():
     parser.add_argument("--batch-size", type=int, default=16, help="stdin: prompts per batch")
     add_decode_arguments(parser)
     return parser
+
+
+def check_arguments(args):
+    """PreflightError or ModelFileError (one line, exit code 2) for a flag out of range or a
+    model file that cannot be one, before anything loads."""
+    check_ranges(args, LIMITS)
+    check_model_path(args.model)
+    if args.adapters is not None:
+        check_model_path(args.adapters, "adapter file")
+
+
+def check_top_k(top_k, chat):
+    """--top-k above the model's vocabulary would fail at the first token: refused, naming it."""
+    vocab_size = chat.model.tok_emb.weight.shape[0]
+    if top_k is not None and top_k > vocab_size:
+        raise PreflightError(f"--top-k {top_k} is more than the model's vocabulary of "
+                             f"{vocab_size} tokens: use at most {vocab_size} (0 samples from all)")
 
 
 def parse_entry(number, line, jsonl):
@@ -272,14 +299,18 @@ def main(argv=None):
     from instructkit.devices import choose_device
     from instructkit.gpt2_tokenizer import get_tokenizer
 
+    # A RuntimeError here is a bug, not a user's problem: it keeps its traceback (a file that
+    # does not fit its model is a ModelFileError, found where the file is read).
     try:
+        check_arguments(args)
         device = choose_device(args.device)
         chat, info = load_chat_model(args.model, device, adapters=args.adapters,
                                      tokenizer=get_tokenizer(args.tokenizer_dir))
+        check_top_k(args.top_k, chat)
         chat.decode_dtype = apply_decode_arguments(args)
-    except (ExpectedError, FileNotFoundError, RuntimeError) as e:
+    except ExpectedError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_code
     print(f"Loaded {describe(info)} on {device}", file=sys.stderr)
 
     if args.instruction is not None:

@@ -150,13 +150,14 @@ def save_checkpoint(path, model, optimizer, progress, metrics, identity, scaler=
     return Path(path)
 
 
-def load_checkpoint(path):
-    """Read a checkpoint onto the CPU; CheckpointError when it is missing or not one of ours."""
+def load_checkpoint(path, mmap=False):
+    """Read a checkpoint onto the CPU; CheckpointError when it is missing or not one of ours.
+    `mmap`: the tensors stay in the file until used (a quick look at its identity)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({e}).") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:

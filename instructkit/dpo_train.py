@@ -25,9 +25,13 @@ OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the 
 with a gradient scaler at 7.x, else fp32); the reference model's cached log-probabilities are
 computed in the same precision, and the run record says which.
 `--test-mode` runs the whole stage in seconds on a tiny random GPT and 10 entries per split.
+Every flag is checked before the data or the model is read (`check_config`): the numeric
+ranges (`--beta` above 0: at 0 DPO learns nothing, below 0 it trains toward the rejected
+answers), the SFT model file (missing, a folder, 0 bytes), `--data`, `--tokenizer-dir`, and
+the checkpoint `--resume` names (a DPO checkpoint of these settings, not a finetuning one).
 Exit codes: 0 done, 1 tiktoken's vocabulary could not be fetched (pass --tokenizer-dir), 2 bad
-input (missing file, mismatched sizes, bad data, a checkpoint of another run), 130 Ctrl-C
-(training stops after the step and saves a checkpoint), 143 SIGTERM.
+input (a flag out of range, a missing or empty file, mismatched sizes, bad data, a checkpoint
+of another run), 130 Ctrl-C (training stops after the step and saves a checkpoint), 143 SIGTERM.
 """
 
 import argparse
@@ -52,8 +56,9 @@ from instructkit.instruction_data import (
     load_known_dataset,
     split_data,
 )
-from instructkit.model_files import load_sft_model
+from instructkit.model_files import check_model_path, load_sft_model
 from instructkit.precision import PRECISIONS, resolve_precision
+from instructkit.preflight import Limit, check_ranges, check_resume, check_tokenizer_dir
 from instructkit.run_guard import exit_code, signals_interrupt
 from instructkit.run_record import dataset_fingerprint, metrics_path, write_run_record
 from instructkit.safe_files import (
@@ -100,8 +105,46 @@ class DPOConfig:
 
 
 #####################################
-# The SFT model
+# Every flag, before any work
 #####################################
+
+# The ranges of DPOConfig's numeric settings (preflight.check_ranges).
+LIMITS = {
+    "epochs": Limit(1),  # 0 would save the SFT model unchanged as a "-dpo" model
+    "batch_size": Limit(1),
+    "lr": Limit(0),  # 0 keeps the policy equal to its reference: a check of the precision
+    "weight_decay": Limit(0),
+    # 0 learns nothing (the loss's gradient is 0), below 0 trains toward the rejected answers
+    "beta": Limit(0, low_excluded=True),
+    "max_length": Limit(1),
+    "eval_freq": Limit(1),
+    "eval_iter": Limit(1),
+    "save_every": Limit(1),
+    "keep": Limit(1),
+    "max_steps": Limit(1),
+    "seed": Limit(0, 2**64 - 1),  # what torch.manual_seed accepts
+    "max_new_tokens": Limit(1),
+}
+
+
+def check_config(config):
+    """Every setting, cheapest first, before any download or model load: the numeric ranges,
+    the SFT model file (there, not a folder, not empty), --data, --tokenizer-dir, and the
+    checkpoint --resume names (one of DPO's, with these settings). One line, exit code 2."""
+    if config.sft_model is None and not config.test_mode:
+        raise SetupError("pass --sft-model (the finetuned model, e.g. gpt2-medium355M-sft.pth)")
+    check_ranges(config, LIMITS)
+    if config.sft_model is not None:
+        check_model_path(config.sft_model, "finetuned model file")
+    if config.data is not None and not Path(config.data).is_file():
+        raise DatasetError(f"--data {config.data} is not a file: pass the preference data JSON, "
+                           f"or leave --data out for the book's file")
+    check_tokenizer_dir(config.tokenizer_dir)
+    paths = output_paths(config)
+    check_resume(config.resume, paths["checkpoints"], paths["stem"],
+                 {"config": identity_config(config)},
+                 "finetuning, python gpt_instruction_finetuning.py")
+
 
 #####################################
 # Data
@@ -148,10 +191,15 @@ IDENTITY_FIELDS = ("sft_model", "model", "batch_size", "lr", "weight_decay", "be
                    "seed", "plain", "test_mode")
 
 
+def identity_config(config):
+    """The settings a checkpoint of this run records (IDENTITY_FIELDS)."""
+    return {name: getattr(config, name) for name in IDENTITY_FIELDS}
+
+
 def checkpoint_identity(config, model_config, dataset_sha256):
     """What must match for a checkpoint to continue this run."""
     return {"model_config": model_config, "dataset_sha256": dataset_sha256,
-            "config": {name: getattr(config, name) for name in IDENTITY_FIELDS}}
+            "config": identity_config(config)}
 
 
 def tracking_from_rows(tracking, rows):
@@ -243,10 +291,11 @@ def main(config):
     from instructkit.gpt2_tokenizer import get_tokenizer
     from instructkit.run_record import package_versions
 
-    if config.sft_model is None and not config.test_mode:
-        raise SetupError("pass --sft-model (the finetuned model, e.g. gpt2-medium355M-sft.pth)")
+    check_config(config)  # every flag, before any download or model load
     device = choose_device(config.device, config.test_mode)
     precision = resolve_precision(config.precision, device)  # bf16 where the GPU has it
+    # the data before the model: a bad file costs no model load
+    data_path, train_data, test_data, val_data = load_data(config)
     if config.sft_model is None:  # test mode: a tiny random GPT stands in for the SFT model
         from previous_chapters import GPTModel
 
@@ -255,7 +304,6 @@ def main(config):
         policy.to(device)
     else:
         policy, model_config = load_sft_model(config.sft_model, config.model, device=device)
-    data_path, train_data, test_data, val_data = load_data(config)
     print(f"Preference data: {len(train_data)} train, {len(val_data)} validation, "
           f"{len(test_data)} test entries")
     reference = dpo.make_reference_model(policy)

@@ -143,9 +143,14 @@ class FinetuneRun:
     def _check_before_run(self):
         config = self.config
         data_url = config.data_url or (CHAPTER_DATASET.urls[0] if config.data is None else None)
+        output_dir, _, stem = output_names(config)
+        identity = checkpoint_identity(config, None)
+        del identity["dataset_sha256"]  # the data may be still to download: checked on resume
         check_run(config, self.paths["model"].parent, self.paths.values(), dataset_path(config),
                   data_url, model_config(config), None if config.test_mode else models_dir(config),
-                  split=lambda entries: split_entries(entries, config))
+                  split=lambda entries: split_entries(entries, config),
+                  resume=(output_dir / "checkpoints", stem, identity,
+                          "DPO, python -m instructkit.dpo_train"))
 
     @contextlib.contextmanager
     def _stage(self, name, hint=None):

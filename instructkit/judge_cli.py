@@ -5,7 +5,8 @@ Not in the book. The book's `ollama_evaluate.py` takes one flag, `--file_path`. 
 through `run_evaluation`; `make_preference_data` shares the server options
 (`add_server_arguments`) and runs its work through `run_server_job`.
 
-Problems follow `instructkit.errors`: a bad input file is one line and exit code 2; no server,
+Problems follow `instructkit.errors`: a bad input file, or an output file that cannot be
+written (a folder at its path), is one line and exit code 2, before any request; no server,
 a model that is not pulled or a server error is one line and exit code 1; Ctrl-C exits with 130
 (SIGTERM with 143). When the work stops, the message says where the results so far are, and
 the same command run again continues from them.
@@ -13,6 +14,7 @@ the same command run again continues from them.
 
 import argparse
 import contextlib
+import math
 import re
 import sys
 from pathlib import Path
@@ -22,18 +24,34 @@ from instructkit.errors import run_command
 from instructkit.judge import NUM_CTX, JudgeServerError, ensure_ollama, get_ollama_url
 from instructkit.judge_http import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
 
+# The longest --timeout: a day for a piece of an answer (a socket refuses timeouts near the
+# end of the platform's time_t, and infinity, with an OverflowError).
+MAX_TIMEOUT = 86400
 
-def _positive(kind):
+
+def _positive(kind, most=None):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        if not math.isfinite(value) or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {text}")
         return value
 
     return parse
+
+
+def check_outputs(*outputs):
+    """PreflightError (exit code 2) for an output file that cannot be written (a folder at its
+    path, a file where its folder would be), before any server is asked. `outputs`: (path,
+    flag) or (path, flag, what) for preflight.check_output_file."""
+    from instructkit.preflight import check_output_file
+
+    for output in outputs:
+        check_output_file(*output)
 
 
 def add_server_arguments(parser, what):
@@ -46,8 +64,9 @@ def add_server_arguments(parser, what):
     parser.add_argument("--num-ctx", "--num_ctx", type=_positive(int), default=NUM_CTX,
                         help="the model's context window in tokens (Ollama's num_ctx; "
                              "the book's 2048 by default)")
-    parser.add_argument("--timeout", type=_positive(float), default=DEFAULT_READ_TIMEOUT,
-                        help="seconds to wait for each piece of an answer before giving up")
+    parser.add_argument("--timeout", type=_positive(float, MAX_TIMEOUT), default=DEFAULT_READ_TIMEOUT,
+                        help=f"seconds to wait for each piece of an answer before giving up "
+                             f"(at most {MAX_TIMEOUT})")
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an unexpected OS error (a full disk, ...)")
 
@@ -122,6 +141,7 @@ def run_evaluation(main, args):
     scores_path, plot_path = output_paths(args.file_path, args.model, args.scores_out, args.plot)
 
     def evaluate():
+        check_outputs((scores_path, "--scores-out"), (plot_path, "--plot"))  # before any work
         with resume_hint(scores_path):
             main(file_path=args.file_path, json_key=args.json_key, url=args.host,
                  scores_path=scores_path, plot_path=plot_path, **server_options(args))

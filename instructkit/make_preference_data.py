@@ -35,7 +35,7 @@ from instructkit.console import use_utf8_console
 from instructkit.errors import ExpectedError, run_command
 from instructkit.instruction_data import REQUIRED_KEYS, format_input, validate_entries
 from instructkit.judge import NUM_CTX, SEED, ask_judge
-from instructkit.judge_cli import add_server_arguments, run_server_job
+from instructkit.judge_cli import add_server_arguments, check_outputs, run_server_job
 from instructkit.judge_results import load_entries, run_resumable, work_fingerprint
 from instructkit.safe_files import write_json
 
@@ -176,6 +176,8 @@ def main(argv=None):
 
     def run():
         data = load_entries(file_path, json_key=None)  # bad input: exit 2 before any request
+        check_outputs((output, "--output"),
+                      (progress_path, "--output", "the progress file of --output,"))
 
         def rewrite(base, **options):
             print(f"Rewriting {len(data)} entries of {file_path} with {args.model} at {base}")

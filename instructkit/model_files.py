@@ -4,10 +4,10 @@ Not in the book: the book's chat app and load-finetuned-model.ipynb hard-code gp
 Here the model's config comes from the run record saved next to the weights
 (`<stem>.run.json`, written by the command line), or else from the shapes in the state dict
 itself; LoRA adapters (`<stem>-adapters.pth`) load on top of their base model: the pretrained
-GPT-2 their run record names, or a given .pth. Whatever is wrong with a file (missing, not a
-state dict, another size, adapters of another model) becomes a `ModelFileError` whose
-message names the file and the problem; the commands (chat.py, web_chat.py) print it and
-exit with code 2.
+GPT-2 their run record names, or a given .pth. Whatever is wrong with a file (missing, a
+folder, empty, not a state dict, another size, adapters of another model, a run record that
+cannot build a model) becomes a `ModelFileError` whose message names the file and the
+problem; the commands (chat.py, web_chat.py, dpo_train.py) print it and exit with code 2.
 
 `ChatModel` is one turn of a chat, shared by the terminal and the web app: the prompt in the
 model's own style (the chapter's Alpaca prompt or exercise 7.1's Phi-3 prompt, with an
@@ -72,19 +72,42 @@ def read_run_record_if_any(weights_path):
     return record
 
 
-def read_state_dict(path, what="model file"):
-    """The tensors saved in `path` (map_location="cpu", weights_only=True)."""
+def first_line(error, limit=200):
+    """An exception as one short line: its type, and its message's first line when it has one
+    (an EOFError from a 0-byte file has none)."""
+    lines = str(error).strip().splitlines()
+    return type(error).__name__ + (f": {lines[0][:limit]}" if lines else "")
+
+
+def check_model_path(path, what="model file"):
+    """ModelFileError unless `path` is a file with something in it: the cheap checks a command
+    makes before any download or model load (read_state_dict makes them too)."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pth"))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+        raise ModelFileError(f"The {what} {path} is a folder, not a .pth file: pass a file in "
+                             f"it{hint}")
     if not path.is_file():
         hint = "" if path.parent.is_dir() else f" (the folder {path.parent} does not exist either)"
         raise ModelFileError(f"The {what} {path} does not exist{hint}. Finetune a model first "
                              f"(python gpt_instruction_finetuning.py) or check the path.")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"The {what} {path} is empty (0 bytes): a copy or a save that was "
+                             f"cut off (a full disk, say) leaves such a file. Save or copy it again.")
+    return path
+
+
+def read_state_dict(path, what="model file"):
+    """The tensors saved in `path` (map_location="cpu", weights_only=True)."""
+    path = check_model_path(path, what)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many kinds (pickle, zip, EOF, ...)
+        named = "" if path.suffix == ".pth" else f" (it is named {path.name}, not *.pth)"
         raise ModelFileError(f"The {what} {path} could not be read by torch.load "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Is it a "
-                             f"PyTorch .pth file, saved whole?") from None
+                             f"({first_line(e)}){named}. Is it a PyTorch .pth file, saved "
+                             f"whole?") from None
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ModelFileError(f"The {what} {path} holds {type(state).__name__}, not a state dict "
@@ -116,6 +139,27 @@ def infer_model_config(state, path="the weights"):
     return {"vocab_size": vocab_size, "context_length": state["pos_emb.weight"].shape[0],
             "emb_dim": emb_dim, "n_heads": HEADS_BY_WIDTH[emb_dim], "n_layers": len(blocks),
             "drop_rate": 0.0, "qkv_bias": "trf_blocks.0.att.W_query.bias" in state}
+
+
+MODEL_CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+
+
+def check_model_config(cfg, path):
+    """ModelFileError unless `cfg` (a run record's model_config) can build a GPTModel: the
+    sizes are positive whole numbers and the width splits into the heads. Else the model
+    would fail to build with an AssertionError or a KeyError that names no file."""
+    if not isinstance(cfg, dict):
+        raise ModelFileError(f"The run record of {path} has a model_config that is no JSON "
+                             f"object: fix or delete the record")
+    bad = [key for key in MODEL_CONFIG_KEYS
+           if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 1]
+    if bad:
+        raise ModelFileError(f"The run record of {path} has no usable {', '.join(bad)} in its "
+                             f"model_config (positive whole numbers): fix or delete the record")
+    if cfg["emb_dim"] % cfg["n_heads"]:
+        raise ModelFileError(f"The run record of {path} says emb_dim {cfg['emb_dim']} and "
+                             f"n_heads {cfg['n_heads']}, which do not divide: fix or delete it")
+    return {"drop_rate": 0.0, "qkv_bias": False, **cfg}
 
 
 def model_name_for(cfg):
@@ -161,7 +205,7 @@ def add_adapters(model, adapters, path, base_path):
         load_lora_adapters(model, adapters)
     except (ValueError, RuntimeError) as e:
         raise ModelFileError(f"The adapters {path} do not fit the model {base_path}: "
-                             f"{str(e).splitlines()[0][:300]}") from None
+                             f"{first_line(e, 300)}") from None
 
 
 def record_style(*records):
@@ -214,7 +258,8 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
     source = "inferred from the weights"
     cfg = infer_model_config(state, path)
     if record is not None and "model_config" in record:
-        cfg, source = dict(record["model_config"]), f"from {find_run_record(path).name}"
+        cfg = check_model_config(record["model_config"], path)
+        source = f"from {find_run_record(path).name}"
     model = new_model(cfg)
     load_weights(model, cfg, state, path)
     if inline_adapters is not None:
@@ -242,8 +287,9 @@ def load_adapters_on_pretrained(path, adapters, device="cpu"):
         raise ModelFileError(f"{path} comes from a test-mode run, trained on a tiny random GPT "
                              f"that no file holds: use that run's merged model instead")
     models_dir = Path(config.get("models_dir") or HERE / "gpt2")
+    cfg = record.get("model_config")
     model, info = load_pretrained_model(config["model"], "cpu", models_dir,
-                                        record.get("model_config"))
+                                        None if cfg is None else check_model_config(cfg, path))
     add_adapters(model, adapters, path, info["path"])
     return finish(model, device, record_style((path, record)), info["path"], path,
                   config["model"], info["model_config"], f"from {find_run_record(path).name}")
@@ -294,8 +340,9 @@ def load_sft_model(path, model=None, model_config=None, device="cpu"):
     if model_config is None and model is not None:
         model_config = gpt2_config(model)
     if model_config is None:
-        model_config = ((read_run_record_if_any(path) or {}).get("model_config")
-                        or infer_model_config(state_dict, path))
+        model_config = (read_run_record_if_any(path) or {}).get("model_config")
+        model_config = (infer_model_config(state_dict, path) if model_config is None
+                        else check_model_config(model_config, path))
     gpt = new_model(model_config)
     load_weights(gpt, model_config, state_dict, path)
     return gpt.to(device).eval(), model_config

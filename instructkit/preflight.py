@@ -1,7 +1,11 @@
 """Check everything cheap before anything expensive: a bad flag or folder costs seconds, not a run.
 
 Not in the book. Before any download, model build or training, the command line checks:
-- every numeric flag's range (`NUMERIC_LIMITS`);
+- every numeric flag's range (`NUMERIC_LIMITS`; the other commands pass their own `Limit`s
+  to `check_ranges`);
+- `--tokenizer-dir`: a folder with GPT-2's tokenizer files;
+- `--resume`: the checkpoint exists, is one of this command's, and has this run's settings
+  (`check_resume`, before the weights download);
 - the output folder: created, and a file written into it and removed again;
 - that no output file's name is taken by a folder;
 - the data file, read and validated (a file still to be downloaded is validated on download);
@@ -137,6 +141,24 @@ def check_output_files(paths):
                                  f"move the folder away or choose another --output-dir")
 
 
+def check_output_file(path, flag, what=None):
+    """PreflightError when an output file cannot be written: a folder sits at its path, or a
+    file where one of its folders would be made. `flag` chooses the file; `what`: how the
+    message names it (default: the flag)."""
+    path = Path(path)
+    what = what or flag
+    if path.is_dir():
+        raise PreflightError(f"{what} {path} is a folder, where a file is to be written: move "
+                             f"it away or choose another {flag}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PreflightError(f"{what} {path} cannot be written: {parent} is a file, "
+                                     f"not a folder")
+            break
+    return path
+
+
 def check_data_file(path, data_url=None, split=None):
     """Read and validate the instruction data at `path`, and check that `split` (the run's
     split; default: the chapter's 85/10/5) leaves no part empty; return its entries.
@@ -168,6 +190,60 @@ def untrained_suffix(epochs):
 def untrained_note(model_path):
     return (f"Note: --epochs 0 trains nothing, so the outputs carry '-untrained' in their names "
             f"({Path(model_path).name}, ...) and replace no finetuned model.")
+
+
+def check_tokenizer_dir(folder, flag="--tokenizer-dir"):
+    """PreflightError unless `folder` (None: tiktoken's own files) holds a pair of GPT-2's
+    tokenizer files; checked before any download, as the tokenizer is built after them."""
+    from instructkit.gpt2_tokenizer import tokenizer_files
+
+    if folder is None:
+        return
+    if not Path(folder).is_dir():
+        raise PreflightError(f"{flag} {folder} is not a folder: pass the folder that holds "
+                             f"encoder.json and vocab.bpe (or vocab.json and merges.txt)")
+    if tokenizer_files(folder) is None:
+        raise PreflightError(f"{flag} {folder} holds neither encoder.json + vocab.bpe nor "
+                             f"vocab.json + merges.txt (GPT-2's tokenizer files)")
+
+
+def check_resume(resume, folder, stem, identity, other_command):
+    """What `--resume` names, checked before any download or model load: the checkpoint (PATH,
+    or the newest of `stem` in `folder` for a bare --resume) exists, is a checkpoint of this
+    command, and its settings equal `identity`'s (the parts of the run's identity known before
+    anything loads; the whole identity is checked again when training resumes).
+
+    `other_command`: the command whose checkpoints a checkpoint of other settings' names
+    would be, for the message. Returns the checkpoint's path, or None without --resume.
+    A CheckpointError (exit code 2) says what is wrong.
+    """
+    from instructkit.checkpoints import check_identity, load_checkpoint, newest_checkpoint
+    from instructkit.training import RESUME_NEWEST
+
+    if resume is None:
+        return None
+    path = newest_checkpoint(folder, stem) if resume == RESUME_NEWEST else Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {path}: no such checkpoint. Pass a file of "
+                              f"{folder} ({stem}-step*.pth), or --resume alone for the newest")
+    if path.is_dir():
+        raise CheckpointError(f"--resume {path} is a folder: pass a checkpoint file in it "
+                              f"({stem}-step*.pth), or --resume alone for the newest one")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"--resume {path} is empty (0 bytes): a save that was cut off "
+                              f"leaves such a file. Pass another checkpoint, or delete it.")
+    # mmap: the tensors stay on disk, so even a 5 GB checkpoint is read in a moment
+    checkpoint = load_checkpoint(path, mmap=True)
+    saved = checkpoint.get("identity")
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise CheckpointError(f"{path} is a checkpoint without the settings it was saved with: "
+                              f"start a fresh run without --resume")
+    if set(saved["config"]) != set(identity["config"]):
+        raise CheckpointError(f"{path} is a checkpoint of another command ({other_command}, "
+                              f"by its settings), not of this one: resume it with that "
+                              f"command, or pass one of this command's checkpoints")
+    check_identity({"identity": {key: saved.get(key) for key in identity}}, identity, path)
+    return path
 
 
 #####################################
@@ -395,17 +471,21 @@ def check_compile(device):
 
 
 def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, models_dir=None,
-              extra_needs=(), split=None):
+              extra_needs=(), split=None, resume=None):
     """Every check, cheapest first; returns the validated entries (None when still to download).
 
     `config`: the run's settings (FinetuneConfig); `output_files`: the paths the run writes;
     `model_cfg`: the GPTModel config; `models_dir`: where the GPT-2 checkpoints are kept (None
     when no GPT-2 is loaded, as in test mode); `extra_needs`: more (folder, bytes, what) to find
-    disk space for; `split`: how the run splits the entries (see check_data_file).
+    disk space for; `split`: how the run splits the entries (see check_data_file); `resume`:
+    (folder, stem, identity, other command) of the checkpoints, for `check_resume`.
     """
     check_ranges(config)
+    check_tokenizer_dir(getattr(config, "tokenizer_dir", None))
     check_output_dir(output_dir)
     check_output_files(output_files)
+    if resume is not None:
+        check_resume(getattr(config, "resume", None), *resume)
     data = check_data_file(data_path, data_url, split)
     source = getattr(config, "weights_source", "auto")
     download = models_dir is not None and gpt2_download_needed(models_dir, config.model, source)

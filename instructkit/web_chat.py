@@ -20,23 +20,105 @@ inline in Jupyter, and is what the Hugging Face hub uses):
   and then an answer equals `generate`'s;
 - an empty message or a text too long for the context gets a visible note; an exception
   while generating is shown in the chat (and logged) and the server keeps serving; a missing
-  or mismatched model file is an error (exit code 2) before any server starts.
+  or mismatched model file is an error (exit code 2) before any server starts, and so is a
+  --port out of range or in use (checked before any model loads).
 It listens on 127.0.0.1 only, unless --host says otherwise.
 """
 
 import argparse
+import errno
 import logging
+import os
+import socket
 import sys
 
 from instructkit.console import use_utf8_console
-from instructkit.errors import ExpectedError
-from instructkit.model_files import ChatModel, ModelFileError, add_model_arguments, describe, load_chat_model
+from instructkit.errors import BadInputError, ExpectedError
+from instructkit.model_files import (
+    ChatModel,
+    ModelFileError,
+    add_model_arguments,
+    check_model_path,
+    describe,
+    load_chat_model,
+)
 from instructkit.parallel_matvec import add_decode_arguments, apply_decode_arguments
+from instructkit.preflight import Limit, check_ranges
 
 log = logging.getLogger("instructkit.web_chat")
 EXIT_BAD_INPUT = 2
 DEFAULT_MAX_NEW_TOKENS = 256
 EMPTY_NOTE = "Note: the message was empty. Type an instruction, then press Enter or Send."
+
+
+# Gradio's own search when no port is given: from GRADIO_SERVER_PORT (else 7860), 100 ports.
+FIRST_PORT, PORTS_TRIED = int(os.environ.get("GRADIO_SERVER_PORT", "7860")), 100
+# Ports in use: EADDRINUSE, and Windows' own number for it
+ADDRESS_IN_USE = {errno.EADDRINUSE, 10048}
+
+
+class PortError(BadInputError):
+    """--host or --port where the server cannot listen: exit code 2, before any model loads.
+    `in_use`: the port is taken (another may be free)."""
+
+    def __init__(self, message, in_use=False):
+        super().__init__(message)
+        self.in_use = in_use
+
+
+def check_port(host, port):
+    """PortError unless a server can listen on `host`:`port` now (a socket binds there).
+
+    `port` None: Gradio takes the first free one of its range, so one must be free.
+    """
+    if port is None:
+        for candidate in range(FIRST_PORT, FIRST_PORT + PORTS_TRIED):
+            try:
+                return check_port(host, candidate)
+            except PortError as e:
+                if not e.in_use:
+                    raise
+        raise PortError(f"every port from {FIRST_PORT} to {FIRST_PORT + PORTS_TRIED - 1} is in "
+                        f"use on {host}: pass a free one with --port")
+    address = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise PortError(f"--host {host} is no address of this machine "
+                        f"({getattr(e, 'strerror', None) or e}): use 127.0.0.1 (this machine "
+                        f"only) or 0.0.0.0 (every network)") from None
+    with socket.socket(family, kind, proto) as probe:
+        if os.name != "nt":  # as the server will: a port just left (TIME_WAIT) is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as e:
+            if e.errno in ADDRESS_IN_USE or getattr(e, "winerror", None) in ADDRESS_IN_USE:
+                raise PortError(f"--port {port} is in use on {host} (another program, or "
+                                f"another web chat, listens there): choose another --port, or "
+                                f"leave --port out to take the first free one from "
+                                f"{FIRST_PORT}", in_use=True) from None
+            raise PortError(f"cannot listen on {host} port {port} ({e.strerror or e}): "
+                            f"choose another --host or --port") from None
+    return port
+
+
+def check_arguments(args):
+    """Every flag of the command line, before Gradio is imported or any model loads: the
+    port's range, the model files (empty, a folder, missing), and a free host:port."""
+    check_ranges(args, {"port": Limit(1, 65535)})
+    check_model_paths(args.model, args.adapters, args.compare)
+    check_port(args.host, args.port)
+
+
+def check_model_paths(model_path, adapters=None, compare=None, compare_adapters=None):
+    """ModelFileError for the first of the files that cannot be a model: before any loads."""
+    check_model_path(model_path)
+    for path, what in ((adapters, "adapter file"), (compare, "model file to compare with"),
+                       (compare_adapters, "adapter file")):
+        if path is not None:
+            check_model_path(path, what)
 
 
 def load_models(model_path, device="cpu", adapters=None, compare=None, compare_pretrained=False,
@@ -45,6 +127,7 @@ def load_models(model_path, device="cpu", adapters=None, compare=None, compare_p
     from instructkit.gpt2_tokenizer import get_tokenizer
     from instructkit.model_files import load_pretrained_model, model_name_for
 
+    check_model_paths(model_path, adapters, compare, compare_adapters)
     tokenizer = get_tokenizer(tokenizer_dir)
     main, info = load_chat_model(model_path, device, adapters=adapters, tokenizer=tokenizer)
     models = [(main, info)]
@@ -169,12 +252,11 @@ def launch(model_path, compare=None, compare_pretrained=False, adapters=None, de
     In Jupyter the app renders inline below the cell and the cell returns; `demo.close()`
     stops it. `models`: already loaded [(ChatModel, info)], instead of the paths.
     """
-    import os
-
     from instructkit.devices import choose_device
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app: nothing sent out
     if models is None:
+        check_port(host, port)  # before the models load
         models = load_models(model_path, choose_device(device), adapters, compare,
                              compare_pretrained)
     demo = build_app(models)
@@ -202,6 +284,11 @@ def main(argv=None):
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_arguments(args)
+    except ExpectedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    try:
         import gradio  # noqa: F401 - checked before the models load
     except ImportError:
         print("error: the web chat needs Gradio: pip install -r requirements-app.txt",
@@ -215,9 +302,9 @@ def main(argv=None):
         decode_dtype = apply_decode_arguments(args)
         for chat, _ in models:
             chat.decode_dtype = decode_dtype
-    except (ExpectedError, FileNotFoundError, RuntimeError) as e:
+    except ExpectedError as e:  # a RuntimeError is a bug: it keeps its traceback
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return e.exit_code
     for _, info in models:
         print(f"Loaded {describe(info)}", file=sys.stderr)
     demo, url = launch(None, host=args.host, port=args.port, models=models)
