@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,7 +361,7 @@ def test_hold_output_folder_notes_and_removes_only_leftovers(tmp_path, capsys):
     (tmp_path / "checkpoints").mkdir()
     leftover = tmp_path / "checkpoints" / f".run-step0000003.pth.{'c' * 16}.tmp"
     leftover.write_bytes(bytes(2500))
-    write_atomically(tmp_path / "kept.json", lambda tmp: open(tmp, "w").write("{}"))
+    write_atomically(tmp_path / "kept.json", lambda tmp: Path(tmp).write_text("{}"))
     lock = hold_output_folder(tmp_path)
     assert capsys.readouterr().out == (
         f"Note: removed 1 temporary file that a killed write left behind: {leftover} (2.5 kB).\n")
@@ -403,3 +404,15 @@ def test_metrics_get_their_final_name_only_when_published(tmp_path):
     assert partial_metrics_path(metrics).name == "m.metrics.jsonl.partial"
     assert publish_metrics(metrics) == metrics
     assert metrics.read_text() == '{"step": 1}\n' and not partial_metrics_path(metrics).exists()
+
+
+def test_liveness_without_psutil(monkeypatch):
+    """The fallback where psutil is missing: os.kill(pid, 0) on POSIX, OpenProcess on Windows."""
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert process_alive(sleeper.pid) and process_alive(os.getpid())
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not process_alive(sleeper.pid)
