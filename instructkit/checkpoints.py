@@ -21,8 +21,12 @@ between machines: it loads onto the CPU, `restore` copies the weights onto the m
 and the optimizer puts its state beside its parameters, and `set_rng_states` restores as many
 GPUs' RNG states as both machines have.
 
-Files are named `<stem>-step<step>.pth` inside a checkpoint folder; `newest_checkpoint`
-finds the last one written and `prune_checkpoints` keeps the last K.
+Files are named `<stem>-step<step>.pth` inside a checkpoint folder. Runs of other settings
+or data may share a stem (and a folder): `checkpoint_identity` reads a file's identity without
+loading its tensors, `newest_checkpoint` finds the one with the highest step of this run's
+identity (whatever the files' times say: a copied folder or a restored backup changes those),
+and `prune_checkpoints` keeps the K highest steps of this run's identity and never touches
+another run's.
 """
 
 import glob
@@ -50,32 +54,80 @@ def _step_of(path, stem):
 
 
 def list_checkpoints(folder, stem):
-    """This run's checkpoints in `folder`, oldest first (by time written, then step)."""
+    """The checkpoints named after `stem` in `folder`, lowest step first (whatever their
+    identity; see `own_checkpoints`)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found = [p for p in folder.glob(f"{glob.escape(stem)}-step*.pth") if _step_of(p, stem) is not None]
-    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, _step_of(p, stem)))
+    return sorted(found, key=lambda p: (_step_of(p, stem), p.name))
 
 
-def newest_checkpoint(folder, stem):
-    """The last checkpoint written for `stem` in `folder`; CheckpointError when there is none."""
+_IDENTITIES = {}  # (path, size, mtime_ns) -> identity, so that pruning reads each file once
+_UNREADABLE = object()
+
+
+def checkpoint_identity(path):
+    """The identity a checkpoint file records (see the module docstring), read without loading
+    its tensors (torch.load with mmap); None for a file that is not a readable checkpoint."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _IDENTITIES:
+        _IDENTITIES[key] = _read_identity(path)
+    identity = _IDENTITIES[key]
+    return None if identity is _UNREADABLE else identity
+
+
+def _read_identity(path):
+    for mmap in (True, False):  # mmap: the tensors stay on disk (a file of the zip format)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError):
+            continue
+        if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
+            return checkpoint.get("identity")
+        return _UNREADABLE
+    return _UNREADABLE
+
+
+def own_checkpoints(folder, stem, identity=None):
+    """The checkpoints of `stem` in `folder` whose identity equals `identity` (None: all of the
+    stem), lowest step first."""
     found = list_checkpoints(folder, stem)
+    if identity is None:
+        return found
+    return [p for p in found if checkpoint_identity(p) == identity]
+
+
+def newest_checkpoint(folder, stem, identity=None):
+    """The checkpoint of `stem` in `folder` with the highest step, of this run's `identity`
+    when given; CheckpointError when there is none (naming how the others differ)."""
+    found = own_checkpoints(folder, stem, identity)
     if found:
         return found[-1]
+    readable = [p for p in list_checkpoints(folder, stem) if checkpoint_identity(p) is not None]
+    if identity is not None and readable:  # the stem's, saved with other settings or data
+        check_identity({"identity": checkpoint_identity(readable[-1])}, identity, readable[-1])
     others = sorted(p.name for p in Path(folder).glob("*-step*.pth")) if Path(folder).is_dir() else []
     hint = f" It holds checkpoints of other runs: {', '.join(others[:5])}." if others else ""
     raise CheckpointError(f"No checkpoint named {stem}-step*.pth in {folder} to resume from.{hint} "
                           f"Pass its path to --resume, or start without --resume.")
 
 
-def prune_checkpoints(folder, stem, keep):
-    """Delete all but the `keep` newest checkpoints of `stem` (None keeps all); return the deleted."""
+def prune_checkpoints(folder, stem, keep, identity=None, spare=()):
+    """Delete all but the `keep` highest-step checkpoints of `stem` (None keeps all); with
+    `identity`, only among this run's (another run's checkpoints are never touched). The files
+    in `spare` (the one just written) stay whatever their step. Returns the deleted."""
     if keep is None:
         return []
     if keep < 1:
         raise ValueError(f"keep must be at least 1 (got {keep})")
-    old = list_checkpoints(folder, stem)[:-keep]
+    spare = {Path(p) for p in spare}
+    old = [p for p in own_checkpoints(folder, stem, identity)[:-keep] if p not in spare]
     for path in old:
         remove_file(path, missing_ok=True)  # retried while Windows' virus scan holds it
     return old

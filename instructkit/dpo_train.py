@@ -10,7 +10,8 @@ there, trains one epoch of DPO (dpo.py, through fast_dpo's faster batch loss) an
 the SFT model (or in --output-dir):
 
     gpt2-medium355M-sft-dpo.pth             the DPO-tuned weights (same layout as the SFT file)
-    gpt2-medium355M-sft-dpo.metrics.jsonl   losses and rewards, one line per evaluation
+    gpt2-medium355M-sft-dpo.metrics.jsonl   losses and rewards, one line per evaluation (named
+                                            .metrics.jsonl.partial until the model is saved)
     gpt2-medium355M-sft-dpo.run.json        the run record: config, model config, versions...
     gpt2-medium355M-sft-dpo-plot.pdf        losses and reward margins
     gpt2-medium355M-sft-dpo-responses.json  test entries answered by the SFT and the DPO model
@@ -18,12 +19,16 @@ the SFT model (or in --output-dir):
 The model's size comes from `<sft stem>.run.json` when it is there, else from the shapes
 in the state dict; `--model gpt2-medium` overrides both. The run is resumable like the
 chapter's command (checkpoints.py): every `--save-every` steps it writes a checkpoint to
-OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the newest one
-(same data order, same numbers); one saved with other settings is refused, naming them.
+OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the one of the
+highest step (same data order, same numbers); one saved with other settings is refused, naming
+them.
 `--max-steps N` stops after N steps with a checkpoint, to split a long run into sessions.
 `--precision` works as in the finetuning command (auto: bf16 from compute capability 8.0, fp16
 with a gradient scaler at 7.x, else fp32); the reference model's cached log-probabilities are
 computed in the same precision, and the run record says which.
+One run at a time per output folder: the run holds the folder's lock (output_lock.py), so a
+second run into it is refused at once (exit 2), and temporary files that a killed write left
+there are removed at the start.
 `--test-mode` runs the whole stage in seconds on a tiny random GPT and 10 entries per split.
 Every flag is checked before the data or the model is read (`check_config`): the numeric
 ranges (`--beta` above 0: at 0 DPO learns nothing, below 0 it trains toward the rejected
@@ -57,10 +62,17 @@ from instructkit.instruction_data import (
     split_data,
 )
 from instructkit.model_files import check_model_path, load_sft_model
+from instructkit.output_lock import hold_output_folder
 from instructkit.precision import PRECISIONS, resolve_precision
 from instructkit.preflight import Limit, check_ranges, check_resume, check_tokenizer_dir
 from instructkit.run_guard import exit_code, signals_interrupt
-from instructkit.run_record import dataset_fingerprint, metrics_path, write_run_record
+from instructkit.run_record import (
+    dataset_fingerprint,
+    metrics_path,
+    partial_metrics_path,
+    publish_metrics,
+    write_run_record,
+)
 from instructkit.safe_files import (
     ask_at_terminal,
     optional_output,
@@ -275,7 +287,7 @@ def train(policy, reference, config, datasets, collate, paths, identity, precisi
     run = DPOTrainingRun(policy, reference, config.beta, loss_fn, optimizer, train_loader,
                          val_loader, policy.pos_emb.weight.device, precision=precision,
                          seed=config.seed,
-                         checkpoints=plan, metrics_path=paths["metrics"])
+                         checkpoints=plan, metrics_path=partial_metrics_path(paths["metrics"]))
     run.resume_or_start(config.resume)
     run.train(config.epochs, config.eval_freq, config.eval_iter, start_context=None,
               tokenizer=None, max_steps=config.max_steps)
@@ -286,7 +298,19 @@ def train(policy, reference, config, datasets, collate, paths, identity, precisi
 
 
 def main(config):
-    """The DPO stage: data, SFT model and its frozen copy, training, answers, saved files."""
+    """The DPO stage: data, SFT model and its frozen copy, training, answers, saved files.
+
+    The output folder is locked for the whole run (output_lock.py): another run into it is
+    refused before any work."""
+    lock = hold_output_folder(output_paths(config)["model"].parent)
+    try:
+        return _run(config)
+    finally:
+        lock.release()
+
+
+def _run(config):
+    """main's work, once the output folder is this run's."""
     from instructkit.devices import choose_device
     from instructkit.gpt2_tokenizer import get_tokenizer
     from instructkit.run_record import package_versions
@@ -340,6 +364,7 @@ def main(config):
     retry_while_disk_full(lambda: save_state_dict(policy.state_dict(), paths["model"]),
                           ask_at_terminal("The DPO-tuned model"))
     print(f"Model saved as {paths['model']}")
+    publish_metrics(paths["metrics"])  # the model is whole: its metrics take their final name
     # A plot held open by another program (a PDF viewer, on Windows) must not cost the answers
     then = f"The answers follow; the losses are in {paths['metrics']}."
     with optional_output("the DPO plot", then):
@@ -383,7 +408,7 @@ def build_arg_parser():
                              ("eval-freq", int, "evaluate every this many steps"),
                              ("eval-iter", int, "batches per evaluation"),
                              ("save-every", int, "write a checkpoint every this many steps"),
-                             ("keep", int, "checkpoints kept (the newest)"),
+                             ("keep", int, "checkpoints of this run kept (the highest steps)"),
                              ("max-steps", int, "stop after this many steps in all, keeping a "
                                                 "checkpoint to continue from"),
                              ("seed", int, "random seed"),
@@ -399,7 +424,7 @@ def build_arg_parser():
     add("--tokenizer-dir", help="a folder with GPT-2's encoder.json and vocab.bpe (offline use)")
     add("--plain", action="store_true", help="the plain loss of dpo.py instead of fast_dpo's")
     add("--resume", nargs="?", const=RESUME_NEWEST, default=None, metavar="PATH",
-        help="continue from a checkpoint: PATH, or without PATH the newest of this run in "
+        help="continue from a checkpoint: PATH, or without PATH this run's of the highest step in "
              "OUTPUT_DIR/checkpoints")
     add("--test-mode", "--test_mode", dest="test_mode", action="store_true",
         help="a tiny GPT (random, unless --sft-model) and 10 entries per split, in seconds")
@@ -436,7 +461,8 @@ def cli(argv=None):
         # answers), the model is saved already.
         told = f"{e} " if isinstance(e, TrainingInterrupted) else ""
         if getattr(e, "cut", None) is None:  # else `told` says it all
-            told += (f"The same command with --resume continues from the newest checkpoint in "
+            told += (f"The same command with --resume continues from this run's checkpoint of "
+                     f"the highest step in "
                      f"{output_paths(config)['checkpoints']}, if one was saved.")
         print(f"\nInterrupted. {told.strip()}", file=sys.stderr)
         return exit_code(e)  # 130 for Ctrl-C, 143 for SIGTERM

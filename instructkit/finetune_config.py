@@ -88,9 +88,10 @@ class FinetuneConfig:
                             choices=list(PRECISIONS))
     save_every: int | None = option(None, "write a checkpoint every N training steps (Ctrl-C "
                                           "always writes one)", metavar="N")
-    keep: int = option(3, "checkpoints kept (the newest) in OUTPUT_DIR/checkpoints")
-    resume: str | None = option(None, "continue from a checkpoint: PATH, or without PATH the "
-                                      "newest of this run in OUTPUT_DIR/checkpoints",
+    keep: int = option(3, "checkpoints of this run kept (the highest steps) in "
+                          "OUTPUT_DIR/checkpoints; other runs' are never deleted")
+    resume: str | None = option(None, "continue from a checkpoint: PATH, or without PATH this "
+                                      "run's of the highest step in OUTPUT_DIR/checkpoints",
                                 nargs="?", const=RESUME_NEWEST, metavar="PATH")
     fsdp: bool = option(False, "under torchrun: shard the weights, gradients and optimizer state "
                                "over the processes (FSDP) instead of a whole copy on each (DDP)")

@@ -5,13 +5,16 @@ book does the same step plainly.
 by step, what the command line adds:
 
 - before any download: every check that takes seconds (preflight.py: the flags' ranges, the
-  output folder, the data file, GPT-2's folder, the free disk space);
+  output folder, the data file, GPT-2's folder, the free disk space), then the output
+  folder's lock (output_lock.py: one run per folder; under torchrun, process 0's), which also
+  removes the temporary files that killed writes left there;
 - the data: `--data`/`--data-url`, JSON Lines, the chapter's file checked by its sha256, the
   split's fractions (`load_data`, `split`), the tokenizer from the weights' own files;
 - the device (`--device`, or the chapter's get_device()) and torchrun's processes
   (distributed.py): one download per machine, only process 0 prints and writes;
 - training as the book's `train_model_simple`, with checkpoints, `--resume`, `--max-steps`, a
-  progress bar and a metrics file (`train_model`, training.TrainingRun);
+  progress bar and a metrics file, `<stem>.metrics.jsonl.partial` until the model is saved
+  (`train_model`, training.TrainingRun);
 - the outputs, each written whole or not at all, the model before the slow answers
   (`save_model`, `generate_responses`, `save_answers`), with a run record beside the model;
 - on Ctrl-C or SIGTERM, a message saying what was saved, what was not, and how to go on.
@@ -44,10 +47,16 @@ from instructkit.finetune_files import (
 from instructkit.gpt2_sizes import book_model_name, model_folder, short_model_name
 from instructkit.gpt2_tokenizer import get_tokenizer, tokenizer_files
 from instructkit.instruction_data import CHAPTER_DATASET, DatasetError
+from instructkit.output_lock import hold_output_folder
 from instructkit.precision import enable_tf32, resolve_precision
 from instructkit.preflight import check_compile, check_run, untrained_note
 from instructkit.run_guard import RunProgress
-from instructkit.run_record import dataset_fingerprint, write_run_record
+from instructkit.run_record import (
+    dataset_fingerprint,
+    partial_metrics_path,
+    publish_metrics,
+    write_run_record,
+)
 from instructkit.safe_files import (
     ask_at_terminal,
     optional_output,
@@ -94,6 +103,8 @@ class FinetuneRun:
         self.progress = RunProgress(OUTPUT_NAMES[key] for key in self.paths if key in OUTPUT_NAMES
                                     and (key != "plot" or config.epochs > 0))
         self.processes = None
+        self.lock = None  # the output folder's (output_lock.py), from the end of __init__ on
+        self.metrics_published = False  # whether the metrics have their final name yet
         with self._stage("checking the settings"):
             self._check_before_run()
         if config.epochs == 0:
@@ -117,6 +128,8 @@ class FinetuneRun:
         self.dataset = None  # the data file's fingerprint (run_record.dataset_fingerprint)
         self.training = None  # the TrainingRun, once training starts
         self.finished = False
+        if self.is_main:  # before any download: a folder another run writes into is refused
+            self.lock = hold_output_folder(self.paths["model"].parent)
 
     @property
     def device(self):
@@ -130,6 +143,12 @@ class FinetuneRun:
     @property
     def models_dir(self):
         return models_dir(self.config)
+
+    @property
+    def metrics_file(self):
+        """Where the metrics are: `<stem>.metrics.jsonl.partial` until the model is saved."""
+        metrics = self.paths["metrics"]
+        return metrics if self.metrics_published else partial_metrics_path(metrics)
 
     @property
     def max_length(self):
@@ -167,7 +186,16 @@ class FinetuneRun:
                 self.progress.hint = self._resume_hint(e.checkpoint)  # the checkpoints there now
             if self.processes is None or self.is_main:
                 print(f"\n{self.progress.interrupted_message()}", file=sys.stderr)
+            self.release()
             raise
+        except BaseException:
+            self.release()  # the run ends here: the next one may use the folder
+            raise
+
+    def release(self):
+        """Let go of the output folder's lock (the run has ended)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _checkpoint_plan(self):
         output_dir, _, stem = output_names(self.config)
@@ -183,8 +211,8 @@ class FinetuneRun:
         if checkpoint is None and not list_checkpoints(plan.folder, plan.stem):
             return None  # nothing to resume: RunProgress says "start over"
         newest = f" or with --resume {checkpoint}" if checkpoint is not None else ""
-        return (f"To continue, run the same command with --resume (it takes the newest checkpoint "
-                f"in {plan.folder}){newest}.")
+        return (f"To continue, run the same command with --resume (it takes this run's checkpoint "
+                f"of the highest step in {plan.folder}){newest}.")
 
     #####################################
     # The data and the tokenizer
@@ -275,7 +303,7 @@ class FinetuneRun:
         those before a resume included. Sets `finished` (False after --max-steps)."""
         self.training = TrainingRun(model, optimizer, train_loader, val_loader, device,
                                     precision=self.precision, checkpoints=self._checkpoint_plan(),
-                                    metrics_path=self.paths["metrics"], distributed=self.processes)
+                                    metrics_path=self.metrics_file, distributed=self.processes)
         with self._stage("training", hint=self._resume_hint()):
             self.training.resume_or_start(self.config.resume)
             losses = self.training.train(num_epochs, eval_freq, eval_iter, start_context, tokenizer,
@@ -311,6 +339,10 @@ class FinetuneRun:
                 merge_lora(model)
                 weights = model.state_dict()
             retry_while_disk_full(lambda: save_state_dict(weights, self.paths["model"]), wait_for_space)
+            # the model is whole: its metrics take their final name (an earlier model's
+            # metrics stayed until now)
+            publish_metrics(self.paths["metrics"])
+            self.metrics_published = True
             self.saved("model")
             return self.paths["model"]
 
@@ -335,8 +367,9 @@ class FinetuneRun:
     def _written_paths(self):
         """{key: path} of the outputs written so far, the metrics file (written during
         training) included."""
-        return {key: path for key, path in self.paths.items()
-                if path in self.progress.saved.values() or key == "metrics"}
+        written = {key: path for key, path in self.paths.items()
+                   if path in self.progress.saved.values()}
+        return {**written, "metrics": self.metrics_file}
 
     def _write_record(self):
         written = {**self._written_paths(), "run_record": self.paths["run_record"]}
@@ -391,10 +424,11 @@ class FinetuneRun:
                    else {"checkpoint": self.training.last_checkpoint})
         self._quiet.close()
         self.processes.close()
+        self.release()
         return {"train_losses": train_losses, "val_losses": val_losses, "tokens_seen": tokens_seen,
                 "initial_losses": initial_losses, "finished": self.finished, "steps": state.step,
                 "wall_seconds": state.wall_seconds, "minutes": state.wall_seconds / 60,
                 "checkpoint": self.training.last_checkpoint,
-                "resumed_from": self.training.resumed_from, "metrics_path": self.paths["metrics"],
+                "resumed_from": self.training.resumed_from, "metrics_path": self.metrics_file,
                 "precision": self.training.precision.name, "responses": responses,
                 "paths": written, "config": asdict(self.config), "model": model}

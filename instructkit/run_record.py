@@ -1,9 +1,12 @@
 """What a finetuning run leaves behind besides the model: a metrics log and a run record.
 
 Not in the book: the book prints its losses and keeps them in memory. Here
-- every evaluation appends one JSON line to `<stem>.metrics.jsonl` as it happens (step,
-  epoch, epochs_seen, tokens_seen, train_loss, val_loss, lr, seconds), so a crashed run
-  still has its curve, and the loss plot can be drawn again from that file alone;
+- every evaluation appends one JSON line to the metrics file as it happens (step, epoch,
+  epochs_seen, tokens_seen, train_loss, val_loss, lr, seconds), so a crashed run still has
+  its curve, and the loss plot can be drawn again from that file alone. Until the run's model
+  is saved the file is `<stem>.metrics.jsonl.partial` (`partial_metrics_path`); then it becomes
+  `<stem>.metrics.jsonl` (`publish_metrics`), so a run that dies never replaces the metrics of
+  the model an earlier run saved under that name;
 - `<stem>.run.json` beside `<stem>.pth` records the full config, package versions, device,
   precision, the dataset's sha256 and size, the seed, wall time and final losses.
 """
@@ -12,7 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from instructkit.safe_files import write_atomically, write_json
+from instructkit.safe_files import replace_file, write_atomically, write_json
 
 METRIC_KEYS = ("step", "epoch", "epochs_seen", "tokens_seen", "train_loss", "val_loss", "lr", "seconds")
 RUN_RECORD_KEYS = ("config", "model_config", "versions", "device", "precision", "dataset", "seed",
@@ -44,6 +47,23 @@ def metrics_path(model_path):
     """gpt2-medium355M-sft.pth -> gpt2-medium355M-sft.metrics.jsonl (same folder)."""
     model_path = Path(model_path)
     return model_path.with_name(model_path.stem + ".metrics.jsonl")
+
+
+def partial_metrics_path(metrics_file):
+    """x.metrics.jsonl -> x.metrics.jsonl.partial: a run's metrics until its model is saved."""
+    metrics_file = Path(metrics_file)
+    return metrics_file.with_name(metrics_file.name + ".partial")
+
+
+def publish_metrics(metrics_file):
+    """Give the run's metrics (`partial_metrics_path(metrics_file)`) the final name
+    `metrics_file`, replacing the earlier model's; call it once the model is saved. Returns
+    `metrics_file`, or None when the run wrote no metrics."""
+    partial = partial_metrics_path(metrics_file)
+    if not partial.is_file():
+        return None
+    replace_file(partial, metrics_file)
+    return Path(metrics_file)
 
 
 def dataset_fingerprint(path):

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -126,6 +127,10 @@ def _disk_full_cause(exc):
     return None
 
 
+# The temporary name of `write_atomically`: `.<final name>.<16 hex digits>.tmp`.
+TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.[0-9a-f]{16}\.tmp")
+
+
 def _create_temporary(path):
     """An empty, new file beside `path`, created as open() would create it (umask applies).
 
@@ -157,6 +162,40 @@ def write_atomically(path, write):
                             f"free some space and run again") from e
     finally:
         _discard(tmp)
+
+
+def leftover_temporaries(folder, skip_prefixes=(".write-test-",)):
+    """The temporary files of `write_atomically` in `folder` (not below it), oldest first.
+
+    Only a write that was killed (SIGKILL, a power cut) leaves one behind; call this only where
+    no other program can be writing, e.g. in an output folder whose lock this process holds
+    (output_lock.py). Temporaries whose final name starts with one of `skip_prefixes` are left
+    out: preflight's write probes, which other processes of the same run may be writing now.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = TEMPORARY_NAME.fullmatch(path.name)
+        if match and not match.group("final").startswith(skip_prefixes) and path.is_file():
+            found.append(path)
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def remove_leftover_temporaries(folders):
+    """Delete the leftover temporaries (see leftover_temporaries) of `folders`; return
+    [(path, bytes)] of those removed. One that another program holds is skipped."""
+    removed = []
+    for folder in folders:
+        for path in leftover_temporaries(folder):
+            try:
+                size = path.stat().st_size
+                remove_file(path, missing_ok=True)
+            except (FileInUseError, FileNotFoundError):
+                continue
+            removed.append((path, size))
+    return removed
 
 
 def write_json(path, obj):

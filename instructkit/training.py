@@ -20,7 +20,7 @@ In a notebook:
     run = TrainingRun(model, optimizer, train_loader, val_loader, device,
                       checkpoints=CheckpointPlan("checkpoints", "gpt2-medium355M-sft", identity,
                                                  save_every=50))
-    run.resume_if_any()  # continues the newest checkpoint, if there is one
+    run.resume_if_any()  # continues its checkpoint of the highest step, if there is one
     train_losses, val_losses, tokens_seen = run.train(num_epochs=2, eval_freq=5, eval_iter=5,
                                                       start_context=..., tokenizer=tokenizer)
 """
@@ -43,6 +43,7 @@ from instructkit.checkpoints import (
     list_checkpoints,
     load_checkpoint,
     newest_checkpoint,
+    own_checkpoints,
     prune_checkpoints,
     restore,
     save_checkpoint,
@@ -53,7 +54,7 @@ from instructkit.run_guard import SIGBREAK, Terminated, as_ctrl_c
 from instructkit.run_record import MetricsLog
 from instructkit.safe_files import retry_while_disk_full
 
-RESUME_NEWEST = "newest"  # --resume without a path: the newest checkpoint of the run
+RESUME_NEWEST = "newest"  # --resume without a path: the run's checkpoint with the highest step
 
 
 def draw_epoch_seed(shuffle):
@@ -247,19 +248,20 @@ class TrainingRun:
                 self.scaler), plan.wait_for_space)
             # whole on disk from here: the one a Ctrl-C during the pruning names
             self.last_checkpoint, self.last_checkpoint_step = path, self.state.step
-            prune_checkpoints(plan.folder, plan.stem, plan.keep)
+            # only this run's identity: another run's checkpoints of the same name stay
+            prune_checkpoints(plan.folder, plan.stem, plan.keep, plan.identity, spare=[path])
         self.distributed.barrier()  # the file is whole before any process goes on
         self.last_checkpoint, self.last_checkpoint_step = path, self.state.step
         self.saving = False
         return path
 
     def resume(self, path=None):
-        """Continue from checkpoint `path` (None: the newest of this run's stem), refusing
-        one saved for another model, data or config."""
+        """Continue from checkpoint `path` (None: this run's with the highest step, whatever the
+        files' times), refusing one saved for another model, data or config."""
         plan = self.checkpoints
         if plan is None:
             raise CheckpointError("Resuming needs a CheckpointPlan (its identity is checked).")
-        path = newest_checkpoint(plan.folder, plan.stem) if path is None else Path(path)
+        path = newest_checkpoint(plan.folder, plan.stem, plan.identity) if path is None else Path(path)
         checkpoint = load_checkpoint(path)
         check_identity(checkpoint, plan.identity, path)
         restore(checkpoint, *self.distributed.checkpoint_view(self.model, self.optimizer, gather=False),
@@ -272,8 +274,8 @@ class TrainingRun:
         return path
 
     def resume_or_start(self, resume):
-        """The command lines' `--resume`: continue checkpoint `resume` (RESUME_NEWEST: the
-        newest of this run), or, with None, start afresh and say so when an earlier run of the
+        """The command lines' `--resume`: continue checkpoint `resume` (RESUME_NEWEST: this
+        run's with the highest step), or, with None, start afresh and say so when an earlier run of the
         same stem left checkpoints (a later --resume would otherwise pick one of those)."""
         if resume is not None:
             return self.resume(None if resume == RESUME_NEWEST else resume)
@@ -284,8 +286,10 @@ class TrainingRun:
         return None
 
     def resume_if_any(self):
-        """Resume from the newest checkpoint of this run when there is one; return its path or None."""
-        if self.checkpoints is None or not list_checkpoints(self.checkpoints.folder, self.checkpoints.stem):
+        """Resume from this run's checkpoint with the highest step when there is one; return its
+        path or None."""
+        plan = self.checkpoints
+        if plan is None or not own_checkpoints(plan.folder, plan.stem, plan.identity):
             return None
         return self.resume()
 

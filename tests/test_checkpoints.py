@@ -97,8 +97,8 @@ def test_identity_differences_name_each_field():
         check_identity({"identity": saved}, current, "x.pth")
 
 
-def test_newest_and_pruning_follow_the_order_written(tmp_path):
-    for i, step in enumerate((30, 10, 20)):  # a restarted run writes lower steps later
+def test_newest_and_pruning_follow_the_steps_not_the_file_times(tmp_path):
+    for i, step in enumerate((30, 10, 20)):  # a copied folder: the times say nothing of the steps
         path = checkpoint_path(tmp_path, "run", step)
         path.write_bytes(b"x")
         os.utime(path, ns=(i * 10**9, i * 10**9))
@@ -106,12 +106,12 @@ def test_newest_and_pruning_follow_the_order_written(tmp_path):
     (tmp_path / "run-stepx.pth").write_bytes(b"x")  # not a checkpoint name
 
     assert [p.name for p in list_checkpoints(tmp_path, "run")] == [
-        "run-step0000030.pth", "run-step0000010.pth", "run-step0000020.pth"]
-    assert newest_checkpoint(tmp_path, "run").name == "run-step0000020.pth"
+        "run-step0000010.pth", "run-step0000020.pth", "run-step0000030.pth"]
+    assert newest_checkpoint(tmp_path, "run").name == "run-step0000030.pth"
     deleted = prune_checkpoints(tmp_path, "run", keep=2)
-    assert [p.name for p in deleted] == ["run-step0000030.pth"]
+    assert [p.name for p in deleted] == ["run-step0000010.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "run-lora8-step0000099.pth", "run-step0000010.pth", "run-step0000020.pth", "run-stepx.pth"]
+        "run-lora8-step0000099.pth", "run-step0000020.pth", "run-step0000030.pth", "run-stepx.pth"]
     assert prune_checkpoints(tmp_path, "run", keep=None) == []
     with pytest.raises(ValueError, match="at least 1"):
         prune_checkpoints(tmp_path, "run", keep=0)

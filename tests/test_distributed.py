@@ -266,6 +266,8 @@ def cli_command(out_dir, *args, nproc=None):
 
 
 def cli_outputs(out_dir, output):
+    # the processes shared process 0's lock on the output folder, released at the end
+    assert not (out_dir / ".instructkit.lock").exists()
     return {"dir": out_dir, "output": output,
             "metrics": [json.loads(line) for line in (out_dir / f"{STEM}.metrics.jsonl").open()],
             "responses": json.loads((out_dir / "instruction-data-with-response-test.json").read_text()),

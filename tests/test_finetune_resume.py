@@ -150,8 +150,9 @@ def test_real_sigint_to_the_command_then_resume_equals_the_uninterrupted_run(uni
     assert "Traceback" not in stderr
     step = int(checkpoint.stem.rsplit("step", 1)[1])
     assert 3 <= step < 15  # stopped after a whole step, before the end
-    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no model: training did not finish
-        "checkpoints", f"{STEM}.metrics.jsonl"]
+    # no model: training did not finish; its metrics keep the name of an unfinished run
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoints", f"{STEM}.metrics.jsonl.partial"]
 
     proc = subprocess.run(command(data_file, tmp_path, "--resume"), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, env=one_thread_env())
