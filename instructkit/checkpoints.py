@@ -96,11 +96,16 @@ def _read_identity(path):
 
 def own_checkpoints(folder, stem, identity=None):
     """The checkpoints of `stem` in `folder` whose identity equals `identity` (None: all of the
-    stem), lowest step first."""
+    stem) on its keys (the preflight knows only part of a run's identity), lowest step first."""
     found = list_checkpoints(folder, stem)
     if identity is None:
         return found
-    return [p for p in found if checkpoint_identity(p) == identity]
+    return [p for p in found if identity_part(checkpoint_identity(p), identity) == identity]
+
+
+def identity_part(saved, identity):
+    """`saved` (a checkpoint's identity, or None) restricted to the keys of `identity`."""
+    return None if saved is None else {key: saved.get(key) for key in identity}
 
 
 def newest_checkpoint(folder, stem, identity=None):
@@ -111,7 +116,8 @@ def newest_checkpoint(folder, stem, identity=None):
         return found[-1]
     readable = [p for p in list_checkpoints(folder, stem) if checkpoint_identity(p) is not None]
     if identity is not None and readable:  # the stem's, saved with other settings or data
-        check_identity({"identity": checkpoint_identity(readable[-1])}, identity, readable[-1])
+        check_identity({"identity": identity_part(checkpoint_identity(readable[-1]), identity)},
+                       identity, readable[-1])
     others = sorted(p.name for p in Path(folder).glob("*-step*.pth")) if Path(folder).is_dir() else []
     hint = f" It holds checkpoints of other runs: {', '.join(others[:5])}." if others else ""
     raise CheckpointError(f"No checkpoint named {stem}-step*.pth in {folder} to resume from.{hint} "

@@ -301,7 +301,8 @@ def main(config):
     """The DPO stage: data, SFT model and its frozen copy, training, answers, saved files.
 
     The output folder is locked for the whole run (output_lock.py): another run into it is
-    refused before any work."""
+    refused before any work. The flags are checked first: a bad one creates no folder."""
+    check_config(config)  # every flag, before any download or model load
     lock = hold_output_folder(output_paths(config)["model"].parent)
     try:
         return _run(config)
@@ -310,12 +311,11 @@ def main(config):
 
 
 def _run(config):
-    """main's work, once the output folder is this run's."""
+    """main's work, once the flags are checked and the output folder is this run's."""
     from instructkit.devices import choose_device
     from instructkit.gpt2_tokenizer import get_tokenizer
     from instructkit.run_record import package_versions
 
-    check_config(config)  # every flag, before any download or model load
     device = choose_device(config.device, config.test_mode)
     precision = resolve_precision(config.precision, device)  # bf16 where the GPU has it
     # the data before the model: a bad file costs no model load

@@ -217,12 +217,13 @@ def check_resume(resume, folder, stem, identity, other_command):
     would be, for the message. Returns the checkpoint's path, or None without --resume.
     A CheckpointError (exit code 2) says what is wrong.
     """
-    from instructkit.checkpoints import check_identity, load_checkpoint, newest_checkpoint
+    from instructkit.checkpoints import check_identity, identity_part, load_checkpoint, newest_checkpoint
     from instructkit.training import RESUME_NEWEST
 
     if resume is None:
         return None
-    path = newest_checkpoint(folder, stem) if resume == RESUME_NEWEST else Path(resume)
+    # a bare --resume: this run's checkpoint (by the settings known here) of the highest step
+    path = newest_checkpoint(folder, stem, identity) if resume == RESUME_NEWEST else Path(resume)
     if not path.exists():
         raise CheckpointError(f"--resume {path}: no such checkpoint. Pass a file of "
                               f"{folder} ({stem}-step*.pth), or --resume alone for the newest")
@@ -242,7 +243,7 @@ def check_resume(resume, folder, stem, identity, other_command):
         raise CheckpointError(f"{path} is a checkpoint of another command ({other_command}, "
                               f"by its settings), not of this one: resume it with that "
                               f"command, or pass one of this command's checkpoints")
-    check_identity({"identity": {key: saved.get(key) for key in identity}}, identity, path)
+    check_identity({"identity": identity_part(saved, identity)}, identity, path)
     return path
 
 
