@@ -33,12 +33,13 @@ import glob
 import pickle
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from instructkit.errors import CheckpointError  # noqa: F401 (raised here, importable)
-from instructkit.safe_files import remove_file, save_state_dict
+from instructkit.safe_files import remove_file, replace_file, save_state_dict
 
 FORMAT = "ch07-training-checkpoint"
 VERSION = 2  # 2: the epoch order is the DataLoader's, drawn with "epoch_seed"
@@ -194,6 +195,25 @@ def set_rng_states(states):
 #####################################
 # Saving and loading
 #####################################
+
+def move_aside_another_runs(path, identity, out=None):
+    """Before this run (of `identity`) writes checkpoint `path`: a checkpoint already there of
+    another run (the same name, other settings or data) is renamed to `<name>.other-run`
+    (`-1`, `-2`, ...), with a note, instead of being overwritten. Returns the new path or None."""
+    path = Path(path)
+    saved = checkpoint_identity(path)
+    if saved is None or saved == identity:  # nothing there, unreadable, or this run's own
+        return None
+    target, n = path.with_name(path.name + ".other-run"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.other-run-{n}")
+    replace_file(path, target)
+    print(f"Note: {path} was a checkpoint of another run (other settings or data): moved it to "
+          f"{target.name} rather than overwrite it (rename it back to resume that run).",
+          file=out or sys.stdout)
+    return target
+
 
 def save_checkpoint(path, model, optimizer, progress, metrics, identity, scaler=None):
     """Write a checkpoint atomically to `path` (see the module docstring for the layout)."""

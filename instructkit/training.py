@@ -42,6 +42,7 @@ from instructkit.checkpoints import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
+    move_aside_another_runs,
     newest_checkpoint,
     own_checkpoints,
     prune_checkpoints,
@@ -243,6 +244,7 @@ class TrainingRun:
         model, optimizer = self.distributed.checkpoint_view(self.model, self.optimizer)
         self.saving = True  # until it is done, a second Ctrl-C cuts this checkpoint, not a step
         if self.is_main:
+            move_aside_another_runs(path, plan.identity)  # never overwrite another run's
             retry_while_disk_full(lambda: save_checkpoint(
                 path, model, optimizer, self.state.progress(), self.state.metrics, plan.identity,
                 self.scaler), plan.wait_for_space)

@@ -14,6 +14,7 @@ from instructkit.checkpoints import (
     identity_differences,
     list_checkpoints,
     load_checkpoint,
+    move_aside_another_runs,
     newest_checkpoint,
     prune_checkpoints,
     restore,
@@ -124,3 +125,27 @@ def test_no_checkpoint_to_resume_says_what_to_do(tmp_path):
     assert "other-step0000005.pth" in str(error.value) and "start without --resume" in str(error.value)
     with pytest.raises(CheckpointError, match="No checkpoint"):
         newest_checkpoint(tmp_path / "missing", "run")
+
+
+def test_another_runs_checkpoint_of_the_same_name_is_moved_aside_not_overwritten(tmp_path, capsys):
+    """Two runs of one stem with other settings save step 9 under one name: the second moves
+    the first's file aside (with a note) before it writes, so nothing of the first is lost."""
+    model, optimizer = small_model_and_optimizer()
+    progress = {"epoch": 1, "position": 0, "step": 9, "tokens_seen": 0, "wall_seconds": 0.0}
+    path = save_checkpoint(checkpoint_path(tmp_path, "run", 9), model, optimizer, progress, [],
+                           {"config": {"lr": 1.0}})
+    first = path.read_bytes()
+    assert move_aside_another_runs(path, {"config": {"lr": 1.0}}) is None  # its own: overwritten
+    assert path.read_bytes() == first
+
+    moved = move_aside_another_runs(path, {"config": {"lr": 0.5}})
+    assert moved == tmp_path / "run-step0000009.pth.other-run" and moved.read_bytes() == first
+    assert not path.exists() and list_checkpoints(tmp_path, "run") == []  # no longer this stem's
+    assert (f"Note: {path} was a checkpoint of another run (other settings or data): moved it to "
+            f"run-step0000009.pth.other-run rather than overwrite it") in capsys.readouterr().out
+
+    save_checkpoint(path, model, optimizer, progress, [], {"config": {"lr": 2.0}})
+    again = move_aside_another_runs(path, {"config": {"lr": 0.5}})
+    assert again.name == "run-step0000009.pth.other-run-1" and moved.read_bytes() == first
+    path.write_bytes(b"not a checkpoint")  # unreadable: not a run's, overwritten as before
+    assert move_aside_another_runs(path, {"config": {"lr": 0.5}}) is None

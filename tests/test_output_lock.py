@@ -271,7 +271,8 @@ def test_bare_resume_takes_the_highest_step_of_this_run_whatever_the_file_times(
     assert stopped.returncode == 0, stopped.stderr
     folder = out / "checkpoints"
     two, four, six = list_checkpoints(folder, CHECKPOINT_STEM)
-    another = other_identity_copy(six, 9)  # a higher step, but of another run
+    another = other_identity_copy(six, 8)  # a higher step, but of another run
+    another_bytes = another.read_bytes()
     now = time.time()
     for age, path in ((400, six), (300, four), (200, another), (100, two)):  # step 2 the newest
         os.utime(path, (now - age, now - age))
@@ -280,9 +281,11 @@ def test_bare_resume_takes_the_highest_step_of_this_run_whatever_the_file_times(
                           "--keep", "1"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming from {six}: epoch 2, after step 6." in resumed.stdout
-    # finished at step 10; --keep 1 kept this run's last, and the other run's file
-    assert [p.name for p in list_checkpoints(folder, CHECKPOINT_STEM)] == [
-        f"{STEM}-step0000009.pth", f"{STEM}-step0000010.pth"]
+    # finished at step 10; --keep 1 kept this run's last. Its step 8 had the other run's file's
+    # name: that file was moved aside, whole, before this run wrote its own
+    assert [p.name for p in list_checkpoints(folder, CHECKPOINT_STEM)] == [f"{STEM}-step0000010.pth"]
+    assert (folder / f"{STEM}-step0000008.pth.other-run").read_bytes() == another_bytes
+    assert f"Note: {another} was a checkpoint of another run" in resumed.stdout
     rows = read_metrics(out / f"{STEM}.metrics.jsonl")
     assert [row["step"] for row in rows] == [0, 2, 4, 6, 8]  # the rows before the resume too
 
