@@ -47,7 +47,6 @@ from exercise_variants import (
     with_instruction_masking,
 )
 from instructkit.downloads import download_first
-from instructkit.file_checks import check_reusable
 from instructkit.finetune_config import FinetuneConfig, run_finetune_command
 from instructkit.finetune_run import FinetuneRun
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG, book_model_name
@@ -122,9 +121,7 @@ def custom_collate_fn(
 
 
 def download_and_load_file(file_path, url):
-    # Not in the book: a file already there is checked first (an HTML page that a captive
-    # portal served is moved aside, with a message, and downloaded again)
-    if not os.path.exists(file_path) or not check_reusable(file_path, "dataset"):
+    if not os.path.exists(file_path):
         # Not in the book: downloaded with instructkit/downloads.py instead of requests: the
         # file gets its name only when complete, and a failure is one line saying what to do
         download_first([url], file_path)

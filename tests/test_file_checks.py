@@ -348,18 +348,3 @@ def test_the_command_offline_with_a_bad_file_on_disk_is_one_line(tmp_path, share
     assert "moved it aside to merges.txt.bad and downloading it again" in proc.stderr
     assert "error: could not download 'merges.txt' from any source" in proc.stderr
     assert not (model_dir / "merges.txt").exists()
-
-
-def test_the_books_download_and_load_file_replaces_an_html_page_left_on_disk(tmp_path, capsys):
-    """The chapter's own loader: a captive portal's page saved under the dataset's name by an
-    older run is moved aside, with a message, and the real file downloaded in its place."""
-    from gpt_instruction_finetuning import download_and_load_file
-
-    entries = [{"instruction": "Name a colour.", "input": "", "output": "Blue."}]
-    path = tmp_path / "instruction-data.json"
-    path.write_bytes(HTML)
-    with serving({"/instruction-data.json": json.dumps(entries).encode()}) as httpd:
-        data = download_and_load_file(str(path), f"{httpd.url}/instruction-data.json")
-    assert data == entries
-    assert (tmp_path / "instruction-data.json.bad").read_bytes() == HTML
-    assert "moved it aside to instruction-data.json.bad" in capsys.readouterr().err
