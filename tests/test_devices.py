@@ -112,10 +112,12 @@ def test_dpo_command_refuses_mps_on_an_old_torch(monkeypatch, tmp_path, shared_d
 
 
 def test_chats_refuse_mps_on_an_old_torch(monkeypatch, tmp_path, capsys):
-    """Both chats choose the device before they read the model file, so any path will do."""
+    """Both chats choose the device before they load the model file (after checking that it
+    is one: a file that is there and not empty), so any such file will do."""
     from instructkit import chat, web_chat
 
     pretend_mac(monkeypatch, "2.7.1")
+    (tmp_path / "any.pth").write_bytes(b"not loaded")
     assert chat.main([str(tmp_path / "any.pth"), "Hi", "--device", "mps"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
