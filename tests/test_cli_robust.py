@@ -383,8 +383,8 @@ def test_a_second_ctrl_c_while_a_checkpoint_is_written_names_the_latest_checkpoi
     saved, how = err.strip().splitlines()[-2:]
     assert saved == (f"Training interrupted: saved the checkpoint of step {step} ({newest}); not "
                      f"saved: the finetuned model, the loss plot, the test answers, the run record.")
-    assert how == (f"To continue, run the same command with --resume (it takes the newest "
-                   f"checkpoint in {checkpoints}) or with --resume {newest}.")
+    assert how == (f"To continue, run the same command with --resume (it takes this run's "
+                   f"checkpoint of the highest step in {checkpoints}) or with --resume {newest}.")
 
 
 ########################################################################################
