@@ -124,8 +124,10 @@ def test_weights_download_first_then_the_tokenizer_from_their_files(tmp_path, sm
     from loopback_server import serving
 
     files, _ = hub_server_files(tmp_path)
+    # an output folder of the test's own: a FinetuneRun locks it until the process ends
     config = FinetuneConfig(model="gpt2-small", data=str(small_data), device="cpu",
-                            models_dir=str(tmp_path / "gpt2"), weights_source="hub-openai")
+                            models_dir=str(tmp_path / "gpt2"), weights_source="hub-openai",
+                            output_dir=str(tmp_path / "out"))
     run = FinetuneRun(config)
     with serving(files) as httpd:
         monkeypatch.setenv("HF_ENDPOINT", httpd.url)
@@ -140,7 +142,8 @@ def test_weights_download_first_then_the_tokenizer_from_their_files(tmp_path, sm
 
     # --tokenizer-dir wins, and then nothing is downloaded before the model is loaded
     other = FinetuneConfig(model="gpt2-small", data=str(small_data), device="cpu",
-                           models_dir=str(tmp_path / "empty"), tokenizer_dir=str(TOKENIZER_DIR))
+                           models_dir=str(tmp_path / "empty"), tokenizer_dir=str(TOKENIZER_DIR),
+                           output_dir=str(tmp_path / "out-2"))
     FinetuneRun(other).tokenizer()  # (the preflight made the folder, to check it can write there)
     assert not any((tmp_path / "empty").rglob("*"))
 
