@@ -334,7 +334,9 @@ class FinetuneRun:
                 adapters = lora_state_dict(model)
                 retry_while_disk_full(lambda: save_state_dict(adapters, self.paths["adapters"]),
                                       wait_for_space)
-                self.saved("adapters")
+                # recorded, but the run record is written only with the model below: until
+                # then an earlier model's record stays as it was
+                self.progress.record(OUTPUT_NAMES["adapters"], self.paths["adapters"])
                 print(f"LoRA adapters saved as {self.paths['adapters']}")
                 merge_lora(model)
                 weights = model.state_dict()

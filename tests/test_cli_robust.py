@@ -392,13 +392,24 @@ def test_a_second_ctrl_c_while_a_checkpoint_is_written_names_the_latest_checkpoi
 ########################################################################################
 
 def test_lora_run_saves_adapters_and_merged_model_before_answering(tmp_path, data, one_thread,
-                                                                   capsys):
+                                                                   capsys, monkeypatch):
     import gpt_instruction_finetuning as gif
+    from instructkit import finetune_run
     from instructkit.finetune_config import FinetuneConfig
 
+    model_there = []  # at each write of the run record: is the model saved yet?
+    write = finetune_run.write_run_record
+
+    def spy(model_path, record):
+        model_there.append(model_path.exists())
+        return write(model_path, record)
+
+    monkeypatch.setattr(finetune_run, "write_run_record", spy)
     config = FinetuneConfig(test_mode=True, data=str(data), output_dir=str(tmp_path),
                             epochs=1, lora_rank=4, max_new_tokens=2, tokenizer_dir=str(TOKENIZER_DIR))
     result = gif.main(config=config)
+    # no record before the model: an earlier model's record would otherwise name these adapters
+    assert model_there and all(model_there)
     out = capsys.readouterr().out
     saves = [line.split(" saved as ")[0] for line in out.splitlines() if " saved as " in line]
     assert saves == ["LoRA adapters", "Model", "Plot", "Responses"]
