@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from instructkit.errors import CheckpointError  # noqa: F401 (raised here, importable)
-from instructkit.safe_files import remove_file, replace_file, save_state_dict
+from instructkit.safe_files import move_aside, remove_file, save_state_dict
 
 FORMAT = "ch07-training-checkpoint"
 VERSION = 2  # 2: the epoch order is the DataLoader's, drawn with "epoch_seed"
@@ -204,11 +204,7 @@ def move_aside_another_runs(path, identity, out=None):
     saved = checkpoint_identity(path)
     if saved is None or saved == identity:  # nothing there, unreadable, or this run's own
         return None
-    target, n = path.with_name(path.name + ".other-run"), 0
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.other-run-{n}")
-    replace_file(path, target)
+    target = move_aside(path, "other-run")
     print(f"Note: {path} was a checkpoint of another run (other settings or data): moved it to "
           f"{target.name} rather than overwrite it (rename it back to resume that run).",
           file=out or sys.stdout)

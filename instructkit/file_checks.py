@@ -288,20 +288,10 @@ def check_reusable(path, kind=None):
     problem = file_problem(path, kind)
     if problem is None:
         return True
-    aside = move_aside(path)
+    from instructkit.safe_files import move_aside
+
+    aside = move_aside(path, "bad")
     print(f"{path} is not {describe(kind or kind_of(path.name))} ({problem}): moved it aside to "
           f"{aside.name} and downloading it again", file=sys.stderr, flush=True)
     return False
 
-
-def move_aside(path):
-    """Rename `path` to the first free `<name>.bad`, `<name>.bad-1`, ...; return the new path."""
-    from instructkit.safe_files import replace_file
-
-    path = Path(path)
-    aside, n = path.with_name(path.name + ".bad"), 0
-    while aside.exists():
-        n += 1
-        aside = path.with_name(f"{path.name}.bad-{n}")
-    replace_file(path, aside)
-    return aside

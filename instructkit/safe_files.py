@@ -78,6 +78,18 @@ def replace_file(source, destination):
     _retry_on_permission_error(lambda: os.replace(source, destination), "replace", destination)
 
 
+def move_aside(path, label):
+    """Rename `path` to the first free `<name>.<label>`, `<name>.<label>-1`, ... (a bad download,
+    another run's checkpoint), so that nothing is lost; return the new path."""
+    path = Path(path)
+    aside, n = path.with_name(f"{path.name}.{label}"), 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{label}-{n}")
+    replace_file(path, aside)
+    return aside
+
+
 def remove_file(path, missing_ok=False):
     """`Path(path).unlink()`, retried for about a second on PermissionError; then
     FileInUseError naming the file."""
