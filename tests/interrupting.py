@@ -62,3 +62,17 @@ def twice_during_a_checkpoint_write(checkpoints, stderr_path):
         send_interrupt(proc)
 
     return act
+
+
+def checkpoint_cut_by_a_second_ctrl_c(code, err, checkpoints):
+    """What every command shows after `twice_during_a_checkpoint_write`: exit 130, no traceback
+    and no "start over", no temporary file left, and the line saying which checkpoint's write
+    was cut. Returns (the step of the latest whole checkpoint, its path)."""
+    assert code == 130, err
+    assert "Traceback" not in err and "start over" not in err
+    assert list(checkpoints.glob(".*.tmp")) == []  # the cut write left nothing behind
+    newest = max(checkpoints.glob("*.pth"))  # the names order by step
+    step = int(newest.stem.rsplit("step", 1)[1])
+    assert (f"Training interrupted during the write of the checkpoint of step {step + 1}; that "
+            f"was not saved.") in err.splitlines()
+    return step, newest
