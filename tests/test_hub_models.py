@@ -164,6 +164,10 @@ def test_gated_repository_needs_a_token_sent_to_the_hub_only(tmp_path, monkeypat
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         hub.fail(f"/{LLAMA}/resolve/main/model-00001-of-00002.safetensors",
                  ("redirect", f"{cdn.url}/cdn/shard-1"))
+        # a redirect within the hub (a renamed repository) keeps the token: the gate lets it in
+        moved = f"/{LLAMA}/resolve/renamed/model-00002-of-00002.safetensors"
+        hub.files[moved] = files["model-00002-of-00002.safetensors"]
+        hub.fail(f"/{LLAMA}/resolve/main/model-00002-of-00002.safetensors", ("redirect", hub.url + moved))
         seen = len(hub.request_headers)
         capsys.readouterr()
         assert hub_models.main([LLAMA, "--models-dir", str(models)]) == 0
@@ -171,6 +175,7 @@ def test_gated_repository_needs_a_token_sent_to_the_hub_only(tmp_path, monkeypat
     folder = models / "meta-llama--Llama-3.2-1B"
     assert out == f"{folder}\n"
     assert all(headers.get("Authorization") == f"Bearer {TOKEN}" for _, headers in hub.request_headers[seen:])
+    assert hub.paths()[-1] == moved
     assert cdn.paths() == ["/cdn/shard-1"] and "Authorization" not in cdn.request_headers[0][1]
     assert sorted(p.name for p in folder.iterdir()) == sorted(files)
     assert all((folder / name).read_bytes() == files[name] for name in files)
