@@ -52,6 +52,7 @@ SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # the second is the hub's older name
 TOKEN_PAGE = "https://huggingface.co/settings/tokens"
+DEFAULT_MODELS_DIR = "models"  # beside gpt2/ (GPT-2's), ignored by git as that is
 # The hub's rules for a repository id: owner/name of letters, digits, '-', '_' and '.'.
 REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
@@ -234,8 +235,9 @@ def main(argv=None):
                                      "chapter's commands (config, tokenizer, safetensors weights).")
     parser.add_argument("model", help=f"a hub repository id (owner/name) or a short name: "
                         f"{', '.join(SHORT_NAMES)}")
-    parser.add_argument("--models-dir", default="models",
-                        help="where to keep it, as <models-dir>/<owner>--<name>/ (default: models)")
+    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR,
+                        help=f"where to keep it, as <models-dir>/<owner>--<name>/ "
+                        f"(default: {DEFAULT_MODELS_DIR})")
     parser.add_argument("--hub-endpoint", default=None,
                         help=f"the hub or a mirror (default: ${HF_ENDPOINT_ENV_VAR}, else "
                         f"{HF_DEFAULT_ENDPOINT})")
