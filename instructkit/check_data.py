@@ -248,9 +248,10 @@ def summary_lines(report):
 
 
 def check_run_data(train_data, test_data, val_data, threshold=DEFAULT_THRESHOLD, tokenizer=None,
-                   context_length=GPT2_CONTEXT, report_path=None):
+                   context_length=GPT2_CONTEXT, report_path=None, quiet=False):
     """The data check of `finetune --check-data` on the run's split (indices in the run's order:
-    training, then test, then validation). Prints the summary, writes the report to
+    training, then test, then validation). Prints the summary (unless `quiet`: another process
+    of the run prints it), writes the report to
     `report_path` (when given) and returns it; empty outputs raise DatasetError (exit code 2)."""
     from instructkit.safe_files import write_json
 
@@ -259,9 +260,10 @@ def check_run_data(train_data, test_data, val_data, threshold=DEFAULT_THRESHOLD,
     split = {"train": list(range(n_train)), "test": list(range(n_train, n_train + n_test)),
              "validation": list(range(n_train + n_test, len(entries)))}
     report = check_entries(entries, split, threshold, tokenizer, context_length)
-    print("Data check (--check-data):")
-    for line in summary_lines(report):
-        print(f"  {line}")
+    if not quiet:
+        print("Data check (--check-data):")
+        for line in summary_lines(report):
+            print(f"  {line}")
     if report_path is not None:
         write_json(report_path, report)
         print(f"  Report saved to {report_path}")
