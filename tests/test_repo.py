@@ -33,7 +33,7 @@ def test_requirements_cover_the_modules_imports():
     # tests (scikit-learn's TF-IDF in check_data, which has a numpy one of its own)
     optional = {"sklearn": "scikit-learn"}
     dev = (ROOT / "requirements-dev.txt").read_text().splitlines()
-    for name, package in optional.items():
+    for package in optional.values():
         assert any(re.split(r"[<>=;\s]", line, maxsplit=1)[0].lower() == package for line in dev)
     for module in [*ROOT.glob("*.py"), *ROOT.glob("instructkit/*.py")]:
         tree = ast.parse(module.read_text(encoding="utf-8"))
