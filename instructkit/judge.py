@@ -470,7 +470,9 @@ class OpenAIServer(ChatServer):
                               f"(HTTP 404: {detail}){listing}. Name one with --model.")
         if code in self.retried_codes:
             return RateLimited(f"{url} answered HTTP {code}: {detail}", _retry_after(headers))
-        return super().http_error(url, code, detail, body, headers)
+        error = super().http_error(url, code, detail, body, headers)
+        error.status = code
+        return error
 
     def unreachable(self, reason):
         return super().unreachable(self.redact(reason))
@@ -510,7 +512,7 @@ class OpenAIServer(ChatServer):
         try:
             return self.models()
         except OpenAIError as exc:
-            if " answered HTTP 404" in str(exc):  # a server without /models
+            if getattr(exc, "status", None) == 404:  # a server without /models
                 return []
             raise
 

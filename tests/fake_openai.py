@@ -158,3 +158,46 @@ class FakeOpenAI:
         self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def hang_after(n, reply):
+    """Replies: `reply` (a string, or f(prompt, body)) for the first `n` requests, then a Hang."""
+    count = {"n": 0}
+    lock = threading.Lock()
+
+    def answer(prompt, body):
+        with lock:
+            count["n"] += 1
+            if count["n"] > n:
+                return Hang(60)
+        return reply(prompt, body) if callable(reply) else reply
+
+    return answer
+
+
+def kill_when_saved(argv, results_path, n_results, cwd, wait=30.0):
+    """Run `python argv...` (a judge command), and kill it (SIGKILL on POSIX, TerminateProcess
+    on Windows: no handler runs) once `results_path` holds `n_results` results."""
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                saved = json.loads(results_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                saved = {}
+            if len(saved.get("results", [])) >= n_results:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"{results_path} never held {n_results} results "
+                                 f"(exit code {process.poll()})")
+    finally:
+        process.kill()
+        process.wait()
+    return json.loads(results_path.read_text(encoding="utf-8"))

@@ -175,3 +175,22 @@ def test_the_agreement_command(tmp_path, capsys):
     assert "score different answers (num_entries: 5 and 6)" in capsys.readouterr().err
     assert judge_agreement.main([str(a), str(tmp_path / "missing.json")]) == 2
     assert "scores file not found" in capsys.readouterr().err
+
+
+def test_a_killed_comparison_resumes(tmp_path, capsys):
+    """The command killed (no handler runs) while the judge is silent on entry 3: the two
+    entries saved stay, and the run again asks only for the other three."""
+    from conftest import ROOT
+    from fake_openai import hang_after, kill_when_saved
+
+    a, b = write(tmp_path / "sft.json", answers()), write(tmp_path / "dpo.json", answers(tag="dpo"))
+    results = tmp_path / "sft-vs-dpo-judge-compare.json"
+    with FakeOpenAI(replies=hang_after(4, prefers("sft"))) as server:
+        saved = kill_when_saved(["-m", "instructkit.compare", str(a), str(b), "--api", "openai",
+                                 "--base-url", server.base_url, "--model", "judge"],
+                                results, 2, cwd=ROOT)
+    assert [r["outcome"] for r in saved["results"]] == ["win", "win"]
+    with FakeOpenAI(replies=prefers("sft")) as server:
+        assert run_compare(a, b, server) == 0
+    assert len(server.requests) == 6
+    assert "sft vs dpo: 5 wins, 0 ties, 0 losses over 5 entries" in capsys.readouterr().out

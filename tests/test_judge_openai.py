@@ -199,3 +199,34 @@ def test_the_api_key_appears_in_no_output_and_no_file(tmp_path, monkeypatch, cap
     assert all(KEY not in text for text in texts)
     assert "OpenAIServer('http" in repr(judge.judge_server(server.base_url, api="openai", api_key=KEY))
     assert KEY not in repr(judge.judge_server(server.base_url, api="openai", api_key=KEY))
+
+
+def test_a_killed_scoring_run_resumes(tmp_path, capsys):
+    """`python -m instructkit.score` killed while the judge is silent: the scores saved stay,
+    and the run again asks only for the rest."""
+    from conftest import ROOT
+    from fake_openai import hang_after, kill_when_saved
+
+    path = write_entries(tmp_path, 4)
+    scores_file = tmp_path / "answers-judge-scores.json"
+    with FakeOpenAI(replies=hang_after(3, "85")) as server:
+        saved = kill_when_saved(["-m", "instructkit.score", "--file-path", str(path), "--api",
+                                 "openai", "--base-url", server.base_url, "--model", "judge"],
+                                scores_file, 3, cwd=ROOT)
+    assert [r["score"] for r in saved["results"]] == [85, 85, 85]
+    with FakeOpenAI(replies="40") as server:
+        assert run_score(path, server) == 0
+    assert len(server.requests) == 1
+    assert "Average score: 73.75" in capsys.readouterr().out
+
+
+def test_a_server_without_models_endpoint_is_still_used(monkeypatch):
+    """GET /models answering 404 (a proxy that lacks it) does not stop the check; a chat that
+    answers 404 there is reported as a missing model, without a listing."""
+    with FakeOpenAI(replies="61") as fake:
+        server = judge.judge_server(fake.base_url.removesuffix("/v1") + "/v2", 5, api="openai")
+        assert server.ensure_model("judge") == []  # /v2/models: 404, taken as "no listing"
+        with pytest.raises(judge.OpenAIError) as caught:
+            server.chat("p", "judge")  # /v2/chat/completions: no route
+    assert str(caught.value).endswith("has no model 'judge' (HTTP 404: no route "
+                                      "/v2/chat/completions). Name one with --model.")
