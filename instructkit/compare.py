@@ -264,7 +264,7 @@ def build_parser():
     parser.add_argument("--name-a", default=None, help="A's name in the report (default: the "
                                                        "file's stem, or the key for one file)")
     parser.add_argument("--name-b", default=None, help="B's name in the report")
-    add_server_arguments(parser, what="judge")
+    add_server_arguments(parser, what="judge", any_api=True)
     parser.add_argument("--judge-model", dest="model", help="the same as --model")
     add_api_arguments(parser)
     parser.add_argument("--results-out", default=None,

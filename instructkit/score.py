@@ -65,7 +65,7 @@ def build_parser():
                     "OpenAI-compatible server, as section 7.8 does.")
     parser.add_argument("--file_path", "--file-path", required=True,
                         help="JSON file of test entries with the responses to score")
-    add_evaluate_arguments(parser)
+    add_evaluate_arguments(parser, any_api=True)
     add_api_arguments(parser)
     return parser
 
