@@ -19,7 +19,8 @@ What it reports (indices are positions in the file, from 0):
   entry reaches the threshold;
 - empty outputs (nothing but whitespace), and entries whose training text (the chapter's
   prompt, the response and the end-of-text token) is longer than the model's context (1024
-  tokens for GPT-2; GPT-2's tokenizer by default, --tokenizer-dir for another's files):
+  tokens for GPT-2; GPT-2's tokenizer by default, --tokenizer-dir for another's files; when
+  tiktoken cannot download GPT-2's files, lengths are skipped with a note):
   training cuts those, and a prompt alone that long leaves no room for an answer.
 
 The TF-IDF is scikit-learn's `TfidfVectorizer` with its defaults when scikit-learn is
@@ -290,6 +291,16 @@ def _fraction(text):
     return value
 
 
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m instructkit.check_data",
@@ -311,7 +322,7 @@ def build_parser():
                         help="the run's test share (default: 0.1, the chapter's)")
     parser.add_argument("--shuffle-split", type=int, default=None, metavar="SEED",
                         help="the run's --shuffle-split seed, if it uses one")
-    parser.add_argument("--context-length", type=int, default=GPT2_CONTEXT,
+    parser.add_argument("--context-length", type=_count, default=GPT2_CONTEXT,
                         help=f"the model's context in tokens (default: {GPT2_CONTEXT}, GPT-2's)")
     parser.add_argument("--tokenizer-dir", default=None,
                         help="a folder with the tokenizer's encoder.json and vocab.bpe (or "
@@ -329,7 +340,7 @@ def _same_file(a, b):
 
 
 def run_check(args):
-    from instructkit.gpt2_tokenizer import get_tokenizer
+    from instructkit.gpt2_tokenizer import TokenizerError, get_tokenizer
     from instructkit.instruction_data import load_instruction_file
     from instructkit.preflight import check_output_file
     from instructkit.safe_files import write_json
@@ -343,8 +354,12 @@ def run_check(args):
             check_output_file(path, flag)
     entries = load_instruction_file(data_path)
     split = split_indices(len(entries), args.val_fraction, args.test_fraction, args.shuffle_split)
-    report = check_entries(entries, split, args.threshold, get_tokenizer(args.tokenizer_dir),
-                           args.context_length)
+    try:
+        tokenizer = get_tokenizer(args.tokenizer_dir)
+    except TokenizerError as exc:  # tiktoken offline: the rest of the check needs no tokenizer
+        tokenizer = None
+        print(f"Note: lengths not checked: {exc}")
+    report = check_entries(entries, split, args.threshold, tokenizer, args.context_length)
     report = {"file": str(data_path), **report}
     for line in summary_lines(report):
         print(line)
