@@ -185,9 +185,13 @@ def grade(folder, out, timeout=120, jobs=1, progress=True):
             tqdm(total=len(notebooks), desc="Grading", unit="notebook", disable=not progress) as bar:
         futures = {pool.submit(grade_notebook, student, path, timeout): student
                    for student, path in notebooks}
-        for future in as_completed(futures):
-            graded[futures[future]] = future.result()
-            bar.update()
+        try:
+            for future in as_completed(futures):
+                graded[futures[future]] = future.result()
+                bar.update()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # start no other notebook
+            raise
     rows = [row for student, _ in notebooks for row in graded[student]]
     text = csv_text(rows)
     write_atomically(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
