@@ -22,7 +22,8 @@ def test_requirements_cover_the_modules_imports():
     stdlib = set(sys.stdlib_module_names)
     local = {p.stem for p in ROOT.glob("*.py")} | {"instructkit"}
     pip_names = {"torch", "tiktoken", "tensorflow", "numpy", "matplotlib", "tqdm", "psutil",
-                 "tiktoken_ext", "safetensors", "gradio", "certifi", "tokenizers", "jinja2"}
+                 "tiktoken_ext", "safetensors", "gradio", "certifi", "tokenizers", "jinja2",
+                 "nbformat", "nbclient"}
     # TensorFlow (only for OpenAI's original checkpoint) and Gradio (only for the web chat)
     # have their own files, requirements-tf.txt and requirements-app.txt
     required = {re.split(r"[<>=;\s]", line, maxsplit=1)[0].lower()
