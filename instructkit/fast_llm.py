@@ -203,9 +203,9 @@ def generate_batch(model, prompts, max_new_tokens, context_size, eos_id, pad_id=
 
 
 def generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id, batch_size=16,
-                        progress=False):
+                        progress=False, pad_id=None):
     """`generate_batch` over many prompts, `batch_size` at a time, sorted by length (less
-    padding); the answers come back in the prompts' order."""
+    padding); the answers come back in the prompts' order. pad_id: see generate_batch."""
     from tqdm import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -214,7 +214,7 @@ def generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id, ba
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = generate_batch(model, [prompts[i] for i in rows], max_new_tokens,
-                                   context_size, eos_id=eos_id)
+                                   context_size, eos_id=eos_id, pad_id=pad_id)
             for i, answer in zip(rows, batch, strict=True):
                 answers[i] = answer
             bar.update(len(rows))
