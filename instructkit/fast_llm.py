@@ -128,6 +128,36 @@ def hidden_states(model, in_idx, kv_cache=None, pad_mask=None):
     return transform(model, in_idx, positions, attn_mask, kv_cache)
 
 
+def context_size(model):
+    """The longest input `model` takes: its RoPE table's rows (a GPT: its position embedding's)."""
+    if hasattr(model, "pos_emb"):
+        return model.pos_emb.weight.shape[0]
+    return model.cos.shape[0]
+
+
+def fast_path(model):
+    """The module with the fast functions for `model`: this one for the RoPE/grouped-query
+    families (qwen3.py, llama3.py), fast_gpt for the book's GPT. Both have `generate`,
+    `generate_stream`, `generate_batch`, `generate_answer_ids`, `loss_sum_and_count`,
+    `calc_loss_batch_packed`, `calc_loss_loader_fast` and `evaluate_model_fast` with the same
+    arguments, so a caller picks the module once: `fast_path(model).generate_stream(...)`."""
+    import sys
+
+    import fast_gpt
+
+    if hasattr(model.trf_blocks[0].att, "num_kv_groups"):
+        return sys.modules[__name__]
+    return fast_gpt
+
+
+def _check_decode_dtype(decode_dtype):
+    if decode_dtype is not None:
+        from instructkit.errors import BadInputError
+
+        raise BadInputError("--decode-dtype is for GPT-2 models only: Qwen3 and Llama models "
+                            "decode with their own weights' dtype (load them in bfloat16 instead)")
+
+
 #####################################
 # Generation
 #####################################
@@ -168,26 +198,34 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
             pad_mask = torch.cat((pad_mask, torch.ones_like(pad_mask[:, :1])), dim=1)
 
 
-def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
-    """KV-cached twin of previous_chapters.generate: prompt + new tokens (batch, n + new)."""
+def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
+             decode_dtype=None):
+    """KV-cached twin of previous_chapters.generate: prompt + new tokens (batch, n + new).
+
+    decode_dtype: fast_gpt's option, accepted for the same calls; only None is supported."""
+    _check_decode_dtype(decode_dtype)
     steps = generation_steps(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id)
     return torch.cat([idx, *steps], dim=1)
 
 
-def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
+def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None,
+                    decode_dtype=None):
     """Yield each new token id (int) for one prompt idx (1, n_tokens), stopping before eos_id."""
+    _check_decode_dtype(decode_dtype)
     if idx.shape[0] != 1:
         raise ValueError(f"generate_stream takes one prompt (1, n_tokens), got {tuple(idx.shape)}")
     for idx_next in generation_steps(model, idx, max_new_tokens, context_size, temperature, top_k, eos_id):
         yield idx_next.item()
 
 
-def generate_batch(model, prompts, max_new_tokens, context_size, eos_id, pad_id=None):
+def generate_batch(model, prompts, max_new_tokens, context_size, eos_id, pad_id=None,
+                   decode_dtype=None):
     """Greedy answers for token-id lists of different lengths, generated together.
 
     The prompts are left-padded into one batch; positions and attention ignore the padding.
     Returns, for every prompt, its new token ids up to (not including) its first `eos_id`.
     """
+    _check_decode_dtype(decode_dtype)
     pad_id = eos_id if pad_id is None else pad_id
     device = model.tok_emb.weight.device
     longest = max(len(p) for p in prompts)
@@ -203,9 +241,10 @@ def generate_batch(model, prompts, max_new_tokens, context_size, eos_id, pad_id=
 
 
 def generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id, batch_size=16,
-                        progress=False, pad_id=None):
+                        progress=False, decode_dtype=None, pad_id=None):
     """`generate_batch` over many prompts, `batch_size` at a time, sorted by length (less
     padding); the answers come back in the prompts' order. pad_id: see generate_batch."""
+    _check_decode_dtype(decode_dtype)
     from tqdm import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -207,6 +207,12 @@ def test_chapter_loss_equals_transformers(kind, hf_models, our_models):
     assert abs(loss.item() - expected.item()) < 1e-5
 
 
+def close_gradients(grad, expected):
+    """Equal to float32 rounding: sums in another order (packed rows, fused attention) differ
+    by a few millionths of the gradient's largest entry."""
+    return (grad - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_chunked_loss_and_gradients_equal_the_chapters(kind, our_models):
     model, _ = our_models[kind]
@@ -223,10 +229,56 @@ def test_packed_chunked_loss_and_gradients_equal_the_chapters(kind, our_models):
         assert count == (targets != -100).sum()
         assert abs(packed.item() - loss.item()) < 1e-5
         for name, p in model.named_parameters():
-            assert torch.allclose(p.grad, expected[name], atol=1e-5), name
+            assert close_gradients(p.grad, expected[name]), name
     model.zero_grad(set_to_none=True)
     with torch.inference_mode():  # evaluation: no checkpointing, the same loss
         assert abs(fast_llm.calc_loss_batch_packed(inputs, targets, model, "cpu").item() - loss.item()) < 1e-5
+
+
+def test_lora_model_fast_path_equals_its_plain_path(hub_folders):
+    """LoRA layers (exercise 7.4's) on every linear layer, the tied head too: the fast path
+    calls the wrapped modules, so its loss, gradients and greedy tokens are the plain path's."""
+    import exercise_variants as ev
+
+    model, cfg = load_hub_model(hub_folders["llama-tied"], dtype=torch.float32)
+    model.requires_grad_(False)
+    torch.manual_seed(5)
+    ev.replace_linear_with_lora(model, rank=4, alpha=8)
+    with torch.no_grad():  # B starts at zero: give the adapters a real effect
+        for module in model.modules():
+            if isinstance(module, ev.LoRALayer):
+                module.B.normal_(0.0, 0.05)
+    inputs, targets = collated_batch(50)
+    loss = pc.calc_loss_batch(inputs, targets, model, "cpu")
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    packed = fast_llm.calc_loss_batch_packed(inputs, targets, model, "cpu")
+    packed.backward()
+    assert abs(packed.item() - loss.item()) < 1e-5
+    assert len(expected) == 2 * (2 * 7 + 1)  # A and B of 7 linears a block, and the head's
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert close_gradients(p.grad, expected[name]), name
+    prompt = random_ids(51, (1, 6))
+    with torch.no_grad():
+        book = pc.generate(model, prompt, 12, cfg["context_length"])
+    assert torch.equal(fast_llm.generate(model, prompt, 12, cfg["context_length"]), book)
+
+
+def test_fast_path_picks_the_module_by_model_and_refuses_decode_dtype(our_models):
+    import fast_gpt
+
+    model, _ = our_models["qwen3"]
+    assert fast_llm.fast_path(model) is fast_llm
+    assert fast_llm.context_size(model) == 128
+    gpt = pc.GPTModel({"vocab_size": 50, "context_length": 16, "emb_dim": 8, "n_heads": 2,
+                       "n_layers": 1, "drop_rate": 0.0, "qkv_bias": False})
+    assert fast_llm.fast_path(gpt) is fast_gpt and fast_llm.context_size(gpt) == 16
+    from instructkit.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="--decode-dtype is for GPT-2 models only"):
+        fast_llm.generate_answer_ids(model, [[5, 6]], 3, 128, eos_id=2, decode_dtype=torch.bfloat16)
 
 
 #####################################
