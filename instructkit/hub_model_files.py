@@ -257,6 +257,8 @@ def load_hub_model(folder, dtype=None, device="cpu", context_length=None):
         by_file.setdefault(files[theirs], []).append((ours, theirs))
     with torch.no_grad():
         for path, pairs in by_file.items():
+            if not path.is_file():  # the index names a shard that is not there
+                raise CheckpointError(f"{path} is missing: {INDEX_FILE} lists it (an incomplete download?)")
             try:
                 with safe_open(path, framework="pt", device="cpu") as f:
                     for ours, theirs in pairs:

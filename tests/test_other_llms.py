@@ -167,6 +167,21 @@ def test_batched_left_padded_greedy_equal_transformers(kind, hf_models, our_mode
                                         batch_size=3, pad_id=0) == expected
 
 
+@pytest.mark.parametrize("kind", ["qwen3", "llama3-scaled"])
+def test_sampled_tokens_equal_the_books_for_the_same_seed(kind, our_models):
+    model, cfg = our_models[kind]
+    prompt = random_ids(60, (2, 5))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        book = pc.generate(model, prompt, 15, cfg["context_length"], temperature=1.3, top_k=40)
+    torch.manual_seed(7)
+    sampled = fast_llm.generate(model, prompt, 15, cfg["context_length"], temperature=1.3, top_k=40)
+    assert torch.equal(sampled, book)
+    torch.manual_seed(8)
+    assert not torch.equal(fast_llm.generate(model, prompt, 15, cfg["context_length"], temperature=1.3,
+                                             top_k=40), book)  # the seed matters: it samples
+
+
 def test_generation_stops_at_eos_per_row_and_runs_past_the_context(hub_folders):
     model, cfg = load_hub_model(hub_folders["qwen3"], dtype=torch.float32, context_length=12)
     assert cfg["context_length"] == 12 and model.cos.shape[0] == 12
@@ -456,8 +471,11 @@ def test_missing_damaged_or_foreign_files(hub_folders, tmp_path):
     one_line_error(folder, f"has no weights: expected {SINGLE_FILE} or {INDEX_FILE}")
 
     sharded = _copy(hub_folders, "llama3-scaled", tmp_path / "sharded")
-    next(sharded.glob("model-00002-*.safetensors")).unlink()
+    shard = next(sharded.glob("model-00002-*.safetensors"))
+    shard.write_bytes(b"\0" * 16)  # not safetensors at all
     one_line_error(sharded, "cannot be read as safetensors")
+    shard.unlink()
+    one_line_error(sharded, f"{shard.name} is missing: {INDEX_FILE} lists it")
 
     config = read_config_json(folder)
     for model_type, match in (("gpt2", "GPT-2 loads through"), ("mistral", "model_type 'mistral'")):
