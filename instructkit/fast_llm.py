@@ -18,7 +18,9 @@ QK-norm, RoPE), so both paths share that code. It adds:
   -100), in chunks of `LOSS_CHUNK_ROWS` rows. With a 151,936-token vocabulary the logits of
   a batch of 8 x 1,024 tokens are 5 GB in float32; here at most one chunk's logits exist at a
   time, in the backward pass too (each chunk is recomputed there, torch.utils.checkpoint).
-Attention is F.scaled_dot_product_attention. fast_gpt.py's family-independent pieces are
+Attention is F.scaled_dot_product_attention. `fast_path(model)` gives this module or
+fast_gpt for a model (the same function names and arguments in both), `context_size(model)`
+the longest input either kind takes. fast_gpt.py's family-independent pieces are
 imported, not copied: sampling (`sample_next_token`), packing (`PackedRows`), positions and
 masks for padding (`positions_and_mask`), autocast.
 
@@ -28,8 +30,10 @@ root file beside the book; the families here differ in every layer but the loop,
 package is where the project's code beyond the book lives.
 
 Tests (tests/test_other_llms.py): against transformers on tiny random Qwen3 and Llama
-models, the same greedy tokens for batch 1 (KV-cached), batched and left-padded; the
-packed loss equal to the chapter's calc_loss_batch on the plain model, gradients included.
+models, the same logits and the same greedy tokens for batch 1 (KV-cached), batched and
+left-padded; against the book's previous_chapters.generate on the plain model, the same
+sampled tokens for a seed and the same tokens past the context length; the packed, chunked
+loss and its gradients equal to the chapter's calc_loss_batch, with LoRA layers too.
 """
 
 import itertools

@@ -7,10 +7,11 @@ sharded) are saved with `save_pretrained` and loaded into the project's models. 
 - logits equal within 1e-5 in float32 (the plain model and the fast path), and identical in
   bfloat16 to transformers' own bfloat16 loading of the same files;
 - greedy tokens identical to `generate(do_sample=False)`: batch 1 through the KV cache (and
-  the book's uncached previous_chapters.generate), batched and left-padded;
+  the book's uncached previous_chapters.generate), batched and left-padded; sampled tokens
+  and tokens past the context length equal to previous_chapters.generate's;
 - the chapter's loss (calc_loss_batch on a custom_collate_fn batch padded with the model's
   EOS id, -100 ignored) equal to the loss from transformers' logits within 1e-5, and the
-  packed, chunked loss of fast_llm equal to it, gradients included;
+  packed, chunked loss of fast_llm equal to it, gradients included (with LoRA layers too);
 - the real configs of Qwen3-0.6B/1.7B, SmolLM2-135M/360M/1.7B and Llama-3.2-1B/3B map to the
   model's config, and the models built from them have the published parameter counts;
 - bad files (a missing, unexpected or misshaped tensor, no weights, a damaged file, another
