@@ -136,7 +136,7 @@ def model_config(config_json, dtype=None, context_length=None):
             "n_kv_groups": int(config_json.get("num_key_value_heads") or n_heads),
             "rope_base": rope_base,
             "rope_freq": rope_freq,
-            "norm_eps": float(config_json["rms_norm_eps"]),
+            "norm_eps": float(config_json.get("rms_norm_eps", 1e-6)),  # transformers' default
             "qk_norm": family == "qwen3",
             "tie_embeddings": bool(config_json.get("tie_word_embeddings", False)),
             "dtype": _dtype(dtype if dtype is not None else

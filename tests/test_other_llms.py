@@ -488,3 +488,19 @@ def test_missing_damaged_or_foreign_files(hub_folders, tmp_path):
     one_line_error(folder, "RoPE scaling 'yarn' in config.json is not supported")
     (folder / "config.json").unlink()
     one_line_error(folder, "config.json is missing")
+
+
+def test_configs_the_models_cannot_honour_are_one_line():
+    qwen = REAL_CONFIGS["Qwen/Qwen3-0.6B"][0]
+    cases = [
+        ({k: v for k, v in qwen.items() if k != "hidden_size"}, "has no 'hidden_size'"),
+        ({**qwen, "attention_bias": True}, "asks for attention_bias: true"),
+        ({**qwen, "hidden_act": "gelu"}, "asks for hidden_act 'gelu'"),
+        ({**qwen, "rope_scaling": REAL_CONFIGS["meta-llama/Llama-3.2-1B"][0]["rope_scaling"]},
+         "Llama 3's RoPE scaling, which Qwen3 does not have"),
+        ({**qwen, "torch_dtype": "int8"}, "not a floating-point torch dtype"),
+    ]
+    for config_json, match in cases:
+        with pytest.raises(CheckpointError, match=match) as caught:
+            model_config(config_json)
+        assert "\n" not in str(caught.value)
