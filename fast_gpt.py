@@ -224,9 +224,19 @@ def hidden_states(model, in_idx, kv_cache=None, pad_mask=None, linear=call_modul
         positions then count from its first real token, as if it had no padding.
     linear: see attention.
     """
-    batch_size, seq_len = in_idx.shape
-    device = in_idx.device
     start = kv_cache.length if kv_cache is not None else 0
+    positions, attn_mask = positions_and_mask(start, in_idx.shape[1], pad_mask, in_idx.device)
+    return transform(model, in_idx, positions, attn_mask, kv_cache, linear)
+
+
+def positions_and_mask(start, seq_len, pad_mask, device):
+    """(position ids, attention mask) of seq_len new tokens after `start` cached ones.
+
+    positions: (seq_len,), or (batch, seq_len) counted from each row's first real token
+    when pad_mask (batch, start + seq_len) marks left padding with False. attn_mask: None
+    for plain causal attention, else (batch or 1, 1, seq_len, start + seq_len) bool, True
+    where a query may attend (instructkit/fast_llm.py's RoPE models use it too).
+    """
     attn_mask = None
     if pad_mask is None:
         positions = torch.arange(start, start + seq_len, device=device)
@@ -238,7 +248,7 @@ def hidden_states(model, in_idx, kv_cache=None, pad_mask=None, linear=call_modul
             & pad_mask[:, None, None, :start + seq_len]
         # A padding query would see no key at all (NaN); let every query see itself.
         attn_mask = attn_mask | _diagonal(start, seq_len, device)[None, None]
-    return transform(model, in_idx, positions, attn_mask, kv_cache, linear)
+    return positions, attn_mask
 
 
 def _causal_mask(start, seq_len, device):
