@@ -152,6 +152,10 @@ def test_the_notebook_runs_the_chapter_on_a_hub_model(executed, hub):
     assert re.search(rf"\[\s*6,\s+7,\s+{eos},\s+{eos},\s+{eos}\]", out)  # the inputs
     assert re.search(rf"\[\s*7,\s+{eos},\s+-100,\s+-100,\s+-100\]", out)  # the targets
 
+    # Memory: the counted targets are fewer than the positions (padding and ignored targets)
+    counted, positions = (int(n.replace(",", "")) for n in re.search(
+        r"Targets that count in the training batches: ([\d,]+) of ([\d,]+)", out).groups())
+    assert 0 < counted < positions
     # The chapter's losses, then the training loop's lines
     assert re.search(r"Training loss: \d+\.\d+\nValidation loss: \d+\.\d+", out)
     assert len(losses(out)) == 1 and "Training completed in" in out and "Seconds per step" in out
