@@ -17,6 +17,10 @@ Content: a file is also checked for what it is (file_checks.py: a safetensors he
 that parses, BPE merges, TensorFlow's index and meta files) before its `.part` file is
 renamed. An answer with an HTML content type or an HTML body (a captive portal, a login page,
 a proxy's error page) is refused before anything is written: an HtmlPageError that says so.
+
+Tokens: `auth_token` (a gated hub repository's) is sent as `Authorization: Bearer` to the
+URL's own server only: kept on a redirect to the same scheme, host and port, dropped on a
+redirect anywhere else (the hub sends its large files to a CDN with signed URLs).
 """
 
 import hashlib
@@ -116,14 +120,42 @@ def certifi_context():
     return ssl.create_default_context(cafile=certifi.where())
 
 
+class SameOriginAuthRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, keeping the request's Authorization header only on a
+    redirect to the same scheme, host and port (urllib drops it everywhere, as an unredirected
+    header)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth and _origin(new.full_url) == _origin(req.full_url):
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+def _origin(url):
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _urlopen(request, timeout, context):
+    if "Authorization" not in request.unredirected_hdrs:
+        return urllib.request.urlopen(request, timeout=timeout, context=context)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                         SameOriginAuthRedirectHandler())
+    return opener.open(request, timeout=timeout)
+
+
 def open_url(request, timeout=TIMEOUT_S):
     """urllib's `urlopen(request)` with this module's certificate policy (see the docstring).
 
-    Raises CertificateError when no trusted authority vouches for the server, and urllib's
-    errors otherwise.
+    An Authorization header given with `add_unredirected_header` follows redirects to the same
+    server only. Raises CertificateError when no trusted authority vouches for the server, and
+    urllib's errors otherwise.
     """
     try:
-        return urllib.request.urlopen(request, timeout=timeout, context=ssl_context())
+        return _urlopen(request, timeout, ssl_context())
     except urllib.error.URLError as err:
         if not _is_certificate_failure(err):
             raise
@@ -131,7 +163,7 @@ def open_url(request, timeout=TIMEOUT_S):
     fallback = certifi_context() if ca_bundle_from_env() is None else None
     if fallback is not None:  # e.g. a python.org Python on macOS without its certificates
         try:
-            return urllib.request.urlopen(request, timeout=timeout, context=fallback)
+            return _urlopen(request, timeout, fallback)
         except urllib.error.URLError as err:
             if not _is_certificate_failure(err):
                 raise
@@ -163,20 +195,22 @@ def certificate_error(url, failure, certifi_tried=False):
 
 
 def download_first(urls, destination, *, expected_size=None, sha256=None, advice=None, kind=None,
-                   mirror_setting=None):
+                   mirror_setting=None, auth_token=None):
     """Download `destination` from the first of `urls` that delivers it whole (and verified).
 
     A cut download resumes from the next URL; a file of the wrong size, sha256 or content
     (`kind`: see download_file) is dropped and the next URL tried. Raises DownloadError listing
     every URL and why it failed; when every URL failed one way (an untrusted certificate, an
     HTML page), that one error, one line. `mirror_setting` names the setting that points at
-    the server (e.g. HF_ENDPOINT), for the HTML page's error.
+    the server (e.g. HF_ENDPOINT), for the HTML page's error; `auth_token` goes to each URL's
+    own server (see the module's docstring). The error's `http_status` is the HTTP status every
+    URL answered (e.g. 401 for a gated repository), else None.
     """
     failures, errors, not_found = [], [], True
     for url in urls:
         try:
             return download_file(url, destination, expected_size=expected_size, sha256=sha256, kind=kind,
-                                 mirror_setting=mirror_setting)
+                                 mirror_setting=mirror_setting, auth_token=auth_token)
         except (OSError, http.client.HTTPException, DownloadError) as err:
             failures.append((url, describe_failure(err)))
             errors.append(err)
@@ -184,11 +218,13 @@ def download_first(urls, destination, *, expected_size=None, sha256=None, advice
     error = only_certificate_failures(errors) or only_html_pages(errors) or DownloadError(
         _failure_message(destination, failures, advice, errors))
     error.not_found = not_found  # every source answered 404: the file does not exist there
+    statuses = {err.code if isinstance(err, urllib.error.HTTPError) else None for err in errors}
+    error.http_status = statuses.pop() if len(statuses) == 1 else None
     raise error
 
 
 def download_file(url, destination, *, expected_size=None, sha256=None, timeout=TIMEOUT_S,
-                  chunk_size=CHUNK_SIZE, kind=None, mirror_setting=None, label=None):
+                  chunk_size=CHUNK_SIZE, kind=None, mirror_setting=None, label=None, auth_token=None):
     """Download `url` to `destination` through `<destination>.part`, resuming that if present.
 
     The temporary file is renamed to `destination` only once its size matches the size the
@@ -198,7 +234,8 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
     next attempt to resume; a file of the wrong size, hash or content is deleted, since this
     source serves another file. An HTML answer (by its content type or its first bytes) is an
     HtmlPageError before anything is written, the partial file left as it was. `label` names
-    the file in those errors (default: the destination's name).
+    the file in those errors (default: the destination's name). `auth_token` is sent as
+    `Authorization: Bearer` to the URL's own server only (see the module's docstring).
     """
     destination = Path(destination)
     label = label or destination.name
@@ -210,6 +247,8 @@ def download_file(url, destination, *, expected_size=None, sha256=None, timeout=
         if offset:
             headers["Range"] = f"bytes={offset}-"
         request = urllib.request.Request(url, headers=headers)
+        if auth_token:  # an unredirected header: open_url keeps it on this server only
+            request.add_unredirected_header("Authorization", f"Bearer {auth_token}")
         try:
             response = open_url(request, timeout=timeout)
         except urllib.error.HTTPError as err:

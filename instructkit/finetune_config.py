@@ -43,6 +43,12 @@ class FinetuneConfig:
     shuffle_split: int | None = option(None, "shuffle the entries with this seed before splitting "
                                              "(default: the file's order, as in the chapter)",
                                        metavar="SEED")
+    check_data: float | None = option(None, "before training, check the run's data and split "
+                                            "(python -m instructkit.check_data): duplicates and "
+                                            "test entries leaking into training at this TF-IDF "
+                                            "similarity (0.9 without a value) warn, empty "
+                                            "outputs stop the run", nargs="?", const=0.9,
+                                      metavar="THRESHOLD")
     max_test_answers: int | None = option(None, "answer only the first N test entries, 0 for "
                                                 "none (default: all)", metavar="N")
     epochs: int = option(2, "training epochs")

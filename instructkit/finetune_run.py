@@ -229,8 +229,32 @@ class FinetuneRun:
             return entries
 
     def split(self, data):
-        """(train, test, validation) by the run's fractions (the book's 85/10/5 by default)."""
-        return split_entries(data, self.config)
+        """(train, test, validation) by the run's fractions (the book's 85/10/5 by default);
+        with --check-data, checked before anything is downloaded or trained (check_data)."""
+        train, test, val = split_entries(data, self.config)
+        if self.config.check_data is not None:
+            with self._stage("checking the data"):
+                self.check_data(train, test, val)
+        return train, test, val
+
+    def check_data(self, train, test, val):
+        """--check-data: duplicates, leakage, empty outputs and over-long entries of the run's
+        split, reported (process 0) and saved beside the model as <stem>.data-check.json.
+        Empty outputs stop the run (DatasetError); the rest are warnings."""
+        from instructkit.check_data import check_run_data
+        from instructkit.gpt2_tokenizer import TokenizerError
+
+        folder = None if self.config.test_mode else self.models_dir / model_folder(self.config.model)
+        try:  # the run's tokenizer: --tokenizer-dir, the weights' files if there, else tiktoken's
+            tokenizer = get_tokenizer(self.config.tokenizer_dir or (
+                folder if folder is not None and tokenizer_files(folder) else None))
+        except TokenizerError:
+            tokenizer = None
+            print_text("Data check: no tokenizer yet (offline), so lengths are not checked here; "
+                  "the run warns about truncated entries after loading it.")
+        report_path = self.paths["model"].with_name(self.paths["model"].stem + ".data-check.json")
+        check_run_data(train, test, val, self.config.check_data, tokenizer, self.max_length,
+                       report_path if self.is_main else None, quiet=not self.is_main)
 
     def tokenizer(self):
         """GPT-2's tokenizer: from --tokenizer-dir, else from the vocabulary files that come with

@@ -34,6 +34,8 @@ OPENAI_HUB_REPOS = {
 }
 HUB_OPENAI_WEIGHTS = "model.safetensors"
 HUB_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+MIRROR_ADVICE = (f"or set the {HF_ENDPOINT_ENV_VAR} environment variable to a mirror of the Hugging Face "
+                 "hub (e.g. HF_ENDPOINT=https://hf-mirror.com)")
 GPT2_HEAD_DIM = 64  # every GPT-2 size has 64-wide heads: n_head = n_embd // 64
 
 
@@ -50,10 +52,9 @@ def download_hub_files(model_size, models_dir, source, hub_endpoint=None):
     access once they pass file_checks.py's checks; a bad one is moved aside (with a line on
     stderr) and downloaded again. Returns the path of the weights file.
     """
-    endpoint = (hub_endpoint or os.environ.get(HF_ENDPOINT_ENV_VAR) or HF_DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = endpoint_url(hub_endpoint)
     model_dir = Path(models_dir) / model_size
-    advice = (f"or set the {HF_ENDPOINT_ENV_VAR} environment variable to a mirror of the Hugging Face "
-              "hub (e.g. HF_ENDPOINT=https://hf-mirror.com)")
+    advice = MIRROR_ADVICE
     for names in hub_files(source, model_size):
         if any(check_reusable(model_dir / name) for name in names):
             continue
@@ -71,6 +72,11 @@ def download_hub_files(model_size, models_dir, source, hub_endpoint=None):
             raise DownloadError("\n".join(failures))
     return next(model_dir / name for name in hub_files(source, model_size)[0]
                 if (model_dir / name).is_file())
+
+
+def endpoint_url(hub_endpoint=None):
+    """The hub's address: `hub_endpoint`, else $HF_ENDPOINT, else huggingface.co (no final /)."""
+    return (hub_endpoint or os.environ.get(HF_ENDPOINT_ENV_VAR) or HF_DEFAULT_ENDPOINT).rstrip("/")
 
 
 def hub_files(source, model_size):

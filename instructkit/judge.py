@@ -13,8 +13,12 @@ problem end in a traceback. Here, with the standard library only (no torch, no r
   server that died then is reported as "No Ollama server answered", as one that was never
   there). All are `OllamaError`, an `ExpectedError`: one line and exit code 1 on a command line;
 - `ChatServer` is what scoring needs from a judge server, whatever its API; `OllamaServer`
-  implements it for Ollama's /api/chat, /api/tags and /api/version. Another API (an
-  OpenAI-compatible /v1/chat/completions server, say) would be a second subclass in SERVERS.
+  implements it for Ollama's /api/chat, /api/tags and /api/version, `OpenAIServer` for the
+  OpenAI chat-completions API (/v1/chat/completions and /v1/models: OpenAI, llama.cpp's
+  llama-server, vLLM, LM Studio), with an API key, and retries of HTTP 429. Why a small
+  client of our own rather than the `openai` package: see OpenAIServer's docstring (scoring
+  needs two endpoints and a header; the package would add dependencies and a second behaviour
+  for timeouts, retries and errors).
 
 The book's script `ollama_evaluate.py` sends its request through `post_chat`;
 `make_preference_data` asks through `ask_judge`; the notebooks call `get_ollama_url`,
@@ -27,6 +31,7 @@ import ipaddress
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,6 +45,8 @@ DEFAULT_PORT = 11434
 BOOK_CHAT_URL = "http://localhost:11434/api/chat"  # the default of the book's query_model
 SEED = 123  # the book's options: seeded and greedy, so that answers repeat
 NUM_CTX = 2048
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
 
 
 class JudgeServerError(ExpectedError):
@@ -193,9 +200,14 @@ class ChatServer:
     def ensure_model(self, model):
         raise NotImplementedError
 
-    def http_error(self, url, code, detail, body):
-        """The error for an HTTP error status (a subclass can recognise a missing model)."""
+    def http_error(self, url, code, detail, body, headers=None):
+        """The error for an HTTP error status (a subclass can recognise a missing model);
+        `body`: the chat request (None for a GET), `headers`: the response's."""
         return self.error(f"{url} answered HTTP {code}: {detail}")
+
+    def headers(self):
+        """Extra request headers (an API key)."""
+        return {}
 
     # ---- shared --------------------------------------------------------------------------
     def unreachable(self, reason):
@@ -218,10 +230,12 @@ class ChatServer:
     def get_json(self, path, timeout=None):
         url = self.base_url + path
         try:
-            with open_url(url, timeout=self.timeout if timeout is None else timeout) as response:
+            with open_url(url, timeout=self.timeout if timeout is None else timeout,
+                          headers=self.headers()) as response:
                 return json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
-            raise self.http_error(url, exc.code, error_text(exc) or exc.reason, None) from None
+            raise self.http_error(url, exc.code, error_text(exc) or exc.reason, None,
+                                  exc.headers) from None
         except (OSError, http.client.HTTPException) as exc:
             raise self.unreachable(getattr(exc, "reason", exc)) from None
         except ValueError:
@@ -231,9 +245,10 @@ class ChatServer:
         """POST `body` to the chat endpoint; return the ChatStream of the answer."""
         url = self.base_url + self.chat_path
         try:
-            response = open_url(url, data=body, timeout=self.timeout)
+            response = open_url(url, data=body, timeout=self.timeout, headers=self.headers())
         except urllib.error.HTTPError as exc:
-            raise self.http_error(url, exc.code, error_text(exc) or exc.reason, body) from None
+            raise self.http_error(url, exc.code, error_text(exc) or exc.reason, body,
+                                  exc.headers) from None
         except TimeoutError:
             raise self.silent() from None
         except urllib.error.URLError as exc:
@@ -281,13 +296,13 @@ class OllamaServer(ChatServer):
         message = chunk.get("message") or {}
         return message.get("content") or "", bool(chunk.get("done"))
 
-    def http_error(self, url, code, detail, body):
+    def http_error(self, url, code, detail, body, headers=None):
         if code == 404 and body is not None and detail and "not found" in detail:
             model = body.get("model")
             return self.error(
                 f"The Ollama server at {self.base_url} does not have the model {model!r} "
                 f"({detail}).\nDownload it with: ollama pull {model}")
-        return super().http_error(url, code, detail, body)
+        return super().http_error(url, code, detail, body, headers)
 
     def is_reachable(self, timeout=2.0):
         try:
@@ -314,12 +329,214 @@ class OllamaServer(ChatServer):
         return names
 
 
+class OpenAIError(JudgeServerError):
+    """A JudgeServerError from (or on the way to) an OpenAI-compatible server."""
+
+
+class RateLimited(OpenAIError):
+    """HTTP 429 (or 502/503/504): the request may succeed after `wait` seconds."""
+
+    def __init__(self, message, wait=None):
+        super().__init__(message)
+        self.wait = wait
+
+
+def openai_base_url(url=None):
+    """The base URL of an OpenAI-compatible API (no trailing slash), as its clients take it.
+
+    None or empty: OPENAI_BASE_URL, else OpenAI's https://api.openai.com/v1. Without a scheme
+    the address is http:// (a server on this machine or the local network, e.g.
+    ``127.0.0.1:8080``); without a path, /v1 is added (llama.cpp's llama-server, vLLM, LM Studio
+    and OpenAI all serve under /v1); a trailing /chat/completions or /models is dropped.
+    """
+    value = (url or "").strip().strip("\"'").strip() or os.environ.get("OPENAI_BASE_URL", "").strip()
+    if not value:
+        return OPENAI_DEFAULT_BASE_URL
+    if "://" not in value:
+        value = "http://" + value
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise OpenAIError(f"Invalid API address {value!r}: use http(s)://host:port/v1")
+    path = re.sub(r"/(chat/completions|completions|models)$", "", parts.path.rstrip("/"))
+    return f"{parts.scheme.lower()}://{parts.netloc}{path or '/v1'}"
+
+
+def api_key_from_env(name=None):
+    """The API key in the environment variable `name` (None: OPENAI_API_KEY, which may be
+    unset: a local server needs no key). A variable named on purpose must be set."""
+    if name is None:
+        return os.environ.get(OPENAI_KEY_ENV) or None
+    key = os.environ.get(name)
+    if not key:
+        from instructkit.errors import BadInputError
+
+        raise BadInputError(f"--api-key-env {name}: the environment variable {name} is not set")
+    return key
+
+
+class OpenAIServer(ChatServer):
+    """A server of the OpenAI chat-completions API: POST /chat/completions (streamed as
+    server-sent events), GET /models. OpenAI itself, llama.cpp's llama-server, vLLM, LM Studio.
+
+    Why a client of our own and not the `openai` package: scoring needs two endpoints and one
+    header, which the standard library does in a few lines; the package would add a dependency
+    (with httpx, pydantic and their versions) to a chapter that scores with no PyTorch and no
+    `requests`, and its own retries and errors would differ from the Ollama client's, where the
+    commands need one behaviour: the same timeouts (connect, and each piece of the answer), the
+    same one-line errors with what to do, the same resume hint.
+
+    The key (`api_key`) is sent as ``Authorization: Bearer <key>`` and never shown: not in a
+    message (a server that echoes it has it replaced by ***), a results file or a log.
+    HTTP 429 and 502/503/504 are retried `max_retries` times, after the server's Retry-After
+    seconds when it sends them (at most `max_wait`), else after retry_base * 2**attempt;
+    `sleep` is the function that waits (tests replace it).
+    """
+
+    name = "OpenAI-compatible"
+    error = OpenAIError
+    chat_path = "/chat/completions"
+    start_hint = ("Start the server (e.g. llama.cpp's `llama-server -m MODEL.gguf --port 8080`, "
+                  "then --base-url 127.0.0.1:8080), or point to it with --base-url.")
+    max_retries = 5
+    retry_base = 1.0  # seconds before the first retry without a Retry-After
+    max_wait = 60.0
+    retried_codes = (429, 502, 503, 504)
+
+    def __init__(self, base_url, timeout=DEFAULT_TIMEOUT, api_key=None, api_key_env=None):
+        super().__init__(base_url, timeout)
+        self._api_key = api_key
+        self.api_key_env = api_key_env or OPENAI_KEY_ENV
+        self.sleep = time.sleep
+
+    def __repr__(self):
+        return f"OpenAIServer({self.base_url!r})"  # never the key
+
+    def headers(self):
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    def redact(self, text):
+        text = str(text)
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def chat_body(self, prompt, model, seed=SEED, num_ctx=NUM_CTX):
+        # num_ctx is not part of this API: the server sets its context (llama-server's -c)
+        return {"model": model, "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0, "seed": seed, "stream": True}
+
+    def read_line(self, line, url):
+        if line.startswith("{"):  # a server that answers the whole reply as one JSON object
+            chunk, whole = self._json(line, url), True
+        elif line.startswith("data:"):
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                return "", True
+            chunk, whole = self._json(payload, url), False
+        else:  # ": comment", "event: ...", "id: ..." lines of server-sent events
+            return "", False
+        if chunk.get("error"):
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise self.error(f"The server reported an error: {self.redact(message)}")
+        choices = chunk.get("choices") or [{}]
+        choice = choices[0] if isinstance(choices[0], dict) else {}
+        message = choice.get("message" if whole else "delta") or {}
+        return message.get("content") or "", whole or bool(choice.get("finish_reason"))
+
+    def _json(self, text, url):
+        try:
+            chunk = json.loads(text)
+        except ValueError:
+            raise self.error(f"{url} sent a line that is not JSON: {text[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise self.error(f"{url} sent an unexpected line: {text[:200]!r}")
+        return chunk
+
+    def http_error(self, url, code, detail, body, headers=None):
+        detail = self.redact(detail)
+        if code in (401, 403):
+            if not self._api_key:
+                return self.error(f"The server at {self.base_url} asks for an API key (HTTP "
+                                  f"{code}: {detail}); set {self.api_key_env} to your key.")
+            return self.error(f"The server at {self.base_url} refused the API key in "
+                              f"{self.api_key_env} (HTTP {code}: {detail}); set {self.api_key_env} "
+                              "to a valid key.")
+        if code == 404 and body is not None:
+            try:
+                offered = ", ".join(sorted(self.models())) or "none"
+            except OpenAIError:
+                offered = None
+            listing = f"; it offers: {offered}" if offered else ""
+            return self.error(f"The server at {self.base_url} has no model {body.get('model')!r} "
+                              f"(HTTP 404: {detail}){listing}. Name one with --model.")
+        if code in self.retried_codes:
+            return RateLimited(f"{url} answered HTTP {code}: {detail}", _retry_after(headers))
+        error = super().http_error(url, code, detail, body, headers)
+        error.status = code
+        return error
+
+    def unreachable(self, reason):
+        return super().unreachable(self.redact(reason))
+
+    def post_chat(self, body):
+        for attempt in range(self.max_retries + 1):
+            try:
+                return super().post_chat(body)
+            except RateLimited as exc:
+                if attempt == self.max_retries:
+                    raise self.error(f"{exc} (still after {self.max_retries} retries; wait a "
+                                     "while, or use a lower rate)") from None
+                wait = exc.wait if exc.wait is not None else self.retry_base * 2 ** attempt
+                self.sleep(min(wait, self.max_wait))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def is_reachable(self, timeout=2.0):
+        try:
+            with open_url(self.base_url + "/models", timeout=timeout, headers=self.headers()):
+                return True
+        except urllib.error.HTTPError:
+            return True  # it answered (a missing key, a server without /models)
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def models(self):
+        answer = self.get_json("/models")
+        models = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(models, list):
+            raise self.error(f"{self.base_url}/models did not list models: is this the OpenAI API?")
+        return [m.get("id") for m in models if isinstance(m, dict) and m.get("id")]
+
+    def ensure_model(self, model):
+        """Check the server answers and takes the key (GET /models); return the model names it
+        lists. A model it does not list is not refused here: llama-server answers with its
+        one model whatever the name; a server that lacks it says so with HTTP 404."""
+        try:
+            return self.models()
+        except OpenAIError as exc:
+            if getattr(exc, "status", None) == 404:  # a server without /models
+                return []
+            raise
+
+
+def _retry_after(headers):
+    """The seconds of a Retry-After header (a number; an HTTP date is ignored), or None."""
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds >= 0 and seconds == seconds else None
+
+
 # The judge APIs the commands can talk to, by name.
-SERVERS = {"ollama": OllamaServer}
+SERVERS = {"ollama": OllamaServer, "openai": OpenAIServer}
 
 
-def judge_server(url=None, timeout=None, api="ollama"):
-    """The judge server at `url` (any form `chat_server_url` reads), speaking `api`."""
+def judge_server(url=None, timeout=None, api="ollama", api_key=None, api_key_env=None):
+    """The judge server at `url`, speaking `api`: for "ollama" any form `chat_server_url`
+    reads, for "openai" any form `openai_base_url` reads, with `api_key` (named after the
+    environment variable `api_key_env` in messages)."""
+    if api == "openai":
+        return OpenAIServer(openai_base_url(url), timeout, api_key, api_key_env)
     return SERVERS[api](chat_server_url(url), timeout)
 
 

@@ -3,7 +3,9 @@
 Not in the book. The book's `ollama_evaluate.py` takes one flag, `--file_path`. Its
 `__main__` block adds the options here (`add_evaluate_arguments`) and runs the book's `main`
 through `run_evaluation`; `make_preference_data` shares the server options
-(`add_server_arguments`) and runs its work through `run_server_job`.
+(`add_server_arguments`) and runs its work through `run_server_job`. The package's judge
+commands that speak any API (`score`, `compare`) add `add_api_arguments` (--api ollama|openai,
+--api-key-env; --host is then also --base-url) and get their checked server from `open_judge`.
 
 Problems follow `instructkit.errors`: a bad input file, or an output file that cannot be
 written (a folder at its path), is one line and exit code 2, before any request; no server,
@@ -21,7 +23,16 @@ from pathlib import Path
 
 from instructkit.console import use_utf8_console
 from instructkit.errors import run_command
-from instructkit.judge import NUM_CTX, JudgeServerError, ensure_ollama, get_ollama_url
+from instructkit.judge import (
+    NUM_CTX,
+    OPENAI_KEY_ENV,
+    SERVERS,
+    JudgeServerError,
+    api_key_from_env,
+    ensure_ollama,
+    get_ollama_url,
+    judge_server,
+)
 from instructkit.judge_http import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
 
 # The longest --timeout: a day for a piece of an answer (a socket refuses timeouts near the
@@ -54,13 +65,20 @@ def check_outputs(*outputs):
         check_output_file(*output)
 
 
-def add_server_arguments(parser, what):
-    """--model, --host, --num-ctx, --timeout and --debug: the options of every judge command."""
-    parser.add_argument("--model", default="llama3", help=f"{what} model on the Ollama server")
-    parser.add_argument("--host", default=None,
-                        help="Ollama address: host, host:port, [IPv6]:port or a URL such as "
-                             "http://localhost:11434/api/chat (default: OLLAMA_HOST, "
-                             "else 127.0.0.1:11434)")
+def add_server_arguments(parser, what, any_api=False):
+    """--model, --host, --num-ctx, --timeout and --debug: the options of every judge command.
+    With `any_api` (a command that has add_api_arguments' --api), --host is also --base-url."""
+    ollama_host = ("host, host:port, [IPv6]:port or a URL such as http://localhost:11434/api/chat "
+                   "(default: OLLAMA_HOST, else 127.0.0.1:11434)")
+    if any_api:
+        parser.add_argument("--model", default="llama3", help=f"{what} model on the server")
+        parser.add_argument("--host", "--base-url", dest="host", default=None,
+                            help=f"the server's address. Ollama: {ollama_host}; with --api "
+                                 "openai: a base URL such as http://127.0.0.1:8080/v1 (default: "
+                                 "OPENAI_BASE_URL, else https://api.openai.com/v1)")
+    else:
+        parser.add_argument("--model", default="llama3", help=f"{what} model on the Ollama server")
+        parser.add_argument("--host", default=None, help=f"Ollama address: {ollama_host}")
     parser.add_argument("--num-ctx", "--num_ctx", type=_positive(int), default=NUM_CTX,
                         help="the model's context window in tokens (Ollama's num_ctx; "
                              "the book's 2048 by default)")
@@ -71,11 +89,40 @@ def add_server_arguments(parser, what):
                         help="print the traceback of an unexpected OS error (a full disk, ...)")
 
 
-def add_evaluate_arguments(parser):
-    """The options of `python ollama_evaluate.py` beyond the book's --file_path."""
+def add_api_arguments(parser):
+    """--api and --api-key-env: the judge's API (the package's commands; the book's script and
+    make_preference_data speak Ollama's)."""
+    parser.add_argument("--api", choices=sorted(SERVERS), default="ollama",
+                        help="the judge server's API: ollama, or openai for any server of the "
+                             "OpenAI chat-completions API (OpenAI, llama.cpp's llama-server, "
+                             "vLLM, LM Studio)")
+    parser.add_argument("--api-key-env", default=None, metavar="NAME",
+                        help=f"with --api openai: the environment variable holding the API key "
+                             f"(default: {OPENAI_KEY_ENV}; a local server needs none). The key is "
+                             "never printed or saved.")
+
+
+def open_judge(args):
+    """The judge server of the command-line `args` (--api, --host/--base-url, --timeout,
+    --api-key-env), checked: it answers, and (Ollama) has the model pulled."""
+    timeout = (DEFAULT_CONNECT_TIMEOUT, args.timeout)
+    api = getattr(args, "api", "ollama")
+    if api == "openai":
+        key_env = getattr(args, "api_key_env", None)
+        server = judge_server(args.host, timeout, api="openai", api_key=api_key_from_env(key_env),
+                              api_key_env=key_env)
+    else:
+        server = judge_server(args.host, timeout, api=api)
+    server.ensure_model(args.model)
+    return server
+
+
+def add_evaluate_arguments(parser, any_api=False):
+    """The options of `python ollama_evaluate.py` beyond the book's --file_path (with
+    `any_api`, python -m instructkit.score's, which adds add_api_arguments' too)."""
     parser.add_argument("--json_key", "--json-key", default="model_response",
                         help="key of the responses to score")
-    add_server_arguments(parser, what="judge")
+    add_server_arguments(parser, what="judge", any_api=any_api)
     parser.add_argument("--scores-out", "--scores_out", default=None,
                         help="per-entry scores JSON, also used to resume "
                              "(default: <input stem>-<model>-scores.json beside the input)")

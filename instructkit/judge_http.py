@@ -78,8 +78,9 @@ def _is_local(url):
         return False
 
 
-def open_url(url, data=None, timeout=DEFAULT_TIMEOUT):
-    """Open `url` (POST JSON when `data` is given); the caller closes the response."""
+def open_url(url, data=None, timeout=DEFAULT_TIMEOUT, headers=None):
+    """Open `url` (POST JSON when `data` is given, with the extra `headers`); the caller closes
+    the response."""
     connect_timeout, read_timeout = split_timeout(timeout)
     https = _HTTPSHandler(read_timeout)
     if urllib.parse.urlsplit(url).scheme == "https":  # a judge behind TLS: the downloads' CAs
@@ -90,7 +91,7 @@ def open_url(url, data=None, timeout=DEFAULT_TIMEOUT):
     if _is_local(url):
         handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
     opener = urllib.request.build_opener(*handlers)
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": "application/json", **(headers or {})}
     body = None
     if data is not None:
         body = json.dumps(data).encode("utf-8")
@@ -100,11 +101,13 @@ def open_url(url, data=None, timeout=DEFAULT_TIMEOUT):
 
 
 def error_text(http_error):
-    """The {"error": ...} text of an HTTP error response, or None."""
+    """The error text of an HTTP error response: Ollama's {"error": "..."} or the OpenAI API's
+    {"error": {"message": "..."}}; None when the body holds neither."""
     try:
         payload = json.loads(http_error.read().decode("utf-8", "replace"))
     except (OSError, ValueError):
         return None
-    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        return payload["error"]
-    return None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) else None

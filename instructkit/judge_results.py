@@ -12,7 +12,8 @@ again from the first entry. Here:
 - `ResumableResults` keeps the result of each entry as it arrives, in a JSON file named by the
   caller and stamped with a fingerprint of the work (the settings and every prompt), so that a
   later run of the same work only does the entries still missing, and a run of other work
-  starts fresh. `run_resumable` drives it for any per-entry job (make_preference_data);
+  starts fresh. `run_resumable` drives it for any per-entry job (make_preference_data, the
+  head-to-head comparison of compare.py);
   `open_scores` gives the scores file of the book's `generate_model_scores`;
 - `save_outputs` says where the scores went and draws their histogram (`plot_scores`).
 

@@ -84,6 +84,7 @@ NUMERIC_LIMITS = {
     "test_fraction": Limit(0, 1, low_excluded=True),
     "shuffle_split": Limit(0, 2**64 - 1),
     "max_test_answers": Limit(0),  # 0: no answers
+    "check_data": Limit(0, 1, low_excluded=True),  # a cosine similarity threshold
     "save_every": Limit(1),
     "keep": Limit(1),
     "max_steps": Limit(1),

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -89,6 +90,18 @@ def _seed_tiktoken_cache():
 
 
 _seed_tiktoken_cache()
+
+
+def _let_children_hear_ctrl_c():
+    # A shell without job control starts background jobs with SIGINT ignored, and an ignored
+    # signal stays ignored across exec: every command a test starts would then shrug off the
+    # Ctrl-C the interrupt tests send. A handled signal is reset to its default on exec, so
+    # handling it here gives each child Python's usual KeyboardInterrupt again.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_let_children_hear_ctrl_c()
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,9 @@
 It honours `Range: bytes=N-` and can be told to fail a path: answer an HTTP error, cut the
 connection after some bytes (having announced the full length), ignore the Range header,
 answer a Range request from the wrong offset, or serve a short body (with a matching
-Content-Length). It records every request. `content_types` gives a path's Content-Type
-header (none is sent otherwise).
+Content-Length), or redirect it (302 to a URL). It records every request, and its headers.
+`content_types` gives a path's Content-Type header (none is sent otherwise); `check(path,
+headers)`, when set, may answer an HTTP status instead of the file (a gated repository's 401).
 """
 
 import contextlib
@@ -22,6 +23,8 @@ class FileServer(ThreadingHTTPServer):
         self.faults = {}  # {url path: [fault, ...]}, each used by one request, in order
         self.requests = []  # (url path, Range header or None), in arrival order
         self.content_types = {}  # {url path: Content-Type header}
+        self.request_headers = []  # (url path, {header: value}), in arrival order
+        self.check = None  # check(url path, headers) -> an HTTP status to answer instead, or None
         self.lock = threading.Lock()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
@@ -37,8 +40,18 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         with server.lock:
             server.requests.append((self.path, self.headers.get("Range")))
+            server.request_headers.append((self.path, dict(self.headers)))
             queue = server.faults.get(self.path)
             fault = queue.pop(0) if queue else None
+        if server.check and (status := server.check(self.path, self.headers)):
+            self.send_error(status)
+            return
+        if fault and fault[0] == "redirect":
+            self.send_response(302)
+            self.send_header("Location", fault[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = server.files.get(self.path)
         if body is None:
             fault = ("status", 404)

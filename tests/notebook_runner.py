@@ -142,9 +142,15 @@ def cell_outputs(nb):
     """All text a notebook's code cells printed or returned, joined (for assertions)."""
     texts = []
     for cell in nb.cells:
+        previous = None
         for out in cell.get("outputs", []):
             if "text" in out:
-                texts.append(out["text"])
+                if out.get("name") and out.get("name") == previous:
+                    texts[-1] += out["text"]  # one stream, which the kernel sent in pieces
+                else:
+                    texts.append(out["text"])
+                previous = out.get("name")
             elif "data" in out and "text/plain" in out["data"]:
                 texts.append(out["data"]["text/plain"])
+                previous = None
     return "\n".join(texts)

@@ -2,7 +2,8 @@
 
 The run uses a clean copy of the repository with what the chapter notebook would have left
 behind (a tiny `gpt2-medium355M-sft.pth`, TEST_MODE_CONFIG's size) and the preference data
-already "downloaded", so no network is needed; the judge is a fake Ollama on the loopback.
+already "downloaded", so no network is needed; the judge is a fake Ollama on the loopback (it
+scores 72, and in a head-to-head always prefers the first answer).
 """
 
 import ast
@@ -54,7 +55,10 @@ def executed(tmp_path_factory):
                     workdir / "instruction-data-with-preference.json")
     torch.manual_seed(123)
     torch.save(GPTModel(TEST_MODE_CONFIG).state_dict(), workdir / "gpt2-medium355M-sft.pth")
-    with FakeOllama(replies="72") as server:
+    def judge(prompt, body):  # scores 72; in a head-to-head always the first position
+        return "A" if "Which response is better?" in prompt else "72"
+
+    with FakeOllama(replies=judge) as server:
         nb = run_notebook(NOTEBOOK, workdir, env={"OLLAMA_HOST": server.host, "OMP_NUM_THREADS": "1"})
         prompts = server.prompts
     return SimpleNamespace(workdir=workdir, out=cell_outputs(nb), prompts=prompts)
@@ -88,7 +92,19 @@ def test_smoke_run_saves_the_model_and_the_plot(executed):
 def test_smoke_run_scores_both_models_with_the_judge(executed):
     assert "SFT model: average score 72.00 over 4 of 4 entries" in executed.out
     assert "DPO model: average score 72.00 over 4 of 4 entries" in executed.out
-    assert len(executed.prompts) == 8 and all("### Instruction:" in p for p in executed.prompts)
+    assert all("### Instruction:" in p for p in executed.prompts)
+    assert sum("score the model response" in p for p in executed.prompts) == 8
+
+
+@pytest.mark.slow
+def test_smoke_run_compares_the_models_head_to_head(executed):
+    """A judge that always picks the first position: no win, no loss, all inconsistent."""
+    assert "DPO vs SFT: 0 wins, 4 ties, 0 losses over 4 entries" in executed.out
+    assert "Win rate of DPO: 50.0% (95% interval" in executed.out
+    assert "Judge inconsistent when the order was swapped: 4 entries (100.0%)" in executed.out
+    assert sum("Which response is better?" in p for p in executed.prompts) == 8  # 4 entries, twice
+    assert (executed.workdir / "dpo-vs-sft-compare.json").is_file()
+    assert (executed.workdir / "dpo-vs-sft-compare.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow

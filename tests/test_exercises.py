@@ -503,6 +503,10 @@ def test_exercise_notebook_runs_in_smoke_mode(tmp_path):
     ):
         assert line in out, line
     assert "\"The correct spelling is 'Occasion.'\"" in out  # extracted Phi-3 answer
+    # The check cells (the student notebook's) pass on the solutions
+    for name in ("format_input", "custom_collate_fn", "extract_response", "format_input_phi",
+                 "custom_collate_with_masking_fn", "LoRALayer", "LinearWithLoRA"):
+        assert f"{name}: passed." in out, name
     assert out.count("Training completed in") == 4  # 7.1, 7.2, 7.3 (smoke) and 7.4
 
     for name in ("instruction-data-with-response-phi3-test.json",

@@ -17,7 +17,8 @@ from conftest import ROOT
 PACKAGE = "instructkit"
 BOOK_FILES = ("previous_chapters", "gpt_download", "gpt_instruction_finetuning", "ollama_evaluate")
 # The package's command lines (`python -m instructkit.<name>`): nothing imports them
-COMMANDS = ("finetune", "chat", "web_chat", "dpo_train", "make_preference_data")
+COMMANDS = ("finetune", "chat", "web_chat", "dpo_train", "make_preference_data", "student_notebook",
+            "grade_exercises")
 MARK = "# Not in the book:"
 
 

@@ -18,7 +18,9 @@ from nbformat.v4 import new_code_cell, new_notebook
 MODULES = ("previous_chapters", "gpt_download", "gpt_instruction_finetuning", "ollama_evaluate",
            "instructkit/gpt2_sizes", "instructkit/safe_files", "instructkit/instruction_data",
            "fast_gpt", "exercise_variants", "instructkit/finetune")
-NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))
+# The student notebook's definitions are blanks to fill in (test_student_notebook.py checks
+# them against the chapter's signatures).
+NOTEBOOKS = sorted(path for path in ROOT.glob("*.ipynb") if path.name != "exercises.ipynb")
 CHAPTER = ROOT / "ch07_instruction_finetuning.ipynb"
 
 # What the chapter notebook shows in its cells (the rest it imports).
