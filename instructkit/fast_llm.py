@@ -335,3 +335,24 @@ def evaluate_model_fast(model, train_loader, val_loader, device, eval_iter):
         val_loss = calc_loss_loader_fast(val_loader, model, device, eval_iter)
     model.train()
     return train_loss, val_loss
+
+
+#####################################
+# Training's sample
+#####################################
+
+def print_sample(model, tokenizer, device, start_context):
+    """fast_gpt.print_sample for these families: 50 greedy tokens after `start_context`
+    through the KV cache, prompt and answer on one line. A BOS the tokenizer adds (Llama 3's
+    `<|begin_of_text|>`) is not printed, so the line reads as GPT-2's does."""
+    from instructkit.console import print_text
+
+    model.eval()
+    encoded = tokenizer.encode(start_context)
+    token_ids = generate(model, torch.tensor([encoded], device=device), max_new_tokens=50,
+                         context_size=context_size(model))[0].tolist()
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is not None and token_ids[:1] == [bos_id]:
+        token_ids = token_ids[1:]
+    print_text(tokenizer.decode(token_ids).replace("\n", " "))  # compact one-line print
+    model.train()
