@@ -262,8 +262,9 @@ def main(test_mode=False, config=None):
     print(50*"-")
 
     # Not in the book: exercise 7.1's prompt style and 7.2's masked instructions as flags
-    # (--prompt-style phi3, --mask-instructions), with the classes of exercise_variants.py
-    style = PROMPT_STYLES[config.prompt_style]
+    # (--prompt-style phi3, --mask-instructions), with the classes of exercise_variants.py;
+    # --prompt-style chat: a hub model's own chat template, from its tokenizer
+    style = PROMPT_STYLES.get(config.prompt_style) or run.chat_style(tokenizer)
     CustomDataset, collate_fn = InstructionDataset, custom_collate_fn
     if style is not ALPACA:
         CustomDataset = partial(InstructionDatasetWithStyle, style=style)

@@ -19,8 +19,9 @@ from instructkit.training import RESUME_NEWEST
 
 TEST_MODE_ENTRIES = 10  # entries per split in test mode, as the book's script takes
 # --prompt-style's choices: the chapter's style and exercise 7.1's (the styles themselves are
-# gpt_instruction_finetuning.PROMPT_STYLES, which imports this module)
-PROMPT_STYLE_NAMES = ("alpaca", "phi3")
+# gpt_instruction_finetuning.PROMPT_STYLES, which imports this module), and a hub model's own
+# chat template (instructkit/chat_template_style.py)
+PROMPT_STYLE_NAMES = ("alpaca", "phi3", "chat")
 
 
 def model_name(name, error=None):
@@ -103,7 +104,8 @@ class FinetuneConfig:
     tokenizer_dir: str | None = option(None, "a folder with GPT-2's encoder.json and vocab.bpe, "
                                              "or vocab.json and merges.txt (default: those beside "
                                              "the weights, else tiktoken's download)")
-    prompt_style: str = option("alpaca", "exercise 7.1: the prompt style",
+    prompt_style: str = option("alpaca", "exercise 7.1: the prompt style; chat: a hub model's "
+                                         "own chat template (Qwen3, SmolLM2)",
                                choices=list(PROMPT_STYLE_NAMES))
     mask_instructions: bool = option(False, "exercise 7.2: compute the loss on the response "
                                             "tokens only")

@@ -180,6 +180,10 @@ class FinetuneRun:
         identity = checkpoint_identity(config, None)
         del identity["dataset_sha256"]  # the data may be still to download: checked on resume
         gpt2_dir = None if config.test_mode or self.repo_id is not None else models_dir(config)
+        if config.prompt_style == "chat" and self.repo_id is None:
+            raise BadInputError("--prompt-style chat uses a hub model's own chat template, and "
+                                "GPT-2 has none: use --prompt-style alpaca or phi3, or a hub "
+                                "model (--model qwen3-0.6b, smollm2-360m, ...)")
         if self.repo_id is not None:  # a hub model's folder must be writable before any download
             from instructkit.preflight import check_output_dir
 
@@ -288,6 +292,14 @@ class FinetuneRun:
             return load_hf_tokenizer(self.download_hub_model()["folder"])
         with self._stage("preparing the data"), self.processes.local_main_first():
             return get_tokenizer(self.config.tokenizer_dir or self.download_weights())
+
+    def chat_style(self, tokenizer):
+        """--prompt-style chat: the PromptStyle of the hub model's chat template
+        (chat_template_style.py); a one-line error for a model without one."""
+        from instructkit.chat_template_style import chat_template_style
+
+        with self._stage("preparing the data"):
+            return chat_template_style(tokenizer, self.repo_id or self.config.model)
 
     def download_hub_model(self):
         """A hub model's files, downloaded once per machine (hub_models.py: HF_ENDPOINT, resume,

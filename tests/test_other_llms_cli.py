@@ -11,8 +11,11 @@ safetensors) with a tokenizer of the family (tests/tiny_hub_tokenizers.py). Chec
   again here from the saved weights), the run record naming family, repository and folder;
 - the collate pads with the model's EOS, and Llama's answers are decoded from the new ids
   only (no `<|begin_of_text|>` in them);
-- LoRA (the merged model of a tied Qwen3 keeps its embedding), and resume after --max-steps
-  giving the same weights as the uninterrupted run; a GPT-2 checkpoint is refused;
+- `--prompt-style chat` (the repository's chat template) with masking, and its one-line
+  error for models without a template (GPT-2, the tiny Llama);
+- LoRA with --max-test-answers (the merged model of a tied Qwen3 keeps its embedding), and
+  resume after --max-steps giving the same weights as the uninterrupted run; a GPT-2
+  checkpoint is refused;
 - the gated repository: one line and exit code 1 without HF_TOKEN, a run with it.
 """
 
@@ -225,9 +228,47 @@ def test_gated_llama_needs_the_token_then_runs(hub, data_file, models_dir, tmp_p
     assert [e["model_response"] for e in saved] == greedy_answers(
         tmp_path / f"{stem}.pth", record["hub_model"]["folder"], test_entries, gif.PHI3)
 
+    # its tokenizer has no chat template: --prompt-style chat is one line, exit code 2
+    capsys.readouterr()
+    assert finetune.cli([*argv[:-3], "--prompt-style", "chat"]) == 2
+    assert capsys.readouterr().err == (f"error: --prompt-style chat uses the model's own chat "
+                                       f"template, and {LLAMA} has none: use --prompt-style "
+                                       "alpaca or phi3\n")
+
+
+def test_chat_template_prompt_style(data_file, models_dir, tmp_path, capsys):
+    from instructkit.chat_template_style import chat_template_style
+
+    result, printed = run_main(settings(data_file, models_dir, tmp_path, prompt_style="chat",
+                                        mask_instructions=True))
+    stem = "Qwen3-0.6B-Base-sft-data-chat-mask"
+    hub_folder = models_dir / "Qwen--Qwen3-0.6B-Base"
+    style = chat_template_style(load_hf_tokenizer(hub_folder))
+    entry = {"instruction": "Name a color.", "input": "Not red."}
+    # the tiny repository's ChatML template, the assistant's turn opened
+    assert style.format_input(entry) == (
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nName a color.\n\n"
+        "Not red.<|im_end|>\n<|im_start|>assistant\n")
+    entry = json.loads(data_file.read_text())[34]
+    assert f"<|im_start|>user\n{entry['instruction']}" in printed  # the shown answers' prompts
+    saved = json.loads((tmp_path / "instruction-data-with-response-data-chat-mask.json").read_text())
+    assert [e["model_response"] for e in saved] == greedy_answers(
+        tmp_path / f"{stem}.pth", hub_folder, json.loads(data_file.read_text())[34:38], style)
+
+    # GPT-2 has no chat template: one line, exit code 2, before anything is downloaded
+    capsys.readouterr()
+    assert finetune.cli(["--test-mode", "--prompt-style", "chat", "--data", str(data_file),
+                         "--output-dir", str(tmp_path / "gpt2")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --prompt-style chat uses a hub model's own chat template, and GPT-2 has "
+                   "none: use --prompt-style alpaca or phi3, or a hub model (--model qwen3-0.6b, "
+                   "smollm2-360m, ...)\n")
+
 
 def test_lora_on_tied_qwen3(data_file, models_dir, tmp_path):
-    result, printed = run_main(settings(data_file, models_dir, tmp_path, lora_rank=2, lora_alpha=4))
+    result, printed = run_main(settings(data_file, models_dir, tmp_path, lora_rank=2, lora_alpha=4,
+                                        max_test_answers=2))
+    assert "Answering 2 of the 4 test entries (--max-test-answers 2)." in printed
     stem = "Qwen3-0.6B-Base-sft-data-lora2"
     assert "LoRA adapters saved as" in printed
     weights = torch.load(tmp_path / f"{stem}.pth", map_location="cpu", weights_only=True)
@@ -237,11 +278,11 @@ def test_lora_on_tied_qwen3(data_file, models_dir, tmp_path):
     # the embedding was frozen: merging the (tied) output head's update left it as it was
     assert torch.equal(weights["tok_emb.weight"], base.tok_emb.weight)
     assert not torch.equal(weights["out_head.weight"], base.out_head.weight)
-    # the merged model answered the test entries: as the saved weights do, the book's way
+    # the merged model answered the first two test entries: as the saved weights do, the book's way
     saved = json.loads((tmp_path / "instruction-data-with-response-data-lora2.json").read_text())
     assert [e["model_response"] for e in saved] == greedy_answers(
         tmp_path / f"{stem}.pth", models_dir / "Qwen--Qwen3-0.6B-Base",
-        json.loads(data_file.read_text())[34:38])
+        json.loads(data_file.read_text())[34:36])
 
 
 def test_resume_after_max_steps_equals_the_uninterrupted_run(qwen_run, data_file, models_dir, tmp_path,
