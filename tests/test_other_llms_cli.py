@@ -14,18 +14,23 @@ safetensors) with a tokenizer of the family (tests/tiny_hub_tokenizers.py). Chec
 - `--prompt-style chat` (the repository's chat template) with masking, and its one-line
   error for models without a template (GPT-2, the tiny Llama);
 - LoRA with --max-test-answers (the merged model of a tied Qwen3 keeps its embedding), and
-  resume after --max-steps giving the same weights as the uninterrupted run; a GPT-2
-  checkpoint is refused;
+  resume after --max-steps, and after a real Ctrl-C to the command (a subprocess), giving
+  the same weights as the uninterrupted run; a GPT-2 checkpoint is refused;
 - the gated repository: one line and exit code 1 without HF_TOKEN, a run with it.
 """
 
 import contextlib
 import io
 import json
+import os
+import sys
 
 import pytest
 import torch
+from conftest import ROOT
+from interrupting import run_and_act
 from loopback_server import serving
+from portable import send_interrupt
 from tiny_hub_models import KINDS
 from tiny_hub_tokenizers import write_tokenizer_folder
 
@@ -296,6 +301,33 @@ def test_resume_after_max_steps_equals_the_uninterrupted_run(qwen_run, data_file
     theirs = torch.load(qwen_run["folder"] / f"{stem}.pth", weights_only=True)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert resumed["train_losses"] == qwen_run["result"]["train_losses"]
+
+
+@pytest.mark.slow
+def test_real_sigint_then_resume_equals_the_uninterrupted_run(qwen_run, data_file, models_dir, tmp_path):
+    """Ctrl-C to the command (a subprocess, one thread) during training saves a checkpoint;
+    --resume (in process) then ends with the weights of the run never interrupted."""
+    stem = "Qwen3-0.6B-Base-sft-data"
+    flags = ["--model", QWEN, "--data", str(data_file), "--models-dir", str(models_dir),
+             "--output-dir", str(tmp_path), "--device", "cpu", "--epochs", "1", "--batch-size", "4",
+             "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens", str(MAX_NEW_TOKENS),
+             "--max-test-answers", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    code, stderr = run_and_act([sys.executable, "-u", str(ROOT / "gpt_instruction_finetuning.py"), *flags],
+                               tmp_path.with_suffix(".stderr"), ["Ep 1 (Step 000000)"], send_interrupt,
+                               timeout=120, cwd=tmp_path, env=env)
+    assert code == 130, stderr
+    (checkpoint,) = (tmp_path / "checkpoints").iterdir()
+    assert f"--resume {checkpoint}" in stderr and "Traceback" not in stderr
+    assert 1 <= int(checkpoint.stem.rsplit("step", 1)[1]) < 8  # after a whole step, before the end
+    assert not (tmp_path / f"{stem}.pth").exists()
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert finetune.cli([*flags, "--resume"]) == 0
+    assert f"Resuming from {checkpoint}" in out.getvalue()
+    ours = torch.load(tmp_path / f"{stem}.pth", weights_only=True)
+    theirs = torch.load(qwen_run["folder"] / f"{stem}.pth", weights_only=True)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_a_gpt2_checkpoint_never_resumes_a_qwen_run(data_file, models_dir, tmp_path):
