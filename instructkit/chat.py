@@ -304,8 +304,9 @@ def main(argv=None):
     try:
         check_arguments(args)
         device = choose_device(args.device)
-        chat, info = load_chat_model(args.model, device, adapters=args.adapters,
-                                     tokenizer=get_tokenizer(args.tokenizer_dir))
+        # without --tokenizer-dir: GPT-2's default, or a hub model's own (load_chat_model)
+        tokenizer = get_tokenizer(args.tokenizer_dir) if args.tokenizer_dir else None
+        chat, info = load_chat_model(args.model, device, adapters=args.adapters, tokenizer=tokenizer)
         check_top_k(args.top_k, chat)
         chat.decode_dtype = apply_decode_arguments(args)
     except ExpectedError as e:

@@ -16,7 +16,9 @@ safetensors) with a tokenizer of the family (tests/tiny_hub_tokenizers.py). Chec
 - LoRA with --max-test-answers (the merged model of a tied Qwen3 keeps its embedding), and
   resume after --max-steps, and after a real Ctrl-C to the command (a subprocess), giving
   the same weights as the uninterrupted run; a GPT-2 checkpoint is refused;
-- the gated repository: one line and exit code 1 without HF_TOKEN, a run with it.
+- the gated repository: one line and exit code 1 without HF_TOKEN, a run with it;
+- `python -m instructkit.chat` rebuilds the saved model from its run record and gives the
+  answer the run wrote; so does the LoRA run's merged (untied) model, in batches.
 """
 
 import contextlib
@@ -197,6 +199,20 @@ def test_qwen3_run_prints_the_chapter_and_saves_what_reloads(qwen_run, models_di
         model_file, record["hub_model"]["folder"], test_entries)
 
 
+def test_chat_reloads_the_saved_model_and_answers_as_the_run_did(qwen_run, data_file, capsys):
+    from instructkit import chat
+
+    folder = qwen_run["folder"]
+    saved = json.loads((folder / "instruction-data-with-response-data.json").read_text())
+    entry = saved[0]
+    capsys.readouterr()
+    assert chat.main([str(folder / "Qwen3-0.6B-Base-sft-data.pth"), entry["instruction"], "--input",
+                      entry["input"], "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    out, err = capsys.readouterr()
+    assert out == entry["model_response"] + "\n"
+    assert f"Qwen3-0.6B-Base-sft-data.pth: {QWEN}, " in err and "prompt style alpaca" in err
+
+
 def test_collate_pads_with_the_models_end_of_text(models_dir, qwen_run):
     tokenizer = load_hf_tokenizer(models_dir / "Qwen--Qwen3-0.6B-Base")
     eos = tokenizer.eot_token
@@ -288,6 +304,13 @@ def test_lora_on_tied_qwen3(data_file, models_dir, tmp_path):
     assert [e["model_response"] for e in saved] == greedy_answers(
         tmp_path / f"{stem}.pth", models_dir / "Qwen--Qwen3-0.6B-Base",
         json.loads(data_file.read_text())[34:36])
+    # and as the chat's ChatModel does, rebuilt from the run record, in a batch
+    from instructkit.model_files import load_chat_model
+
+    chat_model, info = load_chat_model(tmp_path / f"{stem}.pth")
+    assert info["hub_folder"] == str(models_dir / "Qwen--Qwen3-0.6B-Base")
+    assert [a for a, _ in chat_model.answer_all(saved, MAX_NEW_TOKENS)] == [
+        e["model_response"] for e in saved]
 
 
 def test_resume_after_max_steps_equals_the_uninterrupted_run(qwen_run, data_file, models_dir, tmp_path,
