@@ -7,6 +7,7 @@ GPT-2, finetunes it, and saves the plot, the answers and the model.
 
     python gpt_instruction_finetuning.py              # the chapter: gpt2-medium, 2 epochs
     python gpt_instruction_finetuning.py --test_mode  # a tiny random GPT, in seconds
+    python gpt_instruction_finetuning.py --model qwen3-0.6b  # a hub model (Qwen3, Llama 3.2, SmolLM2)
     python gpt_instruction_finetuning.py --help       # every flag
 
 `# Not in the book:` marks each change. The flags beyond `--test_mode` (other data and

@@ -153,7 +153,8 @@ def build_arg_parser():
 
     parser = argparse.ArgumentParser(
         prog="gpt_instruction_finetuning.py",
-        description="Finetune GPT-2 to follow instructions (chapter 7), end to end.")
+        description="Finetune GPT-2 (or a Qwen3 or Llama-architecture model of the Hugging Face "
+                    "hub) to follow instructions (chapter 7), end to end.")
     hints = typing.get_type_hints(FinetuneConfig)
     for f in fields(FinetuneConfig):
         meta = dict(f.metadata)

@@ -10,6 +10,10 @@ by step, what the command line adds:
   removes the temporary files that killed writes left there;
 - the data: `--data`/`--data-url`, JSON Lines, the chapter's file checked by its sha256, the
   split's fractions (`load_data`, `split`), the tokenizer from the weights' own files;
+- a hub model (`--model Qwen/Qwen3-0.6B-Base`, `smollm2-360m`, ...): its files downloaded
+  through hub_models.py (`download_hub_model`), its tokenizer (hf_tokenizer.py), the model
+  (`load_hub_model`: qwen3.py or llama3.py, float32), `--prompt-style chat` (`chat_style`);
+  training, evaluation and answers then go through fast_llm (fast_llm.fast_path);
 - the device (`--device`, or the chapter's get_device()) and torchrun's processes
   (distributed.py): one download per machine, only process 0 prints and writes;
 - training as the book's `train_model_simple`, with checkpoints, `--resume`, `--max-steps`, a
