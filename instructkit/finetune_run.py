@@ -188,6 +188,9 @@ class FinetuneRun:
             raise BadInputError("--prompt-style chat uses a hub model's own chat template, and "
                                 "GPT-2 has none: use --prompt-style alpaca or phi3, or a hub "
                                 "model (--model qwen3-0.6b, smollm2-360m, ...)")
+        if self.repo_id is not None and config.decode_dtype != "fp32":
+            raise BadInputError("--decode-dtype bf16 is for GPT-2 models: Qwen3 and Llama models "
+                                "answer with their own weights (fp32 here)")
         if self.repo_id is not None:  # a hub model's folder must be writable before any download
             from instructkit.preflight import check_output_dir
 

@@ -286,6 +286,15 @@ def test_chat_template_prompt_style(data_file, models_dir, tmp_path, capsys):
                    "smollm2-360m, ...)\n")
 
 
+def test_gpt2_only_flags_are_one_line_before_any_download(data_file, tmp_path, capsys, hub):
+    seen = len(hub.requests)
+    assert finetune.cli(["--model", QWEN, "--decode-dtype", "bf16", "--data", str(data_file),
+                         "--models-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: --decode-dtype bf16 is for GPT-2 models: Qwen3 and "
+                                       "Llama models answer with their own weights (fp32 here)\n")
+    assert len(hub.requests) == seen
+
+
 def test_lora_on_tied_qwen3(data_file, models_dir, tmp_path):
     result, printed = run_main(settings(data_file, models_dir, tmp_path, lora_rank=2, lora_alpha=4,
                                         max_test_answers=2))
