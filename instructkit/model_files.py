@@ -321,8 +321,20 @@ def load_finetuned_hub_model(path, state, record, device="cpu"):
 
 
 def load_adapters_on_pretrained(path, adapters, device="cpu"):
-    """A LoRA run's adapters on the pretrained GPT-2 its run record names (and models_dir)."""
+    """A LoRA run's adapters on the pretrained GPT-2 its run record names (and models_dir), or
+    on the hub model it names."""
     record = read_run_record_if_any(path)
+    if (record or {}).get("hub_model") is not None:
+        from instructkit.hub_model_files import load_hub_model
+
+        folder = hub_model_folder(record)
+        model, cfg = load_hub_model(folder, dtype=torch.float32)
+        add_adapters(model, adapters, path, folder)
+        model, style, info = finish(model, device, record_style((path, record)), folder, path,
+                                    f"{record['hub_model']['repo_id']} (pretrained)", cfg,
+                                    f"from {find_run_record(path).name} and {folder / 'config.json'}")
+        info["hub_folder"] = str(folder)
+        return model, style, info
     config = (record or {}).get("config", {})
     if config.get("model") is None:
         raise ModelFileError(f"{path} holds only LoRA adapters, and no run record beside it "

@@ -316,10 +316,11 @@ def test_lora_on_tied_qwen3(data_file, models_dir, tmp_path):
     # and as the chat's ChatModel does, rebuilt from the run record, in a batch
     from instructkit.model_files import load_chat_model
 
-    chat_model, info = load_chat_model(tmp_path / f"{stem}.pth")
-    assert info["hub_folder"] == str(models_dir / "Qwen--Qwen3-0.6B-Base")
-    assert [a for a, _ in chat_model.answer_all(saved, MAX_NEW_TOKENS)] == [
-        e["model_response"] for e in saved]
+    for model_file in (f"{stem}.pth", f"{stem}-adapters.pth"):  # merged; adapters on the hub model
+        chat_model, info = load_chat_model(tmp_path / model_file)
+        assert info["hub_folder"] == str(models_dir / "Qwen--Qwen3-0.6B-Base")
+        assert [a for a, _ in chat_model.answer_all(saved, MAX_NEW_TOKENS)] == [
+            e["model_response"] for e in saved]
 
 
 def test_resume_after_max_steps_equals_the_uninterrupted_run(qwen_run, data_file, models_dir, tmp_path,
