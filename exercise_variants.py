@@ -209,6 +209,7 @@ def merge_lora(model):
     """Fold every LinearWithLoRA into a plain nn.Linear (W + alpha * (A @ B)^T), in place.
 
     The merged model has the plain GPTModel's state-dict keys, so it loads without LoRA code.
+    A tied output head (Qwen3, SmolLM2) gets a weight of its own: the model is untied.
     Parameters keep their `requires_grad` (frozen, after LoRA training): unfreeze with
     `model.requires_grad_(True)` to train the merged model further.
     """
@@ -216,7 +217,10 @@ def merge_lora(model):
         if isinstance(module, LinearWithLoRA):
             linear, lora = module.linear, module.lora
             with torch.no_grad():
-                linear.weight += (lora.alpha * (lora.A @ lora.B)).T.to(linear.weight.dtype)
+                # a new tensor, not an update in place: a head that shares its weight with the
+                # token embedding (tied, as Qwen3-0.6B's) is untied, the embedding left as it was
+                merged = linear.weight + (lora.alpha * (lora.A @ lora.B)).T.to(linear.weight.dtype)
+            linear.weight = nn.Parameter(merged, requires_grad=linear.weight.requires_grad)
             setattr(model, name, linear)
         else:
             merge_lora(module)

@@ -7,6 +7,7 @@ GPT-2, finetunes it, and saves the plot, the answers and the model.
 
     python gpt_instruction_finetuning.py              # the chapter: gpt2-medium, 2 epochs
     python gpt_instruction_finetuning.py --test_mode  # a tiny random GPT, in seconds
+    python gpt_instruction_finetuning.py --model qwen3-0.6b  # a hub model (Qwen3, Llama 3.2, SmolLM2)
     python gpt_instruction_finetuning.py --help       # every flag
 
 `# Not in the book:` marks each change. The flags beyond `--test_mode` (other data and
@@ -253,7 +254,8 @@ def main(test_mode=False, config=None):
     print(50*"-")
 
     # Not in the book: GPT-2's tokenizer built from --tokenizer-dir, or from the vocabulary files
-    # that come with the weights (downloaded here), else tiktoken's own download
+    # that come with the weights (downloaded here), else tiktoken's own download; a hub
+    # model's (--model Qwen/Qwen3-0.6B-Base) from its repository's tokenizer.json
     tokenizer = run.tokenizer()
     # Not in the book: --device, or section 7.4's get_device(); under torchrun this process's GPU
     device = run.device
@@ -261,8 +263,9 @@ def main(test_mode=False, config=None):
     print(50*"-")
 
     # Not in the book: exercise 7.1's prompt style and 7.2's masked instructions as flags
-    # (--prompt-style phi3, --mask-instructions), with the classes of exercise_variants.py
-    style = PROMPT_STYLES[config.prompt_style]
+    # (--prompt-style phi3, --mask-instructions), with the classes of exercise_variants.py;
+    # --prompt-style chat: a hub model's own chat template, from its tokenizer
+    style = PROMPT_STYLES.get(config.prompt_style) or run.chat_style(tokenizer)
     CustomDataset, collate_fn = InstructionDataset, custom_collate_fn
     if style is not ALPACA:
         CustomDataset = partial(InstructionDatasetWithStyle, style=style)
@@ -270,9 +273,11 @@ def main(test_mode=False, config=None):
         CustomDataset = partial(InstructionDatasetWithMasking, style=style)
         collate_fn = with_instruction_masking(custom_collate_fn)
 
-    # Not in the book: `collate_fn` (the chapter's, or exercise 7.2's), and --max-length cut to
-    # the model's context
-    customized_collate_fn = partial(collate_fn, device=device, allowed_max_length=run.max_length)
+    # Not in the book: `collate_fn` (the chapter's, or exercise 7.2's), --max-length cut to the
+    # model's context, and the model's end-of-text id as the padding (GPT-2's 50256, the
+    # default; a hub model's EOS)
+    customized_collate_fn = partial(collate_fn, device=device, allowed_max_length=run.max_length,
+                                    pad_token_id=tokenizer.eot_token)
 
     num_workers = 0
     batch_size = run.batch_size  # Not in the book: --batch-size (the book's 8; 2 in test mode)
@@ -306,8 +311,13 @@ def main(test_mode=False, config=None):
     # Load pretrained model
     #######################################
 
+    # Not in the book: --model names a Qwen3 or Llama-architecture model of the hub, downloaded
+    # and loaded into the project's from-scratch model (instructkit/qwen3.py, llama3.py)
+    if run.repo_id is not None:
+        model, CHOOSE_MODEL = run.load_hub_model()
+
     # A tiny random GPT: the whole script runs in seconds, without downloading weights
-    if test_mode:
+    elif test_mode:
         # Not in the book: the project's test-mode GPT (instructkit/gpt2_sizes.py), which the
         # chat and DPO commands load back; the book's is smaller still
         BASE_CONFIG = dict(TEST_MODE_CONFIG)

@@ -2,9 +2,11 @@
 
 The book answers one test entry at a time with `generate(..., eos_id=50256)`, recomputing the
 whole text for every new token. `generate_responses` gives the same greedy answers (up to
-float rounding breaking a near-tie; fast_gpt's tests compare the two) through fast_gpt:
-prompts of similar length batched together, left-padded, with a key/value cache. Each
-answer is cut from the generated text as the prompt style's `extract_response` cuts it.
+float rounding breaking a near-tie; fast_gpt's tests compare the two) through fast_gpt (for
+Qwen3 and Llama models fast_llm, fast_llm.fast_path): prompts of similar length batched
+together, left-padded, with a key/value cache, up to the tokenizer's end-of-text id
+(`eot_token`). Each answer is cut from the generated text as the prompt style's
+`extract_response` cuts it.
 """
 
 
@@ -16,15 +18,18 @@ def generate_answer_texts(model, input_texts, tokenizer, max_new_tokens=256, bat
     book's `generate` crops them. decode_dtype: torch.bfloat16 decodes with bf16 copies of the
     weights (--decode-dtype bf16; answers may differ), None with the model's own.
     """
-    from fast_gpt import generate_answer_ids
+    from instructkit.fast_llm import context_size as context_size_of
+    from instructkit.fast_llm import fast_path
 
-    context_size = model.pos_emb.weight.shape[0]
-    eos_id = tokenizer.encode("<|endoftext|>", allowed_special={"<|endoftext|>"})[0]
+    context_size = context_size_of(model)
+    # The end-of-text id: GPT-2's 50256 (tiktoken's eot_token), a hub model's EOS (hf_tokenizer)
+    eos_id = tokenizer.eot_token
     prompts = [tokenizer.encode(text)[-context_size:] for text in input_texts]
     model.eval()
-    answers = generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id,
-                                  batch_size=batch_size, progress=progress,
-                                  decode_dtype=decode_dtype)
+    answers = fast_path(model).generate_answer_ids(model, prompts, max_new_tokens, context_size,
+                                                   eos_id, batch_size=batch_size, progress=progress,
+                                                   decode_dtype=decode_dtype)
+    # only the new ids are decoded: a decoded prompt need not equal its text (Llama's BOS)
     return [tokenizer.decode(ids) for ids in answers]
 
 

@@ -9,8 +9,10 @@
     python -m instructkit.chat BASE.pth --adapters MODEL-adapters.pth "..."   # ... or on a base .pth
 
 Not in the book. Any GPT-2 size: the config comes from the run record beside the weights, or
-from the weights' shapes (model_files.py). Answers stream token by token through the KV
-cache (fast_gpt.generate_stream); greedy is the default, and then an answer equals the one
+from the weights' shapes (model_files.py). A finetuned hub model (Qwen3, Llama 3.2, SmolLM2)
+is rebuilt from the hub folder its run record names, with its own tokenizer and prompt
+style. Answers stream token by token through the KV cache (fast_gpt.generate_stream, or
+fast_llm's); greedy is the default, and then an answer equals the one
 `generate` gives for the prompt. Many instructions from stdin are answered in batches
 (fast_gpt.generate_answer_ids), the same answers as one at a time, each printed as soon as its
 batch is done (a pipe is read as it comes). JSONL in gives JSONL out (each entry with its
@@ -304,8 +306,9 @@ def main(argv=None):
     try:
         check_arguments(args)
         device = choose_device(args.device)
-        chat, info = load_chat_model(args.model, device, adapters=args.adapters,
-                                     tokenizer=get_tokenizer(args.tokenizer_dir))
+        # without --tokenizer-dir: GPT-2's default, or a hub model's own (load_chat_model)
+        tokenizer = get_tokenizer(args.tokenizer_dir) if args.tokenizer_dir else None
+        chat, info = load_chat_model(args.model, device, adapters=args.adapters, tokenizer=tokenizer)
         check_top_k(args.top_k, chat)
         chat.decode_dtype = apply_decode_arguments(args)
     except ExpectedError as e:

@@ -135,10 +135,10 @@ class SingleProcess:
         return bool(flag)
 
     def calc_loss_loader(self, data_loader, model, device, num_batches=None):
-        """calc_loss_loader's mean of batch losses (fast_gpt's)."""
-        from fast_gpt import calc_loss_loader_fast
+        """calc_loss_loader's mean of batch losses (fast_gpt's, or fast_llm's for Qwen3/Llama)."""
+        from instructkit.fast_llm import fast_path
 
-        return calc_loss_loader_fast(data_loader, model, device, num_batches)
+        return fast_path(model).calc_loss_loader_fast(data_loader, model, device, num_batches)
 
     def map_in_order(self, fn, items):
         """fn(items) with the items shared out over the processes (`fn` maps a list to a list
@@ -392,10 +392,10 @@ class _TokenLoss(nn.Module):
         self.model, self.through_modules = model, through_modules
 
     def forward(self, input_batch, target_batch, device):
-        if not self.through_modules:
-            from fast_gpt import loss_sum_and_count
+        if not self.through_modules:  # fast_gpt's, or fast_llm's for Qwen3/Llama (fast_path)
+            from instructkit.fast_llm import fast_path
 
-            return loss_sum_and_count(input_batch, target_batch, self.model, device)
+            return fast_path(self.model).loss_sum_and_count(input_batch, target_batch, self.model, device)
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
         logits = self.model(input_batch)  # (batch, n_tokens, vocab_size)
         loss_sum = nn.functional.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten(),

@@ -357,17 +357,19 @@ def train_step(model, optimizer, input_batch, target_batch, device):
 
 
 def print_sample(model, tokenizer, device, start_context):
-    """generate_and_print_sample for these families: 50 greedy tokens (KV-cached) on one line.
-
-    The book's version reads the context length from GPT-2's position embedding, which
-    these models do not have (RoPE); here it is the RoPE table's length."""
+    """fast_gpt.print_sample for these families: 50 greedy tokens after `start_context`
+    through the KV cache, prompt and answer on one line. A BOS the tokenizer adds (Llama 3's
+    `<|begin_of_text|>`) is not printed, so the line reads as GPT-2's does."""
     from instructkit.console import print_text
-    from previous_chapters import text_to_token_ids, token_ids_to_text
 
     model.eval()
-    encoded = text_to_token_ids(start_context, tokenizer).to(device)
-    token_ids = generate(model, encoded, max_new_tokens=50, context_size=context_size(model))
-    print_text(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))  # one line
+    encoded = tokenizer.encode(start_context)
+    token_ids = generate(model, torch.tensor([encoded], device=device), max_new_tokens=50,
+                         context_size=context_size(model))[0].tolist()
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is not None and token_ids[:1] == [bos_id]:
+        token_ids = token_ids[1:]
+    print_text(tokenizer.decode(token_ids).replace("\n", " "))  # compact one-line print
     model.train()
 
 

@@ -10,15 +10,42 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from instructkit import parallel_matvec
+from instructkit.errors import BadInputError
 from instructkit.gpt2_sizes import GPT2_SIZES, book_model_name
 from instructkit.gpt2_weights import WEIGHT_SOURCES
+from instructkit.hub_models import SHORT_NAMES
 from instructkit.precision import PRECISIONS
 from instructkit.training import RESUME_NEWEST
 
 TEST_MODE_ENTRIES = 10  # entries per split in test mode, as the book's script takes
 # --prompt-style's choices: the chapter's style and exercise 7.1's (the styles themselves are
-# gpt_instruction_finetuning.PROMPT_STYLES, which imports this module)
-PROMPT_STYLE_NAMES = ("alpaca", "phi3")
+# gpt_instruction_finetuning.PROMPT_STYLES, which imports this module), and a hub model's own
+# chat template (instructkit/chat_template_style.py)
+PROMPT_STYLE_NAMES = ("alpaca", "phi3", "chat")
+
+
+def model_name(name, error=None):
+    """`name` if --model may take it: a GPT-2 name (gpt2_sizes' three kinds), a hub short name
+    or a repository id; else `error` (argparse's ArgumentTypeError when None) naming the
+    choices."""
+    import argparse
+
+    from instructkit.hub_models import resolve_model_name
+
+    try:
+        book_model_name(name)
+        return name
+    except ValueError:
+        pass
+    try:
+        resolve_model_name(name)
+        return name
+    except BadInputError:
+        pass
+    raise (error or argparse.ArgumentTypeError)(
+        f"invalid choice: {name!r} (choose one of {', '.join(GPT2_SIZES)}, or the book's names, "
+        f"e.g. 'gpt2-medium (355M)'; a hub model's short name: {', '.join(SHORT_NAMES)}; or a "
+        f"hub repository id, owner/name)")
 
 
 def option(default, help, **argparse_kwargs):
@@ -30,8 +57,12 @@ def option(default, help, **argparse_kwargs):
 class FinetuneConfig:
     """Every setting of a run, with the chapter's values as defaults."""
 
-    model: str = option("gpt2-medium", "GPT-2 size (the chapter's: gpt2-medium)",
-                        choices=list(GPT2_SIZES))
+    model: str = option("gpt2-medium", "a GPT-2 size (the chapter's: gpt2-medium; "
+                                       f"{', '.join(GPT2_SIZES)}), or a Qwen3 or Llama-architecture "
+                                       "model from the Hugging Face hub: a short name "
+                                       f"({', '.join(SHORT_NAMES)}) or a repository id "
+                                       "(Qwen/Qwen3-0.6B-Base); gated ones (Llama 3.2) take "
+                                       "HF_TOKEN or the hub's login", type=model_name)
     data: str | None = option(None, "instruction JSON: a list of {instruction, input, output} "
                                     "(default: the chapter's dataset, downloaded on first run)")
     data_url: str | None = option(None, "download --data from this URL when the file is missing "
@@ -60,8 +91,9 @@ class FinetuneConfig:
     eval_freq: int = option(5, "print the training and validation losses every this many steps")
     eval_iter: int = option(5, "batches each of those losses averages over")
     device: str | None = option(None, "cuda, mps or cpu (default: the best available)")
-    models_dir: str | None = option(None, "where GPT-2 checkpoints are stored "
-                                          "(default: gpt2/ next to this file)")
+    models_dir: str | None = option(None, "where GPT-2 checkpoints are stored (default: gpt2/ "
+                                          "next to this file), and hub models as "
+                                          "<owner>--<name>/ (default: models/ next to this file)")
     output_dir: str | None = option(None, "where responses, model and plot go "
                                           "(default: next to this file)")
     weights_source: str = option("auto", "where GPT-2's weights come from: openai (TensorFlow "
@@ -72,7 +104,8 @@ class FinetuneConfig:
     tokenizer_dir: str | None = option(None, "a folder with GPT-2's encoder.json and vocab.bpe, "
                                              "or vocab.json and merges.txt (default: those beside "
                                              "the weights, else tiktoken's download)")
-    prompt_style: str = option("alpaca", "exercise 7.1: the prompt style",
+    prompt_style: str = option("alpaca", "exercise 7.1: the prompt style; chat: a hub model's "
+                                         "own chat template (Qwen3, SmolLM2)",
                                choices=list(PROMPT_STYLE_NAMES))
     mask_instructions: bool = option(False, "exercise 7.2: compute the loss on the response "
                                             "tokens only")
@@ -108,7 +141,7 @@ class FinetuneConfig:
                              aliases=["--test-mode"], flag="--test_mode")
 
     def __post_init__(self):
-        book_model_name(self.model)  # ValueError naming the choices
+        model_name(self.model, ValueError)  # naming the choices
         if self.prompt_style not in PROMPT_STYLE_NAMES:
             raise ValueError(f"Unknown prompt style {self.prompt_style!r}; choose one of "
                              f"{', '.join(PROMPT_STYLE_NAMES)}")
@@ -120,7 +153,8 @@ def build_arg_parser():
 
     parser = argparse.ArgumentParser(
         prog="gpt_instruction_finetuning.py",
-        description="Finetune GPT-2 to follow instructions (chapter 7), end to end.")
+        description="Finetune GPT-2 (or a Qwen3 or Llama-architecture model of the Hugging Face "
+                    "hub) to follow instructions (chapter 7), end to end.")
     hints = typing.get_type_hints(FinetuneConfig)
     for f in fields(FinetuneConfig):
         meta = dict(f.metadata)
@@ -132,6 +166,7 @@ def build_arg_parser():
             parser.add_argument(*names, dest=f.name, action="store_true", **meta)
         else:
             kind = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            kind = meta.pop("type", kind)  # a check of its own (--model)
             parser.add_argument(*names, dest=f.name, type=kind, default=f.default, **meta)
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an OSError (a permission, a failing disk, ...)")

@@ -6,6 +6,11 @@ The chapter writes `gpt2-medium355M-sft.pth`, `loss-plot.pdf` and
 runs never overwrite each other, and a run that trains nothing (`--epochs 0`) adds
 `-untrained`. Beside the model go `<stem>.metrics.jsonl` (one line per evaluation) and
 `<stem>.run.json` (run_record.py); checkpoints go to OUTPUT_DIR/checkpoints.
+
+A hub model (`--model Qwen/Qwen3-0.6B-Base`, `smollm2-360m`, ...) is kept in
+`models/<owner>--<name>/` (hub_models.py) and its outputs take the repository's name:
+`Qwen3-0.6B-Base-sft.pth`, `SmolLM2-360M-sft-phi3.pth`, ...; its run record names the family,
+the repository and the folder, so that a later command can rebuild the model.
 """
 
 import random
@@ -39,9 +44,29 @@ IDENTITY_FIELDS = ("model", "batch_size", "lr", "weight_decay", "max_length", "s
                    "val_fraction", "test_fraction", "shuffle_split", "test_mode")
 
 
+def hub_repo_id(config):
+    """The hub repository id that --model names (a short name resolved), or None for GPT-2."""
+    from instructkit.hub_models import resolve_model_name
+
+    try:
+        short_model_name(config.model)
+        return None
+    except ValueError:
+        return resolve_model_name(config.model)
+
+
 def model_config(config):
-    """The GPTModel config of a run: the tiny test-mode GPT, or the GPT-2 size's."""
+    """The GPTModel config of a run: the tiny test-mode GPT, or the GPT-2 size's; None for a
+    hub model, whose config comes with its download (FinetuneRun.hub_model)."""
+    if hub_repo_id(config) is not None:
+        return None
     return dict(TEST_MODE_CONFIG) if config.test_mode else gpt2_config(config.model)
+
+
+def json_model_config(cfg):
+    """A hub model's config dict (hub_model_files.model_config) as JSON: the dtype by name."""
+    return {key: str(value).removeprefix("torch.") if key == "dtype" else value
+            for key, value in cfg.items()}
 
 
 def dataset_path(config, file_name=CHAPTER_DATASET.file_name):
@@ -86,8 +111,27 @@ def split_entries(entries, config):
 
 
 def models_dir(config):
-    """--models-dir, or gpt2/ beside the chapter's files (as the book's models_dir="gpt2")."""
-    return Path(config.models_dir) if config.models_dir is not None else CHAPTER_DIR / "gpt2"
+    """--models-dir, or gpt2/ beside the chapter's files (as the book's models_dir="gpt2");
+    for a hub model, models/ there (hub_models.DEFAULT_MODELS_DIR)."""
+    from instructkit.hub_models import DEFAULT_MODELS_DIR
+
+    if config.models_dir is not None:
+        return Path(config.models_dir)
+    return CHAPTER_DIR / ("gpt2" if hub_repo_id(config) is None else DEFAULT_MODELS_DIR)
+
+
+def model_stem(config):
+    """The model's part of the file names: the book's 'gpt2-medium355M', or a hub repository's
+    name ('SmolLM2-360M' for HuggingFaceTB/SmolLM2-360M)."""
+    repo_id = hub_repo_id(config)
+    if repo_id is not None:
+        return repo_id.split("/")[1]
+    return re.sub(r"[ ()]", "", book_model_name(config.model))
+
+
+def model_identity_name(config):
+    """--model as runs record it: GPT-2's short name, or the hub repository id."""
+    return hub_repo_id(config) or short_model_name(config.model)
 
 
 def output_names(config):
@@ -95,7 +139,7 @@ def output_names(config):
     output_dir = Path(config.output_dir) if config.output_dir is not None else CHAPTER_DIR
     suffix = output_suffix(config.prompt_style, config.mask_instructions, config.lora_rank,
                            config.test_mode, data_name(config)) + untrained_suffix(config.epochs)
-    return output_dir, suffix, re.sub(r"[ ()]", "", book_model_name(config.model)) + "-sft" + suffix
+    return output_dir, suffix, model_stem(config) + "-sft" + suffix
 
 
 def output_paths(config):
@@ -113,24 +157,34 @@ def output_paths(config):
 
 def checkpoint_identity(config, dataset_sha256):
     """What a checkpoint of this run records, and a resumed one must match."""
-    identity = {"model_config": model_config(config), "dataset_sha256": dataset_sha256,
+    repo_id = hub_repo_id(config)
+    # a hub model: its repository (a GPT-2 checkpoint never resumes a Qwen run, nor one
+    # repository's another's)
+    identity = {"model_config": model_config(config) if repo_id is None else {"hub_repo": repo_id},
+                "dataset_sha256": dataset_sha256,
                 "config": {name: getattr(config, name) for name in IDENTITY_FIELDS}}
-    identity["config"]["model"] = short_model_name(config.model)
+    identity["config"]["model"] = model_identity_name(config)
     return identity
 
 
-def run_record(config, training, paths, *, device, processes, precision, dataset):
+def run_record(config, training, paths, *, device, processes, precision, dataset, hub=None):
     """What `<stem>.run.json` holds: how the model beside it was made (run_record.py).
 
-    `training`: the TrainingRun that trained it; `paths`: the files written so far.
+    `training`: the TrainingRun that trained it; `paths`: the files written so far; `hub`: a
+    hub model's {"family", "repo_id", "folder", "model_config"} (FinetuneRun.hub_model),
+    recorded as "hub_model" (its model_config as the record's).
     """
     settings = {key: str(value) if isinstance(value, Path) else value
                 for key, value in asdict(config).items()}
     train_losses, val_losses, tokens_seen = training.state.losses()
     final = {"train_loss": train_losses[-1], "val_loss": val_losses[-1]} if train_losses else None
+    hub_model = None if hub is None else {
+        "family": hub["family"], "repo_id": hub["repo_id"], "folder": str(hub["folder"])}
     return {
-        "config": {**settings, "model": short_model_name(config.model)},
-        "model_config": model_config(config), "versions": package_versions(),
+        "config": {**settings, "model": model_identity_name(config)},
+        "model_config": model_config(config) if hub is None else json_model_config(hub["model_config"]),
+        **({"hub_model": hub_model} if hub is not None else {}),
+        "versions": package_versions(),
         "device": str(device), "processes": processes, "precision": precision,
         "dataset": dataset, "seed": config.seed, "wall_seconds": training.state.wall_seconds,
         "final_losses": final, "steps": training.state.step,

@@ -10,6 +10,10 @@ by step, what the command line adds:
   removes the temporary files that killed writes left there;
 - the data: `--data`/`--data-url`, JSON Lines, the chapter's file checked by its sha256, the
   split's fractions (`load_data`, `split`), the tokenizer from the weights' own files;
+- a hub model (`--model Qwen/Qwen3-0.6B-Base`, `smollm2-360m`, ...): its files downloaded
+  through hub_models.py (`download_hub_model`), its tokenizer (hf_tokenizer.py), the model
+  (`load_hub_model`: qwen3.py or llama3.py, float32), `--prompt-style chat` (`chat_style`);
+  training, evaluation and answers then go through fast_llm (fast_llm.fast_path);
 - the device (`--device`, or the chapter's get_device()) and torchrun's processes
   (distributed.py): one download per machine, only process 0 prints and writes;
 - training as the book's `train_model_simple`, with checkpoints, `--resume`, `--max-steps`, a
@@ -32,10 +36,12 @@ from instructkit.checkpoints import list_checkpoints
 from instructkit.console import print_text
 from instructkit.devices import choose_device
 from instructkit.distributed import DistributedError, init_processes
+from instructkit.errors import BadInputError
 from instructkit.finetune_files import (
     OUTPUT_NAMES,
     checkpoint_identity,
     dataset_path,
+    hub_repo_id,
     load_entries,
     model_config,
     models_dir,
@@ -84,7 +90,11 @@ def describe_expected_cost(model, model_name, device, num_epochs, test_mode=Fals
     gigabytes = (4 * n_params + 12 * n_trainable) / 1e9
     print(f"Parameters: {n_params:,} ({n_trainable:,} trainable); weights, gradients and "
           f"optimizer state need about {gigabytes:.1f} GB, plus activations.")
-    book = BOOK_MINUTES.get(short_model_name(model_name), {}).get(torch.device(device).type)
+    try:
+        short = short_model_name(model_name)
+    except ValueError:  # a hub model: the book measured GPT-2 only
+        short = None
+    book = BOOK_MINUTES.get(short, {}).get(torch.device(device).type)
     if test_mode:
         print("Test mode: training and answering take seconds.")
     elif book is not None:
@@ -105,6 +115,10 @@ class FinetuneRun:
         self.processes = None
         self.lock = None  # the output folder's (output_lock.py), from the end of __init__ on
         self.metrics_published = False  # whether the metrics have their final name yet
+        # --model names a hub model: its repository id; {"family", "repo_id", "folder",
+        # "model_config"} once its files are downloaded (download_hub_model)
+        self.repo_id = hub_repo_id(config)
+        self.hub_model = None
         with self._stage("checking the settings"):
             self._check_before_run()
         if config.epochs == 0:
@@ -152,8 +166,12 @@ class FinetuneRun:
 
     @property
     def max_length(self):
-        """--max-length, cut to the model's context."""
-        return min(self.config.max_length, model_config(self.config)["context_length"])
+        """--max-length, cut to the model's context (a hub model's: once downloaded)."""
+        if self.repo_id is not None:
+            context = self.download_hub_model()["model_config"]["context_length"]
+        else:
+            context = model_config(self.config)["context_length"]
+        return min(self.config.max_length, context)
 
     #####################################
     # Checks and interruptions
@@ -165,8 +183,20 @@ class FinetuneRun:
         output_dir, _, stem = output_names(config)
         identity = checkpoint_identity(config, None)
         del identity["dataset_sha256"]  # the data may be still to download: checked on resume
+        gpt2_dir = None if config.test_mode or self.repo_id is not None else models_dir(config)
+        if config.prompt_style == "chat" and self.repo_id is None:
+            raise BadInputError("--prompt-style chat uses a hub model's own chat template, and "
+                                "GPT-2 has none: use --prompt-style alpaca or phi3, or a hub "
+                                "model (--model qwen3-0.6b, smollm2-360m, ...)")
+        if self.repo_id is not None and config.decode_dtype != "fp32":
+            raise BadInputError("--decode-dtype bf16 is for GPT-2 models: Qwen3 and Llama models "
+                                "answer with their own weights (fp32 here)")
+        if self.repo_id is not None:  # a hub model's folder must be writable before any download
+            from instructkit.preflight import check_output_dir
+
+            check_output_dir(models_dir(config), flag="--models-dir")
         check_run(config, self.paths["model"].parent, self.paths.values(), dataset_path(config),
-                  data_url, model_config(config), None if config.test_mode else models_dir(config),
+                  data_url, model_config(config), gpt2_dir,
                   split=lambda entries: split_entries(entries, config),
                   resume=(output_dir / "checkpoints", stem, identity,
                           "DPO, python -m instructkit.dpo_train"))
@@ -244,10 +274,13 @@ class FinetuneRun:
         from instructkit.check_data import check_run_data
         from instructkit.gpt2_tokenizer import TokenizerError
 
-        folder = None if self.config.test_mode else self.models_dir / model_folder(self.config.model)
         try:  # the run's tokenizer: --tokenizer-dir, the weights' files if there, else tiktoken's
-            tokenizer = get_tokenizer(self.config.tokenizer_dir or (
-                folder if folder is not None and tokenizer_files(folder) else None))
+            if self.repo_id is not None:  # a hub model's own (downloaded here)
+                tokenizer = self.tokenizer()
+            else:
+                folder = None if self.config.test_mode else self.models_dir / model_folder(self.config.model)
+                tokenizer = get_tokenizer(self.config.tokenizer_dir or (
+                    folder if folder is not None and tokenizer_files(folder) else None))
         except TokenizerError:
             tokenizer = None
             print_text("Data check: no tokenizer yet (offline), so lengths are not checked here; "
@@ -258,9 +291,52 @@ class FinetuneRun:
 
     def tokenizer(self):
         """GPT-2's tokenizer: from --tokenizer-dir, else from the vocabulary files that come with
-        the weights (downloaded here, once per machine), else tiktoken's download."""
+        the weights (downloaded here, once per machine), else tiktoken's download. A hub
+        model's: its repository's tokenizer.json (hf_tokenizer.py), downloaded with the model."""
+        if self.repo_id is not None:
+            from instructkit.hf_tokenizer import load_hf_tokenizer
+
+            return load_hf_tokenizer(self.download_hub_model()["folder"])
         with self._stage("preparing the data"), self.processes.local_main_first():
             return get_tokenizer(self.config.tokenizer_dir or self.download_weights())
+
+    def chat_style(self, tokenizer):
+        """--prompt-style chat: the PromptStyle of the hub model's chat template
+        (chat_template_style.py); a one-line error for a model without one."""
+        from instructkit.chat_template_style import chat_template_style
+
+        with self._stage("preparing the data"):
+            return chat_template_style(tokenizer, self.repo_id or self.config.model)
+
+    def download_hub_model(self):
+        """A hub model's files, downloaded once per machine (hub_models.py: HF_ENDPOINT, resume,
+        gated repositories' token); returns self.hub_model: {"family", "repo_id", "folder",
+        "model_config"}."""
+        if self.hub_model is None:
+            from instructkit import hub_model_files
+            from instructkit.hub_models import download_hub_model
+
+            with self._stage("downloading the model"), self.processes.local_main_first():
+                folder = download_hub_model(self.repo_id, self.models_dir)
+            config_json = hub_model_files.read_config_json(folder)
+            family = hub_model_files.model_family(config_json)
+            if family == "gpt2":
+                raise BadInputError(f"{self.repo_id} is a GPT-2 model: pass --model gpt2-small, "
+                                    f"gpt2-medium, gpt2-large or gpt2-xl (the book's loaders)")
+            self.hub_model = {"family": family, "repo_id": self.repo_id, "folder": folder,
+                              "model_config": hub_model_files.model_config(config_json, torch.float32)}
+        return self.hub_model
+
+    def load_hub_model(self):
+        """(model, name to print): the hub model's from-scratch Qwen3Model or Llama3Model with
+        its weights, in float32 (--precision decides the compute, as for GPT-2), in eval mode."""
+        from instructkit.hub_model_files import load_hub_model
+
+        hub = self.download_hub_model()
+        with self._stage("loading the model"):
+            model, _ = load_hub_model(hub["folder"], dtype=torch.float32)
+        model.eval()
+        return model, f"{hub['repo_id']} ({hub['family']})"
 
     def download_weights(self):
         """Download GPT-2's files (complete ones are kept) and return their folder, if it holds
@@ -299,10 +375,11 @@ class FinetuneRun:
                   f"{self.batch_size // world} of each batch of {self.batch_size} on each")
         print(self.precision.describe())
         describe_expected_cost(model, self.config.model, self.device, self.config.epochs,
-                               self.config.test_mode)
+                               self.config.test_mode and self.repo_id is None)
 
     def calc_loss_loader(self, data_loader, model, device, num_batches=None):
-        """The book's calc_loss_loader, with fast_gpt's loss; shared over torchrun's processes."""
+        """The book's calc_loss_loader, with fast_gpt's loss (fast_llm's for a hub model: packed
+        and chunked); shared over torchrun's processes."""
         return self.processes.calc_loss_loader(data_loader, model, device, num_batches)
 
     def prepare_model(self, model):
@@ -311,7 +388,9 @@ class FinetuneRun:
 
         if self.device.type == "cuda":  # TensorFloat-32 matrix products on the GPU
             enable_tf32()
-        if self.config.compile:
+        if self.config.compile and self.repo_id is not None:
+            print("Note: --compile compiles GPT-2's blocks only; this model runs eagerly.")
+        elif self.config.compile:
             compile_blocks(model, dynamic=True)  # batch lengths vary from batch to batch
         return self.processes.prepare_model(model, "fsdp" if self.config.fsdp else "ddp")
 
@@ -402,7 +481,7 @@ class FinetuneRun:
         write_run_record(self.paths["model"], run_record(
             self.config, self.training, written, device=self.device,
             processes=self.processes.world_size, precision=self.training.precision.name,
-            dataset=self.dataset))
+            dataset=self.dataset, hub=self.hub_model))
         self.progress.record(OUTPUT_NAMES["run_record"], self.paths["run_record"])
 
     def generate_responses(self, model, entries, tokenizer, style, n_shown=3):

@@ -1,6 +1,9 @@
 """Load a finetuned GPT-2 of any size from its .pth file, and answer instructions with it.
 
 Not in the book: the book's chat app and load-finetuned-model.ipynb hard-code gpt2-medium.
+A finetuned hub model (Qwen3, Llama 3.2, SmolLM2) is rebuilt from the hub folder its run
+record names (`hub_model`: family, repository id, folder), and talks through its own
+tokenizer, in its run's prompt style (the chat template's too), through fast_llm.
 Here the model's config comes from the run record saved next to the weights
 (`<stem>.run.json`, written by the command line), or else from the shapes in the state dict
 itself; LoRA adapters (`<stem>-adapters.pth`) load on top of their base model: the pretrained
@@ -211,13 +214,14 @@ def add_adapters(model, adapters, path, base_path):
 def record_style(*records):
     """The prompt style of the first run record that names one, else the chapter's Alpaca."""
     from gpt_instruction_finetuning import PROMPT_STYLES
+    from instructkit.chat_template_style import STYLE_NAME
 
     for path, record in records:
         style = (record or {}).get("config", {}).get("prompt_style")
         if style is not None:
-            if style not in PROMPT_STYLES:
+            if style not in PROMPT_STYLES and style != STYLE_NAME:
                 raise ModelFileError(f"The run record of {path} names the prompt style {style!r}; "
-                                     f"this version knows {list(PROMPT_STYLES)}")
+                                     f"this version knows {[*PROMPT_STYLES, STYLE_NAME]}")
             return style
     return DEFAULT_STYLE
 
@@ -241,6 +245,11 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
         path, adapters = Path(base), path
         state = read_state_dict(path, "base model file")
     record = read_run_record_if_any(path)
+    if (record or {}).get("hub_model") is not None:  # a Qwen3 or Llama model of the hub
+        if adapters is not None:
+            raise ModelFileError(f"{path} is a finetuned hub model: --adapters is for GPT-2 "
+                                 f"models; load the run's merged model alone")
+        return load_finetuned_hub_model(path, state, record, device)
     config = (record or {}).get("config", {})
     if adapters is not None and config.get("lora_rank"):
         raise ModelFileError(f"{path} is a LoRA run's model with its adapters merged in "
@@ -275,9 +284,57 @@ def load_finetuned_model(path, device="cpu", adapters=None, base=None):
     return finish(model, device, style, path, adapters, name, cfg, source)
 
 
+def hub_model_folder(record):
+    """The hub model folder a run record names; downloaded again (hub_models) when it is
+    gone, into the same models folder."""
+    from instructkit.hub_models import download_hub_model
+
+    hub = record["hub_model"]
+    folder = Path(hub["folder"])
+    return download_hub_model(hub["repo_id"], folder.parent)
+
+
+def load_finetuned_hub_model(path, state, record, device="cpu"):
+    """A finetuned Qwen3 or Llama model: the run record's hub model rebuilt (its folder's
+    config.json), then the finetuned weights `state` loaded. A LoRA run's merged output head
+    no longer shares the token embedding's matrix: it gets its own. Returns
+    load_finetuned_model's (model, style, info), info["hub_folder"] the model's folder."""
+    from instructkit.hub_model_files import load_hub_model
+
+    folder = hub_model_folder(record)
+    with torch.device("cpu"):
+        model, cfg = load_hub_model(folder, dtype=torch.float32)
+    if ("out_head.weight" in state and "tok_emb.weight" in state
+            and model.out_head.weight is model.tok_emb.weight
+            and not torch.equal(state["out_head.weight"], state["tok_emb.weight"])):
+        model.out_head.weight = torch.nn.Parameter(model.out_head.weight.detach().clone())
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # the message lists what is missing, unexpected or misshaped
+        raise ModelFileError(f"{path} does not fit the {record['hub_model']['repo_id']} model in "
+                             f"{folder}: {first_line(e, 300)}") from None
+    style = record_style((path, record))
+    model, style, info = finish(model, device, style, path, None, record["hub_model"]["repo_id"],
+                                cfg, f"from {find_run_record(path).name} and {folder / 'config.json'}")
+    info["hub_folder"] = str(folder)
+    return model, style, info
+
+
 def load_adapters_on_pretrained(path, adapters, device="cpu"):
-    """A LoRA run's adapters on the pretrained GPT-2 its run record names (and models_dir)."""
+    """A LoRA run's adapters on the pretrained GPT-2 its run record names (and models_dir), or
+    on the hub model it names."""
     record = read_run_record_if_any(path)
+    if (record or {}).get("hub_model") is not None:
+        from instructkit.hub_model_files import load_hub_model
+
+        folder = hub_model_folder(record)
+        model, cfg = load_hub_model(folder, dtype=torch.float32)
+        add_adapters(model, adapters, path, folder)
+        model, style, info = finish(model, device, record_style((path, record)), folder, path,
+                                    f"{record['hub_model']['repo_id']} (pretrained)", cfg,
+                                    f"from {find_run_record(path).name} and {folder / 'config.json'}")
+        info["hub_folder"] = str(folder)
+        return model, style, info
     config = (record or {}).get("config", {})
     if config.get("model") is None:
         raise ModelFileError(f"{path} holds only LoRA adapters, and no run record beside it "
@@ -366,12 +423,17 @@ class ChatModel:
     @property
     def style(self):
         from gpt_instruction_finetuning import PROMPT_STYLES
+        from instructkit.chat_template_style import STYLE_NAME, chat_template_style
 
+        if self.style_name == STYLE_NAME:  # a hub model's own chat template
+            return chat_template_style(self.tokenizer)
         return PROMPT_STYLES[self.style_name]
 
     @property
     def context_size(self):
-        return self.model.pos_emb.weight.shape[0]
+        from instructkit.fast_llm import context_size
+
+        return context_size(self.model)
 
     @property
     def eos_id(self):
@@ -418,13 +480,14 @@ class ChatModel:
     def stream(self, prompt, prompt_ids, max_new_tokens=256, temperature=0.0, top_k=None,
                seed=None):
         """Yield the answer so far (text) after each new token; greedy unless temperature > 0."""
-        from fast_gpt import generate_stream
+        from instructkit.fast_llm import fast_path
 
         if seed is not None:
             torch.manual_seed(seed)
         idx = torch.tensor([prompt_ids], device=self.model.tok_emb.weight.device)
         ids = []
-        for token in generate_stream(self.model, idx, max_new_tokens, self.context_size,
+        # fast_gpt's KV cache, or fast_llm's for Qwen3 and Llama models
+        for token in fast_path(self.model).generate_stream(self.model, idx, max_new_tokens, self.context_size,
                                      temperature=temperature, top_k=top_k or None,
                                      eos_id=self.eos_id, decode_dtype=self.decode_dtype):
             ids.append(token)
@@ -438,11 +501,11 @@ class ChatModel:
 
         Returns [(answer, note)]: each answer equals the last text `stream` gives for it.
         """
-        from fast_gpt import generate_answer_ids
+        from instructkit.fast_llm import fast_path
 
         prepared = [self.prepare(e["instruction"], e.get("input", ""), max_new_tokens)
                     for e in entries]
-        answers = generate_answer_ids(self.model, [ids for _, ids, _ in prepared],
+        answers = fast_path(self.model).generate_answer_ids(self.model, [ids for _, ids, _ in prepared],
                                       max_new_tokens, self.context_size, self.eos_id,
                                       batch_size=batch_size, decode_dtype=self.decode_dtype)
         return [(self.visible_answer(prompt, self.tokenizer.decode(ids)), note)
@@ -455,6 +518,10 @@ def load_chat_model(path, device="cpu", adapters=None, base=None, tokenizer=None
 
     model, style, info = load_finetuned_model(path, device, adapters=adapters, base=base)
     label = Path(adapters).name if adapters is not None else Path(path).name
+    if "hub_folder" in info:  # a hub model talks through its own tokenizer
+        from instructkit.hf_tokenizer import load_hf_tokenizer
+
+        tokenizer = load_hf_tokenizer(info["hub_folder"])
     return ChatModel(model, tokenizer or get_tokenizer(), style, label), info
 
 

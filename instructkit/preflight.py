@@ -477,9 +477,10 @@ def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, 
     """Every check, cheapest first; returns the validated entries (None when still to download).
 
     `config`: the run's settings (FinetuneConfig); `output_files`: the paths the run writes;
-    `model_cfg`: the GPTModel config; `models_dir`: where the GPT-2 checkpoints are kept (None
-    when no GPT-2 is loaded, as in test mode); `extra_needs`: more (folder, bytes, what) to find
-    disk space for; `split`: how the run splits the entries (see check_data_file); `resume`:
+    `model_cfg`: the GPTModel config (None for a hub model: no size checks); `models_dir`:
+    where the GPT-2 checkpoints are kept (None when no GPT-2 is loaded, as in test mode);
+    `extra_needs`: more (folder, bytes, what) to find disk space for; `split`: how the run
+    splits the entries (see check_data_file); `resume`:
     (folder, stem, identity, other command) of the checkpoints, for `check_resume`.
     """
     check_ranges(config)
@@ -497,11 +498,13 @@ def check_run(config, output_dir, output_files, data_path, data_url, model_cfg, 
     lora_rank = getattr(config, "lora_rank", None)
     data_bytes = Path(data_path).stat().st_size if data is not None else MB
     n_entries = len(data) if data is not None else 0
-    needs = [(output_dir, model_file_bytes(model_cfg, lora_rank), "the finetuned model"),
-             (output_dir, answers_bytes(data_bytes, n_entries, config.max_new_tokens),
+    needs = [(output_dir, answers_bytes(data_bytes, n_entries, config.max_new_tokens),
               "the answers and the plot")]
+    if model_cfg is not None:  # None: a hub model, whose size is known once downloaded
+        needs.insert(0, (output_dir, model_file_bytes(model_cfg, lora_rank), "the finetuned model"))
     save_every, keep = getattr(config, "save_every", None), getattr(config, "keep", None)
-    if save_every is not None and keep is not None:  # `keep` old ones while a new one is written
+    if save_every is not None and keep is not None and model_cfg is not None:
+        # `keep` old ones while a new one is written
         needs.append((output_dir, (keep + 1) * checkpoint_bytes(model_cfg, lora_rank),
                       f"{keep + 1} checkpoints (--save-every, --keep {keep})"))
     if download:

@@ -357,7 +357,7 @@ class TrainingRun:
         """
         from tqdm import tqdm
 
-        from fast_gpt import print_sample
+        from instructkit.fast_llm import fast_path
 
         state, plan = self.state, self.checkpoints
         n_batches, batch_size = len(self.train_loader), self.train_loader.batch_size
@@ -401,7 +401,9 @@ class TrainingRun:
                     if start_context is not None:
                         with self.distributed.full_weights(self.model), tqdm.external_write_mode():
                             if self.is_main:
-                                print_sample(self.model, tokenizer, self.device, start_context)
+                                # fast_gpt's, or fast_llm's for Qwen3/Llama
+                                fast_path(self.model).print_sample(self.model, tokenizer, self.device,
+                                                                   start_context)
                     state.epoch, state.position, state.epoch_seed = state.epoch + 1, 0, None
             except KeyboardInterrupt as e:
                 if isinstance(e, TrainingInterrupted):

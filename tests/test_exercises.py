@@ -104,7 +104,10 @@ def test_prompt_style_by_name():
     assert gif.PROMPT_STYLES["phi3"] is ev.PHI3 and gif.PROMPT_STYLES["alpaca"] is gif.ALPACA
     assert gif.ALPACA.format_input is gif.format_input  # the chapter's own function
     assert gif.ALPACA.extract_response is gif.extract_response
-    assert tuple(gif.PROMPT_STYLES) == PROMPT_STYLE_NAMES  # --prompt-style's choices
+    # --prompt-style's choices: these, and a hub model's chat template (made from its tokenizer)
+    from instructkit.chat_template_style import STYLE_NAME
+
+    assert (*gif.PROMPT_STYLES, STYLE_NAME) == PROMPT_STYLE_NAMES
 
 
 @pytest.mark.parametrize("style", [gif.ALPACA, ev.PHI3], ids=lambda s: s.name)
