@@ -154,8 +154,16 @@ def open_url(request, timeout=TIMEOUT_S):
     server only. Raises CertificateError when no trusted authority vouches for the server, and
     urllib's errors otherwise.
     """
+    return open_trusted(request.full_url, lambda context: _urlopen(request, timeout, context))
+
+
+def open_trusted(url, open_with):
+    """`open_with(context)` under the certificate policy: the context of `ssl_context()`, then,
+    where no bundle is named and that fails on the certificate, certifi's. A certificate no
+    trusted authority vouches for raises CertificateError; other errors pass through. The
+    downloads and the https judge (judge_http.py) both open their connections through this."""
     try:
-        return _urlopen(request, timeout, ssl_context())
+        return open_with(ssl_context())
     except urllib.error.URLError as err:
         if not _is_certificate_failure(err):
             raise
@@ -163,12 +171,12 @@ def open_url(request, timeout=TIMEOUT_S):
     fallback = certifi_context() if ca_bundle_from_env() is None else None
     if fallback is not None:  # e.g. a python.org Python on macOS without its certificates
         try:
-            return _urlopen(request, timeout, fallback)
+            return open_with(fallback)
         except urllib.error.URLError as err:
             if not _is_certificate_failure(err):
                 raise
             failure = err.reason
-    raise certificate_error(request.full_url, failure, certifi_tried=fallback is not None)
+    raise certificate_error(url, failure, certifi_tried=fallback is not None)
 
 
 def _is_certificate_failure(err):

@@ -18,6 +18,9 @@ QK-norm, RoPE), so both paths share that code. It adds:
   -100), in chunks of `LOSS_CHUNK_ROWS` rows. With a 151,936-token vocabulary the logits of
   a batch of 8 x 1,024 tokens are 5 GB in float32; here at most one chunk's logits exist at a
   time, in the backward pass too (each chunk is recomputed there, torch.utils.checkpoint).
+- the chapter's training loop on that loss (`train_model_fast`: train_model_simple's
+  arguments, printed lines and returned losses; ch07-with-other-llms.ipynb swaps it in as
+  the chapter swaps in fast_gpt's).
 Attention is F.scaled_dot_product_attention. `fast_path(model)` gives this module or
 fast_gpt for a model (the same function names and arguments in both), `context_size(model)`
 the longest input either kind takes. fast_gpt.py's family-independent pieces are
@@ -34,6 +37,7 @@ models, the same logits and the same greedy tokens for batch 1 (KV-cached), batc
 left-padded; against the book's previous_chapters.generate on the plain model, the same
 sampled tokens for a seed and the same tokens past the context length; the packed, chunked
 loss and its gradients equal to the chapter's calc_loss_batch, with LoRA layers too.
+tests/test_other_llms_notebook.py: train_model_fast's losses equal train_model_simple's.
 """
 
 import itertools
@@ -143,7 +147,8 @@ def fast_path(model):
     """The module with the fast functions for `model`: this one for the RoPE/grouped-query
     families (qwen3.py, llama3.py), fast_gpt for the book's GPT. Both have `generate`,
     `generate_stream`, `generate_batch`, `generate_answer_ids`, `loss_sum_and_count`,
-    `calc_loss_batch_packed`, `calc_loss_loader_fast` and `evaluate_model_fast` with the same
+    `calc_loss_batch_packed`, `calc_loss_loader_fast`, `evaluate_model_fast`, `train_step`
+    and `train_model_fast` with the same
     arguments, so a caller picks the module once: `fast_path(model).generate_stream(...)`."""
     import sys
 
@@ -338,8 +343,18 @@ def evaluate_model_fast(model, train_loader, val_loader, device, eval_iter):
 
 
 #####################################
-# Training's sample
+# Training: the chapter's loop
 #####################################
+
+def train_step(model, optimizer, input_batch, target_batch, device):
+    """One optimizer step on the packed, chunked loss; returns the loss (a tensor)."""
+    optimizer.zero_grad()
+    with autocast(device):
+        loss = calc_loss_batch_packed(input_batch, target_batch, model, device)
+    loss.backward()
+    optimizer.step()
+    return loss
+
 
 def print_sample(model, tokenizer, device, start_context):
     """fast_gpt.print_sample for these families: 50 greedy tokens after `start_context`
@@ -356,3 +371,28 @@ def print_sample(model, tokenizer, device, start_context):
         token_ids = token_ids[1:]
     print_text(tokenizer.decode(token_ids).replace("\n", " "))  # compact one-line print
     model.train()
+
+
+def train_model_fast(model, train_loader, val_loader, optimizer, device, num_epochs,
+                     eval_freq, eval_iter, start_context, tokenizer):
+    """fast_gpt.train_model_fast for Qwen3 and Llama models: train_model_simple's loop, printed
+    lines and returned (train losses, val losses, tokens seen), on the packed chunked loss.
+
+    `start_context=None` skips the sample printed after each epoch."""
+    history = ([], [], [])  # train losses, validation losses, tokens seen
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            train_step(model, optimizer, input_batch, target_batch, device)
+            tokens_seen += input_batch.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                losses = evaluate_model_fast(model, train_loader, val_loader, device, eval_iter)
+                print(f"Ep {epoch+1} (Step {global_step:06d}): "
+                      f"Train loss {losses[0]:.3f}, Val loss {losses[1]:.3f}")
+                for values, value in zip(history, (*losses, tokens_seen), strict=True):
+                    values.append(value)
+        if start_context is not None:
+            print_sample(model, tokenizer, device, start_context)
+    return history

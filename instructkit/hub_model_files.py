@@ -14,7 +14,9 @@ qwen3.Qwen3Model or llama3.Llama3Model. Downloading the folder is another module
 
 Memory: the model is built on the meta device (no random initialisation, no memory), then
 given empty storage on `device`, and each tensor is read from the files and copied in one
-at a time (safetensors' safe_open), so the weights are never held twice. A tied model
+at a time (safetensors' safe_open, the file opened for that tensor only), so the weights
+are never held twice: loading SmolLM2-135M in float32 (513 MB of weights) peaks at the
+weights plus its largest tensor (the 113 MB embedding). A tied model
 (`tie_word_embeddings`) has one matrix for the embedding and the output head; a file that
 also stores `lm_head.weight` for it (Qwen3-1.7B's does) has that copy ignored, as
 transformers ignores it. Missing, unexpected or misshaped tensors, a damaged file or a
@@ -224,14 +226,34 @@ def _check_names(expected, stored, tied, folder, family):
                               + "; ".join(parts))
 
 
+def _read_tensor(path, name, shape):
+    """One tensor of a safetensors file, its shape checked.
+
+    The file is opened for this tensor alone: safetensors maps the whole file into memory,
+    and the pages read stay counted in the process's memory while it is open, so a file
+    kept open for every tensor would show the weights twice at the peak.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():  # the index names a shard that is not there
+        raise CheckpointError(f"{path} is missing: {INDEX_FILE} lists it (an incomplete download?)")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read as safetensors ({e})") from None
+    if tensor.shape != shape:
+        raise CheckpointError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, the "
+                              f"config.json asks for {tuple(shape)}")
+    return tensor
+
+
 def load_hub_model(folder, dtype=None, device="cpu", context_length=None):
     """(model, cfg): the from-scratch model of `folder`'s config.json with its hub weights.
 
     dtype, context_length: see model_config (None: the config's dtype and every position).
     The weights are converted to the model's dtype as they are copied in.
     """
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(folder)
     config_json = read_config_json(folder)
     family = model_family(config_json)
@@ -252,23 +274,7 @@ def load_hub_model(folder, dtype=None, device="cpu", context_length=None):
     model.cos, model.sin = (table.to(device) for table in rope_tables(cfg))  # the buffers, recomputed
 
     params = dict(model.named_parameters())
-    by_file = {}
-    for ours, theirs in names.items():
-        by_file.setdefault(files[theirs], []).append((ours, theirs))
     with torch.no_grad():
-        for path, pairs in by_file.items():
-            if not path.is_file():  # the index names a shard that is not there
-                raise CheckpointError(f"{path} is missing: {INDEX_FILE} lists it (an incomplete download?)")
-            try:
-                with safe_open(path, framework="pt", device="cpu") as f:
-                    for ours, theirs in pairs:
-                        tensor = f.get_tensor(theirs)
-                        if tensor.shape != params[ours].shape:
-                            raise CheckpointError(
-                                f"{path.name}: {theirs} has shape {tuple(tensor.shape)}, the "
-                                f"config.json asks for {tuple(params[ours].shape)}")
-                        params[ours].copy_(tensor)
-                        del tensor
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{path} cannot be read as safetensors ({e})") from None
+        for ours, theirs in names.items():
+            params[ours].copy_(_read_tensor(files[theirs], theirs, params[ours].shape))
     return model, cfg

@@ -5,8 +5,9 @@ reading; a judge on a slow machine may need minutes for an answer while a server
 there should be noticed in seconds. Here the connect timeout bounds the connection and the read
 timeout bounds the wait for each piece of the answer. A loopback address never goes through a
 proxy that the environment names (a proxy would not reach this machine's server). Standard
-library only; an https judge trusts the certificate authorities the downloads trust
-(downloads.ssl_context: SSL_CERT_FILE or REQUESTS_CA_BUNDLE, else the system's store).
+library only; an https judge (an API in the cloud, a server behind TLS) trusts the certificate
+authorities the downloads trust (downloads.open_trusted: SSL_CERT_FILE or REQUESTS_CA_BUNDLE,
+else the system's store, then certifi's), and a certificate none of them vouches for is named.
 """
 
 import http.client
@@ -80,24 +81,28 @@ def _is_local(url):
 
 def open_url(url, data=None, timeout=DEFAULT_TIMEOUT, headers=None):
     """Open `url` (POST JSON when `data` is given, with the extra `headers`); the caller closes
-    the response."""
+    the response. An https judge's certificate is checked as the downloads check theirs (the
+    system's store, a bundle the environment names, certifi), and a failure is a
+    CertificateError that says so, not an unreachable server."""
     connect_timeout, read_timeout = split_timeout(timeout)
-    https = _HTTPSHandler(read_timeout)
-    if urllib.parse.urlsplit(url).scheme == "https":  # a judge behind TLS: the downloads' CAs
-        from instructkit.downloads import ssl_context
-
-        https = _HTTPSHandler(read_timeout, context=ssl_context())
-    handlers = [_HTTPHandler(read_timeout), https]
-    if _is_local(url):
-        handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
-    opener = urllib.request.build_opener(*handlers)
     headers = {"Accept": "application/json", **(headers or {})}
     body = None
     if data is not None:
         body = json.dumps(data).encode("utf-8")
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(url, data=body, headers=headers)
-    return opener.open(request, timeout=connect_timeout)
+
+    def open_with(context):
+        handlers = [_HTTPHandler(read_timeout), _HTTPSHandler(read_timeout, context=context)]
+        if _is_local(url):
+            handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
+        return urllib.request.build_opener(*handlers).open(request, timeout=connect_timeout)
+
+    if urllib.parse.urlsplit(url).scheme != "https":
+        return open_with(None)
+    from instructkit.downloads import open_trusted
+
+    return open_trusted(url, open_with)
 
 
 def error_text(http_error):

@@ -217,12 +217,37 @@ def test_without_certifi_the_message_names_the_system_store_only(server, tmp_pat
 
 def test_an_https_judge_trusts_the_same_bundle(server, self_signed, monkeypatch):
     url = f"{server.url}/api/version"
-    with pytest.raises(urllib.error.URLError) as excinfo:
+    monkeypatch.setitem(sys.modules, "certifi", None)  # the system's store alone: it fails
+    with pytest.raises(downloads.CertificateError) as excinfo:
         judge_http.open_url(url, timeout=10)
-    assert isinstance(excinfo.value.reason, ssl.SSLCertVerificationError)
+    assert_names_the_certificate(str(excinfo.value))
     monkeypatch.setenv("SSL_CERT_FILE", str(self_signed[0]))
     with judge_http.open_url(url, timeout=10) as response:
         assert json.loads(response.read()) == {"version": "0.0.0"}
+
+
+def test_an_https_judge_falls_back_on_certifi(server, self_signed, monkeypatch):
+    certifi = pytest.importorskip("certifi")
+    monkeypatch.setattr(certifi, "where", lambda: str(self_signed[0]))  # certifi trusts it
+    with judge_http.open_url(f"{server.url}/api/version", timeout=10) as response:
+        assert json.loads(response.read()) == {"version": "0.0.0"}
+
+
+def test_the_scoring_command_names_the_judges_certificate_in_one_line(server, tmp_path, capsys,
+                                                                      monkeypatch):
+    from instructkit import score
+
+    monkeypatch.setitem(sys.modules, "certifi", None)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-certificate")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps([{**DATA[0], "model_response": "Red."}]), encoding="utf-8")
+    code = score.main(["--file-path", str(answers), "--api", "openai", "--base-url",
+                       f"{server.url}/v1", "--model", "judge"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert_names_the_certificate(err.removeprefix("error: ").strip())
+    assert "sk-test-certificate" not in err
 
 
 def test_a_folder_of_hashed_certificates_is_trusted_too(server, self_signed, tmp_path, monkeypatch):
