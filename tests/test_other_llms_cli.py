@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -368,3 +369,74 @@ def test_a_gpt2_checkpoint_never_resumes_a_qwen_run(data_file, models_dir, tmp_p
                                           max_steps=1, max_new_tokens=2))
     with pytest.raises(CheckpointError, match="belongs to a different run"):
         gif.main(config=settings(data_file, models_dir, tmp_path, resume=str(gpt2["checkpoint"])))
+
+
+# ---------------------------------------------------------------------------------------
+# DPO on the finetuned Qwen3 (python -m instructkit.dpo_train)
+# ---------------------------------------------------------------------------------------
+
+
+def test_fast_dpo_logprobs_of_a_qwen3_equal_the_full_logits_ones(models_dir, qwen_run, shared_data):
+    """fast_dpo's packed log-probabilities go through fast_llm for a hub model: equal to
+    dpo.compute_logprobs on the model's full logits, for the pairs the hub tokenizer makes."""
+    from instructkit import dpo, fast_dpo
+
+    folder = models_dir / "Qwen--Qwen3-0.6B-Base"
+    model, _ = load_hub_model(folder, dtype=torch.float32)
+    tokenizer = load_hf_tokenizer(folder)
+    pairs = json.loads((shared_data / "instruction-data-with-preference.json").read_text())[:4]
+    dataset = dpo.PreferenceDataset(pairs, tokenizer, style=gif.PHI3)
+    entry = pairs[0]
+    assert dataset[0]["chosen"] == tokenizer.encode(gif.PHI3.format_input(entry) + "\n<|assistant|>:\n"
+                                                    + entry["chosen"])
+    batch = dpo.preference_collate_fn([dataset[i] for i in range(4)], allowed_max_length=300,
+                                      pad_token_id=tokenizer.pad_token_id)
+    for key in ("chosen", "rejected"):
+        ids, mask = batch[key], batch[f"{key}_mask"]
+        assert mask.sum(1).min() > 0 and (~mask[:, -1]).any()  # padded rows, each with a response
+        with torch.no_grad():
+            plain = dpo.compute_logprobs(model(ids), ids, mask)
+            fast = fast_dpo.packed_logprobs(model, ids, mask)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_dpo_on_the_finetuned_qwen3_saves_what_chat_reloads(qwen_run, models_dir, shared_data,
+                                                            tmp_path, capsys):
+    from instructkit import chat, dpo_train
+
+    sft_file = qwen_run["folder"] / "Qwen3-0.6B-Base-sft-data.pth"
+    capsys.readouterr()
+    assert dpo_train.cli(["--test-mode", "--sft-model", str(sft_file), "--data",
+                          str(shared_data / "instruction-data-with-preference.json"), "--lr", "1e-3",
+                          "--batch-size", "4", "--eval-freq", "1", "--eval-iter", "1",
+                          "--max-new-tokens", str(MAX_NEW_TOKENS), "--output-dir", str(tmp_path),
+                          "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"Model: {QWEN} (qwen3), prompt style alpaca" in out
+    # a policy equal to its reference: the first evaluation's validation loss is ln 2
+    assert re.search(r"^Ep 1 \(Step 000000\): Train loss 0\.\d+, Val loss 0\.69\d, "
+                     r"Train reward margins -?\d\.\d\d\d, Val reward margins", out, re.M)
+    assert "Ep 1 (Step 000001)" in out
+
+    stem = "Qwen3-0.6B-Base-sft-data-dpo"
+    sft = torch.load(sft_file, weights_only=True)
+    tuned = torch.load(tmp_path / f"{stem}.pth", weights_only=True)
+    assert tuned.keys() == sft.keys() and not torch.equal(sft["out_head.weight"], tuned["out_head.weight"])
+    record = read_run_record(tmp_path / f"{stem}.pth")
+    assert record["hub_model"] == {"family": "qwen3", "repo_id": QWEN,
+                                   "folder": str(models_dir / "Qwen--Qwen3-0.6B-Base")}
+    assert record["config"]["prompt_style"] == "alpaca" and record["model_config"]["qk_norm"] is True
+
+    # the DPO model's answers, written by the run, are the book's greedy ones of the saved
+    # weights; chat.py reloads the model from its run record and gives the same answer
+    answers = json.loads((tmp_path / f"{stem}-responses.json").read_text())
+    assert len(answers) == 10
+    assert [a["dpo_response"] for a in answers[:2]] == greedy_answers(
+        tmp_path / f"{stem}.pth", record["hub_model"]["folder"], answers[:2])
+    assert [a["sft_response"] for a in answers[:2]] == greedy_answers(
+        sft_file, record["hub_model"]["folder"], answers[:2])
+    entry = answers[0]
+    assert chat.main([str(tmp_path / f"{stem}.pth"), entry["instruction"], "--input", entry["input"],
+                      "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    out, err = capsys.readouterr()
+    assert out == entry["dpo_response"] + "\n" and f"{stem}.pth: {QWEN}, " in err
