@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -440,3 +441,56 @@ def test_dpo_on_the_finetuned_qwen3_saves_what_chat_reloads(qwen_run, models_dir
                       "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     out, err = capsys.readouterr()
     assert out == entry["dpo_response"] + "\n" and f"{stem}.pth: {QWEN}, " in err
+
+
+# ---------------------------------------------------------------------------------------
+# torchrun: two processes (DDP, gloo) give the one-process run
+# ---------------------------------------------------------------------------------------
+
+
+def test_two_processes_under_torchrun_equal_the_one_process_run(qwen_run, data_file, hub, tmp_path):
+    """The command under `torchrun --nproc_per_node=2` (a subprocess, one thread each), from
+    the loopback hub into an empty models folder: process 0 downloads, the other waits; the
+    per-step losses, tokens seen, weights and answers are the one-process run's (qwen_run,
+    batches of 4: 2 rows per process)."""
+    from portable import TORCHRUN_ENV
+
+    stem = "Qwen3-0.6B-Base-sft-data"
+    models, out = tmp_path / "models", tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_ENDPOINT": hub.url,
+           **TORCHRUN_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         str(ROOT / "gpt_instruction_finetuning.py"), "--model", QWEN, "--data", str(data_file),
+         "--models-dir", str(models), "--output-dir", str(out), "--device", "cpu", "--epochs", "1",
+         "--batch-size", "4", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens",
+         str(MAX_NEW_TOKENS)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Processes: 2 (DDP), 2 of each batch of 4 on each" in output
+    for line in ("Training set length: 34", "Ep 1 (Step 000004)", "Model saved as"):
+        assert output.count(line) == 1, line  # printed by process 0 only
+    # one download, whole: the hub's files once, nothing half-written
+    hub_folder = models / "Qwen--Qwen3-0.6B-Base"
+    served = sorted(path.split("/")[-1] for path in hub.files if path.startswith(f"/{QWEN}/"))
+    assert sorted(p.name for p in hub_folder.iterdir() if not p.name.startswith(".")) == served
+    assert not [p for p in models.rglob("*") if p.suffix in (".tmp", ".part", ".incomplete")]
+    record = read_run_record(out / f"{stem}.pth")
+    one = read_run_record(qwen_run["folder"] / f"{stem}.pth")
+    assert record["processes"] == 2 and one["processes"] == 1
+    assert record["hub_model"]["folder"] == str(hub_folder)
+
+    rows = [json.loads(line) for line in (out / f"{stem}.metrics.jsonl").open()]
+    expected = [json.loads(line) for line in (qwen_run["folder"] / f"{stem}.metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [r["step"] for r in expected] and len(rows) >= 2
+    for row, want in zip(rows, expected, strict=True):
+        assert row["tokens_seen"] == want["tokens_seen"]
+        assert row["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6)
+        assert row["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    weights = torch.load(out / f"{stem}.pth", weights_only=True)
+    reference = torch.load(qwen_run["folder"] / f"{stem}.pth", weights_only=True)
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-5, atol=1e-6)
+    answers = "instruction-data-with-response-data.json"
+    assert json.loads((out / answers).read_text()) == json.loads((qwen_run["folder"] / answers).read_text())
