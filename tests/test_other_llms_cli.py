@@ -494,3 +494,40 @@ def test_two_processes_under_torchrun_equal_the_one_process_run(qwen_run, data_f
         torch.testing.assert_close(weights[name], reference[name], rtol=1e-5, atol=1e-6)
     answers = "instruction-data-with-response-data.json"
     assert json.loads((out / answers).read_text()) == json.loads((qwen_run["folder"] / answers).read_text())
+
+
+# ---------------------------------------------------------------------------------------
+# The web chat (python -m instructkit.web_chat) on the finetuned Qwen3, without a browser
+# ---------------------------------------------------------------------------------------
+
+
+def test_web_chat_streams_the_runs_answer_beside_the_pretrained_hub_model(qwen_run, models_dir,
+                                                                           tmp_path, monkeypatch):
+    """load_models reads the family from the run record (no flag says Qwen3) and, with
+    --compare-pretrained, puts the hub model before finetuning beside it; `respond` streams
+    both answers through fast_llm's KV cache, and they are the run's answer and the
+    pretrained model's greedy one, the book's way."""
+    from instructkit import fast_llm
+    from instructkit.web_chat import load_models, respond
+
+    folder = qwen_run["folder"]
+    entry = json.loads((folder / "instruction-data-with-response-data.json").read_text())[0]
+    models = load_models(folder / "Qwen3-0.6B-Base-sft-data.pth", "cpu", compare_pretrained=True)
+    hub_folder = str(models_dir / "Qwen--Qwen3-0.6B-Base")
+    assert [info["hub_folder"] for _, info in models] == [hub_folder, hub_folder]
+    assert models[1][1]["model"] == f"{QWEN} (pretrained)" and models[0][1]["prompt_style"] == "alpaca"
+
+    streamed = []  # the fast_llm streams the answers come from
+    real_stream = fast_llm.generate_stream
+    monkeypatch.setattr(fast_llm, "generate_stream",
+                        lambda *args, **kwargs: streamed.append(args[0]) or real_stream(*args, **kwargs))
+    updates = [[h[-1]["content"] for h in histories] for histories, _ in respond(
+        [chat for chat, _ in models], entry["instruction"], entry["input"], [[], []],
+        (MAX_NEW_TOKENS, 0.0, None, None))]
+    assert streamed == [chat.model for chat, _ in models]
+    final = updates[-1]
+    assert len(updates) > 2 and all(final[0].startswith(u[0]) for u in updates)  # it grew
+    assert final[0] == entry["model_response"]
+    pretrained = tmp_path / "pretrained.pth"
+    torch.save(models[1][0].model.state_dict(), pretrained)
+    assert final[1] == greedy_answers(pretrained, hub_folder, [entry])[0]
