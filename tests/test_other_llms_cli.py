@@ -18,7 +18,14 @@ safetensors) with a tokenizer of the family (tests/tiny_hub_tokenizers.py). Chec
   the same weights as the uninterrupted run; a GPT-2 checkpoint is refused;
 - the gated repository: one line and exit code 1 without HF_TOKEN, a run with it;
 - `python -m instructkit.chat` rebuilds the saved model from its run record and gives the
-  answer the run wrote; so does the LoRA run's merged (untied) model, in batches.
+  answer the run wrote; so does the LoRA run's merged (untied) model, in batches;
+- DPO (`python -m instructkit.dpo_train`) on the finetuned Qwen3: fast_dpo's packed
+  log-probabilities (through fast_llm) equal the full logits' ones; a few steps print the
+  losses, save a model whose answers are the book's greedy ones and which chat.py reloads;
+- the command under 2-process torchrun (DDP, gloo) from the loopback hub into an empty
+  models folder: one download, the one-process run's losses, weights and answers;
+- the web chat's `load_models` and `respond`: the run's answer streamed through fast_llm,
+  beside the pretrained hub model's.
 """
 
 import contextlib
@@ -441,6 +448,13 @@ def test_dpo_on_the_finetuned_qwen3_saves_what_chat_reloads(qwen_run, models_dir
                       "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     out, err = capsys.readouterr()
     assert out == entry["dpo_response"] + "\n" and f"{stem}.pth: {QWEN}, " in err
+
+    # --model names a GPT-2 size: a finetuned hub model refuses it in one line
+    assert dpo_train.cli(["--test-mode", "--sft-model", str(sft_file), "--model", "gpt2-small",
+                          "--data", str(shared_data / "instruction-data-with-preference.json"),
+                          "--output-dir", str(tmp_path / "refused"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model gpt2-small is a GPT-2 size") and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------------------------------
