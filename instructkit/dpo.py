@@ -41,20 +41,24 @@ class PreferenceDataset(Dataset):
     prompt + "### Response:" tag, so the collate can select exactly the response tokens.
     """
 
-    def __init__(self, data, tokenizer):
+    def __init__(self, data, tokenizer, style=None):
+        # Not in the book: `style`, a PromptStyle (the SFT run's: Alpaca, Phi-3 or a hub
+        # model's chat template); None is the chapter's Alpaca prompt, as the book has it.
+        format_prompt = format_input if style is None else style.format_input
+        response_prefix = RESPONSE_PREFIX if style is None else style.response_prefix
         self.data = data
         self.encoded_texts = []
         for entry in data:
-            prompt = format_input(entry)
+            prompt = format_prompt(entry)
             prompt_tokens = tokenizer.encode(prompt)
-            chosen_full_tokens = tokenizer.encode(prompt + RESPONSE_PREFIX + entry["chosen"])
-            rejected_full_tokens = tokenizer.encode(prompt + RESPONSE_PREFIX + entry["rejected"])
+            chosen_full_tokens = tokenizer.encode(prompt + response_prefix + entry["chosen"])
+            rejected_full_tokens = tokenizer.encode(prompt + response_prefix + entry["rejected"])
             self.encoded_texts.append({
                 "prompt": prompt_tokens,
                 "chosen": chosen_full_tokens,
                 "rejected": rejected_full_tokens,
                 # Not in the book: where the response begins in "chosen" and "rejected".
-                "response_start": len(tokenizer.encode(prompt + RESPONSE_PREFIX)),
+                "response_start": len(tokenizer.encode(prompt + response_prefix)),
             })
 
     def __getitem__(self, index):
@@ -301,18 +305,20 @@ def plot_dpo_metrics(tracking, num_epochs, save_path=None, show=True):
     return fig
 
 
-def compare_responses(entries, models, tokenizer, max_new_tokens=256):
+def compare_responses(entries, models, tokenizer, max_new_tokens=256, style=None):
     """Each entry with one greedy answer per model: `models` maps a name to a model.
 
     Returns copies of the entries with a "<name>_response" key per model, e.g.
     {"sft": sft_model, "dpo": policy_model} gives "sft_response" and "dpo_response".
+    `style`: the prompt style (a PromptStyle; None: the chapter's Alpaca).
     """
     from gpt_instruction_finetuning import ALPACA
     from instructkit.answers import generate_responses
 
     answered = [dict(entry) for entry in entries]
     for name, model in models.items():
-        responses = generate_responses(model, entries, tokenizer, ALPACA, max_new_tokens=max_new_tokens,
+        responses = generate_responses(model, entries, tokenizer, style or ALPACA,
+                                       max_new_tokens=max_new_tokens,
                                        progress=False)
         for entry, response in zip(answered, responses, strict=True):
             entry[f"{name}_response"] = response

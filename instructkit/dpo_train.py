@@ -17,7 +17,11 @@ the SFT model (or in --output-dir):
     gpt2-medium355M-sft-dpo-responses.json  test entries answered by the SFT and the DPO model
 
 The model's size comes from `<sft stem>.run.json` when it is there, else from the shapes
-in the state dict; `--model gpt2-medium` overrides both. The run is resumable like the
+in the state dict; `--model gpt2-medium` overrides both. A finetuned hub model (Qwen3, Llama
+3.2, SmolLM2: its run record names family, repository and hub folder) is rebuilt as chat.py
+rebuilds it, and trained with its own tokenizer, padding id and the SFT run's prompt style,
+through fast_llm's forward pass; its run record names the hub model again, so
+`python -m instructkit.chat <stem>-dpo.pth` reloads it. The run is resumable like the
 chapter's command (checkpoints.py): every `--save-every` steps it writes a checkpoint to
 OUTPUT_DIR/checkpoints, and the same command with `--resume` continues from the one of the
 highest step (same data order, same numbers); one saved with other settings is refused, naming
@@ -285,7 +289,7 @@ def train(policy, reference, config, datasets, collate, paths, identity, precisi
                           config.keep, wait_for_space=ask_at_terminal("The training state"))
     # seed: torch.manual_seed(config.seed) right before training, as the book's notebook does
     run = DPOTrainingRun(policy, reference, config.beta, loss_fn, optimizer, train_loader,
-                         val_loader, policy.pos_emb.weight.device, precision=precision,
+                         val_loader, policy.tok_emb.weight.device, precision=precision,
                          seed=config.seed,
                          checkpoints=plan, metrics_path=partial_metrics_path(paths["metrics"]))
     run.resume_or_start(config.resume)
@@ -295,6 +299,39 @@ def train(policy, reference, config, datasets, collate, paths, identity, precisi
         print(f"Stopped after {run.state.step} steps (--max-steps); checkpoint saved as "
               f"{run.last_checkpoint}. Continue with the same command and --resume.")
     return run, tracking_from_rows(dpo.new_tracking(), run.state.metrics)
+
+
+def load_sft(config, device):
+    """The SFT model of --sft-model: {"model", "model_config", "hub_model", and for a hub model
+    "tokenizer", "style"}.
+
+    A GPT-2 is read as before (model_files.load_sft_model: --model, run record or shapes). A
+    finetuned hub model (Qwen3, Llama: its run record has "hub_model") is rebuilt as chat.py
+    rebuilds it (model_files.load_finetuned_model, from the record's hub folder), with the
+    hub model's tokenizer and the SFT run's prompt style (the chat template's too).
+    """
+    from instructkit.model_files import read_run_record_if_any
+
+    record = read_run_record_if_any(config.sft_model) or {}
+    hub = record.get("hub_model")
+    if hub is None:
+        policy, model_config = load_sft_model(config.sft_model, config.model, device=device)
+        return {"model": policy, "model_config": model_config, "hub_model": None}
+    if config.model is not None:
+        raise SetupError(f"--model {config.model} is a GPT-2 size, and {config.sft_model} is a "
+                         f"finetuned {hub['repo_id']}: leave --model out")
+    from gpt_instruction_finetuning import PROMPT_STYLES
+    from instructkit.chat_template_style import chat_template_style
+    from instructkit.finetune_files import json_model_config
+    from instructkit.hf_tokenizer import load_hf_tokenizer
+    from instructkit.model_files import load_finetuned_model
+
+    policy, style_name, info = load_finetuned_model(config.sft_model, device)
+    tokenizer = load_hf_tokenizer(info["hub_folder"])
+    style = PROMPT_STYLES.get(style_name) or chat_template_style(tokenizer, hub["repo_id"])
+    return {"model": policy, "model_config": json_model_config(info["model_config"]),
+            "hub_model": {**hub, "folder": info["hub_folder"]}, "tokenizer": tokenizer,
+            "style": style}
 
 
 def main(config):
@@ -316,6 +353,7 @@ def _run(config):
     from instructkit.gpt2_tokenizer import get_tokenizer
     from instructkit.run_record import package_versions
 
+    hub, style = None, None  # a hub model's run record entry and prompt style (GPT-2: Alpaca)
     device = choose_device(config.device, config.test_mode)
     precision = resolve_precision(config.precision, device)  # bf16 where the GPU has it
     # the data before the model: a bad file costs no model load
@@ -327,7 +365,8 @@ def _run(config):
         policy, model_config = GPTModel(TEST_MODE_CONFIG).eval(), TEST_MODE_CONFIG
         policy.to(device)
     else:
-        policy, model_config = load_sft_model(config.sft_model, config.model, device=device)
+        sft = load_sft(config, device)
+        policy, model_config, hub = sft["model"], sft["model_config"], sft["hub_model"]
     print(f"Preference data: {len(train_data)} train, {len(val_data)} validation, "
           f"{len(test_data)} test entries")
     reference = dpo.make_reference_model(policy)
@@ -336,19 +375,25 @@ def _run(config):
           f"emb_dim {model_config['emb_dim']}, {model_config['n_heads']} heads")
     print(precision.describe())
 
-    tokenizer = get_tokenizer(config.tokenizer_dir)
+    if hub is None:
+        tokenizer = get_tokenizer(config.tokenizer_dir)
+        pad = {}  # GPT-2's <|endoftext|>, the collate's default
+    else:  # the hub model's own tokenizer, prompt style and padding id
+        tokenizer, style = sft["tokenizer"], sft["style"]
+        pad = {"pad_token_id": tokenizer.pad_token_id}
+        print(f"Model: {hub['repo_id']} ({hub['family']}), prompt style {style.name}")
     allowed = min(config.max_length, model_config["context_length"])
-    collate = partial(dpo.preference_collate_fn, allowed_max_length=allowed, device=device)
-    train_set = dpo.PreferenceDataset(train_data, tokenizer)
-    val_set = dpo.PreferenceDataset(val_data, tokenizer)
+    collate = partial(dpo.preference_collate_fn, allowed_max_length=allowed, device=device, **pad)
+    train_set = dpo.PreferenceDataset(train_data, tokenizer, style=style)
+    val_set = dpo.PreferenceDataset(val_data, tokenizer, style=style)
     if not config.plain:  # the reference model's log-probabilities, once per entry
         # in the policy's precision: a policy still equal to its reference must match it exactly
         train_set, val_set = (fast_dpo.cache_reference_logprobs(
             reference, dataset, config.batch_size, precision=precision,
-            allowed_max_length=allowed, device=device)
+            allowed_max_length=allowed, device=device, **pad)
             for dataset in (train_set, val_set))
         collate = partial(fast_dpo.collate_with_reference, allowed_max_length=allowed,
-                          device=device)
+                          device=device, **pad)
 
     paths = output_paths(config)
     dataset = dataset_fingerprint(data_path)
@@ -371,7 +416,8 @@ def _run(config):
         if tracking["train_losses"]:
             dpo.plot_dpo_metrics(tracking, config.epochs, save_path=paths["plot"], show=False)
     max_new = min(config.max_new_tokens, 16) if config.test_mode else config.max_new_tokens
-    answered = dpo.compare_responses(test_data, {"sft": sft_model, "dpo": policy}, tokenizer, max_new)
+    answered = dpo.compare_responses(test_data, {"sft": sft_model, "dpo": policy}, tokenizer, max_new,
+                                     style=style)
     write_json(paths["responses"], answered)
     print(f"Answers of the SFT and the DPO model saved as {paths['responses']}")
 
@@ -384,6 +430,9 @@ def _run(config):
               "precision": precision.name, "reference_precision": precision.name,
               "dataset": dataset, "seed": config.seed, "wall_seconds": seconds,
               "final_losses": final, "sft_model": config.sft_model}
+    if hub is not None:  # what chat.py rebuilds the model from: the hub folder, the prompt style
+        record["hub_model"] = hub
+        record["config"]["prompt_style"] = style.name
     paths["record"] = write_run_record(paths["model"], record)
     return {"tracking": tracking, "paths": paths, "responses": answered, "record": record}
 
@@ -391,14 +440,16 @@ def _run(config):
 def build_arg_parser():
     defaults = DPOConfig()
     parser = argparse.ArgumentParser(
-        description="DPO preference tuning of a finetuned GPT-2 (after chapter 7).")
+        description="DPO preference tuning of a finetuned GPT-2, Qwen3 or Llama model (after "
+                    "chapter 7).")
     add = parser.add_argument
     add("--sft-model", help="the finetuned model, e.g. gpt2-medium355M-sft.pth")
     add("--data", help=f"preference JSON with instruction, input, output, chosen, rejected "
                        f"(default: the book's {PREFERENCE_DATASET.file_name} next to this "
                        f"file, downloaded when missing)")
     add("--model", choices=list(GPT2_SIZES),
-        help="GPT-2 size of the SFT model (default: from its run record or its shapes)")
+        help="GPT-2 size of the SFT model (default: from its run record or its shapes; a "
+             "finetuned hub model's comes from its run record)")
     for name, kind, text in (("epochs", int, "training epochs"),
                              ("batch-size", int, "preference pairs per batch"),
                              ("lr", float, "AdamW learning rate"),

@@ -16,7 +16,9 @@ to keep the response tokens. Here:
 
 `compute_dpo_loss_batch_fast` has the signature of `dpo.compute_dpo_loss_batch`; pass it
 as `loss_fn` to `dpo.train_model_dpo_simple`. Like fast_gpt, it works on any model with the
-book's module layout, reading its modules; it never subclasses it.
+book's module layout, reading its modules; it never subclasses it. A Qwen3 or Llama model
+(qwen3.py, llama3.py) goes through fast_llm's forward pass instead (`fast_llm.fast_path`):
+its 150k-token output head, too, runs only where a response token is predicted.
 """
 
 from functools import partial
@@ -24,8 +26,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from fast_gpt import PackedRows, autocast, transform
+from fast_gpt import PackedRows, autocast
 from instructkit.dpo import compute_dpo_loss, preference_collate_fn
+from instructkit.fast_llm import fast_path
 
 
 def packed_logprobs(model, input_ids, selection_mask):
@@ -45,6 +48,8 @@ def packed_logprobs(model, input_ids, selection_mask):
 
     # fast_gpt's forward pass on the packed rows: (1, kept, emb_dim)
     packed = PackedRows(keep)
+    # fast_gpt's for the book's GPT, fast_llm's (RoPE, grouped-query) for Qwen3 and Llama
+    transform = fast_path(model).transform
     hidden = transform(model, packed.pack(input_ids[:, :longest]), packed.positions, packed)
     logits = model.out_head(hidden[0][predicts[keep]]).float()  # (n_predicting, vocab_size)
     labels = input_ids[:, 1:][predicts]  # the selected tokens, in the same (row-major) order

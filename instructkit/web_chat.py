@@ -11,11 +11,15 @@ Not in the book. The book's bonus app (Chainlit) hard-codes gpt2-medium, answers
 the whole response is generated, and shows one model. Here, Gradio (it streams, renders
 inline in Jupyter, and is what the Hugging Face hub uses):
 - any GPT-2 size, read from the run record or the weights (model_files.py); LoRA adapters;
-- each answer streams token by token through the KV cache (fast_gpt.generate_stream), and a
+  a finetuned hub model (Qwen3, Llama 3.2, SmolLM2), rebuilt from the hub folder its run
+  record names, with its own tokenizer and prompt style, as chat.py loads it;
+- each answer streams token by token through the KV cache (fast_gpt.generate_stream, or
+  fast_llm's for the hub models), and a
   Stop button ends it; each message is a new instruction in the model's prompt style (the
   chapter's Alpaca prompt or Phi-3), with an optional `### Input:`;
 - a second column answers the same instruction with another model: the pretrained GPT-2 of
-  the same size, or any other .pth (a DPO-tuned one, say), so a reader sees what finetuning did;
+  the same size (or the pretrained hub model a Qwen3 or Llama run started from), or any
+  other .pth (a DPO-tuned one, say), so a reader sees what finetuning did;
 - settings: temperature, top-k, max new tokens, seed; greedy (temperature 0) is the default,
   and then an answer equals `generate`'s;
 - an empty message or a text too long for the context gets a visible note; an exception
@@ -128,7 +132,9 @@ def load_models(model_path, device="cpu", adapters=None, compare=None, compare_p
     from instructkit.model_files import load_pretrained_model, model_name_for
 
     check_model_paths(model_path, adapters, compare, compare_adapters)
-    tokenizer = get_tokenizer(tokenizer_dir)
+    # without --tokenizer-dir: GPT-2's default, or a hub model's own (load_chat_model), as in
+    # chat.py; the family comes from the run record (or the weights), never from a flag
+    tokenizer = get_tokenizer(tokenizer_dir) if tokenizer_dir else None
     main, info = load_chat_model(model_path, device, adapters=adapters, tokenizer=tokenizer)
     models = [(main, info)]
     if compare is not None:
@@ -136,6 +142,8 @@ def load_models(model_path, device="cpu", adapters=None, compare=None, compare_p
                                       tokenizer=tokenizer))
         if models[1][1]["config_source"] == "inferred from the weights":
             models[1][0].style_name = main.style_name  # no record: ask it the same way
+    elif compare_pretrained and "hub_folder" in info:  # the hub model before finetuning
+        models.append(load_pretrained_hub_model(main, info, device))
     elif compare_pretrained:
         name = model_name_for(info["model_config"])
         if name is None:
@@ -143,8 +151,25 @@ def load_models(model_path, device="cpu", adapters=None, compare=None, compare_p
                                  f"GPT-2 to compare it with; use --compare OTHER.pth")
         model, pre_info = load_pretrained_model(name, device)
         pre_info["prompt_style"] = main.style_name
-        models.append((ChatModel(model, tokenizer, main.style_name, pre_info["model"]), pre_info))
+        models.append((ChatModel(model, main.tokenizer, main.style_name, pre_info["model"]),
+                       pre_info))
     return models
+
+
+def load_pretrained_hub_model(main, info, device="cpu"):
+    """(ChatModel, info) of the pretrained hub model (Qwen3, Llama) that the finetuned `main`
+    was trained from: its hub folder's weights, asked with `main`'s tokenizer and prompt style."""
+    import torch
+
+    from instructkit.hub_model_files import load_hub_model
+    from instructkit.model_files import finish
+
+    model, cfg = load_hub_model(info["hub_folder"], dtype=torch.float32)
+    name = f"{info['model']} (pretrained)"
+    model, _, pre_info = finish(model, device, main.style_name, info["hub_folder"], None, name, cfg,
+                                "config.json")
+    pre_info["hub_folder"] = info["hub_folder"]
+    return ChatModel(model, main.tokenizer, main.style_name, name), pre_info
 
 
 def shown_message(instruction, input_text):
@@ -267,12 +292,14 @@ def launch(model_path, compare=None, compare_pretrained=False, adapters=None, de
 
 
 def build_arg_parser():
-    parser = argparse.ArgumentParser(description="A web chat with a finetuned GPT-2 (Gradio).")
+    parser = argparse.ArgumentParser(
+        description="A web chat with a finetuned GPT-2, Qwen3 or Llama model (Gradio).")
     add_model_arguments(parser)
     side = parser.add_mutually_exclusive_group()
     side.add_argument("--compare", help="a second model's .pth, answering side by side")
     side.add_argument("--compare-pretrained", action="store_true",
-                      help="OpenAI's GPT-2 of the same size side by side (downloaded once into gpt2/)")
+                      help="OpenAI's GPT-2 of the same size side by side (downloaded once into "
+                           "gpt2/); for a finetuned hub model, the hub model it started from")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, from 7860)")
     add_decode_arguments(parser)

@@ -18,13 +18,22 @@ safetensors) with a tokenizer of the family (tests/tiny_hub_tokenizers.py). Chec
   the same weights as the uninterrupted run; a GPT-2 checkpoint is refused;
 - the gated repository: one line and exit code 1 without HF_TOKEN, a run with it;
 - `python -m instructkit.chat` rebuilds the saved model from its run record and gives the
-  answer the run wrote; so does the LoRA run's merged (untied) model, in batches.
+  answer the run wrote; so does the LoRA run's merged (untied) model, in batches;
+- DPO (`python -m instructkit.dpo_train`) on the finetuned Qwen3: fast_dpo's packed
+  log-probabilities (through fast_llm) equal the full logits' ones; a few steps print the
+  losses, save a model whose answers are the book's greedy ones and which chat.py reloads;
+- the command under 2-process torchrun (DDP, gloo) from the loopback hub into an empty
+  models folder: one download, the one-process run's losses, weights and answers;
+- the web chat's `load_models` and `respond`: the run's answer streamed through fast_llm,
+  beside the pretrained hub model's.
 """
 
 import contextlib
 import io
 import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -368,3 +377,171 @@ def test_a_gpt2_checkpoint_never_resumes_a_qwen_run(data_file, models_dir, tmp_p
                                           max_steps=1, max_new_tokens=2))
     with pytest.raises(CheckpointError, match="belongs to a different run"):
         gif.main(config=settings(data_file, models_dir, tmp_path, resume=str(gpt2["checkpoint"])))
+
+
+# ---------------------------------------------------------------------------------------
+# DPO on the finetuned Qwen3 (python -m instructkit.dpo_train)
+# ---------------------------------------------------------------------------------------
+
+
+def test_fast_dpo_logprobs_of_a_qwen3_equal_the_full_logits_ones(models_dir, qwen_run, shared_data):
+    """fast_dpo's packed log-probabilities go through fast_llm for a hub model: equal to
+    dpo.compute_logprobs on the model's full logits, for the pairs the hub tokenizer makes."""
+    from instructkit import dpo, fast_dpo
+
+    folder = models_dir / "Qwen--Qwen3-0.6B-Base"
+    model, _ = load_hub_model(folder, dtype=torch.float32)
+    tokenizer = load_hf_tokenizer(folder)
+    pairs = json.loads((shared_data / "instruction-data-with-preference.json").read_text())[:4]
+    dataset = dpo.PreferenceDataset(pairs, tokenizer, style=gif.PHI3)
+    entry = pairs[0]
+    assert dataset[0]["chosen"] == tokenizer.encode(gif.PHI3.format_input(entry) + "\n<|assistant|>:\n"
+                                                    + entry["chosen"])
+    batch = dpo.preference_collate_fn([dataset[i] for i in range(4)], allowed_max_length=300,
+                                      pad_token_id=tokenizer.pad_token_id)
+    for key in ("chosen", "rejected"):
+        ids, mask = batch[key], batch[f"{key}_mask"]
+        assert mask.sum(1).min() > 0 and (~mask[:, -1]).any()  # padded rows, each with a response
+        with torch.no_grad():
+            plain = dpo.compute_logprobs(model(ids), ids, mask)
+            fast = fast_dpo.packed_logprobs(model, ids, mask)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_dpo_on_the_finetuned_qwen3_saves_what_chat_reloads(qwen_run, models_dir, shared_data,
+                                                            tmp_path, capsys):
+    from instructkit import chat, dpo_train
+
+    sft_file = qwen_run["folder"] / "Qwen3-0.6B-Base-sft-data.pth"
+    capsys.readouterr()
+    assert dpo_train.cli(["--test-mode", "--sft-model", str(sft_file), "--data",
+                          str(shared_data / "instruction-data-with-preference.json"), "--lr", "1e-3",
+                          "--batch-size", "4", "--eval-freq", "1", "--eval-iter", "1",
+                          "--max-new-tokens", str(MAX_NEW_TOKENS), "--output-dir", str(tmp_path),
+                          "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"Model: {QWEN} (qwen3), prompt style alpaca" in out
+    # a policy equal to its reference: the first evaluation's validation loss is ln 2
+    assert re.search(r"^Ep 1 \(Step 000000\): Train loss 0\.\d+, Val loss 0\.69\d, "
+                     r"Train reward margins -?\d\.\d\d\d, Val reward margins", out, re.M)
+    assert "Ep 1 (Step 000001)" in out
+
+    stem = "Qwen3-0.6B-Base-sft-data-dpo"
+    sft = torch.load(sft_file, weights_only=True)
+    tuned = torch.load(tmp_path / f"{stem}.pth", weights_only=True)
+    assert tuned.keys() == sft.keys() and not torch.equal(sft["out_head.weight"], tuned["out_head.weight"])
+    record = read_run_record(tmp_path / f"{stem}.pth")
+    assert record["hub_model"] == {"family": "qwen3", "repo_id": QWEN,
+                                   "folder": str(models_dir / "Qwen--Qwen3-0.6B-Base")}
+    assert record["config"]["prompt_style"] == "alpaca" and record["model_config"]["qk_norm"] is True
+
+    # the DPO model's answers, written by the run, are the book's greedy ones of the saved
+    # weights; chat.py reloads the model from its run record and gives the same answer
+    answers = json.loads((tmp_path / f"{stem}-responses.json").read_text())
+    assert len(answers) == 10
+    assert [a["dpo_response"] for a in answers[:2]] == greedy_answers(
+        tmp_path / f"{stem}.pth", record["hub_model"]["folder"], answers[:2])
+    assert [a["sft_response"] for a in answers[:2]] == greedy_answers(
+        sft_file, record["hub_model"]["folder"], answers[:2])
+    entry = answers[0]
+    assert chat.main([str(tmp_path / f"{stem}.pth"), entry["instruction"], "--input", entry["input"],
+                      "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    out, err = capsys.readouterr()
+    assert out == entry["dpo_response"] + "\n" and f"{stem}.pth: {QWEN}, " in err
+
+    # --model names a GPT-2 size: a finetuned hub model refuses it in one line
+    assert dpo_train.cli(["--test-mode", "--sft-model", str(sft_file), "--model", "gpt2-small",
+                          "--data", str(shared_data / "instruction-data-with-preference.json"),
+                          "--output-dir", str(tmp_path / "refused"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model gpt2-small is a GPT-2 size") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------
+# torchrun: two processes (DDP, gloo) give the one-process run
+# ---------------------------------------------------------------------------------------
+
+
+def test_two_processes_under_torchrun_equal_the_one_process_run(qwen_run, data_file, hub, tmp_path):
+    """The command under `torchrun --nproc_per_node=2` (a subprocess, one thread each), from
+    the loopback hub into an empty models folder: process 0 downloads, the other waits; the
+    per-step losses, tokens seen, weights and answers are the one-process run's (qwen_run,
+    batches of 4: 2 rows per process)."""
+    from portable import TORCHRUN_ENV
+
+    stem = "Qwen3-0.6B-Base-sft-data"
+    models, out = tmp_path / "models", tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_ENDPOINT": hub.url,
+           **TORCHRUN_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         str(ROOT / "gpt_instruction_finetuning.py"), "--model", QWEN, "--data", str(data_file),
+         "--models-dir", str(models), "--output-dir", str(out), "--device", "cpu", "--epochs", "1",
+         "--batch-size", "4", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens",
+         str(MAX_NEW_TOKENS)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Processes: 2 (DDP), 2 of each batch of 4 on each" in output
+    for line in ("Training set length: 34", "Ep 1 (Step 000004)", "Model saved as"):
+        assert output.count(line) == 1, line  # printed by process 0 only
+    # one download, whole: the hub's files once, nothing half-written
+    hub_folder = models / "Qwen--Qwen3-0.6B-Base"
+    served = sorted(path.split("/")[-1] for path in hub.files if path.startswith(f"/{QWEN}/"))
+    assert sorted(p.name for p in hub_folder.iterdir() if not p.name.startswith(".")) == served
+    assert not [p for p in models.rglob("*") if p.suffix in (".tmp", ".part", ".incomplete")]
+    record = read_run_record(out / f"{stem}.pth")
+    one = read_run_record(qwen_run["folder"] / f"{stem}.pth")
+    assert record["processes"] == 2 and one["processes"] == 1
+    assert record["hub_model"]["folder"] == str(hub_folder)
+
+    rows = [json.loads(line) for line in (out / f"{stem}.metrics.jsonl").open()]
+    expected = [json.loads(line) for line in (qwen_run["folder"] / f"{stem}.metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [r["step"] for r in expected] and len(rows) >= 2
+    for row, want in zip(rows, expected, strict=True):
+        assert row["tokens_seen"] == want["tokens_seen"]
+        assert row["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6)
+        assert row["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    weights = torch.load(out / f"{stem}.pth", weights_only=True)
+    reference = torch.load(qwen_run["folder"] / f"{stem}.pth", weights_only=True)
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-5, atol=1e-6)
+    answers = "instruction-data-with-response-data.json"
+    assert json.loads((out / answers).read_text()) == json.loads((qwen_run["folder"] / answers).read_text())
+
+
+# ---------------------------------------------------------------------------------------
+# The web chat (python -m instructkit.web_chat) on the finetuned Qwen3, without a browser
+# ---------------------------------------------------------------------------------------
+
+
+def test_web_chat_streams_the_runs_answer_beside_the_pretrained_hub_model(qwen_run, models_dir,
+                                                                           tmp_path, monkeypatch):
+    """load_models reads the family from the run record (no flag says Qwen3) and, with
+    --compare-pretrained, puts the hub model before finetuning beside it; `respond` streams
+    both answers through fast_llm's KV cache, and they are the run's answer and the
+    pretrained model's greedy one, the book's way."""
+    from instructkit import fast_llm
+    from instructkit.web_chat import load_models, respond
+
+    folder = qwen_run["folder"]
+    entry = json.loads((folder / "instruction-data-with-response-data.json").read_text())[0]
+    models = load_models(folder / "Qwen3-0.6B-Base-sft-data.pth", "cpu", compare_pretrained=True)
+    hub_folder = str(models_dir / "Qwen--Qwen3-0.6B-Base")
+    assert [info["hub_folder"] for _, info in models] == [hub_folder, hub_folder]
+    assert models[1][1]["model"] == f"{QWEN} (pretrained)" and models[0][1]["prompt_style"] == "alpaca"
+
+    streamed = []  # the fast_llm streams the answers come from
+    real_stream = fast_llm.generate_stream
+    monkeypatch.setattr(fast_llm, "generate_stream",
+                        lambda *args, **kwargs: streamed.append(args[0]) or real_stream(*args, **kwargs))
+    updates = [[h[-1]["content"] for h in histories] for histories, _ in respond(
+        [chat for chat, _ in models], entry["instruction"], entry["input"], [[], []],
+        (MAX_NEW_TOKENS, 0.0, None, None))]
+    assert streamed == [chat.model for chat, _ in models]
+    final = updates[-1]
+    assert len(updates) > 2 and all(final[0].startswith(u[0]) for u in updates)  # it grew
+    assert final[0] == entry["model_response"]
+    pretrained = tmp_path / "pretrained.pth"
+    torch.save(models[1][0].model.state_dict(), pretrained)
+    assert final[1] == greedy_answers(pretrained, hub_folder, [entry])[0]
