@@ -177,6 +177,20 @@ class FinetuneRun:
     # Checks and interruptions
     #####################################
 
+    def _refuse_gpt2_only_flags(self):
+        """A flag that only GPT-2 has would be ignored for a hub model: say so instead."""
+        config = self.config
+        if config.decode_dtype != "fp32":
+            raise BadInputError("--decode-dtype bf16 is for GPT-2 models: Qwen3 and Llama models "
+                                "answer with their own weights (fp32 here)")
+        if config.tokenizer_dir is not None:
+            raise BadInputError("--tokenizer-dir names GPT-2's tokenizer files; a hub model "
+                                "brings its own tokenizer.json: leave --tokenizer-dir out")
+        if config.weights_source != "auto":
+            raise BadInputError(f"--weights-source {config.weights_source} chooses where GPT-2's "
+                                "weights come from; a hub model comes from its repository "
+                                "(HF_ENDPOINT names a mirror): leave --weights-source out")
+
     def _check_before_run(self):
         config = self.config
         data_url = config.data_url or (CHAPTER_DATASET.urls[0] if config.data is None else None)
@@ -188,9 +202,8 @@ class FinetuneRun:
             raise BadInputError("--prompt-style chat uses a hub model's own chat template, and "
                                 "GPT-2 has none: use --prompt-style alpaca or phi3, or a hub "
                                 "model (--model qwen3-0.6b, smollm2-360m, ...)")
-        if self.repo_id is not None and config.decode_dtype != "fp32":
-            raise BadInputError("--decode-dtype bf16 is for GPT-2 models: Qwen3 and Llama models "
-                                "answer with their own weights (fp32 here)")
+        if self.repo_id is not None:
+            self._refuse_gpt2_only_flags()
         if self.repo_id is not None:  # a hub model's folder must be writable before any download
             from instructkit.preflight import check_output_dir
 

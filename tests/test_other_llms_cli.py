@@ -295,12 +295,22 @@ def test_chat_template_prompt_style(data_file, models_dir, tmp_path, capsys):
                    "smollm2-360m, ...)\n")
 
 
-def test_gpt2_only_flags_are_one_line_before_any_download(data_file, tmp_path, capsys, hub):
+@pytest.mark.parametrize(("flag", "message"), [
+    (["--decode-dtype", "bf16"], "--decode-dtype bf16 is for GPT-2 models: Qwen3 and Llama models "
+                                 "answer with their own weights (fp32 here)"),
+    (["--tokenizer-dir", "gpt2-tokenizer"], "--tokenizer-dir names GPT-2's tokenizer files; a hub "
+                                            "model brings its own tokenizer.json: leave "
+                                            "--tokenizer-dir out"),
+    (["--weights-source", "hub-openai"], "--weights-source hub-openai chooses where GPT-2's weights "
+                                         "come from; a hub model comes from its repository "
+                                         "(HF_ENDPOINT names a mirror): leave --weights-source out"),
+])
+def test_gpt2_only_flags_are_one_line_before_any_download(data_file, tmp_path, capsys, hub, flag,
+                                                          message):
     seen = len(hub.requests)
-    assert finetune.cli(["--model", QWEN, "--decode-dtype", "bf16", "--data", str(data_file),
+    assert finetune.cli(["--model", QWEN, *flag, "--data", str(data_file),
                          "--models-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == ("error: --decode-dtype bf16 is for GPT-2 models: Qwen3 and "
-                                       "Llama models answer with their own weights (fp32 here)\n")
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert len(hub.requests) == seen
 
 
