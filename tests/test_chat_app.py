@@ -28,7 +28,7 @@ playwright_api = pytest.importorskip("playwright.sync_api",
                                      reason=f"the browser tests need Playwright: {REQUIREMENTS}")
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "docs" / "chat-app.png"
+SCREENSHOT = ROOT / "docs" / "chat-app.png"  # the README's picture of the app
 MAX_NEW = 40
 TIMEOUT_MS = 90_000  # a busy 2-core machine
 
@@ -174,7 +174,7 @@ def entry(instruction, input_text=""):
     return {"instruction": instruction, "input": input_text}
 
 
-def test_streamed_answers_side_by_side_equal_generate(app, page, tokenizer):
+def test_streamed_answers_side_by_side_equal_generate(app, page, tokenizer, tmp_path):
     _, chats, _ = app
     question = entry("Rewrite the sentence using a simile.", "The car is very fast.")
     expected = [book_answer(chat.model, tokenizer, question, MAX_NEW) for chat in chats]
@@ -192,8 +192,11 @@ def test_streamed_answers_side_by_side_equal_generate(app, page, tokenizer):
     assert all(expected[0].startswith(u.strip()) for u in updates)
     assert page.locator("#instruction textarea").input_value() == ""  # cleared for the next turn
 
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    # The page as the README shows it (docs/chat-app.png), written outside the repository: a
+    # test run changes no file of the checkout (copy it there by hand to refresh the picture)
+    screenshot = tmp_path / SCREENSHOT.name
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_empty_message_gets_a_note(app, page):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from cli_in_process import run_finetune
 from conftest import ROOT, TOKENIZER_DIR
 
 import gpt_instruction_finetuning as gif
@@ -25,8 +26,15 @@ SCRIPT = ROOT / "gpt_instruction_finetuning.py"
 
 
 def run_cli(*args, cwd, timeout=300):
+    """`python gpt_instruction_finetuning.py *args` in `cwd`, a real subprocess."""
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=os.environ.copy())
+
+
+def run_here(*args, cwd):
+    """The same command line in this process (cli_in_process.py), for the checks that end it
+    before any training: a subprocess would spend seconds on imports alone."""
+    return run_finetune(*args, cwd=cwd)
 
 
 def write_data(path, data):
@@ -182,7 +190,7 @@ def test_chapter_dataset_sources_and_checksum(tmp_path, shared_data):
 )
 def test_bad_dataset_exits_2_with_message(tmp_path, data, message):
     path = write_data(tmp_path / "bad.json", data)
-    proc = run_cli("--test_mode", "--data", str(path), "--output-dir", str(tmp_path), cwd=tmp_path)
+    proc = run_here("--test_mode", "--data", str(path), "--output-dir", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -192,23 +200,23 @@ def test_bad_dataset_exits_2_with_message(tmp_path, data, message):
 def test_not_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[{not json", encoding="utf-8")
-    proc = run_cli("--test_mode", "--data", str(bad), cwd=tmp_path)
+    proc = run_here("--test_mode", "--data", str(bad), cwd=tmp_path)
     assert proc.returncode == 2 and "bad.json: not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
 
-    proc = run_cli("--test_mode", "--data", str(tmp_path / "nope.json"), cwd=tmp_path)
+    proc = run_here("--test_mode", "--data", str(tmp_path / "nope.json"), cwd=tmp_path)
     assert proc.returncode == 2 and "nope.json does not exist" in proc.stderr
 
 
 def test_too_few_entries_for_a_split(tmp_path, instruction_data):
     path = write_data(tmp_path / "few.json", instruction_data[:5])
-    proc = run_cli("--test_mode", "--data", str(path), cwd=tmp_path)
+    proc = run_here("--test_mode", "--data", str(path), cwd=tmp_path)
     assert proc.returncode == 2
     assert "split is empty" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unknown_model_and_unavailable_device(tmp_path, small_data):
-    proc = run_cli("--model", "gpt2-huge", cwd=tmp_path)
+    proc = run_here("--model", "gpt2-huge", cwd=tmp_path)
     assert proc.returncode == 2 and "invalid choice: 'gpt2-huge'" in proc.stderr
     with pytest.raises(ValueError, match="choose one of gpt2-small, gpt2-medium"):
         FinetuneConfig(model="gpt2-huge")
@@ -218,7 +226,7 @@ def test_unknown_model_and_unavailable_device(tmp_path, small_data):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = run_cli("--test_mode", "--data", str(small_data), "--device", "cuda", cwd=tmp_path)
+    proc = run_here("--test_mode", "--data", str(small_data), "--device", "cuda", cwd=tmp_path)
     assert proc.returncode == 2
     assert "CUDA was requested but is not available" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,8 +1,10 @@
 """The command line against bad input, full disks and interruptions (issue 16), as a user meets them.
 
-Each numbered case of the issue is a real subprocess of `python gpt_instruction_finetuning.py
---test_mode ...` offline: the exit code, one line naming the problem, no traceback, and for
-the cases that used to lose work, the work on disk.
+Each numbered case of the issue is `python gpt_instruction_finetuning.py --test_mode ...`
+offline: the exit code, one line naming the problem, no traceback, and for the cases that
+used to lose work, the work on disk. Signals, a terminal and a killed process need a real
+subprocess; the other cases run the same command line in this process
+(cli_in_process.run_finetune), which spares each of them seconds of imports.
 """
 
 import errno
@@ -17,6 +19,7 @@ import time
 import interrupting
 import pytest
 import torch
+from cli_in_process import run_finetune
 from conftest import ROOT, TOKENIZER_DIR
 from loopback_server import closed_port_url, serving
 from portable import (
@@ -57,13 +60,9 @@ def command(data, output_dir, *extra):
 USUAL_UMASK = 0o022  # the child's umask, so the modes written are known (ignored on Windows)
 
 
-def run(*args, timeout=600):
-    return run_command(command(*args), timeout)
-
-
-def run_command(argv, timeout=600):
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          umask=USUAL_UMASK, stdin=subprocess.DEVNULL)
+def run(*args):
+    """`command(*args)`, run in this process (cli_in_process.py), under the usual umask."""
+    return run_finetune(*command(*args)[3:], umask=USUAL_UMASK)  # after python, -u and the script
 
 
 def run_and_act(tmp_path, data, output_dir, *extra, markers, act, stderr_marker=None):
@@ -330,9 +329,8 @@ def test_case7_checkpoint_folder_of_another_size(tmp_path, data):
     hparams = models / "355M" / "hparams.json"
     hparams.write_text(json.dumps({"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12,
                                    "n_layer": 12}))  # 124M's
-    proc = run_command([sys.executable, str(SCRIPT), "--model", "gpt2-medium", "--models-dir",
-                        str(models), "--data", str(data), "--output-dir", str(tmp_path / "out"),
-                        "--tokenizer-dir", str(TOKENIZER_DIR)])
+    proc = run_finetune("--model", "gpt2-medium", "--models-dir", models, "--data", data,
+                        "--output-dir", tmp_path / "out", "--tokenizer-dir", TOKENIZER_DIR)
     assert_one_line_error(proc, 2, (
         f"{hparams} says n_embd 768, n_layer 12, n_head 12 (gpt2-small), but gpt2-medium was "
         f"chosen: choose gpt2-small, or delete that folder to download gpt2-medium"))

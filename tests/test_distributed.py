@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_in_process import run_finetune
 from conftest import ROOT, SHARED_DATA, TOKENIZER_DIR
 from portable import TORCHRUN_ENV, WINDOWS, new_group_kwargs, send_interrupt
 
@@ -255,14 +256,27 @@ CLI = ROOT / "gpt_instruction_finetuning.py"
 STEM = "gpt2-medium355M-sft-test"
 
 
+def cli_args(out_dir, *args):
+    """The test-mode finetune (batches of 2: one row per process under 2), its losses every
+    step, each over 2 batches (the evaluation's shares combined, and averaged over batches)."""
+    return ["--test_mode", "--data", str(SHARED_DATA / "instruction-data.json"), "--tokenizer-dir",
+            str(TOKENIZER_DIR), "--output-dir", str(out_dir), "--epochs", "2", "--eval-freq", "1",
+            "--eval-iter", "2", "--max-new-tokens", "12", *args]
+
+
 def cli_command(out_dir, *args, nproc=None):
-    """The test-mode finetune (batches of 2: one row per process under 2), a loss every step."""
+    """`cli_args` under torchrun with `nproc` processes, or under plain python (nproc None)."""
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                                           "--standalone"]
-    return [sys.executable, *launcher, str(CLI), "--test_mode", "--data",
-            str(SHARED_DATA / "instruction-data.json"), "--tokenizer-dir", str(TOKENIZER_DIR),
-            "--output-dir", str(out_dir), "--epochs", "2", "--eval-freq", "1", "--max-new-tokens", "12",
-            *args]
+    return [sys.executable, *launcher, str(CLI), *cli_args(out_dir, *args)]
+
+
+def in_this_process(out_dir, *args):
+    """`cli_args` as one process, here in this one, with one thread as the subprocesses have
+    (cli_in_process.py: a subprocess would spend seconds on imports alone): its output."""
+    proc = run_finetune(*cli_args(out_dir, *args), one_thread=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def cli_outputs(out_dir, output):
@@ -277,25 +291,23 @@ def cli_outputs(out_dir, output):
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
     """One process; two (DDP, and FSDP); two stopped by --max-steps 7 (of 10), then resumed by
-    one and by two."""
+    one and by two. The one-process runs go in this process while torchrun's run beside them."""
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     dirs = {key: tmp_path_factory.mktemp(f"cli-{key}") for key in ("one", "two", "fsdp", "stopped")}
-    processes = {"one": start(cli_command(dirs["one"])),
-                 "two": start(cli_command(dirs["two"], nproc=2)),
+    processes = {"two": start(cli_command(dirs["two"], nproc=2)),
                  "fsdp": start(cli_command(dirs["fsdp"], "--fsdp", nproc=2)),
                  "stopped": start(cli_command(dirs["stopped"], "--max-steps", "7", nproc=2))}
-    outputs = {key: finish(process) for key, process in processes.items()}
+    outputs = {"one": in_this_process(dirs["one"])}
+    outputs.update({key: finish(process) for key, process in processes.items()})
     runs = {key: cli_outputs(dirs[key], outputs[key]) for key in ("one", "two", "fsdp")}
     runs["stopped"] = {"dir": dirs["stopped"], "output": outputs["stopped"]}
-    resumed = {}
-    for nproc in (1, 2):
-        out_dir = tmp_path_factory.mktemp(f"cli-resumed{nproc}")
+    resumed = {nproc: tmp_path_factory.mktemp(f"cli-resumed{nproc}") for nproc in (1, 2)}
+    for out_dir in resumed.values():
         shutil.copytree(dirs["stopped"], out_dir, dirs_exist_ok=True)
-        resumed[nproc] = (out_dir, start(cli_command(out_dir, "--resume",
-                                                     nproc=nproc if nproc > 1 else None)))
-    for nproc, (out_dir, process) in resumed.items():
-        runs[f"resumed{nproc}"] = cli_outputs(out_dir, finish(process))
+    two = start(cli_command(resumed[2], "--resume", nproc=2))
+    runs["resumed1"] = cli_outputs(resumed[1], in_this_process(resumed[1], "--resume"))
+    runs["resumed2"] = cli_outputs(resumed[2], finish(two))
     return runs
 
 

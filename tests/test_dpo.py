@@ -308,16 +308,16 @@ def cli_args(sft_file, shared_data, *extra):
 
 
 @pytest.mark.slow
-def test_cli_end_to_end(sft_file, shared_data, tmp_path):
+def test_cli_end_to_end(one_thread, sft_file, shared_data, tmp_path, capsys):
+    """The command line's `cli(argv)` in this process (what `python -m instructkit.dpo_train`
+    calls; the Ctrl-C tests below start that for real)."""
     out_dir = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "instructkit.dpo_train",
-                             *cli_args(sft_file, shared_data, "--output-dir", str(out_dir))],
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr
+    code = dpo_cli.cli(cli_args(sft_file, shared_data, "--output-dir", str(out_dir)))
+    out, err = capsys.readouterr()
+    assert code == 0, err
     assert re.search(r"^Ep 1 \(Step 000000\): Train loss 0\.6\d\d, Val loss 0\.693, "
-                     r"Train reward margins 0\.\d\d\d, Val reward margins", result.stdout, re.M)
-    assert "Preference data: 10 train, 10 validation, 10 test entries" in result.stdout
+                     r"Train reward margins 0\.\d\d\d, Val reward margins", out, re.M)
+    assert "Preference data: 10 train, 10 validation, 10 test entries" in out
 
     sft = torch.load(sft_file, weights_only=True)
     tuned = torch.load(out_dir / "tiny-sft-dpo.pth", weights_only=True)
@@ -370,7 +370,7 @@ def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
         one_thread, sft_file, shared_data, tmp_path, capsys):
     """A real Ctrl-C to `python -m instructkit.dpo_train`: it stops after the step, saves a checkpoint, says
     how to resume, and the resumed run ends with the weights of an uninterrupted one."""
-    extra = ("--epochs", "20", "--save-every", "100")  # 40 steps; no checkpoint but Ctrl-C's
+    extra = ("--epochs", "10", "--save-every", "100")  # 20 steps; no checkpoint but Ctrl-C's
     whole_args = dpo_cli.build_arg_parser().parse_args(
         cli_args(sft_file, shared_data, *extra, "--output-dir", str(tmp_path / "whole")))
     whole = dpo_cli.main(dpo_cli.DPOConfig(**vars(whole_args)))
@@ -386,7 +386,7 @@ def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
     assert "Traceback" not in stderr
     (checkpoint,) = (out / "checkpoints").iterdir()
     assert f"--resume {checkpoint}" in stderr and "The same command with --resume" in stderr
-    assert 2 <= int(checkpoint.stem.rsplit("step", 1)[1]) < 40
+    assert 2 <= int(checkpoint.stem.rsplit("step", 1)[1]) < 20
     assert not (out / "tiny-sft-dpo.pth").exists()  # training did not finish
 
     assert dpo_cli.cli(cli_args(sft_file, shared_data, *extra, "--output-dir", str(out),
@@ -400,12 +400,10 @@ def test_cli_sigint_saves_a_checkpoint_and_resume_finishes_as_uninterrupted(
 
 
 def test_cli_bad_inputs_exit_2_without_a_traceback(sft_file, shared_data, tmp_path, capsys):
-    missing = subprocess.run([sys.executable, "-m", "instructkit.dpo_train", "--sft-model",
-                              str(tmp_path / "nope.pth")], capture_output=True, text=True,
-                             timeout=300)
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert "nope.pth does not exist" in missing.stderr
-    assert "gpt_instruction_finetuning.py" in missing.stderr
+    assert dpo_cli.cli(["--sft-model", str(tmp_path / "nope.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nope.pth does not exist" in err
+    assert "gpt_instruction_finetuning.py" in err
 
     run_record = sft_file.with_name("tiny-sft.run.json")
     write_json(run_record, {"model_config": {**TEST_MODE_CONFIG, "n_layers": 3}})

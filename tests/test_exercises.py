@@ -9,10 +9,7 @@ import ast
 import copy
 import functools
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,6 +17,7 @@ import nbformat
 import pytest
 import torch
 import torch.nn as nn
+from cli_in_process import run_finetune
 from conftest import ROOT
 from notebook_runner import cell_outputs, run_notebook, smoke_workdir
 
@@ -34,7 +32,6 @@ from instructkit.gpt2_sizes import TEST_MODE_CONFIG, gpt2_config
 from instructkit.instruction_data import split_data
 from instructkit.safe_files import save_state_dict
 
-SCRIPT = ROOT / "gpt_instruction_finetuning.py"
 NOTEBOOK = "exercise-solutions.ipynb"
 EOT = 50256
 
@@ -343,11 +340,10 @@ def test_merge_lora_gives_a_plain_gpt_model_with_the_same_logits(tmp_path, finet
 # Each switch through the command line (test mode: a tiny random GPT, ~10 entries)
 ########################################################################################
 
-def run_cli(*args, cwd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1,localhost",
-           "no_proxy": "127.0.0.1,localhost"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+def run_cli(*args, cwd):
+    """`python gpt_instruction_finetuning.py *args` in `cwd`, run in this process
+    (cli_in_process.py: a subprocess would spend seconds on imports alone)."""
+    return run_finetune(*args, cwd=cwd, one_thread=True)
 
 
 def run_variant(out_dir, *switches, data, cwd):
@@ -432,7 +428,9 @@ def test_cli_lora_writes_adapters_and_merged_model(tmp_path, shared_data):
 
 
 @pytest.mark.slow
-def test_cli_data_url_downloads_the_dataset(tmp_path, instruction_data):
+def test_cli_data_url_downloads_the_dataset(tmp_path, instruction_data, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):  # the loopback server, never through a proxy
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
     served_dir = tmp_path / "served"
     served_dir.mkdir()
     entries = instruction_data[:40]

@@ -12,11 +12,11 @@ import io
 import json
 import os
 import random
-import subprocess
 import sys
 
 import pytest
 import torch
+from cli_in_process import run_finetune
 from conftest import ROOT, TOKENIZER_DIR
 from interrupting import run_and_act
 from portable import send_interrupt
@@ -154,8 +154,8 @@ def test_real_sigint_to_the_command_then_resume_equals_the_uninterrupted_run(uni
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoints", f"{STEM}.metrics.jsonl.partial"]
 
-    proc = subprocess.run(command(data_file, tmp_path, "--resume"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, env=one_thread_env())
+    # the same command with --resume, here in this process (cli_in_process.py)
+    proc = run_finetune(*command(data_file, tmp_path, "--resume")[3:], cwd=tmp_path, one_thread=True)
     assert proc.returncode == 0, proc.stderr
     assert f"Resuming from {checkpoint}" in proc.stdout
     assert_same_files(tmp_path, uninterrupted["folder"])

@@ -1,9 +1,10 @@
 """One run per output folder, and no orphans, no clobbering (issue 24, items 2 and 5).
 
-In real subprocesses of the finetuning command (test mode): two concurrent runs into one
---output-dir, a stale lock taken over, a write killed halfway and the next start, --keep beside
-another run's checkpoints, bare --resume against the files' times, a run that dies before its
-model is saved. Then output_lock.py's and checkpoints.py's pieces on their own.
+The finetuning command (test mode), run to its end in this process or, where another process
+is the point, in a real subprocess: two concurrent runs into one --output-dir, a stale lock
+taken over, a write killed halfway and the next start, --keep beside another run's
+checkpoints, bare --resume against the files' times, a run that dies before its model is
+saved. Then output_lock.py's and checkpoints.py's pieces on their own.
 """
 
 import contextlib
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_in_process import run_finetune
 from conftest import ROOT, TOKENIZER_DIR
 from interrupting import run_and_act
 
@@ -60,9 +62,11 @@ def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run(cmd, **kwargs):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(),
-                          stdin=subprocess.DEVNULL, **kwargs)
+def run(cmd):
+    """`cmd` (a `command(...)`) run to its end in this process, with one torch thread
+    (cli_in_process.py: a subprocess would spend seconds on imports alone). The runs that must
+    be other processes (one holding the folder, one killed) start `command(...)` themselves."""
+    return run_finetune(*cmd[3:], one_thread=True)  # after python, -u and the script
 
 
 @pytest.fixture
