@@ -256,32 +256,58 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
     from bench import decode_rate as our_decode_rate
     from bench import hf_decode_rate, linear_weights, read_bandwidth
 
+    from instructkit import parallel_matvec
+
     pad_id = hf_model.config.eos_token_id
     weights = linear_weights(ours)  # each read in full once per token; the embedding lookups are rows
     n_bytes = sum(w.numel() * w.element_size() for w in weights)
     n_new, context = args.new_tokens, cfg["context_length"]
     best, tokens, bandwidth = {}, {}, 0.0
-    for _ in range(args.repeats):  # interleaved, best of each; the limit measured between them
-        bandwidth = max(bandwidth, read_bandwidth(weights, 3))
-        rate, tokens["ours"] = our_decode_rate(ours, prompt, n_new, context, None)
-        best["ours"] = max(best.get("ours", 0.0), rate)
-        rate, tokens["transformers"] = hf_decode_rate(hf_model, prompt, n_new, pad_id)
-        best["transformers"] = max(best.get("transformers", 0.0), rate)
+    paths = ("ours plain", "ours parallel", "transformers")
+    try:
+        for _ in range(args.repeats):  # interleaved, best of each; the limit measured between them
+            bandwidth = max(bandwidth, read_bandwidth(weights, 3))
+            for path in paths:
+                if path == "transformers":
+                    rate, tokens[path] = hf_decode_rate(hf_model, prompt, n_new, pad_id)
+                else:  # each of fast_llm's two ways of computing the products, forced
+                    parallel_matvec.set_mode(path.split()[1])
+                    rate, tokens[path] = our_decode_rate(ours, prompt, n_new, context, None)
+                best[path] = max(best.get(path, 0.0), rate)
+        # what the commands use: "auto", which times both on the first decode steps
+        parallel_matvec.set_mode("auto")
+        parallel_matvec.reset_calibration()
+        for _ in range(2):
+            our_decode_rate(ours, prompt, 2 * parallel_matvec.CALIBRATION_STEPS + 1, context, None)
+        pick = parallel_matvec.MatvecChooser(torch.device("cpu"), 1).choice() or "plain"
+    finally:
+        parallel_matvec.set_mode(None)
+    best["ours"] = best[f"ours {pick}"]
+    tokens["ours"] = tokens[f"ours {pick}"]
     limit = bandwidth / n_bytes
     log(f"  read bandwidth (measured): a plain sum over the {len(weights)} linear weights "
         f"({n_bytes / 1e6:,.0f} MB in {dtype}), best of {3 * args.repeats} passes between the "
         f"runs: {bandwidth / 1e9:,.1f} GB/s -> limit {limit:,.1f} tokens/s (the KV cache, a few "
         f"% more, not counted)")
     rows = []
+    for path in paths:
+        rate = best[path]
+        if path != "transformers":
+            log(f"  {dtype} {path:14s}: {rate:7,.2f} tokens/s, reads {rate * n_bytes / 1e9:5.1f} "
+                f"GB/s, {rate / limit:.0%} of the limit")
+    log(f"  the calibration (auto, the commands' default) picks: {pick}")
     for path in ("ours", "transformers"):
         rate = best[path]
         rows.append((label, dtype, path, rate, rate * n_bytes, rate / limit))
-        log(f"  {dtype} {path:13s}: {rate:7,.2f} tokens/s, reads {rate * n_bytes / 1e9:5.1f} GB/s, "
+        log(f"  {dtype} {path:14s}: {rate:7,.2f} tokens/s, reads {rate * n_bytes / 1e9:5.1f} GB/s, "
             f"{rate / limit:.0%} of the limit")
 
     # the same greedy tokens? where not, how close the two best logits were there
     ours_tokens, hf_tokens = tokens["ours"], tokens["transformers"]
     first = first_difference(ours_tokens, hf_tokens)
+    if tokens["ours plain"] != tokens["ours parallel"]:  # the same products: the same tokens
+        log(f"CHECK {label} {dtype} greedy tokens, ours plain vs parallel: differ: FAILED")
+        return rows, False
     same = sum(a == b for a, b in zip(ours_tokens, hf_tokens, strict=True))
     with torch.inference_mode():
         ids = torch.tensor([prompt + ours_tokens])
@@ -410,8 +436,10 @@ def main(argv=None):
         f"AutoModelForCausalLM, attn_implementation='sdpa', saved with save_pretrained and "
         f"loaded by instructkit.hub_model_files.load_hub_model: the same weights on both sides")
     log(f"decode: batch 1, greedy, a {args.prompt_tokens}-token random prompt, {args.new_tokens} "
-        f"new tokens, the prefill not counted; ours fast_llm.generate_stream (KV cache), "
-        f"transformers generate (its KV cache); best of {args.repeats}")
+        f"new tokens, the prefill not counted; ours fast_llm.generate_stream (KV cache; its "
+        f"decode products plain or split over the cores (parallel_matvec), each forced, and "
+        f"the one the calibration picks), transformers generate (its KV cache); best of "
+        f"{args.repeats}, interleaved")
     log(f"training: batches of {args.batch_size} rows of {args.max_length // 2}..{args.max_length} "
         f"random tokens collated as the chapter does (padded to {args.max_length}, -100 after "
         f"the first pad); 1 untimed + {args.steps} timed steps; ours "

@@ -149,7 +149,9 @@ def test_bench_llm_tiny_runs_every_section_with_numbers(tiny_llm_run):
         assert "-- decode at batch 1, fp32 --" in section
         assert re.search(r"read bandwidth \(measured\): .* [\d.]+ GB/s -> limit [\d,.]+ tokens/s",
                          section)
-        for side in ("ours", "transformers"):
+        assert re.search(r"the calibration \(auto, the commands' default\) picks: (plain|parallel)$",
+                         section, re.MULTILINE), label
+        for side in ("ours plain", "ours parallel", "ours", "transformers"):
             assert re.search(rf"^  fp32 {side} +: +[\d,.]+ tokens/s, reads +[\d.]+ GB/s, \d+% of "
                              r"the limit$", section, re.MULTILINE), (label, side)
         # the same weights on both sides: the same greedy tokens, logits equal to rounding
