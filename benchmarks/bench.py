@@ -62,6 +62,7 @@ from gpt_instruction_finetuning import (  # noqa: E402
     format_input,
 )
 from instructkit.answers import generate_responses  # noqa: E402
+from instructkit.fast_llm import fast_path  # noqa: E402
 from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, book_model_name, gpt2_config  # noqa: E402
 from instructkit.gpt2_tokenizer import get_tokenizer  # noqa: E402
 from instructkit.instruction_data import CHAPTER_DATASET, split_data  # noqa: E402
@@ -582,10 +583,14 @@ def read_bandwidth(weights, repeats):
 
 
 def decode_rate(model, prompt, n_new, context_size, dtype):
-    """Decode tokens/s at batch 1: the time from the first new token (the prefill's) to the last."""
+    """Decode tokens/s at batch 1: the time from the first new token (the prefill's) to the last.
+
+    Through the model's fast path (fast_llm.fast_path): fast_gpt for a GPT, fast_llm for the
+    Qwen3 and Llama models (benchmarks/bench_llm.py), which decode in their weights' dtype
+    (dtype None)."""
     ids = torch.tensor([prompt])
     stamps, tokens = [], []
-    for token in fast_gpt.generate_stream(model, ids, n_new, context_size, decode_dtype=dtype):
+    for token in fast_path(model).generate_stream(model, ids, n_new, context_size, decode_dtype=dtype):
         stamps.append(time.perf_counter())
         tokens.append(token)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
@@ -602,17 +607,25 @@ def transformers_rate(cfg, prompt, n_new, dtype):
         vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
         n_layer=cfg["n_layers"], n_head=cfg["n_heads"])
     model = transformers.GPT2LMHeadModel(config).to(dtype or torch.float32).eval()
+    return hf_decode_rate(model, prompt, n_new, EOS_ID)[0]
+
+
+def hf_decode_rate(model, prompt, n_new, pad_id):
+    """(tokens/s, the new token ids) of a transformers model's own greedy `generate` (KV cache)
+    at batch 1 on `prompt`, exactly n_new tokens: (time for n_new tokens - time for 1) per
+    token, so the prefill is not counted."""
     ids = torch.tensor([prompt])
 
     def run(n):
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=EOS_ID)
-        return time.perf_counter() - start
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=pad_id)
+        return time.perf_counter() - start, out[0, ids.shape[1]:].tolist()
 
     run(2)  # warm-up
-    return (n_new - 1) / (run(n_new) - run(1))
+    (seconds, tokens), (first, _) = run(n_new), run(1)
+    return (n_new - 1) / (seconds - first), tokens
 
 
 def bench_decode(label, cfg, model, data, tokenizer, args, agreement):

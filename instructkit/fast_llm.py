@@ -21,6 +21,9 @@ QK-norm, RoPE), so both paths share that code. It adds:
 - the chapter's training loop on that loss (`train_model_fast`: train_model_simple's
   arguments, printed lines and returned losses; ch07-with-other-llms.ipynb swaps it in as
   the chapter swaps in fast_gpt's).
+- decode steps whose matrix-vector products go through instructkit/parallel_matvec.py, as
+  fast_gpt's do: each weight's rows split over the CPU's cores where the first steps measure
+  that faster (the `linear` argument of the functions below; the same tokens either way).
 Attention is F.scaled_dot_product_attention. `fast_path(model)` gives this module or
 fast_gpt for a model (the same function names and arguments in both), `context_size(model)`
 the longest input either kind takes. fast_gpt.py's family-independent pieces are
@@ -40,12 +43,22 @@ loss and its gradients equal to the chapter's calc_loss_batch, with LoRA layers 
 tests/test_other_llms_notebook.py: train_model_fast's losses equal train_model_simple's.
 """
 
+import functools
 import itertools
 
 import torch
 import torch.nn.functional as F
 
-from fast_gpt import PackedRows, autocast, positions_and_mask, sample_next_token
+from fast_gpt import (
+    PackedRows,
+    autocast,
+    call_module,
+    last_position_logits,
+    linear_each,
+    positions_and_mask,
+    sample_next_token,
+)
+from instructkit.parallel_matvec import MatvecChooser
 
 # Rows of hidden states that go through the output head at once in the loss: 512 x 151,936
 # float32 logits are 311 MB (Qwen3), 512 x 49,152 are 101 MB (SmolLM2).
@@ -73,7 +86,7 @@ def _unpack_heads(packed, x):
     return full.view(packed.batch_size, packed.n_tokens, heads, head_dim).transpose(1, 2)
 
 
-def attention(att, x, cos, sin, attn_mask=None, kv_cache=None, layer_idx=0):
+def attention(att, x, cos, sin, attn_mask=None, kv_cache=None, layer_idx=0, linear=call_module):
     """GroupedQueryAttention.forward through F.scaled_dot_product_attention.
 
     x: (batch, n_tokens, d_in), or (1, kept, d_in) when attn_mask is a PackedRows.
@@ -81,8 +94,12 @@ def attention(att, x, cos, sin, attn_mask=None, kv_cache=None, layer_idx=0):
     n_tokens, head_dim) for per-row positions). attn_mask: None (causal), a bool tensor
     (batch or 1, 1, n_tokens, n_keys) True where a query may attend, or a PackedRows.
     kv_cache: a KVCache these keys and values are appended to, attending over all of it.
+    linear: how the linear layers are called, `linear(module, x)`: the module itself, or a
+    decode step's parallel_matvec.DecodeLinear (fast_gpt's, split over the cores).
     """
-    queries, keys, values = att.project(x, cos, sin)  # (b, heads or kv heads, n_tokens, head_dim)
+    linears = None if linear is call_module else functools.partial(linear_each, linear)
+    # (b, heads or kv heads, n_tokens, head_dim)
+    queries, keys, values = att.project(x, cos, sin, linears)
     packed = attn_mask if isinstance(attn_mask, PackedRows) else None
     if packed is not None:  # back to (batch, ..., n_tokens, ...) rows for causal attention
         queries, keys, values = (_unpack_heads(packed, t) for t in (queries, keys, values))
@@ -108,32 +125,40 @@ def attention(att, x, cos, sin, attn_mask=None, kv_cache=None, layer_idx=0):
     context = context.transpose(1, 2).reshape(b, num_tokens, att.d_out)
     if packed is not None:
         context = packed.pack(context)
-    return att.out_proj(context)
+    return linear(att.out_proj, context)
 
 
-def transform(model, in_idx, positions, attn_mask=None, kv_cache=None):
+def feed_forward(ff, x, linear=call_module):
+    """FeedForward.forward (SwiGLU) with its linear layers called through `linear`."""
+    gate, values = linear_each(linear, (ff.fc1, ff.fc2), x)
+    return linear(ff.fc3, F.silu(gate) * values)
+
+
+def transform(model, in_idx, positions, attn_mask=None, kv_cache=None, linear=call_module):
     """Embedding, the transformer blocks and the final norm: (batch, n_tokens, emb_dim).
 
     positions: (n_tokens,) or (batch, n_tokens) position ids, which pick the RoPE rows.
+    linear: see attention.
     """
     x = model.tok_emb(in_idx)
     cos, sin = model.cos[positions], model.sin[positions]
     for layer_idx, block in enumerate(model.trf_blocks):
-        x = x + attention(block.att, block.norm1(x), cos, sin, attn_mask, kv_cache, layer_idx)
-        x = x + block.ff(block.norm2(x))
+        x = x + attention(block.att, block.norm1(x), cos, sin, attn_mask, kv_cache, layer_idx, linear)
+        x = x + feed_forward(block.ff, block.norm2(x), linear)
     if kv_cache is not None:
         kv_cache.length += in_idx.shape[1]
     return model.final_norm(x)
 
 
-def hidden_states(model, in_idx, kv_cache=None, pad_mask=None):
+def hidden_states(model, in_idx, kv_cache=None, pad_mask=None, linear=call_module):
     """Everything but the output head, continuing `kv_cache` when given.
 
     pad_mask: (batch, cached + n_tokens) bool, False at left-padding positions.
+    linear: see attention.
     """
     start = kv_cache.length if kv_cache is not None else 0
     positions, attn_mask = positions_and_mask(start, in_idx.shape[1], pad_mask, in_idx.device)
-    return transform(model, in_idx, positions, attn_mask, kv_cache)
+    return transform(model, in_idx, positions, attn_mask, kv_cache, linear)
 
 
 def context_size(model):
@@ -180,20 +205,29 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
     length the window is cropped and recomputed, as the book's loop does. With `eos_id`, a
     finished row gets `eos_id` while the others go on, and the steps end once every row has
     produced it. pad_mask: see hidden_states.
+
+    The decode steps' matrix-vector products go through instructkit/parallel_matvec.py, as
+    fast_gpt's do: split over the CPU's cores where a measurement on the first steps shows it
+    faster (the same products, so the same tokens).
     """
     kv_cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    matvec = MatvecChooser(idx.device, idx.shape[0])
     for _ in range(max_new_tokens):
         if idx.shape[1] <= context_size:
             if kv_cache is None:  # prefill: the whole prompt once
                 kv_cache = KVCache(model, idx.shape[0], min(context_size, idx.shape[1] + max_new_tokens))
                 hidden = hidden_states(model, idx, kv_cache, pad_mask)
-            else:  # decode: the newest token only
-                hidden = hidden_states(model, idx[:, -1:], kv_cache, pad_mask)
+                logits = last_position_logits(model.out_head, hidden)  # (batch, vocab_size)
+            else:  # decode: the newest token only, with the chosen (or calibrating) products
+                with matvec.step() as linear:
+                    hidden = hidden_states(model, idx[:, -1:], kv_cache, pad_mask, linear)
+                    logits = last_position_logits(model.out_head, hidden, linear)
         else:
             mask_cond = None if pad_mask is None else pad_mask[:, -context_size:]
-            hidden = hidden_states(model, idx[:, -context_size:], pad_mask=mask_cond)
-        logits = model.out_head(hidden[:, -1, :])  # (batch, vocab_size)
+            linear = matvec.current()  # a whole window: not a step to time
+            hidden = hidden_states(model, idx[:, -context_size:], pad_mask=mask_cond, linear=linear)
+            logits = last_position_logits(model.out_head, hidden, linear)
 
         idx_next = sample_next_token(logits, temperature, top_k)  # (batch, 1)
         if eos_id is not None:

@@ -151,16 +151,20 @@ class GroupedQueryAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x, cos, sin):
+    def project(self, x, cos, sin, linears=None):
         """Queries (b, num_heads, n, head_dim), keys and values (b, num_kv_groups, n, head_dim).
 
         The queries and keys are normalised (qk_norm) and turned by RoPE; the fast path in
-        fast_llm.py calls this too, so both paths share it.
+        fast_llm.py calls this too, so both paths share it. linears: None to call the three
+        projection layers, or a function `linears(layers, x) -> outputs` that computes them
+        (fast_llm's decode steps split them over the CPU's cores).
         """
         b, num_tokens, _ = x.shape
-        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = self.W_key(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
+        layers = (self.W_query, self.W_key, self.W_value)
+        queries, keys, values = [layer(x) for layer in layers] if linears is None else linears(layers, x)
+        queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = keys.view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
+        values = values.view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             queries, keys = self.q_norm(queries), self.k_norm(keys)
         return apply_rope(queries, cos, sin), apply_rope(keys, cos, sin), values

@@ -120,3 +120,69 @@ def test_decode_only_reports_rates_bandwidth_and_bf16_agreement(shared_data):
                       r"(\d+)/110 rows identical", out, re.MULTILINE)
     assert match and 0 <= int(match[1]) <= 110
     assert "checks of agreement: all OK" in out
+
+
+BENCH_LLM = ROOT / "benchmarks" / "bench_llm.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_run(tmp_path_factory):
+    """One bench_llm.py --tiny run: tiny Qwen3 and Llama (SmolLM2) models against transformers."""
+    pytest.importorskip("transformers")
+    output = tmp_path_factory.mktemp("bench_llm") / "results.txt"
+    result = subprocess.run(
+        [sys.executable, str(BENCH_LLM), "--tiny", "--new-tokens", "8", "--repeats", "1",
+         "--steps", "1", "--threads", "1", "--out", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return result, output
+
+
+def test_bench_llm_tiny_runs_every_section_with_numbers(tiny_llm_run):
+    result, output = tiny_llm_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert output.read_text(encoding="utf-8") == out  # --out holds what was printed
+    assert re.search(r"^machine: .+, \d+ logical CPUs", out, re.MULTILINE)
+    assert re.search(r"^torch [\w.+]+ \(1 threads\); transformers [\w.]+", out, re.MULTILINE)
+    for label in ("qwen3-0.6b (tiny)", "smollm2-360m (tiny)"):
+        section = out[out.index(f"== {label} =="):]
+        assert "-- decode at batch 1, fp32 --" in section
+        assert re.search(r"read bandwidth \(measured\): .* [\d.]+ GB/s -> limit [\d,.]+ tokens/s",
+                         section)
+        assert re.search(r"the calibration \(auto, the commands' default\) picks: (plain|parallel)$",
+                         section, re.MULTILINE), label
+        for side in ("ours plain", "ours parallel", "ours", "transformers"):
+            assert re.search(rf"^  fp32 {side} +: +[\d,.]+ tokens/s, reads +[\d.]+ GB/s, \d+% of "
+                             r"the limit$", section, re.MULTILINE), (label, side)
+        # the same weights on both sides: the same greedy tokens, logits equal to rounding
+        match = re.search(rf"^AGREEMENT {re.escape(label)} fp32 greedy tokens, ours vs "
+                          r"transformers: 8/8 identical; logits on the prompt: max \|ours - "
+                          r"transformers\| ([\d.e+-]+) .*: OK$", section, re.MULTILINE)
+        assert match and float(match[1]) < 1e-4, label
+        for run in ("ours full", "transformers full", "ours LoRA"):
+            assert re.search(rf"^  {run} +: step 1 \(untimed\) [\d.]+ s, then 1 steps in [\d.]+ s "
+                             r"-> [\d,.]+ tokens/s", section, re.MULTILINE), (label, run)
+            match = re.search(rf"^  peak RSS {run} +: ([\d.]+) GiB", section, re.MULTILINE)
+            assert match and float(match[1]) > 0, (label, run)
+        assert re.search(rf"^CHECK {re.escape(label)} first training loss, ours vs transformers: "
+                         r"[\d.]+ vs [\d.]+ .*: OK$", section, re.MULTILINE), label
+        # LoRA trains the adapters only: fewer parameters than full finetuning
+        full, lora = (int(re.search(rf"^  {run} +:.*trainable ([\d,]+)", section,
+                                    re.MULTILINE)[1].replace(",", ""))
+                      for run in ("ours full", "ours LoRA"))
+        assert 0 < lora < full
+    summary = out[out.index("== Summary =="):]
+    for label in ("qwen3-0.6b (tiny)", "smollm2-360m (tiny)"):
+        for metric in ("decode fp32 tokens/s", "training tokens/s (full)"):
+            assert re.search(rf"^{re.escape(label)} +{re.escape(metric)} +[\d,.]+ +[\d,.]+ +"
+                             r"[\d.]+x +\(>= 1x (MET|MISSED)\)$", summary, re.MULTILINE), metric
+        for metric in ("peak RSS GiB, full finetuning", "peak RSS GiB, LoRA (rank 16)"):
+            assert re.search(rf"^{re.escape(label)} +{re.escape(metric)} +[\d.]+", summary,
+                             re.MULTILINE), metric
+    assert "checks of agreement: all OK" in out
+
+
+def test_bench_llm_rejects_unknown_model():
+    result = subprocess.run([sys.executable, str(BENCH_LLM), "--models", "gpt2-small"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "unknown model 'gpt2-small'" in result.stderr

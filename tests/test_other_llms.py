@@ -168,6 +168,32 @@ def test_batched_left_padded_greedy_equal_transformers(kind, hf_models, our_mode
                                         batch_size=3, pad_id=0) == expected
 
 
+@pytest.mark.parametrize("mode", ["plain", "parallel"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_matvec_paths_give_transformers_tokens(kind, mode, hf_models, our_models):
+    """The decode steps' products through instructkit/parallel_matvec.py, each path forced (the
+    split one cuts every weight's rows over a thread pool, even with one torch thread): the
+    greedy tokens of transformers, at batch 1 and for a left-padded batch."""
+    from instructkit import parallel_matvec as pm
+
+    model, cfg = our_models[kind]
+    prompt = random_ids(7, (1, 6))
+    expected = hf_models[kind].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                        do_sample=False, eos_token_id=None, pad_token_id=0)
+    prompts = [random_ids(20 + i, (n,)).tolist() for i, n in enumerate((4, 9))]
+    ids = torch.tensor([[0] * (9 - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (9 - len(p)) + [1] * len(p) for p in prompts])
+    batched = hf_models[kind].generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0)[:, 9:].tolist()
+    pm.set_mode(mode)
+    try:
+        assert torch.equal(fast_llm.generate(model, prompt, 12, cfg["context_length"]), expected)
+        assert fast_llm.generate_batch(model, prompts, 8, cfg["context_length"], eos_id=thm.VOCAB,
+                                       pad_id=0) == batched
+    finally:
+        pm.set_mode(None)
+
+
 @pytest.mark.parametrize("kind", ["qwen3", "llama3-scaled"])
 def test_sampled_tokens_equal_the_books_for_the_same_seed(kind, our_models):
     model, cfg = our_models[kind]
