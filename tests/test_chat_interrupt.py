@@ -6,6 +6,8 @@ answers are out. The answers printed are compared with the book's `generate`, on
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +15,7 @@ import threading
 import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
-from portable import needs_sigterm, new_group_kwargs, send_interrupt, send_sigterm
+from portable import WINDOWS, needs_sigterm, new_group_kwargs, send_interrupt, send_sigterm
 from test_chat import book_answer, save_model
 
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG
@@ -43,9 +45,12 @@ def interrupted_chat(model_file, lines, signal_it, first_lines=1):
          "--tokenizer-dir", str(TOKENIZER_DIR), "--max-new-tokens", str(MAX_NEW),
          "--batch-size", "2"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        encoding="utf-8", cwd=ROOT, **new_group_kwargs())
-    # a chat that waited for the pipe's end would never answer: end it, and fail below
-    watchdog = threading.Timer(120, proc.kill)
+        encoding="utf-8", cwd=ROOT, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        **new_group_kwargs())
+    # a chat that waited for the pipe's end would never answer: end it, and fail below; with
+    # SIGABRT where there is one, so that faulthandler prints every thread's stack to stderr
+    # first (the failure then shows where the chat hung)
+    watchdog = threading.Timer(120, proc.kill if WINDOWS else lambda: proc.send_signal(signal.SIGABRT))
     watchdog.start()
     try:
         proc.stdin.write("".join(line + "\n" for line in lines))
