@@ -50,6 +50,7 @@ weights loaded, this module's forward gives the logits of an independent NumPy G
 """
 
 import itertools
+import sys
 import weakref
 
 import torch
@@ -533,30 +534,33 @@ def train_model_fast(model, train_loader, val_loader, optimizer, device, num_epo
     Returns train_losses, val_losses, tokens_seen. `start_context=None` skips the per-epoch
     sample. Pass it `make_optimizer(...)` for a fused AdamW where PyTorch has one.
     """
+    return training_loop(sys.modules[__name__], model, train_loader, val_loader, optimizer,
+                         device, num_epochs, eval_freq, eval_iter, start_context, tokenizer)
+
+
+def training_loop(family, model, train_loader, val_loader, optimizer, device, num_epochs,
+                  eval_freq, eval_iter, start_context, tokenizer):
+    """train_model_simple's loop on a fast path's own pieces: `family` is this module (GPT-2)
+    or instructkit.fast_llm (Qwen3, Llama), each with train_step, evaluate_model_fast and
+    print_sample. Returns (train losses, val losses, tokens seen)."""
     history = ([], [], [])  # train losses, validation losses, tokens seen
     tokens_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         model.train()
         for input_batch, target_batch in train_loader:
-            train_step(model, optimizer, input_batch, target_batch, device)
+            family.train_step(model, optimizer, input_batch, target_batch, device)
             tokens_seen += input_batch.numel()
             global_step += 1
             if global_step % eval_freq == 0:
-                losses = evaluate_and_report(model, train_loader, val_loader, device, eval_iter,
-                                             epoch, global_step)
+                losses = family.evaluate_model_fast(model, train_loader, val_loader, device,
+                                                    eval_iter)
+                print(f"Ep {epoch+1} (Step {global_step:06d}): "
+                      f"Train loss {losses[0]:.3f}, Val loss {losses[1]:.3f}")
                 for values, value in zip(history, (*losses, tokens_seen), strict=True):
                     values.append(value)
         if start_context is not None:
-            print_sample(model, tokenizer, device, start_context)
+            family.print_sample(model, tokenizer, device, start_context)
     return history
-
-
-def evaluate_and_report(model, train_loader, val_loader, device, eval_iter, epoch, global_step):
-    """evaluate_model_fast, printed as train_model_simple prints it; returns both losses."""
-    train_loss, val_loss = evaluate_model_fast(model, train_loader, val_loader, device, eval_iter)
-    print(f"Ep {epoch+1} (Step {global_step:06d}): "
-          f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-    return train_loss, val_loss
 
 
 def make_optimizer(model, lr, weight_decay):

@@ -45,6 +45,7 @@ tests/test_other_llms_notebook.py: train_model_fast's losses equal train_model_s
 
 import functools
 import itertools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,7 @@ from fast_gpt import (
     linear_each,
     positions_and_mask,
     sample_next_token,
+    training_loop,
 )
 from instructkit.parallel_matvec import MatvecChooser
 
@@ -410,23 +412,9 @@ def print_sample(model, tokenizer, device, start_context):
 def train_model_fast(model, train_loader, val_loader, optimizer, device, num_epochs,
                      eval_freq, eval_iter, start_context, tokenizer):
     """fast_gpt.train_model_fast for Qwen3 and Llama models: train_model_simple's loop, printed
-    lines and returned (train losses, val losses, tokens seen), on the packed chunked loss.
+    lines and returned (train losses, val losses, tokens seen), on the packed chunked loss
+    (fast_gpt's loop, with this module's train_step, evaluate_model_fast and print_sample).
 
     `start_context=None` skips the sample printed after each epoch."""
-    history = ([], [], [])  # train losses, validation losses, tokens seen
-    tokens_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        model.train()
-        for input_batch, target_batch in train_loader:
-            train_step(model, optimizer, input_batch, target_batch, device)
-            tokens_seen += input_batch.numel()
-            global_step += 1
-            if global_step % eval_freq == 0:
-                losses = evaluate_model_fast(model, train_loader, val_loader, device, eval_iter)
-                print(f"Ep {epoch+1} (Step {global_step:06d}): "
-                      f"Train loss {losses[0]:.3f}, Val loss {losses[1]:.3f}")
-                for values, value in zip(history, (*losses, tokens_seen), strict=True):
-                    values.append(value)
-        if start_context is not None:
-            print_sample(model, tokenizer, device, start_context)
-    return history
+    return training_loop(sys.modules[__name__], model, train_loader, val_loader, optimizer,
+                         device, num_epochs, eval_freq, eval_iter, start_context, tokenizer)
