@@ -248,6 +248,27 @@ def _read_tensor(path, name, shape):
     return tensor
 
 
+def empty_hub_model(folder, dtype=None, device="cpu", context_length=None):
+    """(model, cfg, family): the from-scratch model of `folder`'s config.json, its parameters
+    allocated on `device` but not filled (no weights read, no random initialisation); the
+    RoPE tables are computed. For loading weights into it: the hub's (load_hub_model) or a
+    finetuned state dict (model_files)."""
+    config_json = read_config_json(Path(folder))
+    family = model_family(config_json)
+    cfg = model_config(config_json, dtype, context_length)
+    with torch.device("meta"):  # the structure only: no memory, no random initialisation
+        model = model_class(family)(cfg)
+    model.to_empty(device=device)
+    if cfg["tie_embeddings"]:  # to_empty gives each module its own storage: tie them again
+        from instructkit.llama3 import tie_output_head
+
+        tie_output_head(model)
+    from instructkit.llama3 import rope_tables
+
+    model.cos, model.sin = (table.to(device) for table in rope_tables(cfg))  # the buffers, recomputed
+    return model, cfg, family
+
+
 def load_hub_model(folder, dtype=None, device="cpu", context_length=None):
     """(model, cfg): the from-scratch model of `folder`'s config.json with its hub weights.
 
@@ -262,17 +283,7 @@ def load_hub_model(folder, dtype=None, device="cpu", context_length=None):
     files = weight_files(folder)
     _check_names(names.values(), files, cfg["tie_embeddings"], folder, family)
 
-    with torch.device("meta"):  # the structure only: no memory, no random initialisation
-        model = model_class(family)(cfg)
-    model.to_empty(device=device)
-    if cfg["tie_embeddings"]:  # to_empty gives each module its own storage: tie them again
-        from instructkit.llama3 import tie_output_head
-
-        tie_output_head(model)
-    from instructkit.llama3 import rope_tables
-
-    model.cos, model.sin = (table.to(device) for table in rope_tables(cfg))  # the buffers, recomputed
-
+    model, cfg, _ = empty_hub_model(folder, dtype, device, context_length)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for ours, theirs in names.items():

@@ -299,11 +299,11 @@ def load_finetuned_hub_model(path, state, record, device="cpu"):
     config.json), then the finetuned weights `state` loaded. A LoRA run's merged output head
     no longer shares the token embedding's matrix: it gets its own. Returns
     load_finetuned_model's (model, style, info), info["hub_folder"] the model's folder."""
-    from instructkit.hub_model_files import load_hub_model
+    from instructkit.hub_model_files import empty_hub_model
 
     folder = hub_model_folder(record)
-    with torch.device("cpu"):
-        model, cfg = load_hub_model(folder, dtype=torch.float32)
+    # the structure alone: every parameter comes from `state`, so the hub's weights are not read
+    model, cfg, _ = empty_hub_model(folder, dtype=torch.float32)
     if ("out_head.weight" in state and "tok_emb.weight" in state
             and model.out_head.weight is model.tok_emb.weight
             and not torch.equal(state["out_head.weight"], state["tok_emb.weight"])):
