@@ -320,21 +320,34 @@ def load_finetuned_hub_model(path, state, record, device="cpu"):
     return model, style, info
 
 
+def load_pretrained_hub_model(folder, repo_id, style, device="cpu", adapters=None,
+                              source="config.json"):
+    """The pretrained hub model (Qwen3, Llama) in `folder`, asked in `style`; `adapters`: a
+    LoRA run's (state dict, its path) put on it. Returns load_finetuned_model's (model,
+    style, info), info["hub_folder"] the folder."""
+    from instructkit.hub_model_files import load_hub_model
+
+    model, cfg = load_hub_model(folder, dtype=torch.float32)
+    adapters_path = None
+    if adapters is not None:
+        state, adapters_path = adapters
+        add_adapters(model, state, adapters_path, folder)
+    model, style, info = finish(model, device, style, folder, adapters_path,
+                                f"{repo_id} (pretrained)", cfg, source)
+    info["hub_folder"] = str(folder)
+    return model, style, info
+
+
 def load_adapters_on_pretrained(path, adapters, device="cpu"):
     """A LoRA run's adapters on the pretrained GPT-2 its run record names (and models_dir), or
     on the hub model it names."""
     record = read_run_record_if_any(path)
     if (record or {}).get("hub_model") is not None:
-        from instructkit.hub_model_files import load_hub_model
-
         folder = hub_model_folder(record)
-        model, cfg = load_hub_model(folder, dtype=torch.float32)
-        add_adapters(model, adapters, path, folder)
-        model, style, info = finish(model, device, record_style((path, record)), folder, path,
-                                    f"{record['hub_model']['repo_id']} (pretrained)", cfg,
-                                    f"from {find_run_record(path).name} and {folder / 'config.json'}")
-        info["hub_folder"] = str(folder)
-        return model, style, info
+        return load_pretrained_hub_model(
+            folder, record["hub_model"]["repo_id"], record_style((path, record)), device,
+            adapters=(adapters, path),
+            source=f"from {find_run_record(path).name} and {folder / 'config.json'}")
     config = (record or {}).get("config", {})
     if config.get("model") is None:
         raise ModelFileError(f"{path} holds only LoRA adapters, and no run record beside it "

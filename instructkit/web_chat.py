@@ -159,17 +159,11 @@ def load_models(model_path, device="cpu", adapters=None, compare=None, compare_p
 def load_pretrained_hub_model(main, info, device="cpu"):
     """(ChatModel, info) of the pretrained hub model (Qwen3, Llama) that the finetuned `main`
     was trained from: its hub folder's weights, asked with `main`'s tokenizer and prompt style."""
-    import torch
+    from instructkit import model_files
 
-    from instructkit.hub_model_files import load_hub_model
-    from instructkit.model_files import finish
-
-    model, cfg = load_hub_model(info["hub_folder"], dtype=torch.float32)
-    name = f"{info['model']} (pretrained)"
-    model, _, pre_info = finish(model, device, main.style_name, info["hub_folder"], None, name, cfg,
-                                "config.json")
-    pre_info["hub_folder"] = info["hub_folder"]
-    return ChatModel(model, main.tokenizer, main.style_name, name), pre_info
+    model, _, pre_info = model_files.load_pretrained_hub_model(info["hub_folder"], info["model"],
+                                                               main.style_name, device)
+    return ChatModel(model, main.tokenizer, main.style_name, pre_info["model"]), pre_info
 
 
 def shown_message(instruction, input_text):
