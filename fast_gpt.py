@@ -505,11 +505,13 @@ def evaluate_model_fast(model, train_loader, val_loader, device, eval_iter):
     return train_loss, val_loss
 
 
-def train_step(model, optimizer, input_batch, target_batch, device):
-    """One optimizer step on the packed loss; returns the loss (a tensor)."""
+def train_step(model, optimizer, input_batch, target_batch, device, calc_loss=None):
+    """One optimizer step on the packed loss; returns the loss (a tensor). `calc_loss`: the
+    family's packed loss (instructkit.fast_llm's for Qwen3 and Llama; default: this module's)."""
+    calc_loss = calc_loss or calc_loss_batch_packed
     optimizer.zero_grad()
     with autocast(device):
-        loss = calc_loss_batch_packed(input_batch, target_batch, model, device)
+        loss = calc_loss(input_batch, target_batch, model, device)
     loss.backward()
     optimizer.step()
     return loss
@@ -541,14 +543,15 @@ def train_model_fast(model, train_loader, val_loader, optimizer, device, num_epo
 def training_loop(family, model, train_loader, val_loader, optimizer, device, num_epochs,
                   eval_freq, eval_iter, start_context, tokenizer):
     """train_model_simple's loop on a fast path's own pieces: `family` is this module (GPT-2)
-    or instructkit.fast_llm (Qwen3, Llama), each with train_step, evaluate_model_fast and
-    print_sample. Returns (train losses, val losses, tokens seen)."""
+    or instructkit.fast_llm (Qwen3, Llama), each with calc_loss_batch_packed,
+    evaluate_model_fast and print_sample. Returns (train losses, val losses, tokens seen)."""
     history = ([], [], [])  # train losses, validation losses, tokens seen
     tokens_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         model.train()
         for input_batch, target_batch in train_loader:
-            family.train_step(model, optimizer, input_batch, target_batch, device)
+            train_step(model, optimizer, input_batch, target_batch, device,
+                       family.calc_loss_batch_packed)
             tokens_seen += input_batch.numel()
             global_step += 1
             if global_step % eval_freq == 0:

@@ -174,11 +174,9 @@ def fast_path(model):
     """The module with the fast functions for `model`: this one for the RoPE/grouped-query
     families (qwen3.py, llama3.py), fast_gpt for the book's GPT. Both have `generate`,
     `generate_stream`, `generate_batch`, `generate_answer_ids`, `loss_sum_and_count`,
-    `calc_loss_batch_packed`, `calc_loss_loader_fast`, `evaluate_model_fast`, `train_step`
+    `calc_loss_batch_packed`, `calc_loss_loader_fast`, `evaluate_model_fast`
     and `train_model_fast` with the same
     arguments, so a caller picks the module once: `fast_path(model).generate_stream(...)`."""
-    import sys
-
     import fast_gpt
 
     if hasattr(model.trf_blocks[0].att, "num_kv_groups"):
@@ -382,16 +380,6 @@ def evaluate_model_fast(model, train_loader, val_loader, device, eval_iter):
 # Training: the chapter's loop
 #####################################
 
-def train_step(model, optimizer, input_batch, target_batch, device):
-    """One optimizer step on the packed, chunked loss; returns the loss (a tensor)."""
-    optimizer.zero_grad()
-    with autocast(device):
-        loss = calc_loss_batch_packed(input_batch, target_batch, model, device)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
 def print_sample(model, tokenizer, device, start_context):
     """fast_gpt.print_sample for these families: 50 greedy tokens after `start_context`
     through the KV cache, prompt and answer on one line. A BOS the tokenizer adds (Llama 3's
@@ -413,7 +401,7 @@ def train_model_fast(model, train_loader, val_loader, optimizer, device, num_epo
                      eval_freq, eval_iter, start_context, tokenizer):
     """fast_gpt.train_model_fast for Qwen3 and Llama models: train_model_simple's loop, printed
     lines and returned (train losses, val losses, tokens seen), on the packed chunked loss
-    (fast_gpt's loop, with this module's train_step, evaluate_model_fast and print_sample).
+    (fast_gpt's loop and step, with this module's loss, evaluation and print_sample).
 
     `start_context=None` skips the sample printed after each epoch."""
     return training_loop(sys.modules[__name__], model, train_loader, val_loader, optimizer,
