@@ -123,9 +123,8 @@ def call_module(module, x):
 
 
 def linear_each(linear, modules, x):
-    """[linear(module, x) for module in modules]; a DecodeLinear hands them to its threads at once."""
-    many = getattr(linear, "many", None)
-    return many(modules, x) if many is not None else [linear(module, x) for module in modules]
+    """[linear(module, x) for module in modules]: the attention's queries, keys and values."""
+    return [linear(module, x) for module in modules]
 
 
 def feed_forward(ff, x, linear=call_module):
@@ -315,7 +314,7 @@ def last_position_logits(out_head, hidden, linear=call_module):
     On a CPU, for the few rows of a decoding step, weight @ hidden^T is the faster way round
     for MKL (it streams the 50,257 x emb_dim matrix instead of repacking it): about 15% less
     time per step at batch 8. Elsewhere, and for a LoRA head, the plain module call. A decode
-    step's DecodeLinear (split over threads, or bfloat16 weights) does its own product.
+    step's DecodeLinear (split over the cores, or bfloat16 weights) does its own product.
     """
     last = hidden[:, -1, :]  # (batch, emb_dim)
     if linear is not call_module and not getattr(linear, "is_reference", False):

@@ -2,15 +2,17 @@
 
 At batch 1 every new token reads every weight once, so a decode step is bound by how fast the
 CPU reads memory. Some BLAS libraries leave cores idle there: on the project's 2-core AMD EPYC
-(MKL), `torch.mv` or `F.linear` on one row reads about 14 GB/s with 1 thread or 2, while the
-same rows cut in two halves, one half per thread, read about 22 GB/s. On an Intel Xeon the
-library already reads near the limit and a split only adds overhead. So the split is kept
-only where it is measured to be faster:
+(MKL), `F.linear` on one row reads about 15 GB/s with 1 thread or 2, while a plain sum over the
+same weights reads 26-29 GB/s. On an Intel Xeon the library already reads near the limit and a
+split only adds overhead. So the split is kept only where it is measured to be faster:
 
 - `DecodeLinear` calls a model's linear layers for a decode step: the modules themselves (the
-  reference), or each weight's output rows cut into blocks computed on a persistent thread
-  pool (the calling thread takes the first block), or either of these on bfloat16 copies of
-  the weights (`--decode-dtype bf16`, off by default since tokens may differ).
+  reference), or each weight's output rows cut into equal blocks multiplied as ONE batched
+  product (`SplitWeight`): torch hands a batch's members to its own intra-op threads, which
+  wait spinning, so a hand-out costs microseconds. (An earlier version handed the blocks to a
+  Python thread pool: tens of microseconds a hand-out, 49 a gpt2-small step, and it reached 50%
+  of the limit where this reaches about 85-90%.) Either of the two can run on bfloat16 copies
+  of the weights (`--decode-dtype bf16`, off by default since tokens may differ).
 - `MatvecChooser` picks, for one generation, which of the two each decode step uses. In the
   mode "auto" the first decode steps alternate between them and are timed: they are real
   steps, so the calibration costs nothing beyond the slower path's few steps. Once each path
@@ -24,16 +26,14 @@ only where it is measured to be faster:
   INSTRUCTKIT_DECODE_MATVEC, which wins over "auto".
 
 The split changes no formula: each output element is still one row of the weight times the
-input, so greedy tokens equal the plain path's (tests/test_fast_gpt.py forces each path).
+input, so greedy tokens equal the plain path's (tests/test_decode_matvec.py forces each path).
 """
 
 import contextlib
 import os
 import statistics
-import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -49,13 +49,10 @@ CALIBRATION_STEPS = 4  # timed decode steps of each path before choosing
 MARGIN = 0.95  # the split's best step must take at most this share of the plain path's best
 # Inputs with more rows than this are matrix products, which BLAS spreads over the cores itself.
 MAX_ROWS = 16
-BLOCK_ALIGN = 16  # block boundaries on multiples of 16 rows (whole cache lines of outputs)
 
 _mode = None  # set_mode's choice, None: the environment variable's or "auto"
 CHOICES = {}  # (device type, dtype, rows, threads) -> "parallel" or "plain", for the process
 _timings = {}  # the same keys -> {"plain": [seconds, ...], "parallel": [...]}, while calibrating
-_pool, _pool_key = None, None  # the thread pool, and (its size, the process that made it)
-_pool_lock = threading.Lock()
 # bfloat16 copies of nn.Linear weights, made once per module (again only if its weight changes)
 _LOW_PRECISION = weakref.WeakKeyDictionary()
 
@@ -133,26 +130,6 @@ def apply_decode_arguments(args):
 # The linear layers of a decode step
 #####################################
 
-def _thread_pool(workers):
-    """The persistent pool of `workers` threads, made again when the thread count changes or
-    in a forked child process (which has none of its parent's threads)."""
-    global _pool, _pool_key
-    with _pool_lock:
-        if _pool is None or _pool_key != (workers, os.getpid()):
-            if _pool is not None and _pool_key[1] == os.getpid():
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="decode-matvec")
-            _pool_key = (workers, os.getpid())
-        return _pool
-
-
-def block_bounds(n_rows, n_blocks):
-    """[(start, end), ...]: n_rows cut into n_blocks nearly equal runs, on BLOCK_ALIGN rows."""
-    cuts = [0] + [min(n_rows, round(k * n_rows / n_blocks / BLOCK_ALIGN) * BLOCK_ALIGN)
-                  for k in range(1, n_blocks)] + [n_rows]
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
-
-
 def decode_weights(linear, dtype):
     """(weight, bias) of an nn.Linear in `dtype`: its own, or copies made once and kept."""
     if dtype is None or linear.weight.dtype == dtype:
@@ -175,77 +152,83 @@ def _is_lora(module):
     return isinstance(getattr(module, "linear", None), nn.Linear) and hasattr(module, "lora")
 
 
-def _blocks(products, k):
-    """Block k of every product (weight, x_t, out_t, bounds): out_t[rows] = weight[rows] @ x_t."""
-    for weight, x_t, out_t, bounds in products:
-        if k < len(bounds):
-            start, end = bounds[k]
-            torch.mm(weight[start:end], x_t, out=out_t[start:end])
+class SplitWeight:
+    """F.linear(x, weight, bias) with the weight's output rows cut into `blocks` equal runs.
 
+    weight: (out_features, in_features), contiguous. The runs are views of the weight, made
+    once, and multiplied by the same x as one batched product, which torch spreads over its
+    threads. The out_features % blocks rows left over (fewer than `blocks`: the LM head's
+    50,257) are one small product of their own. Calling it on x (..., in_features) returns
+    (..., out_features) in x's dtype.
+    """
 
-def _pool_blocks(products, k):
-    """_blocks on a pool thread, in inference mode (grad modes are per thread)."""
-    with torch.inference_mode():
-        _blocks(products, k)
+    def __init__(self, weight, bias, blocks):
+        n_out, n_in = weight.shape
+        size = n_out // blocks
+        self.shape, self.main = (n_out, n_in), blocks * size
+        # (blocks, size, in) -> (blocks, in, size): each run's rows, transposed as a view
+        self.runs = weight[:self.main].view(blocks, size, n_in).transpose(1, 2)
+        self.bias_runs = None if bias is None else bias[:self.main].view(blocks, 1, size)
+        self.rest = None
+        if self.main < n_out:
+            self.rest = (weight[self.main:], None if bias is None else bias[self.main:])
+
+    def __call__(self, x):
+        n_out, n_in = self.shape
+        rows = x.numel() // n_in
+        x2 = x.reshape(rows, n_in).to(self.runs.dtype)  # (rows, in_features)
+        x_runs = x2.expand(self.runs.shape[0], rows, n_in)
+        if self.bias_runs is None:
+            y = torch.bmm(x_runs, self.runs)  # (blocks, rows, size)
+        else:
+            y = torch.baddbmm(self.bias_runs, x_runs, self.runs)
+        # the runs side by side: (rows, blocks * size), a view for one row
+        y = y.view(rows, self.main) if rows == 1 else y.transpose(0, 1).reshape(rows, self.main)
+        if self.rest is not None:
+            y = torch.cat((y, F.linear(x2, *self.rest)), dim=1)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
 class DecodeLinear:
     """`linear(module, x)` for the linear layers of a decode step.
 
     blocks: 1 for the library's own product, more to split each weight's output rows into
-    that many blocks on the thread pool. dtype: None for the module's own weights, or
+    that many runs (SplitWeight). dtype: None for the module's own weights, or
     torch.bfloat16 for copies (computed in bfloat16, the result back in x's dtype). With
-    blocks=1 and dtype=None it is exactly `module(x)`.
+    blocks=1 and dtype=None it is exactly `module(x)`. One generation's DecodeLinear keeps
+    what it works out for each module (its weights, their runs): the weights do not change
+    while it decodes.
     """
 
     def __init__(self, blocks=1, dtype=None):
         self.blocks, self.dtype = blocks, dtype
         self.is_reference = blocks == 1 and dtype is None
+        self._prepared = {}  # module -> (its base nn.Linear's weight, bias, SplitWeight or None)
+
+    def _prepare(self, module):
+        base = module if isinstance(module, nn.Linear) else module.linear if _is_lora(module) else None
+        if base is None:  # not a layout known here: the module itself
+            return None
+        weight, bias = decode_weights(base, self.dtype)
+        split = SplitWeight(weight, bias, self.blocks) \
+            if self.blocks > 1 and weight.is_contiguous() else None
+        return weight, bias, split
 
     def __call__(self, module, x):
-        return self.many((module,), x)[0]
-
-    def many(self, modules, x):
-        """[linear(module, x) for module in modules], handed to the pool together (one hand-out
-        for the attention's queries, keys and values instead of three)."""
         if self.is_reference:
-            return [module(x) for module in modules]
-        outputs, linears = [None] * len(modules), []
-        for i, module in enumerate(modules):
-            base = module if isinstance(module, nn.Linear) else \
-                module.linear if _is_lora(module) else None
-            if base is None:  # not a layout known here: the module itself
-                outputs[i] = module(x)
-            else:
-                linears.append((i, module, *decode_weights(base, self.dtype)))
-        products = self.products(x, [(weight, bias) for _, _, weight, bias in linears])
-        for (i, module, _, _), y in zip(linears, products, strict=True):
-            # a LoRA layer: the base layer's product from here, the small update as it is
-            outputs[i] = y + module.lora(x) if _is_lora(module) else y
-        return outputs
-
-    def products(self, x, weights):
-        """[F.linear(x, weight, bias) for (weight, bias) in weights], in the weights' dtype
-        (the results in x's), split over the pool where it helps."""
-        rows = x.numel() // x.shape[-1]
-        if self.blocks == 1 or rows > MAX_ROWS:
-            return [F.linear(x.to(weight.dtype), weight, bias).to(x.dtype) for weight, bias in weights]
-        products = []
-        for weight, _ in weights:
-            # weight @ x^T, into an (out_features, rows) buffer whose row blocks are contiguous
-            x_t = x.reshape(rows, x.shape[-1]).to(weight.dtype).T  # (in_features, rows)
-            out_t = torch.empty(weight.shape[0], rows, dtype=weight.dtype, device=x.device)
-            products.append((weight, x_t, out_t, block_bounds(weight.shape[0], self.blocks)))
-        pool = _thread_pool(self.blocks - 1)
-        futures = [pool.submit(_pool_blocks, products, k) for k in range(1, self.blocks)]
-        _blocks(products, 0)  # this thread takes the first block of each
-        for future in futures:
-            future.result()
-        results = []
-        for (weight, bias), (_, _, out_t, _) in zip(weights, products, strict=True):
-            out = out_t.T if bias is None else out_t.T + bias  # (rows, out_features)
-            results.append(out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0]).contiguous())
-        return results
+            return module(x)
+        if module not in self._prepared:
+            self._prepared[module] = self._prepare(module)
+        prepared = self._prepared[module]
+        if prepared is None:
+            return module(x)
+        weight, bias, split = prepared
+        if split is not None and x.numel() // x.shape[-1] <= MAX_ROWS:
+            y = split(x)
+        else:
+            y = F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        # a LoRA layer: the base layer's product from here, the small update as it is
+        return y if isinstance(module, nn.Linear) else y + module.lora(x)
 
 
 class MatvecChooser:
@@ -258,7 +241,7 @@ class MatvecChooser:
     def __init__(self, device, n_rows, dtype=None):
         threads = torch.get_num_threads()
         self.plain = DecodeLinear(1, dtype)
-        # forced, the split runs even with one thread (on one pool thread besides this one)
+        # forced, the split runs even with one thread (its runs one after the other)
         self.parallel = DecodeLinear(max(2, threads), dtype)
         mode = current_mode()
         if device.type != "cpu" or n_rows > MAX_ROWS:

@@ -44,16 +44,15 @@ def small_cfg(tiny_cfg):
 
 @pytest.fixture
 def split_blocks(monkeypatch):
-    """Per hand-out to the pool, the shapes of the weights whose row blocks it computed (the
-    real function runs)."""
+    """The shapes of the weights that went through a SplitWeight (the real product runs)."""
     calls = []
-    real = pm._pool_blocks
+    real = pm.SplitWeight.__call__
 
-    def counting(products, k):
-        calls.append([tuple(weight.shape) for weight, *_ in products])
-        return real(products, k)
+    def counting(self, x):
+        calls.append(self.shape)
+        return real(self, x)
 
-    monkeypatch.setattr(pm, "_pool_blocks", counting)
+    monkeypatch.setattr(pm.SplitWeight, "__call__", counting)
     return calls
 
 
@@ -72,9 +71,9 @@ def test_forced_paths_give_the_plain_loops_tokens(small_cfg, split_blocks, mode,
     if mode == "plain":
         assert split_blocks == []
     else:  # every linear layer was split, the output head (VOCAB rows) included
-        shapes = {shape for call in split_blocks for shape in call}
+        shapes = set(split_blocks)
         d = small_cfg["emb_dim"]
-        assert [(d, d)] * 3 in split_blocks  # queries, keys and values in one hand-out
+        assert (d, d) in shapes  # queries, keys, values and the attention's output
         assert (small_cfg["vocab_size"], small_cfg["emb_dim"]) in shapes
         assert (4 * small_cfg["emb_dim"], small_cfg["emb_dim"]) in shapes
         assert (small_cfg["emb_dim"], 4 * small_cfg["emb_dim"]) in shapes
@@ -95,15 +94,14 @@ def test_forced_paths_in_left_padded_batches(small_cfg, split_blocks, mode):
 
 def test_the_split_product_equals_f_linear():
     torch.manual_seed(0)
-    weight, bias = torch.randn(100, 48), torch.randn(100)
+    weight, bias = torch.randn(101, 48), torch.randn(101)  # 101 rows: a remainder for 2 and 3 runs
     for shape in ((1, 1, 48), (3, 1, 48), (2, 48)):
         x = torch.randn(shape)
-        for blocks in (2, 3):
-            got, = pm.DecodeLinear(blocks).products(x, [(weight, bias)])
-            assert got.shape == (*shape[:-1], 100) and got.is_contiguous()
-            torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-    assert pm.block_bounds(100, 2) == [(0, 48), (48, 100)]
-    assert pm.block_bounds(20, 4) == [(0, 16), (16, 20)]  # empty blocks are dropped
+        for blocks in (2, 3, 200):  # 200 runs: more than the rows, all of them the remainder
+            for b in (bias, None):
+                got = pm.SplitWeight(weight, b, blocks)(x)
+                assert got.shape == (*shape[:-1], 101) and got.is_contiguous()
+                torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture

@@ -172,7 +172,7 @@ def test_batched_left_padded_greedy_equal_transformers(kind, hf_models, our_mode
 @pytest.mark.parametrize("kind", KINDS)
 def test_decode_matvec_paths_give_transformers_tokens(kind, mode, hf_models, our_models):
     """The decode steps' products through instructkit/parallel_matvec.py, each path forced (the
-    split one cuts every weight's rows over a thread pool, even with one torch thread): the
+    split one cuts every weight's rows into runs, even with one torch thread): the
     greedy tokens of transformers, at batch 1 and for a left-padded batch."""
     from instructkit import parallel_matvec as pm
 
