@@ -15,9 +15,9 @@ QK-norm, RoPE), so both paths share that code. It adds:
 - the chapter's loss without waste (`loss_sum_and_count`, `calc_loss_batch_packed`,
   `calc_loss_loader_fast`): rows cut after their last counted target and packed (no compute
   for padding), and the output head run only on hidden states whose target counts (not
-  -100), in chunks of `LOSS_CHUNK_ROWS` rows. With a 151,936-token vocabulary the logits of
-  a batch of 8 x 1,024 tokens are 5 GB in float32; here at most one chunk's logits exist at a
-  time, in the backward pass too (each chunk is recomputed there, torch.utils.checkpoint).
+  -100), in chunks of rows (instructkit/head_loss.py). With a 151,936-token vocabulary the
+  logits of a batch of 8 x 1,024 tokens are 5 GB in float32; there at most one chunk's
+  logits exist at a time, and the backward pass recomputes none of them.
 - the chapter's training loop on that loss (`train_model_fast`: train_model_simple's
   arguments, printed lines and returned losses; ch07-with-other-llms.ipynb swaps it in as
   the chapter swaps in fast_gpt's).
@@ -60,11 +60,9 @@ from fast_gpt import (
     sample_next_token,
     training_loop,
 )
+from instructkit.head_loss import LOSS_CHUNK_ROWS, head_loss_sum
 from instructkit.parallel_matvec import MatvecChooser
 
-# Rows of hidden states that go through the output head at once in the loss: 512 x 151,936
-# float32 logits are 311 MB (Qwen3), 512 x 49,152 are 101 MB (SmolLM2).
-LOSS_CHUNK_ROWS = 512
 # F.scaled_dot_product_attention shares key/value heads itself from torch 2.5 (enable_gqa)
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -306,32 +304,6 @@ def generate_answer_ids(model, prompts, max_new_tokens, context_size, eos_id, ba
 #####################################
 # Loss
 #####################################
-
-def _head_loss_sum(out_head, hidden, targets):
-    """Sum of the cross-entropy losses of `hidden` (rows, emb_dim) against `targets` (rows,)."""
-    return F.cross_entropy(out_head(hidden).float(), targets, reduction="sum")
-
-
-def head_loss_sum(out_head, hidden, targets, chunk_rows=LOSS_CHUNK_ROWS):
-    """_head_loss_sum in chunks of `chunk_rows` rows, never holding more than one chunk's logits.
-
-    When gradients are recorded, each chunk is checkpointed: the backward pass recomputes
-    its logits instead of keeping them all from the forward pass.
-    """
-    if hidden.shape[0] <= chunk_rows:
-        return _head_loss_sum(out_head, hidden, targets)
-    from torch.utils.checkpoint import checkpoint
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_head_loss_sum, out_head, hidden[rows], targets[rows],
-                                       use_reentrant=False)
-        else:
-            total = total + _head_loss_sum(out_head, hidden[rows], targets[rows])
-    return total
-
 
 def loss_sum_and_count(input_batch, target_batch, model, device, chunk_rows=LOSS_CHUNK_ROWS):
     """(sum of the token losses, number of counted targets) of calc_loss_batch's loss.

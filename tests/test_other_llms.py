@@ -30,6 +30,7 @@ import previous_chapters as pc
 from gpt_instruction_finetuning import custom_collate_fn
 from instructkit import fast_llm
 from instructkit.errors import EXIT_BAD_INPUT, CheckpointError, run_command
+from instructkit.head_loss import LOSS_CHUNK_ROWS
 from instructkit.hub_model_files import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -263,7 +264,7 @@ def test_packed_chunked_loss_and_gradients_equal_the_chapters(kind, our_models):
     loss = pc.calc_loss_batch(inputs, targets, model, "cpu")
     loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
-    for chunk_rows in (fast_llm.LOSS_CHUNK_ROWS, 4):  # one chunk; several, checkpointed
+    for chunk_rows in (LOSS_CHUNK_ROWS, 4):  # one chunk; several
         model.zero_grad()
         loss_sum, count = fast_llm.loss_sum_and_count(inputs, targets, model, "cpu", chunk_rows=chunk_rows)
         packed = loss_sum / count
