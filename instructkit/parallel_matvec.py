@@ -3,16 +3,17 @@
 At batch 1 every new token reads every weight once, so a decode step is bound by how fast the
 CPU reads memory. Some BLAS libraries leave cores idle there: on the project's 2-core AMD EPYC
 (MKL), `F.linear` on one row reads about 15 GB/s with 1 thread or 2, while a plain sum over the
-same weights reads 26-29 GB/s. On an Intel Xeon the library already reads near the limit and a
+same weights reads 27-36 GB/s. On an Intel Xeon the library already reads near the limit and a
 split only adds overhead. So the split is kept only where it is measured to be faster:
 
 - `DecodeLinear` calls a model's linear layers for a decode step: the modules themselves (the
   reference), or each weight's output rows cut into equal blocks multiplied as ONE batched
   product (`SplitWeight`): torch hands a batch's members to its own intra-op threads, which
-  wait spinning, so a hand-out costs microseconds. (An earlier version handed the blocks to a
-  Python thread pool: tens of microseconds a hand-out, 49 a gpt2-small step, and it reached 50%
-  of the limit where this reaches about 85-90%.) Either of the two can run on bfloat16 copies
-  of the weights (`--decode-dtype bf16`, off by default since tokens may differ).
+  are already waiting, so a hand-out costs microseconds. (An earlier version handed the
+  blocks to a Python thread pool: tens of microseconds a hand-out, 49 a gpt2-small step; it
+  decoded 30 tokens/s where this decodes 39-41 on the same machine.) Either of the two can
+  run on bfloat16 copies of the weights (`--decode-dtype bf16`, off by default since tokens
+  may differ).
 - `MatvecChooser` picks, for one generation, which of the two each decode step uses. In the
   mode "auto" the first decode steps alternate between them and are timed: they are real
   steps, so the calibration costs nothing beyond the slower path's few steps. Once each path
@@ -176,7 +177,9 @@ class SplitWeight:
     def __call__(self, x):
         n_out, n_in = self.shape
         rows = x.numel() // n_in
-        x2 = x.reshape(rows, n_in).to(self.runs.dtype)  # (rows, in_features)
+        x2 = x.reshape(rows, n_in)  # (rows, in_features)
+        if x2.dtype != self.runs.dtype:  # bf16 weights (a Python test costs less than a no-op .to)
+            x2 = x2.to(self.runs.dtype)
         x_runs = x2.expand(self.runs.shape[0], rows, n_in)
         if self.bias_runs is None:
             y = torch.bmm(x_runs, self.runs)  # (blocks, rows, size)
@@ -186,7 +189,9 @@ class SplitWeight:
         y = y.view(rows, self.main) if rows == 1 else y.transpose(0, 1).reshape(rows, self.main)
         if self.rest is not None:
             y = torch.cat((y, F.linear(x2, *self.rest)), dim=1)
-        return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], n_out)
 
 
 class DecodeLinear:
