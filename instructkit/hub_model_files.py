@@ -256,6 +256,11 @@ def empty_hub_model(folder, dtype=None, device="cpu", context_length=None):
     config_json = read_config_json(Path(folder))
     family = model_family(config_json)
     cfg = model_config(config_json, dtype, context_length)
+    return _empty_model(cfg, family, device), cfg, family
+
+
+def _empty_model(cfg, family, device):
+    """empty_hub_model's model, from the config dict it has worked out."""
     with torch.device("meta"):  # the structure only: no memory, no random initialisation
         model = model_class(family)(cfg)
     model.to_empty(device=device)
@@ -266,7 +271,7 @@ def empty_hub_model(folder, dtype=None, device="cpu", context_length=None):
     from instructkit.llama3 import rope_tables
 
     model.cos, model.sin = (table.to(device) for table in rope_tables(cfg))  # the buffers, recomputed
-    return model, cfg, family
+    return model
 
 
 def load_hub_model(folder, dtype=None, device="cpu", context_length=None):
@@ -283,7 +288,7 @@ def load_hub_model(folder, dtype=None, device="cpu", context_length=None):
     files = weight_files(folder)
     _check_names(names.values(), files, cfg["tie_embeddings"], folder, family)
 
-    model, cfg, _ = empty_hub_model(folder, dtype, device, context_length)
+    model = _empty_model(cfg, family, device)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for ours, theirs in names.items():
