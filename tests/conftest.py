@@ -10,6 +10,7 @@ tiktoken cache folder from the data's gpt2-tokenizer folder before any test impo
 tiktoken names each cached file by the SHA-1 of its download URL.
 """
 
+import atexit
 import hashlib
 import json
 import os
@@ -77,6 +78,20 @@ def find_test_data(shared=ROOT.parent / "shared" / "data", environ=os.environ, c
 
 SHARED_DATA = find_test_data()  # the data folder, wherever it was found
 TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
+
+
+def _session_temp_folder():
+    # Every temporary file of the session (the tests', pytest's, torchrun's, the commands' and
+    # notebook kernels') goes in one folder, removed when the session ends: an interrupted or
+    # crashed test leaves nothing behind in the system's temporary folder.
+    root = tempfile.mkdtemp(prefix="instructkit-tests-")
+    for name in ("TMPDIR", "TEMP", "TMP"):  # children: TMPDIR on POSIX, TEMP/TMP on Windows
+        os.environ[name] = root
+    tempfile.tempdir = root
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+
+
+_session_temp_folder()
 
 
 def _seed_tiktoken_cache():
