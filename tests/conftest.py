@@ -136,6 +136,15 @@ def instruction_data(shared_data):
 
 
 @pytest.fixture(scope="session")
+def data_file(instruction_data, tmp_path_factory):
+    """The chapter's first 40 entries as a JSON file (34 train, 4 test, 2 validation): the
+    small data the command-line runs finetune on. Read only."""
+    path = tmp_path_factory.mktemp("data") / "data.json"
+    path.write_text(json.dumps(instruction_data[:40]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     import tiktoken
 

@@ -75,13 +75,6 @@ def assert_same_files(folder, expected_folder):
 
 
 @pytest.fixture(scope="module")
-def data_file(instruction_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "data.json"
-    path.write_text(json.dumps(instruction_data[:40]), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(data_file, tmp_path_factory, one_thread):
     """The reference: one run from start to end, its printed output and result."""
     folder = tmp_path_factory.mktemp("uninterrupted")

@@ -111,14 +111,6 @@ def hub_env(hub, monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_file(instruction_data, tmp_path_factory):
-    """40 of the chapter's entries: 34 to train on, 4 test, 2 validation."""
-    path = tmp_path_factory.mktemp("data") / "data.json"
-    path.write_text(json.dumps(instruction_data[:40]), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 

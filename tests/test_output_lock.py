@@ -69,13 +69,6 @@ def run(cmd):
     return run_finetune(*cmd[3:], one_thread=True)  # after python, -u and the script
 
 
-@pytest.fixture
-def data_file(instruction_data, tmp_path):
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(instruction_data[:40]), encoding="utf-8")
-    return path
-
-
 def dead_pid():
     """The pid of a process that has ended (and been waited for)."""
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
