@@ -253,10 +253,14 @@ def empty_hub_model(folder, dtype=None, device="cpu", context_length=None):
     allocated on `device` but not filled (no weights read, no random initialisation); the
     RoPE tables are computed. For loading weights into it: the hub's (load_hub_model) or a
     finetuned state dict (model_files)."""
-    config_json = read_config_json(Path(folder))
-    family = model_family(config_json)
-    cfg = model_config(config_json, dtype, context_length)
+    cfg, family = _config_and_family(folder, dtype, context_length)
     return _empty_model(cfg, family, device), cfg, family
+
+
+def _config_and_family(folder, dtype, context_length):
+    """(model_config's dict, model_family) of `folder`'s config.json, read once."""
+    config_json = read_config_json(Path(folder))
+    return model_config(config_json, dtype, context_length), model_family(config_json)
 
 
 def _empty_model(cfg, family, device):
@@ -281,9 +285,7 @@ def load_hub_model(folder, dtype=None, device="cpu", context_length=None):
     The weights are converted to the model's dtype as they are copied in.
     """
     folder = Path(folder)
-    config_json = read_config_json(folder)
-    family = model_family(config_json)
-    cfg = model_config(config_json, dtype, context_length)
+    cfg, family = _config_and_family(folder, dtype, context_length)
     names = hub_weight_names(cfg)
     files = weight_files(folder)
     _check_names(names.values(), files, cfg["tie_embeddings"], folder, family)
