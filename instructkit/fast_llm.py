@@ -172,9 +172,9 @@ def fast_path(model):
     """The module with the fast functions for `model`: this one for the RoPE/grouped-query
     families (qwen3.py, llama3.py), fast_gpt for the book's GPT. Both have `generate`,
     `generate_stream`, `generate_batch`, `generate_answer_ids`, `loss_sum_and_count`,
-    `calc_loss_batch_packed`, `calc_loss_loader_fast`, `evaluate_model_fast`
-    and `train_model_fast` with the same
-    arguments, so a caller picks the module once: `fast_path(model).generate_stream(...)`."""
+    `calc_loss_batch_packed`, `calc_loss_loader_fast`, `evaluate_model_fast` and
+    `train_model_fast` with the same arguments, so a caller picks the module once:
+    `fast_path(model).generate_stream(...)`."""
     import fast_gpt
 
     if hasattr(model.trf_blocks[0].att, "num_kv_groups"):

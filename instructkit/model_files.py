@@ -500,9 +500,10 @@ class ChatModel:
         idx = torch.tensor([prompt_ids], device=self.model.tok_emb.weight.device)
         ids = []
         # fast_gpt's KV cache, or fast_llm's for Qwen3 and Llama models
-        for token in fast_path(self.model).generate_stream(self.model, idx, max_new_tokens, self.context_size,
-                                     temperature=temperature, top_k=top_k or None,
-                                     eos_id=self.eos_id, decode_dtype=self.decode_dtype):
+        steps = fast_path(self.model).generate_stream(
+            self.model, idx, max_new_tokens, self.context_size, temperature=temperature,
+            top_k=top_k or None, eos_id=self.eos_id, decode_dtype=self.decode_dtype)
+        for token in steps:
             ids.append(token)
             text = self.tokenizer.decode(ids)
             if not text.endswith("\ufffd"):  # not halfway through a multi-byte character
@@ -518,9 +519,9 @@ class ChatModel:
 
         prepared = [self.prepare(e["instruction"], e.get("input", ""), max_new_tokens)
                     for e in entries]
-        answers = fast_path(self.model).generate_answer_ids(self.model, [ids for _, ids, _ in prepared],
-                                      max_new_tokens, self.context_size, self.eos_id,
-                                      batch_size=batch_size, decode_dtype=self.decode_dtype)
+        answers = fast_path(self.model).generate_answer_ids(
+            self.model, [ids for _, ids, _ in prepared], max_new_tokens, self.context_size,
+            self.eos_id, batch_size=batch_size, decode_dtype=self.decode_dtype)
         return [(self.visible_answer(prompt, self.tokenizer.decode(ids)), note)
                 for (prompt, _, note), ids in zip(prepared, answers, strict=True)]
 
