@@ -74,17 +74,29 @@ _COMPILED_BLOCKS = weakref.WeakKeyDictionary()
 class KVCache:
     """Keys and values of every layer for the positions seen so far.
 
-    Preallocated for `max_len` positions, so each decoding step writes one slot instead of
-    concatenating (and copying) the whole history.
+    Preallocated for `max_len` positions, one (batch, heads, max_len, head_dim) tensor per
+    layer, so each decoding step writes one slot instead of concatenating (and copying) the
+    whole history. The heads are the attention's key/value heads: all of them for GPT-2,
+    `num_kv_groups` for the grouped-query models of instructkit/fast_llm.py.
     """
 
     def __init__(self, model, batch_size, max_len):
         att = model.trf_blocks[0].att
+        heads = getattr(att, "num_kv_groups", att.num_heads)
         weight = model.tok_emb.weight
-        shape = (len(model.trf_blocks), batch_size, att.num_heads, max_len, att.head_dim)
-        self.keys = torch.empty(shape, device=weight.device, dtype=weight.dtype)
-        self.values = torch.empty(shape, device=weight.device, dtype=weight.dtype)
+        shape = (batch_size, heads, max_len, att.head_dim)
+        self.keys = [weight.new_empty(shape) for _ in model.trf_blocks]
+        self.values = [weight.new_empty(shape) for _ in model.trf_blocks]
         self.length = 0  # positions stored so far
+
+    def append(self, layer_idx, keys, values):
+        """Store keys, values (batch, heads, n_tokens, head_dim) after the cached positions of
+        layer `layer_idx`; returns that layer's keys and values so far (views, no copies)."""
+        start, end = self.length, self.length + keys.shape[2]
+        layer_keys, layer_values = self.keys[layer_idx], self.values[layer_idx]
+        layer_keys[:, :, start:end] = keys
+        layer_values[:, :, start:end] = values
+        return layer_keys[:, :, :end], layer_values[:, :, :end]
 
 
 class PackedRows:
@@ -156,11 +168,8 @@ def attention(att, x, attn_mask=None, kv_cache=None, layer_idx=0, linear=call_mo
 
     start = 0  # positions already cached
     if kv_cache is not None:  # append to the cache, attend over all cached positions
-        start, end = kv_cache.length, kv_cache.length + num_tokens
-        kv_cache.keys[layer_idx, :, :, start:end] = keys
-        kv_cache.values[layer_idx, :, :, start:end] = values
-        keys = kv_cache.keys[layer_idx, :, :, :end]
-        values = kv_cache.values[layer_idx, :, :, :end]
+        start = kv_cache.length
+        keys, values = kv_cache.append(layer_idx, keys, values)
 
     context_vec = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=attn_mask,
@@ -190,16 +199,22 @@ def residual_dropout(block):
                          f"{', '.join(RESIDUAL_DROPOUT_NAMES)} (the book's TransformerBlock layout)")
 
 
+def apply_dropout(dropout, x):
+    """dropout(x). An nn.Dropout in evaluation mode is the identity, so it is not called there: a
+    module call costs as much as one of a decode step's small kernels."""
+    return x if type(dropout) is nn.Dropout and not dropout.training else dropout(x)
+
+
 def transformer_block(block, x, attn_mask=None, kv_cache=None, layer_idx=0, linear=call_module):
     """The book's TransformerBlock.forward, through the fused functions above."""
     drop_resid = residual_dropout(block)
     shortcut = x  # pre-LayerNorm attention with a residual connection
     x = attention(block.att, layer_norm(block.norm1, x), attn_mask, kv_cache, layer_idx, linear)
-    x = drop_resid(x) + shortcut
+    x = apply_dropout(drop_resid, x) + shortcut
 
     shortcut = x  # pre-LayerNorm feed-forward with a residual connection
     x = feed_forward(block.ff, layer_norm(block.norm2, x), linear)
-    return drop_resid(x) + shortcut
+    return apply_dropout(drop_resid, x) + shortcut
 
 
 def transform(model, in_idx, positions, attn_mask=None, kv_cache=None, linear=call_module):
@@ -207,7 +222,7 @@ def transform(model, in_idx, positions, attn_mask=None, kv_cache=None, linear=ca
 
     positions: (n_tokens,) or (batch, n_tokens) position ids for pos_emb. linear: see attention.
     """
-    x = model.drop_emb(model.tok_emb(in_idx) + model.pos_emb(positions))
+    x = apply_dropout(model.drop_emb, model.tok_emb(in_idx) + model.pos_emb(positions))
     compiled = kv_cache is None and linear is call_module  # compiled blocks: the plain path only
     for layer_idx, block in enumerate(model.trf_blocks):
         run = _COMPILED_BLOCKS.get(block, transformer_block) if compiled else transformer_block

@@ -3,9 +3,11 @@
 Not in the book. fast_gpt.py's twin for the RoPE/grouped-query families, organised the same
 way: its own forward pass over the model's submodules (`tok_emb`, `trf_blocks[i].{norm1,
 att, ff, norm2}`, `final_norm`, `out_head`, the `cos`/`sin` tables), so the model is never
-subclassed or patched, state dicts are unchanged, and LoRA-wrapped linear layers work. The
-queries, keys and values come from the attention module's own `project` (projections,
-QK-norm, RoPE), so both paths share that code. It adds:
+subclassed or patched, state dicts are unchanged, and LoRA-wrapped linear layers work. Its
+arithmetic is the model's to the bit, in fewer calls, which is what a batch-1 decode step
+pays for (each call costs about as much as a small kernel): the RMSNorms as one F.rms_norm
+each (`rms_norm`), RoPE with its tables prepared once per forward pass (`RopeTables`). It
+adds:
 - a key/value cache for generation (`generate`, `generate_stream`): the cache holds the keys
   after RoPE, one slot per position, for the num_kv_groups heads only (the grouped heads are
   what makes it small); each step runs the newest token at position = cache length;
@@ -43,7 +45,6 @@ loss and its gradients equal to the chapter's calc_loss_batch, with LoRA layers 
 tests/test_other_llms_notebook.py: train_model_fast's losses equal train_model_simple's.
 """
 
-import functools
 import itertools
 import sys
 
@@ -51,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from fast_gpt import (
+    KVCache,
     PackedRows,
     autocast,
     call_module,
@@ -67,16 +69,59 @@ from instructkit.parallel_matvec import MatvecChooser
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-class KVCache:
-    """Keys (after RoPE) and values of every layer, preallocated for `max_len` positions."""
+# F.rms_norm: torch 2.4 and later (Intel Macs stop at torch 2.2)
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")
 
-    def __init__(self, model, batch_size, max_len):
-        att = model.trf_blocks[0].att
-        weight = model.tok_emb.weight
-        shape = (len(model.trf_blocks), batch_size, att.num_kv_groups, max_len, att.head_dim)
-        self.keys = torch.empty(shape, device=weight.device, dtype=weight.dtype)
-        self.values = torch.empty(shape, device=weight.device, dtype=weight.dtype)
-        self.length = 0  # positions stored so far
+
+def rms_norm(norm, x):
+    """llama3.RMSNorm `norm` on x, as one call where that is the same arithmetic.
+
+    In float32 (outside autocast) the module's steps (mean of squares, rsqrt, scale) are
+    exactly F.rms_norm's, to the bit; a decode step runs 65 of them (SmolLM2-360M), and one
+    fused call costs a third of the module's eight. Otherwise the module itself.
+    """
+    if (_FUSED_RMS_NORM and x.dtype == torch.float32 and norm.scale.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)):
+        return F.rms_norm(x, (x.shape[-1],), norm.scale, norm.eps)
+    return norm(x)
+
+
+class RopeTables:
+    """The RoPE rows of one forward pass's positions, prepared once for all its layers.
+
+    cos, sin: (n_tokens, head_dim), or (batch, n_tokens, head_dim) for per-row positions.
+    `rotate(x)` is llama3.apply_rope(x, cos, sin) to the bit: x * cos + rotate_half(x) * sin,
+    where rotate_half(x) = (-x2, x1) for x's halves (x1, x2). The sign is moved onto the
+    table: (x2, x1) * (-sin1, sin2) has the same products, and negation is exact. So each
+    call is four kernels instead of apply_rope's ten, twice a layer.
+    """
+
+    def __init__(self, cos, sin):
+        self.half = cos.shape[-1] // 2
+        # a heads axis: (1 or batch, 1, n_tokens, head_dim)
+        self.cos = cos.unsqueeze(-3)
+        self.sin = torch.cat((-sin[..., :self.half], sin[..., self.half:]), dim=-1).unsqueeze(-3)
+
+    def rotate(self, x):
+        """x (batch, heads, n_tokens, head_dim), turned by the angles of its positions."""
+        if self.cos.dtype != x.dtype:  # apply_rope's cast to x's dtype, kept for the next call
+            self.cos, self.sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        half = self.half
+        return x * self.cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * self.sin
+
+
+def project(att, x, rope, linear=call_module):
+    """GroupedQueryAttention.project (llama3.py) with the calls above: the queries (b,
+    num_heads, n_tokens, head_dim) and the keys and values (b, num_kv_groups, n_tokens,
+    head_dim), the queries and keys normalised (Qwen3's qk_norm) and turned by RoPE."""
+    b, num_tokens, _ = x.shape
+    queries, keys, values = linear_each(linear, (att.W_query, att.W_key, att.W_value), x)
+    queries = queries.view(b, num_tokens, att.num_heads, att.head_dim).transpose(1, 2)
+    keys = keys.view(b, num_tokens, att.num_kv_groups, att.head_dim).transpose(1, 2)
+    values = values.view(b, num_tokens, att.num_kv_groups, att.head_dim).transpose(1, 2)
+    if att.q_norm is not None:
+        queries, keys = rms_norm(att.q_norm, queries), rms_norm(att.k_norm, keys)
+    return rope.rotate(queries), rope.rotate(keys), values
 
 
 def _unpack_heads(packed, x):
@@ -86,20 +131,18 @@ def _unpack_heads(packed, x):
     return full.view(packed.batch_size, packed.n_tokens, heads, head_dim).transpose(1, 2)
 
 
-def attention(att, x, cos, sin, attn_mask=None, kv_cache=None, layer_idx=0, linear=call_module):
+def attention(att, x, rope, attn_mask=None, kv_cache=None, layer_idx=0, linear=call_module):
     """GroupedQueryAttention.forward through F.scaled_dot_product_attention.
 
     x: (batch, n_tokens, d_in), or (1, kept, d_in) when attn_mask is a PackedRows.
-    cos, sin: the RoPE rows of x's positions ((n_tokens or kept, head_dim), or (batch,
-    n_tokens, head_dim) for per-row positions). attn_mask: None (causal), a bool tensor
+    rope: the RopeTables of x's positions. attn_mask: None (causal), a bool tensor
     (batch or 1, 1, n_tokens, n_keys) True where a query may attend, or a PackedRows.
     kv_cache: a KVCache these keys and values are appended to, attending over all of it.
     linear: how the linear layers are called, `linear(module, x)`: the module itself, or a
     decode step's parallel_matvec.DecodeLinear (fast_gpt's, split over the cores).
     """
-    linears = None if linear is call_module else functools.partial(linear_each, linear)
     # (b, heads or kv heads, n_tokens, head_dim)
-    queries, keys, values = att.project(x, cos, sin, linears)
+    queries, keys, values = project(att, x, rope, linear)
     packed = attn_mask if isinstance(attn_mask, PackedRows) else None
     if packed is not None:  # back to (batch, ..., n_tokens, ...) rows for causal attention
         queries, keys, values = (_unpack_heads(packed, t) for t in (queries, keys, values))
@@ -108,11 +151,8 @@ def attention(att, x, cos, sin, attn_mask=None, kv_cache=None, layer_idx=0, line
 
     start = 0  # positions already cached
     if kv_cache is not None:
-        start, end = kv_cache.length, kv_cache.length + num_tokens
-        kv_cache.keys[layer_idx, :, :, start:end] = keys
-        kv_cache.values[layer_idx, :, :, start:end] = values
-        keys = kv_cache.keys[layer_idx, :, :, :end]
-        values = kv_cache.values[layer_idx, :, :, :end]
+        start = kv_cache.length
+        keys, values = kv_cache.append(layer_idx, keys, values)
 
     options = {"enable_gqa": True} if _SDPA_GQA else {}
     if not _SDPA_GQA:  # older torch: repeat each key/value head for its query heads
@@ -141,13 +181,13 @@ def transform(model, in_idx, positions, attn_mask=None, kv_cache=None, linear=ca
     linear: see attention.
     """
     x = model.tok_emb(in_idx)
-    cos, sin = model.cos[positions], model.sin[positions]
+    rope = RopeTables(model.cos[positions], model.sin[positions])
     for layer_idx, block in enumerate(model.trf_blocks):
-        x = x + attention(block.att, block.norm1(x), cos, sin, attn_mask, kv_cache, layer_idx, linear)
-        x = x + feed_forward(block.ff, block.norm2(x), linear)
+        x = x + attention(block.att, rms_norm(block.norm1, x), rope, attn_mask, kv_cache, layer_idx, linear)
+        x = x + feed_forward(block.ff, rms_norm(block.norm2, x), linear)
     if kv_cache is not None:
         kv_cache.length += in_idx.shape[1]
-    return model.final_norm(x)
+    return rms_norm(model.final_norm, x)
 
 
 def hidden_states(model, in_idx, kv_cache=None, pad_mask=None, linear=call_module):

@@ -151,17 +151,14 @@ class GroupedQueryAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x, cos, sin, linears=None):
+    def project(self, x, cos, sin):
         """Queries (b, num_heads, n, head_dim), keys and values (b, num_kv_groups, n, head_dim).
 
-        The queries and keys are normalised (qk_norm) and turned by RoPE; the fast path in
-        fast_llm.py calls this too, so both paths share it. linears: None to call the three
-        projection layers, or a function `linears(layers, x) -> outputs` that computes them
-        (fast_llm's decode steps split them over the CPU's cores).
+        The queries and keys are normalised (qk_norm) and turned by RoPE. (fast_llm.py's
+        `project` is the same arithmetic in fewer calls, for its decode steps.)
         """
         b, num_tokens, _ = x.shape
-        layers = (self.W_query, self.W_key, self.W_value)
-        queries, keys, values = [layer(x) for layer in layers] if linears is None else linears(layers, x)
+        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
         queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         keys = keys.view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
         values = values.view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)

@@ -166,7 +166,7 @@ class SplitWeight:
     def __init__(self, weight, bias, blocks):
         n_out, n_in = weight.shape
         size = n_out // blocks
-        self.shape, self.main = (n_out, n_in), blocks * size
+        self.shape, self.blocks, self.main = (n_out, n_in), blocks, blocks * size
         # (blocks, size, in) -> (blocks, in, size): each run's rows, transposed as a view
         self.runs = weight[:self.main].view(blocks, size, n_in).transpose(1, 2)
         self.bias_runs = None if bias is None else bias[:self.main].view(blocks, 1, size)
@@ -177,18 +177,19 @@ class SplitWeight:
     def __call__(self, x):
         n_out, n_in = self.shape
         rows = x.numel() // n_in
-        x2 = x.reshape(rows, n_in)  # (rows, in_features)
-        if x2.dtype != self.runs.dtype:  # bf16 weights (a Python test costs less than a no-op .to)
-            x2 = x2.to(self.runs.dtype)
-        x_runs = x2.expand(self.runs.shape[0], rows, n_in)
+        # the same x for every run: (blocks, rows, in_features), no copy
+        x_runs = x.reshape(1, rows, n_in).expand(self.blocks, rows, n_in)
+        if x.dtype != self.runs.dtype:  # bf16 weights (a Python test costs less than a no-op .to)
+            x_runs = x_runs.to(self.runs.dtype)
         if self.bias_runs is None:
             y = torch.bmm(x_runs, self.runs)  # (blocks, rows, size)
         else:
             y = torch.baddbmm(self.bias_runs, x_runs, self.runs)
-        # the runs side by side: (rows, blocks * size), a view for one row
+        if rows == 1 and self.rest is None and y.dtype == x.dtype:  # a batch-1 decode step
+            return y.view(*x.shape[:-1], n_out)  # the runs side by side, as a view
         y = y.view(rows, self.main) if rows == 1 else y.transpose(0, 1).reshape(rows, self.main)
         if self.rest is not None:
-            y = torch.cat((y, F.linear(x2, *self.rest)), dim=1)
+            y = torch.cat((y, F.linear(x_runs[0], *self.rest)), dim=1)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], n_out)
@@ -208,32 +209,34 @@ class DecodeLinear:
     def __init__(self, blocks=1, dtype=None):
         self.blocks, self.dtype = blocks, dtype
         self.is_reference = blocks == 1 and dtype is None
-        self._prepared = {}  # module -> (its base nn.Linear's weight, bias, SplitWeight or None)
+        self._prepared = {}  # module -> its product for a decode step's x (_prepare)
 
     def _prepare(self, module):
+        """The function `product(x)` this DecodeLinear computes `module(x)` with."""
         base = module if isinstance(module, nn.Linear) else module.linear if _is_lora(module) else None
         if base is None:  # not a layout known here: the module itself
-            return None
+            return module
         weight, bias = decode_weights(base, self.dtype)
         split = SplitWeight(weight, bias, self.blocks) \
             if self.blocks > 1 and weight.is_contiguous() else None
-        return weight, bias, split
+
+        def product(x):
+            if split is not None and x.numel() <= MAX_ROWS * x.shape[-1]:
+                y = split(x)
+            else:
+                y = F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+            # a LoRA layer: the base layer's product from here, the small update as it is
+            return y if base is module else y + module.lora(x)
+
+        return product
 
     def __call__(self, module, x):
         if self.is_reference:
             return module(x)
-        if module not in self._prepared:
-            self._prepared[module] = self._prepare(module)
-        prepared = self._prepared[module]
-        if prepared is None:
-            return module(x)
-        weight, bias, split = prepared
-        if split is not None and x.numel() // x.shape[-1] <= MAX_ROWS:
-            y = split(x)
-        else:
-            y = F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-        # a LoRA layer: the base layer's product from here, the small update as it is
-        return y if isinstance(module, nn.Linear) else y + module.lora(x)
+        product = self._prepared.get(module)
+        if product is None:
+            product = self._prepared[module] = self._prepare(module)
+        return product(x)
 
 
 class MatvecChooser:
