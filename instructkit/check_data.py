@@ -47,6 +47,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from instructkit.arg_types import positive
 from instructkit.errors import BadInputError, run_command
 from instructkit.instruction_data import DatasetError, format_input
 
@@ -281,26 +282,6 @@ def check_run_data(train_data, test_data, val_data, threshold=DEFAULT_THRESHOLD,
 # ---------------------------------------------------------------------------------------
 
 
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
-    return value
-
-
-def _count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m instructkit.check_data",
@@ -309,20 +290,20 @@ def build_parser():
                     "entries longer than the model's context.")
     parser.add_argument("data", help="instruction JSON (or JSON Lines): a list of "
                                      "{instruction, input, output}")
-    parser.add_argument("--threshold", type=_fraction, default=DEFAULT_THRESHOLD,
+    parser.add_argument("--threshold", type=positive(float, most=1), default=DEFAULT_THRESHOLD,
                         help="TF-IDF cosine similarity from which two entries count as near "
                              f"duplicates (default: {DEFAULT_THRESHOLD})")
     parser.add_argument("--report", default=None, help="write the findings to this JSON file")
     parser.add_argument("--cleaned", default=None,
                         help="write the entries without duplicates, empty outputs and over-long "
                              "entries to this new file (never the input)")
-    parser.add_argument("--val-fraction", type=_fraction, default=0.05,
+    parser.add_argument("--val-fraction", type=positive(float, most=1), default=0.05,
                         help="the run's validation share (default: 0.05, the chapter's)")
-    parser.add_argument("--test-fraction", type=_fraction, default=0.1,
+    parser.add_argument("--test-fraction", type=positive(float, most=1), default=0.1,
                         help="the run's test share (default: 0.1, the chapter's)")
     parser.add_argument("--shuffle-split", type=int, default=None, metavar="SEED",
                         help="the run's --shuffle-split seed, if it uses one")
-    parser.add_argument("--context-length", type=_count, default=GPT2_CONTEXT,
+    parser.add_argument("--context-length", type=positive(int), default=GPT2_CONTEXT,
                         help=f"the model's context in tokens (default: {GPT2_CONTEXT}, GPT-2's)")
     parser.add_argument("--tokenizer-dir", default=None,
                         help="a folder with the tokenizer's encoder.json and vocab.bpe (or "

@@ -14,13 +14,12 @@ a model that is not pulled or a server error is one line and exit code 1; Ctrl-C
 the same command run again continues from them.
 """
 
-import argparse
 import contextlib
-import math
 import re
 import sys
 from pathlib import Path
 
+from instructkit.arg_types import positive
 from instructkit.console import use_utf8_console
 from instructkit.errors import run_command
 from instructkit.judge import (
@@ -38,21 +37,6 @@ from instructkit.judge_http import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
 # The longest --timeout: a day for a piece of an answer (a socket refuses timeouts near the
 # end of the platform's time_t, and infinity, with an OverflowError).
 MAX_TIMEOUT = 86400
-
-
-def _positive(kind, most=None):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
-        if most is not None and value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most}, got {text}")
-        return value
-
-    return parse
 
 
 def check_outputs(*outputs):
@@ -79,10 +63,10 @@ def add_server_arguments(parser, what, any_api=False):
     else:
         parser.add_argument("--model", default="llama3", help=f"{what} model on the Ollama server")
         parser.add_argument("--host", default=None, help=f"Ollama address: {ollama_host}")
-    parser.add_argument("--num-ctx", "--num_ctx", type=_positive(int), default=NUM_CTX,
+    parser.add_argument("--num-ctx", "--num_ctx", type=positive(int), default=NUM_CTX,
                         help="the model's context window in tokens (Ollama's num_ctx; "
                              "the book's 2048 by default)")
-    parser.add_argument("--timeout", type=_positive(float, MAX_TIMEOUT), default=DEFAULT_READ_TIMEOUT,
+    parser.add_argument("--timeout", type=positive(float, MAX_TIMEOUT), default=DEFAULT_READ_TIMEOUT,
                         help=f"seconds to wait for each piece of an answer before giving up "
                              f"(at most {MAX_TIMEOUT})")
     parser.add_argument("--debug", action="store_true",
