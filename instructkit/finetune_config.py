@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from instructkit import parallel_matvec
+from instructkit.chat_template_style import STYLE_NAME
 from instructkit.errors import BadInputError
 from instructkit.gpt2_sizes import GPT2_SIZES, book_model_name
 from instructkit.gpt2_weights import WEIGHT_SOURCES
@@ -21,7 +22,7 @@ TEST_MODE_ENTRIES = 10  # entries per split in test mode, as the book's script t
 # --prompt-style's choices: the chapter's style and exercise 7.1's (the styles themselves are
 # gpt_instruction_finetuning.PROMPT_STYLES, which imports this module), and a hub model's own
 # chat template (instructkit/chat_template_style.py)
-PROMPT_STYLE_NAMES = ("alpaca", "phi3", "chat")
+PROMPT_STYLE_NAMES = ("alpaca", "phi3", STYLE_NAME)
 
 
 def model_name(name, error=None):

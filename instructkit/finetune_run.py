@@ -32,6 +32,7 @@ from dataclasses import asdict
 import torch
 
 from instructkit import answers, parallel_matvec
+from instructkit.chat_template_style import STYLE_NAME
 from instructkit.checkpoints import list_checkpoints
 from instructkit.console import print_text
 from instructkit.devices import choose_device
@@ -198,7 +199,7 @@ class FinetuneRun:
         identity = checkpoint_identity(config, None)
         del identity["dataset_sha256"]  # the data may be still to download: checked on resume
         gpt2_dir = None if config.test_mode or self.repo_id is not None else models_dir(config)
-        if config.prompt_style == "chat" and self.repo_id is None:
+        if config.prompt_style == STYLE_NAME and self.repo_id is None:
             raise BadInputError("--prompt-style chat uses a hub model's own chat template, and "
                                 "GPT-2 has none: use --prompt-style alpaca or phi3, or a hub "
                                 "model (--model qwen3-0.6b, smollm2-360m, ...)")
