@@ -42,12 +42,6 @@ def write_data(path, data):
     return path
 
 
-@pytest.fixture
-def small_data(tmp_path, instruction_data):
-    """40 real entries: 34 train / 4 test / 2 validation."""
-    return write_data(tmp_path / "data.json", instruction_data[:40])
-
-
 def test_main_test_mode_end_to_end(tmp_path, shared_data, capsys):
     result = gif.main(config=FinetuneConfig(test_mode=True, data=shared_data / "instruction-data.json",
                                             output_dir=tmp_path, max_new_tokens=8))
@@ -124,7 +118,7 @@ def hub_server_files(tmp_path):
             for name in ("model.safetensors", "vocab.json", "merges.txt")}, arrays
 
 
-def test_weights_download_first_then_the_tokenizer_from_their_files(tmp_path, small_data, monkeypatch,
+def test_weights_download_first_then_the_tokenizer_from_their_files(tmp_path, data_file, monkeypatch,
                                                                     tokenizer):
     """--weights-source reaches the download (HF_ENDPOINT: a loopback hub); the tokenizer is
     built from the vocab.json and merges.txt it brought, not by tiktoken."""
@@ -133,7 +127,7 @@ def test_weights_download_first_then_the_tokenizer_from_their_files(tmp_path, sm
 
     files, _ = hub_server_files(tmp_path)
     # an output folder of the test's own: a FinetuneRun locks it until the process ends
-    config = FinetuneConfig(model="gpt2-small", data=str(small_data), device="cpu",
+    config = FinetuneConfig(model="gpt2-small", data=str(data_file), device="cpu",
                             models_dir=str(tmp_path / "gpt2"), weights_source="hub-openai",
                             output_dir=str(tmp_path / "out"))
     run = FinetuneRun(config)
@@ -144,12 +138,12 @@ def test_weights_download_first_then_the_tokenizer_from_their_files(tmp_path, sm
     assert sorted(p.name for p in (tmp_path / "gpt2" / "124M").iterdir()) == [
         "merges.txt", "model.safetensors", "vocab.json"]
     assert local is not tiktoken.get_encoding("gpt2")
-    text = gif.ALPACA.format_input(json.loads(small_data.read_text())[0])
+    text = gif.ALPACA.format_input(json.loads(data_file.read_text())[0])
     assert local.encode(text) == tokenizer.encode(text)
     assert run.download_weights() == tmp_path / "gpt2" / "124M"  # on disk now: no network
 
     # --tokenizer-dir wins, and then nothing is downloaded before the model is loaded
-    other = FinetuneConfig(model="gpt2-small", data=str(small_data), device="cpu",
+    other = FinetuneConfig(model="gpt2-small", data=str(data_file), device="cpu",
                            models_dir=str(tmp_path / "empty"), tokenizer_dir=str(TOKENIZER_DIR),
                            output_dir=str(tmp_path / "out-2"))
     FinetuneRun(other).tokenizer()  # (the preflight made the folder, to check it can write there)
@@ -215,7 +209,7 @@ def test_too_few_entries_for_a_split(tmp_path, instruction_data):
     assert "split is empty" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_unknown_model_and_unavailable_device(tmp_path, small_data):
+def test_unknown_model_and_unavailable_device(tmp_path, data_file):
     proc = run_here("--model", "gpt2-huge", cwd=tmp_path)
     assert proc.returncode == 2 and "invalid choice: 'gpt2-huge'" in proc.stderr
     with pytest.raises(ValueError, match="choose one of gpt2-small, gpt2-medium"):
@@ -226,14 +220,14 @@ def test_unknown_model_and_unavailable_device(tmp_path, small_data):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = run_here("--test_mode", "--data", str(small_data), "--device", "cuda", cwd=tmp_path)
+    proc = run_here("--test_mode", "--data", str(data_file), "--device", "cuda", cwd=tmp_path)
     assert proc.returncode == 2
     assert "CUDA was requested but is not available" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_long_entries_are_truncated_with_a_warning(tmp_path, small_data, capsys):
-    data = json.loads(small_data.read_text())
+def test_long_entries_are_truncated_with_a_warning(tmp_path, data_file, capsys):
+    data = json.loads(data_file.read_text())
     data[0]["output"] = "word " * 400  # ~400 tokens, more than test mode's 256 context
     data[1]["input"] = "word " * 300
     path = write_data(tmp_path / "long.json", data)
@@ -297,10 +291,10 @@ def test_the_parser_is_built_from_the_config():
     assert config.lr == 1e-4 and config.epochs == 2 and config.model == "gpt2-medium"
 
 
-def test_eval_flags_and_the_outputs_of_a_run(tmp_path, small_data, capsys):
+def test_eval_flags_and_the_outputs_of_a_run(tmp_path, data_file, capsys):
     """--eval-freq and --eval-iter set the evaluation steps; main returns the model it trained
     and the files it wrote."""
-    config = FinetuneConfig(test_mode=True, data=str(small_data), output_dir=str(tmp_path),
+    config = FinetuneConfig(test_mode=True, data=str(data_file), output_dir=str(tmp_path),
                             max_new_tokens=4, eval_freq=2, eval_iter=1, epochs=1)
     result = gif.main(config=config)
     out = capsys.readouterr().out
@@ -310,7 +304,7 @@ def test_eval_flags_and_the_outputs_of_a_run(tmp_path, small_data, capsys):
         "Ep 1 (Step 000000): T", "Ep 1 (Step 000002): T", "Ep 1 (Step 000004): T"]
     assert len(result["train_losses"]) == 3 and result["steps"] == 5
     assert [r["instruction"] for r in result["responses"]] == [
-        e["instruction"] for e in json.loads(small_data.read_text())[34:38]]
+        e["instruction"] for e in json.loads(data_file.read_text())[34:38]]
     assert isinstance(result["model"], GPTModel)
     assert sorted(p.name for p in result["paths"].values()) == [
         "gpt2-medium355M-sft-data-test.metrics.jsonl", "gpt2-medium355M-sft-data-test.pth",
