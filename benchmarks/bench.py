@@ -582,6 +582,38 @@ def read_bandwidth(weights, repeats):
     return n_bytes / best
 
 
+def split_products_bandwidth(model, repeats):
+    """Bytes/s of a decode step's products alone: every linear layer's weight, split as the
+    parallel path splits it (parallel_matvec.SplitWeight), times one random row, all of them
+    back to back, best of `repeats`. What a decode step would read with nothing between its
+    products (no norms, attention, cache or sampling)."""
+    from instructkit.parallel_matvec import SplitWeight, split_blocks
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    products = [(SplitWeight(m.weight.detach(), None if m.bias is None else m.bias.detach(),
+                             split_blocks()),
+                 torch.randn(1, 1, m.in_features, dtype=m.weight.dtype)) for m in layers]
+    n_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    best = math.inf
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for split, x in products:
+                split(x)
+            best = min(best, time.perf_counter() - start)
+    return n_bytes / best
+
+
+def log_products_alone(products, bandwidth, n_bytes, parallel_rate):
+    """The decode step split in two: its products (read at `products` bytes/s back to back)
+    and the rest, from the parallel path's best rate (tokens/s)."""
+    rest_ms = (1 / parallel_rate - n_bytes / products) * 1e3
+    log(f"  the split products alone, back to back, best of the passes between the runs: "
+        f"{products / 1e9:,.1f} GB/s ({products / bandwidth:.0%} of the plain sum); the rest of "
+        f"a parallel decode step (norms, attention, the cache, sampling, calls): {rest_ms:,.1f} "
+        f"ms a token")
+
+
 def decode_rate(model, prompt, n_new, context_size, dtype):
     """Decode tokens/s at batch 1: the time from the first new token (the prefill's) to the last.
 
@@ -643,11 +675,12 @@ def bench_decode(label, cfg, model, data, tokenizer, args, agreement):
         f"validation prompt ({len(prompt)} tokens); tokens/s from the first new token to the last "
         f"(the prefill not counted), best of {args.decode_repeats} runs, the variants interleaved --")
     variants = [(dtype, path) for dtype in ("fp32", "bf16") for path in ("plain", "parallel")]
-    best, tokens, bandwidth = {}, {}, 0.0
+    best, tokens, bandwidth, products = {}, {}, 0.0, 0.0
     try:
         for _ in range(args.decode_repeats):
             # the limit measured between the runs too: the same conditions for all
             bandwidth = max(bandwidth, read_bandwidth(weights, 3))
+            products = max(products, split_products_bandwidth(model, 3))
             for dtype, path in variants:
                 parallel_matvec.set_mode(path)
                 rate, tokens[dtype, path] = decode_rate(
@@ -666,6 +699,7 @@ def bench_decode(label, cfg, model, data, tokenizer, args, agreement):
     log(f"  limit at batch 1: the weights read once per token: fp32 {n_bytes['fp32'] / 1e6:,.0f} "
         f"MB -> {bandwidth / n_bytes['fp32']:,.1f} tokens/s, bf16 {n_bytes['bf16'] / 1e6:,.0f} MB "
         f"-> {bandwidth / n_bytes['bf16']:,.1f} tokens/s (the KV cache, a few % more, not counted)")
+    log_products_alone(products, bandwidth, n_bytes["fp32"], best["fp32", "parallel"])
     rows = []
     for dtype, path in variants:
         rate = best[dtype, path]

@@ -254,7 +254,13 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
     """Batch-1 decode rows (label, dtype, path, tokens/s, GB/s, fraction of the limit) and
     whether the greedy tokens check passes."""
     from bench import decode_rate as our_decode_rate
-    from bench import hf_decode_rate, linear_weights, read_bandwidth
+    from bench import (
+        hf_decode_rate,
+        linear_weights,
+        log_products_alone,
+        read_bandwidth,
+        split_products_bandwidth,
+    )
 
     from instructkit import parallel_matvec
 
@@ -262,11 +268,12 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
     weights = linear_weights(ours)  # each read in full once per token; the embedding lookups are rows
     n_bytes = sum(w.numel() * w.element_size() for w in weights)
     n_new, context = args.new_tokens, cfg["context_length"]
-    best, tokens, bandwidth = {}, {}, 0.0
+    best, tokens, bandwidth, products = {}, {}, 0.0, 0.0
     paths = ("ours plain", "ours parallel", "transformers")
     try:
         for _ in range(args.repeats):  # interleaved, best of each; the limit measured between them
             bandwidth = max(bandwidth, read_bandwidth(weights, 3))
+            products = max(products, split_products_bandwidth(ours, 3))
             for path in paths:
                 if path == "transformers":
                     rate, tokens[path] = hf_decode_rate(hf_model, prompt, n_new, pad_id)
@@ -289,6 +296,7 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
         f"({n_bytes / 1e6:,.0f} MB in {dtype}), best of {3 * args.repeats} passes between the "
         f"runs: {bandwidth / 1e9:,.1f} GB/s -> limit {limit:,.1f} tokens/s (the KV cache, a few "
         f"% more, not counted)")
+    log_products_alone(products, bandwidth, n_bytes, best["ours parallel"])
     rows = []
     for path in paths:
         rate = best[path]

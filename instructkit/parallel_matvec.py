@@ -148,6 +148,12 @@ def decode_weights(linear, dtype):
     return cached[1], cached[2]
 
 
+def split_blocks():
+    """Into how many runs the split path cuts each weight: one per thread, and at least 2 (forced
+    with one thread, the runs are multiplied one after the other)."""
+    return max(2, torch.get_num_threads())
+
+
 def _is_lora(module):
     """exercise_variants.LinearWithLoRA's layout: `linear` (nn.Linear) plus `lora`."""
     return isinstance(getattr(module, "linear", None), nn.Linear) and hasattr(module, "lora")
@@ -249,8 +255,7 @@ class MatvecChooser:
     def __init__(self, device, n_rows, dtype=None):
         threads = torch.get_num_threads()
         self.plain = DecodeLinear(1, dtype)
-        # forced, the split runs even with one thread (its runs one after the other)
-        self.parallel = DecodeLinear(max(2, threads), dtype)
+        self.parallel = DecodeLinear(split_blocks(), dtype)
         mode = current_mode()
         if device.type != "cpu" or n_rows > MAX_ROWS:
             self.fixed = "plain"

@@ -107,6 +107,9 @@ def test_decode_only_reports_rates_bandwidth_and_bf16_agreement(shared_data):
     out = result.stdout
     assert "-- training:" not in out and "== Summary ==" not in out  # the decode section only
     assert re.search(r"read bandwidth \(measured\): .* [\d.]+ GB/s", out)
+    assert re.search(r"the split products alone, back to back, .*: [\d.]+ GB/s \(\d+% of the plain "
+                     r"sum\); the rest of a parallel decode step .*: -?[\d.]+ ms a token$", out,
+                     re.MULTILINE)
     for dtype in ("fp32", "bf16"):
         for path in ("plain", "parallel"):
             assert re.search(rf"^  {dtype} fast_gpt {path} +: +[\d,.]+ tokens/s, reads +[\d.]+ GB/s, "
@@ -151,6 +154,8 @@ def test_bench_llm_tiny_runs_every_section_with_numbers(tiny_llm_run):
                          section)
         assert re.search(r"the calibration \(auto, the commands' default\) picks: (plain|parallel)$",
                          section, re.MULTILINE), label
+        assert re.search(r"the split products alone, .*: [\d.]+ GB/s \(\d+% of the plain sum\)",
+                         section), label
         for side in ("ours plain", "ours parallel", "ours", "transformers"):
             assert re.search(rf"^  fp32 {side} +: +[\d,.]+ tokens/s, reads +[\d.]+ GB/s, \d+% of "
                              r"the limit$", section, re.MULTILINE), (label, side)
