@@ -354,10 +354,27 @@ class ProcessGroup(SingleProcess):
         dist.barrier()
 
     def close(self):
+        """Leave the group so that no process can hang on its way out.
+
+        Gloo's worker threads may still be freeing a finished collective's tensors, and a
+        tensor made in Python needs the GIL to be freed. Whoever drops the group's last
+        reference waits for those threads: torch's Python handle lets the GIL go while it
+        waits, but DDP's reducer (C++) holds it. Dropped after destroy_process_group, the
+        reducer was that last holder, and a process deadlocked now and then at exit (seen
+        under load, with py-spy: the join in ~ProcessGroupGloo under ~Reducer, a gloo thread
+        waiting for the GIL in ~AsyncAllgatherWork). So DDP goes first, and a Python handle
+        of the group is the last reference."""
+        import gc
+
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        group = dist.group.WORLD
+        self._train_forward = None  # DDP and its reducer, while torch still holds the group
+        gc.collect()  # DDP's modules may sit in reference cycles: free them now, not later
+        dist.destroy_process_group()
+        del group  # the last reference, through torch's holder that releases the GIL
 
 
 def _parameter_names(model, optimizer):

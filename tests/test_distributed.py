@@ -248,6 +248,46 @@ def test_without_torchrun_nothing_changes():
     assert group.map_in_order(lambda items: [x * 2 for x in items], [1, 2, 3]) == [2, 4, 6]
 
 
+def test_close_frees_ddp_before_the_group(monkeypatch):
+    """A real gloo group of one process, here: DDP (whose reducer holds the group from C++,
+    with the GIL) must be gone before the group is destroyed, so that the group's last
+    reference is torch's Python handle, which lets the GIL go while gloo's threads stop. The
+    other order hung a torchrun process at exit now and then (ProcessGroup.close)."""
+    import weakref
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    group = init_processes(device="cpu", environ=env)
+    try:
+        model = torch.nn.Linear(3, 2)
+        group.prepare_model(model, "ddp")
+        ddp = weakref.ref(group._train_forward)
+        assert type(ddp()).__name__ == "DistributedDataParallel"
+        seen = {}
+        destroy = dist.destroy_process_group
+
+        def recording_destroy(*args, **kwargs):
+            seen["ddp alive"] = ddp() is not None
+            seen["group"] = dist.group.WORLD
+            destroy(*args, **kwargs)
+
+        monkeypatch.setattr(dist, "destroy_process_group", recording_destroy)
+        group.close()
+        assert seen["ddp alive"] is False and seen["group"] is not None
+        assert not dist.is_initialized()
+        group.close()  # twice is harmless
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 #####################################
 # The command line under torchrun
 #####################################
