@@ -40,6 +40,13 @@ def script_command(out_dir, *args, nproc=None):
     return [sys.executable, *launcher, str(SCRIPT), str(out_dir), *args]
 
 
+def loopback_port():
+    """A TCP port free on 127.0.0.1 just now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def start(command):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **TORCHRUN_ENV}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -177,9 +184,7 @@ def test_two_machines_through_the_c10d_rendezvous(runs, tmp_path):
     """`--nnodes 2 --rdzv-backend c10d`, as on two machines: here two torchrun agents of one
     process each, meeting at a rendezvous on 127.0.0.1 (each thinks it is its machine's
     LOCAL_RANK 0)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = loopback_port()
     launcher = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test"]
     agents = [start([sys.executable, *launcher, str(SCRIPT), str(tmp_path), "--strategies", "ddp"])
@@ -257,9 +262,7 @@ def test_close_frees_ddp_before_the_group(monkeypatch):
 
     import torch.distributed as dist
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = loopback_port()
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
     for name, value in env.items():
