@@ -39,7 +39,6 @@ import contextlib
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -100,13 +99,6 @@ def rewrite_reply(prompt, body=None):
 def full_model_name(name):
     """'llama3' -> 'llama3:latest', as Ollama lists pulled models."""
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-
-def unused_port():
-    """A loopback port with nothing listening on it (for "server down" tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _now():

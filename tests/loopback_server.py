@@ -111,9 +111,13 @@ def running(httpd):
         thread.join()
 
 
-def closed_port_url():
-    """A loopback URL nothing listens on: connecting is refused at once."""
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on just now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        return sock.getsockname()[1]
+
+
+def closed_port_url():
+    """A loopback URL nothing listens on: connecting is refused at once."""
+    return f"http://127.0.0.1:{free_port()}"

@@ -7,7 +7,6 @@ The browser is Debian's (`apt-get install chromium`), driven by Playwright with
 """
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loopback_server import free_port
 from test_chat import book_answer, save_model
 
 from instructkit.gpt2_sizes import TEST_MODE_CONFIG
@@ -49,12 +49,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning"),
 ]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sabotage:

@@ -9,7 +9,6 @@ process path), side by side, and the tests compare what they wrote.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 from cli_in_process import run_finetune
 from conftest import ROOT, SHARED_DATA, TOKENIZER_DIR
+from loopback_server import free_port
 from portable import TORCHRUN_ENV, WINDOWS, new_group_kwargs, send_interrupt
 
 from instructkit.distributed import (
@@ -38,13 +38,6 @@ def script_command(out_dir, *args, nproc=None):
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                                           "--standalone"]
     return [sys.executable, *launcher, str(SCRIPT), str(out_dir), *args]
-
-
-def loopback_port():
-    """A TCP port free on 127.0.0.1 just now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start(command):
@@ -184,7 +177,7 @@ def test_two_machines_through_the_c10d_rendezvous(runs, tmp_path):
     """`--nnodes 2 --rdzv-backend c10d`, as on two machines: here two torchrun agents of one
     process each, meeting at a rendezvous on 127.0.0.1 (each thinks it is its machine's
     LOCAL_RANK 0)."""
-    port = loopback_port()
+    port = free_port()
     launcher = ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test"]
     agents = [start([sys.executable, *launcher, str(SCRIPT), str(tmp_path), "--strategies", "ddp"])
@@ -262,7 +255,7 @@ def test_close_frees_ddp_before_the_group(monkeypatch):
 
     import torch.distributed as dist
 
-    port = loopback_port()
+    port = free_port()
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
     for name, value in env.items():

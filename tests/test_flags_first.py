@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, TOKENIZER_DIR
 from fake_ollama import FakeOllama
-from loopback_server import serving
+from loopback_server import free_port, serving
 from test_ollama_evaluate import WITHOUT_TORCH
 
 from instructkit.checkpoints import save_checkpoint
@@ -225,9 +225,7 @@ def test_web_chat_refuses_a_bad_port_or_host(model_file, capsys, flags, line):
 def test_a_free_port_passes():
     from instructkit.web_chat import check_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     assert check_port("127.0.0.1", port) == port
 
 

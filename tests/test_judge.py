@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from fake_ollama import Crash, Fail, FakeOllama, Hangup, StreamError, unused_port
-from loopback_server import serving
+from fake_ollama import Crash, Fail, FakeOllama, Hangup, StreamError
+from loopback_server import free_port, serving
 
 from gpt_instruction_finetuning import format_input
 from instructkit import judge, judge_cli, judge_results
@@ -139,11 +139,11 @@ def test_reachability_and_models():
         judge.ensure_ollama(server.url, "phi3:mini")
         with pytest.raises(judge.OllamaError, match="ollama pull llama3:70b"):
             judge.ensure_ollama(server.url, "llama3:70b")
-    assert not judge.ollama_is_reachable(f"http://127.0.0.1:{unused_port()}", timeout=1)
+    assert not judge.ollama_is_reachable(f"http://127.0.0.1:{free_port()}", timeout=1)
 
 
 def test_server_down_gives_a_clear_error():
-    address = f"http://127.0.0.1:{unused_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     for call in (lambda: judge.ensure_ollama(address, "llama3"),
                  lambda: judge.ask_judge("hi", url=address + "/api/chat")):
         with pytest.raises(judge.OllamaError) as info:

@@ -7,8 +7,8 @@ then success, a 500, a hang). The commands run in-process (`main(argv)`).
 import json
 
 import pytest
-from fake_ollama import unused_port
 from fake_openai import FakeOpenAI, Hang, Status
+from loopback_server import free_port
 
 from instructkit import judge, score
 from instructkit.judge_results import build_score_prompt, scores_fingerprint
@@ -153,7 +153,7 @@ def test_a_silent_server_times_out(tmp_path, capsys):
 def test_no_server_and_a_missing_model(tmp_path, capsys):
     path = write_entries(tmp_path, 2)
     assert score.main(["--file-path", str(path), "--api", "openai", "--base-url",
-                       f"127.0.0.1:{unused_port()}", "--model", "judge"]) == 1
+                       f"127.0.0.1:{free_port()}", "--model", "judge"]) == 1
     assert "error: No OpenAI-compatible server answered at http://127.0.0.1:" in capsys.readouterr().err
     with FakeOpenAI(models=["qwen2.5-7b", "llama3"], strict_models=True) as server:
         assert run_score(path, server) == 1

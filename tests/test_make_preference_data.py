@@ -15,8 +15,8 @@ from fake_ollama import (
     FakeOllama,
     fake_ollama_process,
     rewrite_reply,
-    unused_port,
 )
+from loopback_server import free_port
 from portable import new_group_kwargs, send_interrupt
 from test_ollama_evaluate import WITHOUT_TORCH, write_json
 
@@ -212,7 +212,7 @@ def test_cli_left_out_entries_exit_1(tmp_path, capsys):
 
 def test_cli_server_and_model_problems_exit_1(tmp_path, capsys):
     path = write_json(tmp_path / "data.json", entries(2))
-    port = unused_port()
+    port = free_port()
     assert mpd.main(["--file_path", str(path), "--host", f"127.0.0.1:{port}"]) == 1
     assert f"http://127.0.0.1:{port}" in capsys.readouterr().err
     with FakeOllama(models=["phi3"]) as server:

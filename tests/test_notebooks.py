@@ -17,8 +17,8 @@ import nbformat
 import pytest
 import torch
 from conftest import ROOT
-from fake_ollama import FakeOllama, unused_port
-from loopback_server import closed_port_url
+from fake_ollama import FakeOllama
+from loopback_server import closed_port_url, free_port
 from nbclient.exceptions import CellExecutionError
 from nbformat.v4 import new_notebook
 from notebook_runner import cell_outputs, repo_files, run_notebook, smoke_workdir, without_tensorflow_env
@@ -240,7 +240,7 @@ def ollama_check(tmp_path):
 
 @pytest.mark.slow
 def test_chapter_stops_when_no_ollama_answers(ollama_check):
-    port = unused_port()
+    port = free_port()
     with pytest.raises(CellExecutionError) as error:
         run_notebook("ollama-check.ipynb", ollama_check, env={"OLLAMA_HOST": f"127.0.0.1:{port}"},
                      timeout=120)

@@ -14,7 +14,8 @@ import time
 import psutil
 import pytest
 from conftest import ROOT
-from fake_ollama import FakeOllama, fake_ollama_process, unused_port
+from fake_ollama import FakeOllama, fake_ollama_process
+from loopback_server import free_port
 from portable import new_group_kwargs, send_interrupt
 from test_one_source import top_level_definitions, without_docstrings
 
@@ -157,7 +158,7 @@ def test_books_main_prints_the_books_two_lines(shared_data, monkeypatch, capsys)
 
 def test_books_main_refuses_to_go_on_without_ollama(tmp_path, monkeypatch):
     path = write_json(tmp_path / "data.json", entries(2))
-    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{unused_port()}")
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{free_port()}")
     with pytest.raises(judge.OllamaError, match="No Ollama server answered"):
         oe.main(path)
     with FakeOllama(models=["phi3"]) as server:
@@ -326,7 +327,7 @@ def test_cli_resumes_after_a_failed_run(tmp_path, capsys, monkeypatch, no_ollama
 
 def test_cli_server_and_model_problems_exit_1(tmp_path, capsys, monkeypatch, no_ollama_host):
     path = write_json(tmp_path / "data.json", entries(2))
-    port = unused_port()
+    port = free_port()
     assert run_script(monkeypatch, "--file_path", path, "--host", f"127.0.0.1:{port}") == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: No Ollama server answered at http://127.0.0.1:{port}")
@@ -441,7 +442,7 @@ def test_cli_as_a_subprocess_without_torch(tmp_path):
     assert [r["score"] for r in saved] == [85, 90, None, 0, 70, 75]
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
-    down = run_cli(["--file_path", str(path)], f"127.0.0.1:{unused_port()}")
+    down = run_cli(["--file_path", str(path)], f"127.0.0.1:{free_port()}")
     assert down.returncode == 1 and "ollama serve" in down.stderr
     bad = run_cli(["--file_path", str(tmp_path / "missing.json")], "127.0.0.1:1")
     assert bad.returncode == 2 and "input file not found" in bad.stderr
