@@ -19,7 +19,9 @@ or patches the model and state dicts are unchanged:
 - decode steps at the memory limit: a step reads every weight for a few rows, and its
   matrix-vector products (the output head included) are split over the CPU's cores where a
   short measurement on the first steps finds that faster (instructkit/parallel_matvec.py;
-  forced by --decode-matvec or INSTRUCTKIT_DECODE_MATVEC); `decode_dtype=torch.bfloat16`
+  forced by --decode-matvec or INSTRUCTKIT_DECODE_MATVEC), and at batch 1 in fp32 the whole
+  step may run in one C call instead (instructkit/native_decode.py, the same measurement
+  decides); `decode_dtype=torch.bfloat16`
   decodes with bfloat16 copies of the weights (half the bytes; off by default, tokens may
   differ). The functions below take a `linear(module, x)` argument for this; `call_module`,
   the default, is the plain path;
@@ -58,7 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from instructkit.console import print_text  # Not in the book: prints that never crash a run
-from instructkit.parallel_matvec import MatvecChooser  # Not in the book: decode steps' matvecs
+from instructkit.native_decode import decoder_for  # Not in the book: a whole decode step in C
+from instructkit.parallel_matvec import MatvecChooser, current_mode  # Not in the book: decode steps' matvecs
 from instructkit.precision import cuda_bf16_supported  # Not in the book: which GPUs compute in bfloat16
 from previous_chapters import text_to_token_ids, token_ids_to_text
 
@@ -351,14 +354,17 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
 
     The decode steps read every weight once for a few rows: their matrix-vector products go
     through instructkit/parallel_matvec.py, split over the CPU's cores where a measurement on
-    the first steps shows it faster (the same products, so the same tokens).
+    the first steps shows it faster (the same products, so the same tokens); at batch 1 in
+    fp32 the whole step can also run in C (instructkit/native_decode.py), where it is faster.
     decode_dtype: torch.bfloat16 to decode with bfloat16 copies of the linear layers' weights
     (half the bytes to read; tokens may differ); None (default) for the model's own weights.
     The prefill always runs on the model's own weights.
     """
     kv_cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    matvec = MatvecChooser(idx.device, idx.shape[0], decode_dtype)
+    # batch 1 in fp32: the whole step in one C call can be a path too (instructkit/native_decode.py)
+    native = decoder_for(model, idx.shape[0], pad_mask, decode_dtype, forced=current_mode() == "native")
+    matvec = MatvecChooser(idx.device, idx.shape[0], decode_dtype, native)
     for _ in range(max_new_tokens):
         if idx.shape[1] <= context_size:
             if kv_cache is None:  # prefill: the whole prompt once
@@ -366,9 +372,12 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
                 hidden = hidden_states(model, idx, kv_cache, pad_mask)
                 logits = last_position_logits(model.out_head, hidden)  # (batch, vocab_size)
             else:  # decode: only the newest token, with the chosen (or calibrating) products
-                with matvec.step() as linear:
-                    hidden = hidden_states(model, idx[:, -1:], kv_cache, pad_mask, linear)
-                    logits = last_position_logits(model.out_head, hidden, linear)
+                with matvec.step() as path:
+                    if path is native:  # blocks, final norm and head in one call
+                        logits = native.step(idx[:, -1:], kv_cache)
+                    else:  # a DecodeLinear: the book's blocks, its products split or not
+                        hidden = hidden_states(model, idx[:, -1:], kv_cache, pad_mask, path)
+                        logits = last_position_logits(model.out_head, hidden, path)
         else:
             mask_cond = None if pad_mask is None else pad_mask[:, -context_size:]
             linear = matvec.current()  # a whole window: not a step to time

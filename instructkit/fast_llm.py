@@ -63,7 +63,8 @@ from fast_gpt import (
     training_loop,
 )
 from instructkit.head_loss import LOSS_CHUNK_ROWS, head_loss_sum
-from instructkit.parallel_matvec import MatvecChooser
+from instructkit.native_decode import decoder_for
+from instructkit.parallel_matvec import MatvecChooser, current_mode
 
 # F.scaled_dot_product_attention shares key/value heads itself from torch 2.5 (enable_gqa)
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -246,11 +247,14 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
 
     The decode steps' matrix-vector products go through instructkit/parallel_matvec.py, as
     fast_gpt's do: split over the CPU's cores where a measurement on the first steps shows it
-    faster (the same products, so the same tokens).
+    faster (the same products, so the same tokens); at batch 1 in fp32 the whole step can
+    also run in C (instructkit/native_decode.py), where it is faster.
     """
     kv_cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    matvec = MatvecChooser(idx.device, idx.shape[0])
+    # batch 1 in fp32: the whole step in one C call can be a path too (instructkit/native_decode.py)
+    native = decoder_for(model, idx.shape[0], pad_mask, forced=current_mode() == "native")
+    matvec = MatvecChooser(idx.device, idx.shape[0], native=native)
     for _ in range(max_new_tokens):
         if idx.shape[1] <= context_size:
             if kv_cache is None:  # prefill: the whole prompt once
@@ -258,9 +262,12 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
                 hidden = hidden_states(model, idx, kv_cache, pad_mask)
                 logits = last_position_logits(model.out_head, hidden)  # (batch, vocab_size)
             else:  # decode: the newest token only, with the chosen (or calibrating) products
-                with matvec.step() as linear:
-                    hidden = hidden_states(model, idx[:, -1:], kv_cache, pad_mask, linear)
-                    logits = last_position_logits(model.out_head, hidden, linear)
+                with matvec.step() as path:
+                    if path is native:  # blocks, final norm and head in one call
+                        logits = native.step(idx[:, -1:], kv_cache)
+                    else:  # a DecodeLinear: the products split or not
+                        hidden = hidden_states(model, idx[:, -1:], kv_cache, pad_mask, path)
+                        logits = last_position_logits(model.out_head, hidden, path)
         else:
             mask_cond = None if pad_mask is None else pad_mask[:, -context_size:]
             linear = matvec.current()  # a whole window: not a step to time

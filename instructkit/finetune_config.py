@@ -117,9 +117,10 @@ class FinetuneConfig:
     decode_dtype: str = option("fp32", "weights for answering the test entries: fp32, or bf16 "
                                        "copies read at half the bytes (answers may differ)",
                                choices=list(parallel_matvec.DECODE_DTYPES))
-    decode_matvec: str | None = option(None, "decoding's matrix-vector products split over the "
-                                             "CPU's cores (parallel), not (plain), or chosen by "
-                                             f"a short measurement (auto; also {parallel_matvec.ENV_VAR})",
+    decode_matvec: str | None = option(None, "decode steps: products split over the CPU's cores "
+                                             "(parallel), not (plain), the whole step in C "
+                                             "(native: fp32, batch 1), or chosen by a short "
+                                             f"measurement (auto; also {parallel_matvec.ENV_VAR})",
                                        choices=list(parallel_matvec.MODES))
     compile: bool = option(False, "torch.compile the transformer blocks (worth it on a GPU)")
     precision: str = option("auto", "auto: bf16 autocast on GPUs of compute capability 8.0 and "

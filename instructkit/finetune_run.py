@@ -203,6 +203,7 @@ class FinetuneRun:
             raise BadInputError("--prompt-style chat uses a hub model's own chat template, and "
                                 "GPT-2 has none: use --prompt-style alpaca or phi3, or a hub "
                                 "model (--model qwen3-0.6b, smollm2-360m, ...)")
+        parallel_matvec.check_mode(config.decode_matvec)  # not only when the answers begin
         if self.repo_id is not None:  # a hub model's folder must be writable before any download
             self._refuse_gpt2_only_flags()
             from instructkit.preflight import check_output_dir

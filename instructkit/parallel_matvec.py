@@ -14,20 +14,24 @@ split only adds overhead. So the split is kept only where it is measured to be f
   decoded 30 tokens/s where this decodes 39-41 on the same machine.) Either of the two can
   run on bfloat16 copies of the weights (`--decode-dtype bf16`, off by default since tokens
   may differ).
-- `MatvecChooser` picks, for one generation, which of the two each decode step uses. In the
-  mode "auto" the first decode steps alternate between them and are timed: they are real
-  steps, so the calibration costs nothing beyond the slower path's few steps. Once each path
-  has CALIBRATION_STEPS timings, the split is kept only when clearly faster (its best step at
-  least 5% faster than the plain path's best, and its median step faster too), so it is never
-  chosen on noise. The choice is cached for the process, per device, weight dtype, batch size
-  and thread count (`CHOICES`); generations too short to finish the calibration add their
+- `MatvecChooser` picks, for one generation, which path each decode step uses: one of the two
+  DecodeLinears, or, where instructkit/native_decode.py applies (a GPT-2 model in fp32 at
+  batch 1, on a machine with a C compiler), "native": the whole step in one C call. In the
+  mode "auto" the first decode steps take the paths in turn and are timed: they are real
+  steps, so the calibration costs nothing beyond the slower paths' few steps. Once each path
+  has CALIBRATION_STEPS timings, a path other than the plain one is kept only when clearly
+  faster (its best step at least 5% faster than the plain path's best, and its median step
+  faster too), so it is never chosen on noise; of several such, the lowest median wins. The
+  choice is cached for the process, per device, weight dtype, batch size, thread count and
+  the paths offered (`CHOICES`); generations too short to finish the calibration add their
   timings to the next one's.
-- The mode: "auto", "parallel" or "plain" (the last two forced, no calibration). `set_mode`
-  (the commands' --decode-matvec flag) wins over the environment variable
-  INSTRUCTKIT_DECODE_MATVEC, which wins over "auto".
+- The mode: "auto", or one of PATHS forced, no calibration ("native" where it does not apply
+  is "parallel"). `set_mode` (the commands' --decode-matvec flag) wins over the environment
+  variable INSTRUCTKIT_DECODE_MATVEC, which wins over "auto".
 
 The split changes no formula: each output element is still one row of the weight times the
 input, so greedy tokens equal the plain path's (tests/test_decode_matvec.py forces each path).
+The native step adds each dot product in another order: logits agree to float32 rounding.
 """
 
 import contextlib
@@ -40,9 +44,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from instructkit import native_decode
 from instructkit.errors import BadInputError
 
-MODES = ("auto", "parallel", "plain")
+PATHS = ("plain", "parallel", "native")
+MODES = ("auto", *PATHS)
 ENV_VAR = "INSTRUCTKIT_DECODE_MATVEC"
 # --decode-dtype's choices: the weights' dtype for the decode steps (None: the model's own)
 DECODE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -52,7 +58,7 @@ MARGIN = 0.95  # the split's best step must take at most this share of the plain
 MAX_ROWS = 16
 
 _mode = None  # set_mode's choice, None: the environment variable's or "auto"
-CHOICES = {}  # (device type, dtype, rows, threads) -> "parallel" or "plain", for the process
+CHOICES = {}  # (device type, dtype, rows, threads, paths offered) -> one of them, for the process
 _timings = {}  # the same keys -> {"plain": [seconds, ...], "parallel": [...]}, while calibrating
 # bfloat16 copies of nn.Linear weights, made once per module (again only if its weight changes)
 _LOW_PRECISION = weakref.WeakKeyDictionary()
@@ -80,6 +86,15 @@ def current_mode():
     return value
 
 
+def check_mode(mode=None):
+    """`mode` (a flag's value), else current_mode(), checked before any work: "native" needs
+    a machine that can build instructkit/native_decode.c (BadInputError otherwise)."""
+    mode = mode or current_mode()
+    if mode == "native":
+        native_decode.require()
+    return mode
+
+
 def reset_calibration():
     """Forget every cached choice and timing (tests; or after moving to other hardware)."""
     CHOICES.clear()
@@ -87,21 +102,21 @@ def reset_calibration():
 
 
 def record(key, path, seconds):
-    """One timed decode step of `path`; chooses once both paths have enough timings."""
-    times = _timings.setdefault(key, {"plain": [], "parallel": []})
+    """One timed decode step of `path`; chooses once every path offered has enough timings."""
+    times = _timings.setdefault(key, {name: [] for name in key[-1]})
     times[path].append(seconds)
     if min(len(t) for t in times.values()) >= CALIBRATION_STEPS:
-        plain, parallel = times["plain"], times["parallel"]
-        faster = (min(parallel) <= MARGIN * min(plain)
-                  and statistics.median(parallel) < statistics.median(plain))
-        CHOICES[key] = "parallel" if faster else "plain"
+        plain = times.pop("plain")
+        faster = {name: statistics.median(t) for name, t in times.items()
+                  if min(t) <= MARGIN * min(plain) and statistics.median(t) < statistics.median(plain)}
+        CHOICES[key] = min(faster, key=faster.get) if faster else "plain"
         del _timings[key]
 
 
 def calibration_report():
     """One line per cached choice, for the benchmark's output."""
-    return [f"{device} {dtype}, batch {rows}, {threads} threads: {choice}"
-            for (device, dtype, rows, threads), choice in CHOICES.items()]
+    return [f"{device} {dtype}, batch {rows}, {threads} threads ({'/'.join(paths)}): {choice}"
+            for (device, dtype, rows, threads, paths), choice in CHOICES.items()]
 
 
 #####################################
@@ -114,16 +129,17 @@ def add_decode_arguments(parser):
                         help="weights for decoding: fp32 (default), or bf16 copies read at half "
                              "the bytes (faster where memory bandwidth limits; tokens may differ)")
     parser.add_argument("--decode-matvec", choices=list(MODES), default=None,
-                        help="matrix-vector products of decoding: split over the CPU's cores "
-                             "(parallel), not (plain), or chosen by a short measurement (auto, "
-                             f"the default; also set by the environment variable {ENV_VAR})")
+                        help="decode steps: products split over the CPU's cores (parallel), "
+                             "not (plain), the whole step in C (native: GPT-2, fp32, batch 1, "
+                             "with a C compiler), or chosen by a short measurement (auto, the "
+                             f"default; also set by the environment variable {ENV_VAR})")
 
 
 def apply_decode_arguments(args):
     """Applies --decode-matvec; returns --decode-dtype's torch dtype (None for fp32)."""
     if args.decode_matvec is not None:
         set_mode(args.decode_matvec)
-    current_mode()  # a bad environment variable is an error now, not at the first answer
+    check_mode()  # a bad environment variable (or native without a compiler) fails now
     return DECODE_DTYPES[args.decode_dtype]
 
 
@@ -246,43 +262,54 @@ class DecodeLinear:
 
 
 class MatvecChooser:
-    """Which DecodeLinear each decode step of one generation uses (see the module's notes).
+    """Which path each decode step of one generation takes (see the module's notes).
 
     device: where the model runs (the split is for CPUs only); n_rows: the batch size;
-    dtype: --decode-dtype's torch dtype (None: the model's own weights).
+    dtype: --decode-dtype's torch dtype (None: the model's own weights); native: a
+    native_decode.GPTDecoder where that path applies to this generation, else None.
     """
 
-    def __init__(self, device, n_rows, dtype=None):
+    def __init__(self, device, n_rows, dtype=None, native=None):
         threads = torch.get_num_threads()
         self.plain = DecodeLinear(1, dtype)
         self.parallel = DecodeLinear(split_blocks(), dtype)
+        self.paths = {"plain": self.plain, "parallel": self.parallel}
+        if native is not None:
+            self.paths["native"] = native
+        # those the calibration times (with one thread there is nothing to split)
+        self.candidates = tuple(name for name in self.paths if threads >= 2 or name != "parallel")
         mode = current_mode()
         if device.type != "cpu" or n_rows > MAX_ROWS:
             self.fixed = "plain"
+        elif mode == "native" and native is None:  # not for this model or batch: the nearest
+            self.fixed = "parallel"
         elif mode != "auto":
             self.fixed = mode
         else:
-            self.fixed = "plain" if threads < 2 else None
+            self.fixed = "plain" if len(self.candidates) == 1 else None
         self.key = (device.type, str(dtype or "model's dtype").replace("torch.", ""), n_rows,
-                    threads)
-        self._turn = 0
+                    threads, self.candidates)
 
     def choice(self):
-        """"parallel" or "plain", or None while calibrating."""
+        """One of PATHS, or None while calibrating."""
         return self.fixed or CHOICES.get(self.key)
 
     def current(self):
-        """The DecodeLinear to use without timing (the plain one while calibrating)."""
-        return self.parallel if self.choice() == "parallel" else self.plain
+        """The DecodeLinear to use without timing (for a whole window of tokens; the plain
+        one while calibrating, the split one where the native step was chosen)."""
+        return self.plain if self.choice() in (None, "plain") else self.parallel
 
     @contextlib.contextmanager
     def step(self):
-        """Gives this decode step's DecodeLinear; times the step while calibrating."""
-        if self.choice() is not None:
-            yield self.current()
+        """Gives this decode step's path: a DecodeLinear, or the native GPTDecoder; times the
+        step while calibrating."""
+        choice = self.choice()
+        if choice is not None:
+            yield self.paths[choice]
             return
-        path = ("plain", "parallel")[self._turn % 2]  # alternating: both see the same load
-        self._turn += 1
+        # the path with the fewest timings so far: in turn, so that all see the same load
+        times = _timings.get(self.key, {})
+        path = min(self.candidates, key=lambda name: len(times.get(name, ())))
         start = time.perf_counter()
-        yield getattr(self, path)
+        yield self.paths[path]
         record(self.key, path, time.perf_counter() - start)

@@ -107,6 +107,15 @@ def _seed_tiktoken_cache():
 _seed_tiktoken_cache()
 
 
+def _native_decode_folder():
+    # fast_gpt's native decode step is compiled once per session into the session's folder
+    # (not the user's cache), for the tests and every command or kernel they start.
+    os.environ.setdefault("INSTRUCTKIT_NATIVE_DIR", tempfile.mkdtemp(prefix="native-decode-"))
+
+
+_native_decode_folder()
+
+
 def _let_children_hear_ctrl_c():
     # A shell without job control starts background jobs with SIGINT ignored, and an ignored
     # signal stays ignored across exec: every command a test starts would then shrug off the

@@ -19,6 +19,7 @@ import fast_gpt as fg
 import previous_chapters as pc
 from instructkit import parallel_matvec as pm
 from instructkit.errors import BadInputError
+from instructkit.native_decode import decoder_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,26 +116,30 @@ def two_threads():
 def test_the_calibration_is_cached_and_reused(small_cfg, two_threads):
     model = MODELS["project"](small_cfg, seed=4)
     prompts = random_prompts(1, 6, seed=4)
-    chooser = pm.MatvecChooser(torch.device("cpu"), 1)
+    # this model in fp32 at batch 1: the native step is offered too (tests/test_native_decode.py)
+    native = decoder_for(model, 1)
+    chooser = pm.MatvecChooser(torch.device("cpu"), 1, native=native)
     assert chooser.choice() is None  # nothing measured yet
     # fewer decode steps than the calibration needs: the timings wait for the next call
     fg.generate(model, prompts, 1 + pm.CALIBRATION_STEPS, CONTEXT)
     assert chooser.key not in pm.CHOICES and pm._timings[chooser.key]
-    fg.generate(model, prompts, 1 + pm.CALIBRATION_STEPS, CONTEXT)
+    rest = (len(chooser.candidates) - 1) * pm.CALIBRATION_STEPS  # the steps still to time
+    fg.generate(model, prompts, 1 + rest, CONTEXT)
     choice = pm.CHOICES[chooser.key]
-    assert choice in ("parallel", "plain") and chooser.key not in pm._timings
-    assert pm.MatvecChooser(torch.device("cpu"), 1).choice() == choice
-    assert f"batch 1, 2 threads: {choice}" in pm.calibration_report()[0]
-    # another batch size is measured on its own
+    assert choice in ("parallel", "plain", "native") and chooser.key not in pm._timings
+    assert pm.MatvecChooser(torch.device("cpu"), 1, native=native).choice() == choice
+    assert f"batch 1, 2 threads (plain/parallel/native): {choice}" in pm.calibration_report()[0]
+    # another batch size, or without the native step, is measured on its own
     assert pm.MatvecChooser(torch.device("cpu"), 3).choice() is None
+    assert pm.MatvecChooser(torch.device("cpu"), 1).choice() is None
     torch.set_num_threads(1)
-    # one thread: nothing to split, auto stays plain without measuring
+    # one thread and no native step: nothing to split, auto stays plain without measuring
     assert pm.MatvecChooser(torch.device("cpu"), 1).choice() == "plain"
 
 
 def test_the_decision_rule_keeps_the_split_only_when_clearly_faster():
     def decide(plain, parallel):
-        key = ("cpu", "test", 1, 2)
+        key = ("cpu", "test", 1, 2, ("plain", "parallel"))
         for a, b in zip(plain, parallel, strict=True):
             pm.record(key, "plain", a)
             pm.record(key, "parallel", b)
@@ -244,4 +249,4 @@ def test_the_chat_command_with_the_decode_flags(tmp_path, tokenizer, capsys, mon
     pm.set_mode(None)
     code, out, err = chat_main(capsys, monkeypatch, model_file, entry["instruction"])
     assert code == 2 and err.strip() == (f"error: {pm.ENV_VAR}='fastest': expected one of "
-                                         f"auto, parallel, plain")
+                                         f"auto, plain, parallel, native")

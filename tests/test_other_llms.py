@@ -169,13 +169,20 @@ def test_batched_left_padded_greedy_equal_transformers(kind, hf_models, our_mode
                                         batch_size=3, pad_id=0) == expected
 
 
-@pytest.mark.parametrize("mode", ["plain", "parallel"])
+@pytest.mark.parametrize("mode", ["plain", "parallel", "native"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_decode_matvec_paths_give_transformers_tokens(kind, mode, hf_models, our_models):
-    """The decode steps' products through instructkit/parallel_matvec.py, each path forced (the
-    split one cuts every weight's rows into runs, even with one torch thread): the
-    greedy tokens of transformers, at batch 1 and for a left-padded batch."""
+def test_decode_matvec_paths_give_transformers_tokens(kind, mode, hf_models, our_models, monkeypatch):
+    """The decode steps through instructkit/parallel_matvec.py, each path forced (the split one
+    cuts every weight's rows into runs, even with one torch thread; native runs the batch-1
+    steps in C, instructkit/native_decode.py): the greedy tokens of transformers, at batch 1
+    and for a left-padded batch."""
+    from instructkit import native_decode
     from instructkit import parallel_matvec as pm
+
+    native_steps = []
+    real_step = native_decode.NativeDecoder.step
+    monkeypatch.setattr(native_decode.NativeDecoder, "step",
+                        lambda self, token, cache: native_steps.append(1) or real_step(self, token, cache))
 
     model, cfg = our_models[kind]
     prompt = random_ids(7, (1, 6))
@@ -193,6 +200,7 @@ def test_decode_matvec_paths_give_transformers_tokens(kind, mode, hf_models, our
                                        pad_id=0) == batched
     finally:
         pm.set_mode(None)
+    assert len(native_steps) == (11 if mode == "native" else 0)  # the batch-1 decode steps
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama3-scaled"])
