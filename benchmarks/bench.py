@@ -24,10 +24,11 @@ model in a few seconds (CI). The exit status is 1 when a check of agreement fail
 On a CPU it also measures decoding at batch 1 against the hardware's limit (each token reads
 every weight once): the read bandwidth of a plain sum over the model's linear weights, and
 fast_gpt's decode tokens/s with those weights read as fp32 or bf16, through the library's
-matrix-vector products (plain) or split over the cores (parallel), as GB/s and as a fraction
-of that limit; the pick of the calibration (auto); Hugging Face transformers' GPT-2 side by
-side where it is installed; and how often bf16's greedy answers to the 110 test prompts equal
-fp32's (rows identical, the first differing position). Only that, in a few minutes:
+matrix-vector products (plain), split over the cores (parallel), or the whole step in C
+(native, fp32; instructkit/native_decode.py), as GB/s and as a fraction of that limit; the
+pick of the calibration (auto); Hugging Face transformers' GPT-2 side by side where it is
+installed; and how often bf16's greedy answers to the 110 test prompts equal fp32's (rows
+identical, the first differing position). Only that, in a few minutes:
 
     python benchmarks/bench.py --decode-only [--models gpt2-small,gpt2-medium] [--weights PATH]
 """
@@ -662,7 +663,7 @@ def hf_decode_rate(model, prompt, n_new, pad_id):
 
 def bench_decode(label, cfg, model, data, tokenizer, args, agreement):
     """Batch-1 decode tokens/s against the read-bandwidth limit; bf16's agreement with fp32."""
-    from instructkit import parallel_matvec
+    from instructkit import native_decode, parallel_matvec
 
     _, test_data, val_data = data
     context_size = cfg["context_length"]
@@ -674,7 +675,10 @@ def bench_decode(label, cfg, model, data, tokenizer, args, agreement):
     log(f"-- decode at batch 1 ({label}): {n_new} greedy tokens after the chapter's first "
         f"validation prompt ({len(prompt)} tokens); tokens/s from the first new token to the last "
         f"(the prefill not counted), best of {args.decode_repeats} runs, the variants interleaved --")
-    variants = [(dtype, path) for dtype in ("fp32", "bf16") for path in ("plain", "parallel")]
+    # the native step (instructkit/native_decode.py) decodes fp32 weights only
+    native_missing = native_decode.layout_problem(model) or native_decode.unavailable_reason()
+    variants = [(dtype, path) for dtype in ("fp32", "bf16") for path in ("plain", "parallel", "native")
+                if path != "native" or (dtype == "fp32" and not native_missing)]
     best, tokens, bandwidth, products = {}, {}, 0.0, 0.0
     try:
         for _ in range(args.decode_repeats):
@@ -715,11 +719,16 @@ def bench_decode(label, cfg, model, data, tokenizer, args, agreement):
             f"{fraction:.0%} of the limit")
     if not any(path == "transformers" for _, _, path, *_ in rows):
         log("  transformers: not installed (pip install transformers for the side-by-side rows)")
+    if native_missing:
+        log(f"  fast_gpt native: not run here ({native_missing})")
     log(f"  the calibration (auto) picks: {auto}")
-    same = sum(a == b for a, b in zip(tokens["fp32", "plain"], tokens["fp32", "parallel"], strict=True))
-    ok = same == len(tokens["fp32", "plain"])
-    log(f"CHECK {label} decode fp32 greedy tokens, parallel vs plain: {same}/{n_new} identical: "
-        f"{'OK' if ok else 'FAILED'}")
+    ok = True
+    for path in ("parallel", "native"):
+        if ("fp32", path) in tokens:
+            same = sum(a == b for a, b in zip(tokens["fp32", "plain"], tokens["fp32", path], strict=True))
+            ok = ok and same == len(tokens["fp32", "plain"])
+            log(f"CHECK {label} decode fp32 greedy tokens, {path} vs plain: {same}/{n_new} "
+                f"identical: {'OK' if same == n_new else 'FAILED'}")
 
     if agreement:
         prompts = [tokenizer.encode(format_input(entry))[-context_size:] for entry in test_data]

@@ -10,11 +10,12 @@ temporary folder and loads that folder with the project's `load_hub_model`: both
 the same weights. Then, on the CPU:
 
 - decode at batch 1: greedy tokens/s after a prompt of ~100 tokens, the project's KV-cached
-  `generate` (fast_llm) against transformers' `generate`, the prefill not counted, best of
-  `--repeats` interleaved runs; both against the read-bandwidth limit (the bytes of every
-  linear weight, read once per token, over the bandwidth of a plain sum over those weights,
-  measured between the runs: benchmarks/bench.py's method), and whether both produce the same
-  greedy tokens; plus the largest difference of their logits on the prompt;
+  `generate` (fast_llm: its products plain, split over the cores, or the whole step in C,
+  each forced, and the calibration's pick) against transformers' `generate`, the prefill not
+  counted, best of `--repeats` interleaved runs; both against the read-bandwidth limit (the
+  bytes of every linear weight, read once per token, over the bandwidth of a plain sum over
+  those weights, measured between the runs: benchmarks/bench.py's method), and whether both
+  produce the same greedy tokens; plus the largest difference of their logits on the prompt;
 - a training step (forward, backward, AdamW step) on the chapter's kind of batch (8 rows of up
   to 128 tokens, padded as the chapter's `custom_collate_fn` pads, -100 targets after the
   first pad): the project's packed, chunked loss (`fast_llm.calc_loss_batch_packed`) against
@@ -262,14 +263,17 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
         split_products_bandwidth,
     )
 
-    from instructkit import parallel_matvec
+    from instructkit import native_decode, parallel_matvec
 
     pad_id = hf_model.config.eos_token_id
     weights = linear_weights(ours)  # each read in full once per token; the embedding lookups are rows
     n_bytes = sum(w.numel() * w.element_size() for w in weights)
     n_new, context = args.new_tokens, cfg["context_length"]
     best, tokens, bandwidth, products = {}, {}, 0.0, 0.0
-    paths = ("ours plain", "ours parallel", "transformers")
+    # the whole step in C (instructkit/native_decode.py): fp32, with a C compiler
+    native_missing = native_decode.layout_problem(ours) or native_decode.unavailable_reason()
+    paths = ("ours plain", "ours parallel", *(() if native_missing else ("ours native",)),
+             "transformers")
     try:
         for _ in range(args.repeats):  # interleaved, best of each; the limit measured between them
             bandwidth = max(bandwidth, read_bandwidth(weights, 3))
@@ -277,7 +281,7 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
             for path in paths:
                 if path == "transformers":
                     rate, tokens[path] = hf_decode_rate(hf_model, prompt, n_new, pad_id)
-                else:  # each of fast_llm's two ways of computing the products, forced
+                else:  # each of fast_llm's ways of computing a decode step, forced
                     parallel_matvec.set_mode(path.split()[1])
                     rate, tokens[path] = our_decode_rate(ours, prompt, n_new, context, None)
                 best[path] = max(best.get(path, 0.0), rate)
@@ -286,7 +290,8 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
         parallel_matvec.reset_calibration()
         for _ in range(2):
             our_decode_rate(ours, prompt, 2 * parallel_matvec.CALIBRATION_STEPS + 1, context, None)
-        pick = parallel_matvec.MatvecChooser(torch.device("cpu"), 1).choice() or "plain"
+        native = None if native_missing else native_decode.decoder_for(ours, 1)
+        pick = parallel_matvec.MatvecChooser(torch.device("cpu"), 1, native=native).choice() or "plain"
     finally:
         parallel_matvec.set_mode(None)
     best["ours"] = best[f"ours {pick}"]
@@ -303,6 +308,8 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
         if path != "transformers":
             log(f"  {dtype} {path:14s}: {rate:7,.2f} tokens/s, reads {rate * n_bytes / 1e9:5.1f} "
                 f"GB/s, {rate / limit:.0%} of the limit")
+    if native_missing:
+        log(f"  ours native: not run here ({native_missing})")
     log(f"  the calibration (auto, the commands' default) picks: {pick}")
     for path in ("ours", "transformers"):
         rate = best[path]
@@ -316,6 +323,14 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
     if tokens["ours plain"] != tokens["ours parallel"]:  # the same products: the same tokens
         log(f"CHECK {label} {dtype} greedy tokens, ours plain vs parallel: differ: FAILED")
         return rows, False
+    if "ours native" in tokens:  # the same formulas, each dot product added in another order
+        differ = first_difference(tokens["ours plain"], tokens["ours native"])
+        log(f"CHECK {label} {dtype} greedy tokens, ours native vs plain: "
+            + ("identical: OK" if differ is None else f"differ from new token {differ}: "
+               + ("FAILED" if tiny else "DIFFERENT, not counted (random weights: near-ties "
+                                        "decided by float rounding)")))
+        if differ is not None and tiny:
+            return rows, False
     same = sum(a == b for a, b in zip(ours_tokens, hf_tokens, strict=True))
     with torch.inference_mode():
         ids = torch.tensor([prompt + ours_tokens])

@@ -68,10 +68,11 @@ def test_tiny_run_checks_agreement(tiny_run):
     out = tiny_run[0].stdout
     checks = re.findall(r"^CHECK tiny (.*): (OK|FAILED)$", out, re.MULTILINE)
     names = " | ".join(name for name, _ in checks)
-    assert len(checks) == 5, names
+    assert len(checks) == 6, names
     assert all(status == "OK" for _, status in checks), checks
     assert "training losses" in names and "batch-1 greedy tokens" in names
     assert "decode fp32 greedy tokens, parallel vs plain" in names
+    assert "decode fp32 greedy tokens, native vs plain" in names  # CI's machine has gcc
     assert "test-prompt answers" in names and "generate_responses" in names
     assert "checks of agreement: all OK" in out
 
@@ -110,15 +111,16 @@ def test_decode_only_reports_rates_bandwidth_and_bf16_agreement(shared_data):
     assert re.search(r"the split products alone, back to back, .*: [\d.]+ GB/s \(\d+% of the plain "
                      r"sum\); the rest of a parallel decode step .*: -?[\d.]+ ms a token$", out,
                      re.MULTILINE)
-    for dtype in ("fp32", "bf16"):
-        for path in ("plain", "parallel"):
-            assert re.search(rf"^  {dtype} fast_gpt {path} +: +[\d,.]+ tokens/s, reads +[\d.]+ GB/s, "
-                             rf"\d+% of the limit$", out, re.MULTILINE), (dtype, path)
-            assert re.search(rf"^tiny +{dtype} +fast_gpt {path} +[\d,.]+ +[\d.]+ +\d+%$", out,
-                             re.MULTILINE), (dtype, path)
-    assert re.search(r"the calibration \(auto\) picks: .*(plain|parallel)", out)
-    assert re.search(r"^CHECK tiny decode fp32 greedy tokens, parallel vs plain: 8/8 identical: OK$",
-                     out, re.MULTILINE)
+    for dtype, path in (("fp32", "plain"), ("fp32", "parallel"), ("fp32", "native"),
+                        ("bf16", "plain"), ("bf16", "parallel")):
+        assert re.search(rf"^  {dtype} fast_gpt {path} +: +[\d,.]+ tokens/s, reads +[\d.]+ GB/s, "
+                         rf"\d+% of the limit$", out, re.MULTILINE), (dtype, path)
+        assert re.search(rf"^tiny +{dtype} +fast_gpt {path} +[\d,.]+ +[\d.]+ +\d+%$", out,
+                         re.MULTILINE), (dtype, path)
+    assert re.search(r"the calibration \(auto\) picks: .*(plain|parallel|native)", out)
+    for path in ("parallel", "native"):
+        assert re.search(rf"^CHECK tiny decode fp32 greedy tokens, {path} vs plain: 8/8 identical: "
+                         rf"OK$", out, re.MULTILINE)
     match = re.search(r"^AGREEMENT tiny bf16 vs fp32 greedy answers on the 110 test prompts .*: "
                       r"(\d+)/110 rows identical", out, re.MULTILINE)
     assert match and 0 <= int(match[1]) <= 110
@@ -152,11 +154,13 @@ def test_bench_llm_tiny_runs_every_section_with_numbers(tiny_llm_run):
         assert "-- decode at batch 1, fp32 --" in section
         assert re.search(r"read bandwidth \(measured\): .* [\d.]+ GB/s -> limit [\d,.]+ tokens/s",
                          section)
-        assert re.search(r"the calibration \(auto, the commands' default\) picks: (plain|parallel)$",
-                         section, re.MULTILINE), label
+        assert re.search(r"the calibration \(auto, the commands' default\) picks: "
+                         r"(plain|parallel|native)$", section, re.MULTILINE), label
+        assert re.search(rf"^CHECK {re.escape(label)} fp32 greedy tokens, ours native vs plain: "
+                         r"identical: OK$", section, re.MULTILINE), label
         assert re.search(r"the split products alone, .*: [\d.]+ GB/s \(\d+% of the plain sum\)",
                          section), label
-        for side in ("ours plain", "ours parallel", "ours", "transformers"):
+        for side in ("ours plain", "ours parallel", "ours native", "ours", "transformers"):
             assert re.search(rf"^  fp32 {side} +: +[\d,.]+ tokens/s, reads +[\d.]+ GB/s, \d+% of "
                              r"the limit$", section, re.MULTILINE), (label, side)
         # the same weights on both sides: the same greedy tokens, logits equal to rounding
