@@ -460,8 +460,9 @@ def main(argv=None):
         f"loaded by instructkit.hub_model_files.load_hub_model: the same weights on both sides")
     log(f"decode: batch 1, greedy, a {args.prompt_tokens}-token random prompt, {args.new_tokens} "
         f"new tokens, the prefill not counted; ours fast_llm.generate_stream (KV cache; its "
-        f"decode products plain or split over the cores (parallel_matvec), each forced, and "
-        f"the one the calibration picks), transformers generate (its KV cache); best of "
+        f"decode products plain or split over the cores (parallel_matvec), or the whole step "
+        f"in C (native_decode), each forced, and the one the calibration picks), transformers "
+        f"generate (its KV cache); best of "
         f"{args.repeats}, interleaved")
     log(f"training: batches of {args.batch_size} rows of {args.max_length // 2}..{args.max_length} "
         f"random tokens collated as the chapter does (padded to {args.max_length}, -100 after "
