@@ -1,15 +1,17 @@
-"""A GPT-2 decode step in one C call: native_decode.c, compiled on the reader's machine.
+"""A whole decode step in one C call: native_decode.c, compiled on the reader's machine.
 
 At batch 1 the split products of parallel_matvec.py read the weights near the memory's
 speed, but the rest of a step, about 40 small torch calls a layer, costs milliseconds: on the
-project's 2-core machine 5 ms of a gpt2-small token's 23. native_decode.c runs the whole step
-(every block, the final norm and the head) in one OpenMP region, so that a token costs about
-its bytes over the bandwidth. It is the third path the decode calibration can pick
+project's 2-core machine 3-5 ms of a gpt2-small token's 22. native_decode.c runs the whole
+step (every block, the final norm and the head) in one OpenMP region, so that a token costs
+about its bytes over the bandwidth. It is the third path the decode calibration can pick
 (parallel_matvec.MatvecChooser: "native"), for what it covers:
 
 - a GPT model in the book's layout (previous_chapters.GPTModel: LayerNorm, nn.Linear layers,
-  GELU), float32, on the CPU, in evaluation mode, batch 1 without padding. A LoRA model, a
-  bfloat16 decode, a batch or another family use the other paths;
+  GELU; `GPTDecoder`) or a Llama 3 / SmolLM2 / Qwen3 model of llama3.py and qwen3.py
+  (RMSNorm, RoPE, grouped-query attention, QK-norm, SwiGLU; `LlamaDecoder`); float32, on the
+  CPU, no dropout to apply, batch 1 without padding. A LoRA model, a bfloat16 decode, a batch
+  or any module it does not know (`layout_problem`) use the other paths;
 - a machine with a C compiler (`$CC`, else Python's own, else cc, gcc or clang). The library
   is built once, about a second, into INSTRUCTKIT_NATIVE_DIR (default: the user's cache
   folder, ~/.cache/instructkit), named by a hash of the source, the compiler and the machine,
@@ -102,7 +104,7 @@ def load_library():
     """The compiled library (built on first use), or None when it cannot be built here."""
     global _library, _failure
     if _library is None and _failure is None:
-        compiler = find_compiler()
+        compiler = None if sys.platform == "win32" else find_compiler()
         if sys.platform == "win32":
             _failure = "no native decode on Windows (it needs gcc or clang and OpenMP)"
         elif compiler is None:

@@ -279,6 +279,14 @@ def test_no_compiler_leaves_the_other_paths(tmp_path, monkeypatch, small_cfg, ca
         fg.generate(model, prompts, 8, CONTEXT)
 
 
+def test_windows_gets_the_other_paths(monkeypatch, small_cfg):
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert nd.decoder_for(MODELS["project"](small_cfg, seed=18), 1) is None
+    assert nd.unavailable_reason() == "no native decode on Windows (it needs gcc or clang and OpenMP)"
+
+
 def test_a_failing_compiler_is_named_and_leaves_no_file(tmp_path, monkeypatch):
     folder = tmp_path / "lib"
     broken = tmp_path / "cc"
