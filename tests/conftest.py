@@ -174,6 +174,24 @@ def tiny_cfg():
     }
 
 
+@pytest.fixture
+def fresh_decode_state(monkeypatch):
+    """Decoding as a fresh process has it, before and after the test: no --decode-matvec mode,
+    no INSTRUCTKIT_DECODE_MATVEC, no cached calibration, the native library not yet loaded."""
+    from instructkit import native_decode
+    from instructkit import parallel_matvec as pm
+
+    def reset():
+        pm.set_mode(None)
+        pm.reset_calibration()
+        native_decode.reset()
+
+    monkeypatch.delenv(pm.ENV_VAR, raising=False)
+    reset()
+    yield
+    reset()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning makes

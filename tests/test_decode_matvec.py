@@ -21,18 +21,7 @@ from instructkit import parallel_matvec as pm
 from instructkit.errors import BadInputError
 from instructkit.native_decode import decoder_for
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    """No mode set, no environment variable, no cached choice, before and after each test."""
-    monkeypatch.delenv(pm.ENV_VAR, raising=False)
-    pm.set_mode(None)
-    pm.reset_calibration()
-    yield
-    pm.set_mode(None)
-    pm.reset_calibration()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_decode_state")
 
 
 @pytest.fixture
@@ -228,15 +217,19 @@ def test_bf16_answers_through_generate_responses(small_cfg, tokenizer):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
-def test_the_chat_command_with_the_decode_flags(tmp_path, tokenizer, capsys, monkeypatch):
-    """chat --decode-matvec parallel: the book's answer; --decode-dtype bf16: an answer too."""
+def tiny_chat_model(folder, tokenizer):
+    """A saved tiny model for the chat command: (its file, a question, the book's answer)."""
     from instructkit.gpt2_sizes import TEST_MODE_CONFIG
 
     torch.manual_seed(123)
     tiny_model = pc.GPTModel(TEST_MODE_CONFIG).eval()
-    model_file = save_model(tmp_path, "tiny-sft", tiny_model)
     entry = ENTRIES[1]
-    expected = book_answer(tiny_model, tokenizer, entry)
+    return save_model(folder, "tiny-sft", tiny_model), entry, book_answer(tiny_model, tokenizer, entry)
+
+
+def test_the_chat_command_with_the_decode_flags(tmp_path, tokenizer, capsys, monkeypatch):
+    """chat --decode-matvec parallel: the book's answer; --decode-dtype bf16: an answer too."""
+    model_file, entry, expected = tiny_chat_model(tmp_path, tokenizer)
     code, out, err = chat_main(capsys, monkeypatch, model_file, entry["instruction"],
                                "--max-new-tokens", MAX_NEW, "--decode-matvec", "parallel")
     assert code == 0, err

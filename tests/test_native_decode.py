@@ -13,7 +13,8 @@ import os
 
 import pytest
 import torch
-from test_chat import ENTRIES, MAX_NEW, book_answer, chat_main, save_model
+from test_chat import MAX_NEW, chat_main
+from test_decode_matvec import tiny_chat_model
 from test_fast_gpt import CONTEXT, MODELS
 from test_previous_chapters import VOCAB, random_prompts
 
@@ -23,20 +24,7 @@ from instructkit import native_decode as nd
 from instructkit import parallel_matvec as pm
 from instructkit.errors import BadInputError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    """No mode, no cached choice, no loaded library: each test builds (or finds) its own."""
-    monkeypatch.delenv(pm.ENV_VAR, raising=False)
-    pm.set_mode(None)
-    pm.reset_calibration()
-    nd.reset()
-    yield
-    pm.set_mode(None)
-    pm.reset_calibration()
-    nd.reset()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_decode_state")
 
 
 # emb_dim 72 (not a multiple of 16), 3 heads of 24, hidden 288, VOCAB 1024 + 3 rows: every
@@ -302,13 +290,7 @@ def test_a_failing_compiler_is_named_and_leaves_no_file(tmp_path, monkeypatch):
 
 def test_the_chat_command_forced_native(tmp_path, tokenizer, capsys, monkeypatch, native_steps):
     """chat --decode-matvec native: the book's answer, through the C step."""
-    from instructkit.gpt2_sizes import TEST_MODE_CONFIG
-
-    torch.manual_seed(123)
-    tiny_model = pc.GPTModel(TEST_MODE_CONFIG).eval()
-    model_file = save_model(tmp_path, "tiny-sft", tiny_model)
-    entry = ENTRIES[1]
-    expected = book_answer(tiny_model, tokenizer, entry)
+    model_file, entry, expected = tiny_chat_model(tmp_path, tokenizer)
     code, out, err = chat_main(capsys, monkeypatch, model_file, entry["instruction"],
                                "--max-new-tokens", MAX_NEW, "--decode-matvec", "native")
     assert code == 0, err
