@@ -228,6 +228,19 @@ def test_the_calibration_can_pick_it(small_cfg, native_steps):
     assert f"1 threads (plain/native): {pm.CHOICES[key]}" in pm.calibration_report()[0]
 
 
+def test_the_environment_variable_forces_it_and_the_flag_wins(small_cfg, monkeypatch):
+    cpu, native = torch.device("cpu"), nd.decoder_for(MODELS["project"](small_cfg, seed=19), 1)
+    monkeypatch.setenv(pm.ENV_VAR, "native")
+    chooser = pm.MatvecChooser(cpu, 1, native=native)
+    # past the context a whole window is recomputed: through the split products
+    assert chooser.choice() == "native" and chooser.current() is chooser.parallel
+    with chooser.step() as path:
+        assert path is native
+    assert pm.MatvecChooser(cpu, 1).choice() == "parallel"  # where it does not apply
+    pm.set_mode("plain")
+    assert pm.MatvecChooser(cpu, 1, native=native).choice() == "plain"
+
+
 def test_the_decision_rule_over_three_paths():
     key = ("cpu", "test", 1, 2, ("plain", "parallel", "native"))
 
