@@ -263,7 +263,10 @@ def test_fast_paths_use_the_residual_dropout_by_either_name(small_cfg, kind, nam
 ########################################################################################
 
 @model_kinds
-def test_packed_loss_and_gradients_equal_calc_loss_batch(small_cfg, kind):
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "whole-batch"])
+def test_packed_loss_and_gradients_equal_calc_loss_batch(small_cfg, kind, pack, monkeypatch):
+    # pack=False: what a CUDA GPU runs (fast_gpt.packs_rows), forced here on the CPU
+    monkeypatch.setattr(fg, "packs_rows", lambda device: pack)
     model = MODELS[kind](small_cfg, seed=12).train()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     inputs, targets = padded_batch(seed=12)
@@ -287,6 +290,11 @@ def test_packed_loss_and_gradients_equal_calc_loss_batch(small_cfg, kind):
     assert (loss_sum / count).item() == pytest.approx(loss.item(), abs=1e-5)
     # the model is used, not changed
     assert all(torch.equal(v, state_before[k]) for k, v in model.state_dict().items())
+
+
+def test_rows_are_packed_everywhere_but_on_a_cuda_gpu():
+    assert fg.packs_rows(torch.device("cpu")) and fg.packs_rows(torch.device("mps"))
+    assert not fg.packs_rows(torch.device("cuda")) and not fg.packs_rows(torch.device("cuda:1"))
 
 
 def test_loss_loader_and_evaluation_equal_the_plain_ones(small_cfg):
