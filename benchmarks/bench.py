@@ -67,7 +67,13 @@ from instructkit.fast_llm import fast_path  # noqa: E402
 from instructkit.gpt2_sizes import GPT2_SIZES, TEST_MODE_CONFIG, book_model_name, gpt2_config  # noqa: E402
 from instructkit.gpt2_tokenizer import get_tokenizer  # noqa: E402
 from instructkit.instruction_data import CHAPTER_DATASET, split_data  # noqa: E402
-from previous_chapters import GPTModel, generate, train_model_simple  # noqa: E402
+from previous_chapters import (  # noqa: E402
+    GPTModel,
+    calc_loss_batch,
+    evaluate_model,
+    generate,
+    train_model_simple,
+)
 
 SHARED_DATA = ROOT.parent / "shared" / "data"  # offline copies (tests, CI)
 # --tiny: the CLI's test-mode model, with the real context so prompts + 256 tokens fit
@@ -254,13 +260,22 @@ def useful_tokens(batch):
     return int(torch.where(counted, positions, 0).amax(dim=1).sum())
 
 
-def compile_warm_up(model, state, batches, val_batches, device):
-    """Compile the blocks before the timing (training and evaluation graphs), then restore."""
+def warm_up(model, state, batches, val_batches, device, fast):
+    """A few untimed forward and backward passes and an evaluation of the path, then the
+    weights restored: compiled blocks get compiled, and on a GPU every kernel is loaded and
+    chosen before the timing (a CUDA GPU loads its kernels on first use, which costs more
+    than the chapter's 20 small steps themselves)."""
     for x, y in batches[:3]:
-        with fast_gpt.autocast(device):
-            loss = fast_gpt.calc_loss_batch_packed(x, y, model, device)
+        if fast:
+            with fast_gpt.autocast(device):
+                loss = fast_gpt.calc_loss_batch_packed(x, y, model, device)
+        else:
+            loss = calc_loss_batch(x, y, model, device)
         loss.backward()
-    fast_gpt.evaluate_model_fast(model, batches, val_batches, device, EVAL_ITER)
+    if fast:
+        fast_gpt.evaluate_model_fast(model, batches, val_batches, device, EVAL_ITER)
+    else:
+        evaluate_model(model, batches, val_batches, device, EVAL_ITER)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         model.load_state_dict(state)
@@ -272,8 +287,9 @@ def run_training(cfg, state, batches, val_batches, device, fast, compile_blocks)
     model.train()
     if compile_blocks:
         fast_gpt.compile_blocks(model, dynamic=True)  # batch lengths vary
-        with tf32(device.type == "cuda"):
-            compile_warm_up(model, state, batches, val_batches, device)
+    if compile_blocks or device.type == "cuda":
+        with tf32(fast and device.type == "cuda"):
+            warm_up(model, state, batches, val_batches, device, fast)
     if fast:  # the CLI's optimizer: AdamW(fused=True) where torch has it
         optimizer = fast_gpt.make_optimizer(model, LR, WEIGHT_DECAY)
     else:
@@ -312,6 +328,9 @@ def bench_training(label, cfg, state, data, tokenizer, device, args, peaks):
     if args.compile:
         log("  fast: fast_gpt.compile_blocks(model) (every transformer block), compiled before the "
             "timing (untimed)")
+    if device.type == "cuda":
+        log("  both paths warmed up first (3 forward and backward passes and an evaluation, "
+            "untimed, the weights restored): a GPU loads and picks its kernels on first use")
     results = {}
     for path in ("simple", "fast"):
         fast = path == "fast"
