@@ -195,3 +195,18 @@ def test_bench_llm_rejects_unknown_model():
     result = subprocess.run([sys.executable, str(BENCH_LLM), "--models", "gpt2-small"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "unknown model 'gpt2-small'" in result.stderr
+
+
+def test_train_step_variants_tiny_run(shared_data):
+    """benchmarks/train_step_variants.py --tiny: every CPU variant trains and reports its rate."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_step_variants.py"), "--tiny",
+         "--data", str(shared_data / "instruction-data.json")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = re.findall(r"^tiny +(.+?) +([\d,]+) tokens/s, waits for the GPU 0 times a step$",
+                      result.stdout, re.MULTILINE)
+    assert [name for name, _ in rows] == [
+        "book's loss, fp32, AdamW (the book)", "book's loss, fp32/TF32, fused AdamW",
+        "packed rows, fp32/TF32, fused AdamW", "fast_gpt now, fp32/TF32, fused AdamW"]
+    assert all(int(rate.replace(",", "")) > 0 for _, rate in rows)
