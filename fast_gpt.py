@@ -60,8 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from instructkit.console import print_text  # Not in the book: prints that never crash a run
-from instructkit.native_decode import decoder_for  # Not in the book: a whole decode step in C
-from instructkit.parallel_matvec import MatvecChooser, current_mode  # Not in the book: decode steps' matvecs
+from instructkit.parallel_matvec import MatvecChooser  # Not in the book: decode steps' products, or C
 from instructkit.precision import cuda_bf16_supported  # Not in the book: which GPUs compute in bfloat16
 from previous_chapters import text_to_token_ids, token_ids_to_text
 
@@ -363,8 +362,8 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
     kv_cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     # batch 1 in fp32: the whole step in one C call can be a path too (instructkit/native_decode.py)
-    native = decoder_for(model, idx.shape[0], pad_mask, decode_dtype, forced=current_mode() == "native")
-    matvec = MatvecChooser(idx.device, idx.shape[0], decode_dtype, native)
+    matvec = MatvecChooser.for_generation(model, idx, pad_mask, decode_dtype)
+    native = matvec.paths.get("native")
     for _ in range(max_new_tokens):
         if idx.shape[1] <= context_size:
             if kv_cache is None:  # prefill: the whole prompt once

@@ -290,8 +290,8 @@ def bench_decode(label, hf_model, ours, cfg, dtype, prompt, args, tiny):
         parallel_matvec.reset_calibration()
         for _ in range(2):
             our_decode_rate(ours, prompt, 2 * parallel_matvec.CALIBRATION_STEPS + 1, context, None)
-        native = None if native_missing else native_decode.decoder_for(ours, 1)
-        pick = parallel_matvec.MatvecChooser(torch.device("cpu"), 1, native=native).choice() or "plain"
+        # the generations' own chooser: its cache key names the paths they were offered
+        pick = parallel_matvec.MatvecChooser.for_generation(ours, torch.tensor([prompt])).choice() or "plain"
     finally:
         parallel_matvec.set_mode(None)
     best["ours"] = best[f"ours {pick}"]

@@ -63,8 +63,7 @@ from fast_gpt import (
     training_loop,
 )
 from instructkit.head_loss import LOSS_CHUNK_ROWS, head_loss_sum
-from instructkit.native_decode import decoder_for
-from instructkit.parallel_matvec import MatvecChooser, current_mode
+from instructkit.parallel_matvec import MatvecChooser
 
 # F.scaled_dot_product_attention shares key/value heads itself from torch 2.5 (enable_gqa)
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -253,8 +252,8 @@ def generation_steps(model, idx, max_new_tokens, context_size, temperature=0.0, 
     kv_cache = None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     # batch 1 in fp32: the whole step in one C call can be a path too (instructkit/native_decode.py)
-    native = decoder_for(model, idx.shape[0], pad_mask, forced=current_mode() == "native")
-    matvec = MatvecChooser(idx.device, idx.shape[0], native=native)
+    matvec = MatvecChooser.for_generation(model, idx, pad_mask)
+    native = matvec.paths.get("native")
     for _ in range(max_new_tokens):
         if idx.shape[1] <= context_size:
             if kv_cache is None:  # prefill: the whole prompt once

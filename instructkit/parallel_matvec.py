@@ -15,8 +15,9 @@ split only adds overhead. So the split is kept only where it is measured to be f
   run on bfloat16 copies of the weights (`--decode-dtype bf16`, off by default since tokens
   may differ).
 - `MatvecChooser` picks, for one generation, which path each decode step uses: one of the two
-  DecodeLinears, or, where instructkit/native_decode.py applies (a GPT-2 model in fp32 at
-  batch 1, on a machine with a C compiler), "native": the whole step in one C call. In the
+  DecodeLinears, or, where instructkit/native_decode.py applies (a GPT-2, Qwen3 or Llama
+  model in fp32 at batch 1, on a machine with a C compiler), "native": the whole step in one
+  C call. In the
   mode "auto" the first decode steps take the paths in turn and are timed: they are real
   steps, so the calibration costs nothing beyond the slower paths' few steps. Once each path
   has CALIBRATION_STEPS timings, a path other than the plain one is kept only when clearly
@@ -130,8 +131,8 @@ def add_decode_arguments(parser):
                              "the bytes (faster where memory bandwidth limits; tokens may differ)")
     parser.add_argument("--decode-matvec", choices=list(MODES), default=None,
                         help="decode steps: products split over the CPU's cores (parallel), "
-                             "not (plain), the whole step in C (native: GPT-2, fp32, batch 1, "
-                             "with a C compiler), or chosen by a short measurement (auto, the "
+                             "not (plain), the whole step in C (native: fp32, batch 1, with a "
+                             "C compiler), or chosen by a short measurement (auto, the "
                              f"default; also set by the environment variable {ENV_VAR})")
 
 
@@ -266,7 +267,8 @@ class MatvecChooser:
 
     device: where the model runs (the split is for CPUs only); n_rows: the batch size;
     dtype: --decode-dtype's torch dtype (None: the model's own weights); native: a
-    native_decode.GPTDecoder where that path applies to this generation, else None.
+    native_decode.NativeDecoder where that path applies to this generation, else None
+    (`for_generation` makes one where it does).
     """
 
     def __init__(self, device, n_rows, dtype=None, native=None):
@@ -290,6 +292,18 @@ class MatvecChooser:
         self.key = (device.type, str(dtype or "model's dtype").replace("torch.", ""), n_rows,
                     threads, self.candidates)
 
+    @classmethod
+    def for_generation(cls, model, idx, pad_mask=None, dtype=None):
+        """The chooser of one generation of `model` from idx (batch, n_tokens): with the native
+        step among its paths where the mode may pick it and it applies (batch 1 in fp32 on the
+        CPU; native_decode.decoder_for), so that a forced plain or parallel mode, a batch or
+        a GPU never builds or loads the C library."""
+        mode, rows = current_mode(), idx.shape[0]
+        native = None
+        if mode in ("auto", "native") and idx.device.type == "cpu" and rows == 1:
+            native = native_decode.decoder_for(model, rows, pad_mask, dtype, forced=mode == "native")
+        return cls(idx.device, rows, dtype, native)
+
     def choice(self):
         """One of PATHS, or None while calibrating."""
         return self.fixed or CHOICES.get(self.key)
@@ -301,8 +315,8 @@ class MatvecChooser:
 
     @contextlib.contextmanager
     def step(self):
-        """Gives this decode step's path: a DecodeLinear, or the native GPTDecoder; times the
-        step while calibrating."""
+        """Gives this decode step's path: a DecodeLinear, or the NativeDecoder; times the step
+        while calibrating."""
         choice = self.choice()
         if choice is not None:
             yield self.paths[choice]
