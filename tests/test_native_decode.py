@@ -23,6 +23,7 @@ import previous_chapters as pc
 from instructkit import native_decode as nd
 from instructkit import parallel_matvec as pm
 from instructkit.errors import BadInputError
+from instructkit.fast_llm import fast_path
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_decode_state")
 
@@ -52,36 +53,39 @@ def native_steps(monkeypatch):
     return calls
 
 
-def plain_next_logits(model, prompt):
-    """The plain path's logits after `prompt` (1, n) and the KV cache it filled."""
+def next_logits(model, prompt, native):
+    """The logits after `prompt` (1, n), its last token through the plain path or the C step
+    (native), and the KV cache they filled; the prompt's other tokens are the prefill of the
+    model's own fast path (fast_gpt, or fast_llm for Qwen3 and Llama)."""
+    family = fast_path(model)
     with torch.inference_mode():
         cache = fg.KVCache(model, 1, CONTEXT)
-        fg.hidden_states(model, prompt[:, :-1], cache)
-        hidden = fg.hidden_states(model, prompt[:, -1:], cache)
+        family.hidden_states(model, prompt[:, :-1], cache)
+        if native:
+            decoder = nd.decoder_for(model, 1)
+            assert decoder is not None, nd.unavailable_reason()
+            return decoder.step(prompt[:, -1:], cache), cache
+        hidden = family.hidden_states(model, prompt[:, -1:], cache)
         return fg.last_position_logits(model.out_head, hidden), cache
 
 
-def native_next_logits(model, prompt):
-    with torch.inference_mode():
-        cache = fg.KVCache(model, 1, CONTEXT)
-        fg.hidden_states(model, prompt[:, :-1], cache)
-        decoder = nd.decoder_for(model, 1)
-        assert decoder is not None, nd.unavailable_reason()
-        return decoder.step(prompt[:, -1:], cache), cache
+def assert_the_native_step_equals_the_plain_one(model, prompt):
+    """Logits within 1e-5, and the keys and values in the cache (this position's included)."""
+    n = prompt.shape[1]
+    expected, plain_cache = next_logits(model, prompt, native=False)
+    got, native_cache = next_logits(model, prompt, native=True)
+    assert got.shape == (1, model.out_head.out_features)
+    assert native_cache.length == plain_cache.length == n
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name in ("keys", "values"):
+        for native, plain in zip(getattr(native_cache, name), getattr(plain_cache, name), strict=True):
+            torch.testing.assert_close(native[:, :, :n], plain[:, :, :n])
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_logits_and_cache_equal_the_plain_paths(qkv_bias):
     model = MODELS["project"]({**ODD, "qkv_bias": qkv_bias}, seed=11)
-    prompt = random_prompts(1, 30, seed=11)
-    expected, plain_cache = plain_next_logits(model, prompt)
-    got, native_cache = native_next_logits(model, prompt)
-    assert got.shape == (1, ODD["vocab_size"]) and native_cache.length == plain_cache.length == 30
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for layer in range(ODD["n_layers"]):
-        for name in ("keys", "values"):
-            torch.testing.assert_close(getattr(native_cache, name)[layer][:, :, :30],
-                                       getattr(plain_cache, name)[layer][:, :, :30])
+    assert_the_native_step_equals_the_plain_one(model, random_prompts(1, 30, seed=11))
 
 
 # Llama 3 / SmolLM2 and Qwen3 layouts: 6 query heads of 12 on 3 key/value heads (GQA), odd
@@ -109,25 +113,8 @@ def llama_family_model(kind, seed, **changes):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_llama_and_qwen3_logits_and_cache_equal_the_plain_paths(kind):
-    from instructkit import fast_llm
-
     model = llama_family_model(kind, seed=21)
-    prompt = random_prompts(1, 30, seed=21)
-    with torch.inference_mode():
-        caches, logits = [], []
-        for native in (False, True):
-            cache = fg.KVCache(model, 1, CONTEXT)
-            fast_llm.hidden_states(model, prompt[:, :-1], cache)
-            if native:
-                logits.append(nd.decoder_for(model, 1).step(prompt[:, -1:], cache))
-            else:
-                hidden = fast_llm.hidden_states(model, prompt[:, -1:], cache)
-                logits.append(fg.last_position_logits(model.out_head, hidden))
-            caches.append(cache)
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
-    for layer in range(LLAMA["n_layers"]):  # this position's keys (QK-norm, RoPE) and values
-        torch.testing.assert_close(caches[1].keys[layer][:, :, :30], caches[0].keys[layer][:, :, :30])
-        torch.testing.assert_close(caches[1].values[layer][:, :, :30], caches[0].values[layer][:, :, :30])
+    assert_the_native_step_equals_the_plain_one(model, random_prompts(1, 30, seed=21))
     assert model.out_head.weight is not None and (kind == "llama") == (
         model.out_head.weight is model.tok_emb.weight)  # tied (Llama) and untied (Qwen3) heads
 
@@ -152,10 +139,10 @@ def test_the_threads_split_rows_not_sums():
     """Each row's dot product is added in the same order whatever the thread count."""
     model = MODELS["project"](ODD, seed=12)
     prompt = random_prompts(1, 20, seed=12)
-    one, _ = native_next_logits(model, prompt)
+    one, _ = next_logits(model, prompt, native=True)
     torch.set_num_threads(2)
     try:
-        two, _ = native_next_logits(model, prompt)
+        two, _ = next_logits(model, prompt, native=True)
     finally:
         torch.set_num_threads(1)  # this module's other tests run on one thread (one_thread)
     assert torch.equal(one, two)
@@ -239,6 +226,20 @@ def test_the_environment_variable_forces_it_and_the_flag_wins(small_cfg, monkeyp
     assert pm.MatvecChooser(cpu, 1).choice() == "parallel"  # where it does not apply
     pm.set_mode("plain")
     assert pm.MatvecChooser(cpu, 1, native=native).choice() == "plain"
+
+
+@pytest.mark.parametrize("mode", ["plain", "parallel"])
+def test_a_forced_mode_or_a_batch_never_builds_the_library(small_cfg, monkeypatch, mode):
+    def no_build():
+        raise AssertionError("the C library was loaded")
+
+    monkeypatch.setattr(nd, "load_library", no_build)
+    model = MODELS["project"](small_cfg, seed=20)
+    batch = random_prompts(2, 6, seed=20)
+    assert torch.equal(fg.generate(model, batch, 6, CONTEXT), pc.generate(model, batch, 6, CONTEXT))
+    pm.set_mode(mode)
+    prompt = random_prompts(1, 6, seed=20)
+    assert torch.equal(fg.generate(model, prompt, 6, CONTEXT), pc.generate(model, prompt, 6, CONTEXT))
 
 
 def test_the_decision_rule_over_three_paths():
