@@ -73,19 +73,26 @@ def find_compiler(environ=os.environ):
     return None
 
 
+def _build_key(source, compiler, flags):
+    """What a compiled library depends on, hashed: the source, the compiler and its flags, the
+    machine (-march=native)."""
+    what = (source, compiler, flags, platform.machine(), platform.node(), sys.platform)
+    return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+
+
 def build(compiler, folder):
     """Compile SOURCE into `folder` (if not there yet); returns the library's path.
 
     Raises RuntimeError with the compiler's last message when no flag set compiles."""
     source = SOURCE.read_bytes()
+    targets = [folder / f"native_decode-{_build_key(source, compiler, flags)}.so" for flags in FLAG_SETS]
+    # one built before, by the first flag set that compiled then: no compiler run at all
+    built = next((target for target in targets if target.exists()), None)
+    if built is not None:
+        return built
     folder.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(repr((source, compiler, flags, platform.machine(), platform.node(),
-                                   sys.platform)).encode()).hexdigest()[:16]
-        target = folder / f"native_decode-{key}.so"
-        if target.exists():
-            return target
+    message = "(no message)"
+    for flags, target in zip(FLAG_SETS, targets, strict=True):
         # a private name first, then one atomic rename: a reader never loads half a file
         fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
@@ -96,18 +103,17 @@ def build(compiler, folder):
             os.replace(partial, target)
             return target
         os.unlink(partial)
-        errors.append((result.stderr.strip().splitlines() or ["(no message)"])[-1])
-    raise RuntimeError(f"{shlex.join(compiler)} could not compile {SOURCE.name}: {errors[-1]}")
+        message = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+    raise RuntimeError(f"{shlex.join(compiler)} could not compile {SOURCE.name}: {message}")
 
 
 def load_library():
     """The compiled library (built on first use), or None when it cannot be built here."""
     global _library, _failure
     if _library is None and _failure is None:
-        compiler = None if sys.platform == "win32" else find_compiler()
         if sys.platform == "win32":
             _failure = "no native decode on Windows (it needs gcc or clang and OpenMP)"
-        elif compiler is None:
+        elif (compiler := find_compiler()) is None:
             _failure = "no C compiler found (set CC, or install gcc or clang)"
         else:
             try:
@@ -216,10 +222,9 @@ def layout_problem(model):
             return "a linear layer is not a plain nn.Linear"
         if (module._forward_hooks or module._forward_pre_hooks) and module not in embeddings:
             return f"a {name} has forward hooks, which the C step would skip"
-    for block in model.trf_blocks:
-        layers = block.ff.layers if family == "gpt" else ()
-        if family == "gpt" and [type(m).__name__ for m in layers] != ["Linear", "GELU", "Linear"]:
-            return "the feed-forward is not Linear, GELU, Linear"
+    if family == "gpt" and any([type(m).__name__ for m in block.ff.layers] != ["Linear", "GELU", "Linear"]
+                               for block in model.trf_blocks):
+        return "the feed-forward is not Linear, GELU, Linear"
     if any(p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous()
            for p in [*model.parameters(), *model.buffers()]):
         return "the weights are not contiguous float32 tensors on the CPU"
@@ -363,7 +368,8 @@ def require():
 
 
 def decoder_for(model, batch_size, pad_mask=None, decode_dtype=None, forced=False):
-    """A GPTDecoder for this generation's batch-1 decode steps, or None where it does not apply.
+    """A NativeDecoder (GPTDecoder or LlamaDecoder) for this generation's batch-1 decode steps,
+    or None where it does not apply.
 
     forced: the user asked for the native path (--decode-matvec native): where it applies, a
     machine that cannot build it is then an error (`require`) instead of a silent fallback.
