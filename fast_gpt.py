@@ -471,9 +471,9 @@ def packs_rows(device):
     on a CUDA GPU. Packing saves arithmetic, but it needs the number of kept positions on the
     CPU, which waits for the GPU; the chapter's small batches keep a GPU busy for less time
     than the launches of their kernels take, so that wait stalls the whole step. Measured on
-    an H200 (gpt2-small, batches of 8 x 61-83 tokens, fused AdamW): 37,700 tokens/s packed
-    against 56,700 over the whole batch in float32/TF32, 10,500 against 43,400 under bfloat16
-    autocast (the figures in the README)."""
+    an H200 (gpt2-small, batches of 8 x 61-83 tokens, fused AdamW; README and
+    benchmarks/results-cuda-train-steps.txt): 4,298 tokens/s packed against 15,195 over the
+    whole batch under bfloat16 autocast, 15,053 against 19,064 in float32/TF32."""
     return device.type != "cuda"
 
 

@@ -745,7 +745,7 @@ def bench_decode(label, cfg, model, data, tokenizer, args, agreement):
     for path in ("parallel", "native"):
         if ("fp32", path) in tokens:
             same = sum(a == b for a, b in zip(tokens["fp32", "plain"], tokens["fp32", path], strict=True))
-            ok = ok and same == len(tokens["fp32", "plain"])
+            ok = ok and same == n_new
             log(f"CHECK {label} decode fp32 greedy tokens, {path} vs plain: {same}/{n_new} "
                 f"identical: {'OK' if same == n_new else 'FAILED'}")
 
